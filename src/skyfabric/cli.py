@@ -1,0 +1,94 @@
+"""The ``skyfabric`` command line: verbs named for what a person does."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import click
+
+from skyfabric.core.errors import ConfigError
+
+DEFAULT_FLEET = Path(__file__).parent / "control" / "fleets" / "embedded.yaml"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class LazyGroup(click.Group):
+    """Loads heavy commands (the engine's, which import PyTorch) only when they are run."""
+
+    lazy: ClassVar[dict[str, str]] = {
+        "replica": "skyfabric.engine.replica:replica_command",
+        "grow": "skyfabric.engine.grow:grow_command",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, _, attr = self.lazy[cmd_name].partition(":")
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup)
+@click.option("--log-level", default="warning", show_default=True, help="debug, info, warning or error")
+def cli(log_level: str) -> None:
+    """skyfabric: one OpenAI-compatible endpoint in front of a fleet that survives losing a cloud."""
+    _setup_logging(log_level)
+
+
+def _load(path: Path):  # type: ignore[no-untyped-def]
+    from skyfabric.core.fleet import load_fleet
+
+    try:
+        return load_fleet(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.option("--config", "config", type=click.Path(path_type=Path), default=DEFAULT_FLEET, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--replica-base-port", default=8100, show_default=True, help="first port for local replicas")
+@click.option("--workers", default=1, show_default=True, help="gateway processes (SO_REUSEPORT)")
+def up(config: Path, host: str, port: int, replica_base_port: int, workers: int) -> None:
+    """Start the embedded fleet (local replicas as child processes) and the gateway in front of it."""
+    from skyfabric.control.supervisor import run_embedded
+
+    sys.exit(run_embedded(_load(config), host, port, replica_base_port, workers))
+
+
+@cli.command()
+@click.option("--config", "config", type=click.Path(path_type=Path), required=True, help="fleet file (YAML)")
+@click.option("--host", default=None, help="default: the fleet file's listener.host")
+@click.option("--port", default=None, type=int, help="default: the fleet file's listener.port")
+@click.option("--workers", default=1, show_default=True, help="processes sharing the port (SO_REUSEPORT)")
+def serve(config: Path, host: str | None, port: int | None, workers: int) -> None:
+    """Run the gateway for a fleet file whose pools all have endpoints."""
+    from skyfabric.core.endpoints import fleet_endpoints
+    from skyfabric.gateway.serve import run
+
+    fleet = _load(config)
+    try:
+        fleet_endpoints(fleet)
+    except ConfigError as exc:
+        raise click.ClickException(f"{config}: {exc}") from None
+    run(fleet, host or fleet.listener.host, port if port is not None else fleet.listener.port, workers)
+
+
+def main() -> None:
+    """Entry point of the ``skyfabric`` script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The control plane: starting fleets (embedded replicas), and later planning and launch specs."""

@@ -1,0 +1,88 @@
+"""Endpoints and the failure domains they sit in: replica → pool → region → provider."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from skyfabric.core.errors import ConfigError
+from skyfabric.core.fleet import Fleet
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One upstream base URL serving one fleet model, placed in its failure domains."""
+
+    provider: str
+    region: str
+    pool: str
+    index: int
+    url: str
+    model: str
+    upstream_model: str
+    engine: str
+    accelerator: str
+    can_continue: bool
+    concurrency: int
+    price_per_hour: float
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def id(self) -> str:
+        """``provider/region/pool/index``: the name in logs, metrics and ``x-skyfabric-backend``."""
+        return f"{self.provider}/{self.region}/{self.pool}/{self.index}"
+
+    @property
+    def domains(self) -> tuple[str, str, str]:
+        """The failure domains that contain this endpoint, largest first."""
+        return (
+            self.provider,
+            f"{self.provider}/{self.region}",
+            f"{self.provider}/{self.region}/{self.pool}",
+        )
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        """(scheme, host, port) for the connection pool."""
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return parts.scheme, parts.hostname or "127.0.0.1", port
+
+    @property
+    def base_path(self) -> str:
+        """The URL path prefix that API paths (``/chat/completions``) are appended to."""
+        return urlsplit(self.url).path.rstrip("/")
+
+
+def fleet_endpoints(fleet: Fleet) -> list[Endpoint]:
+    """Every endpoint of the fleet, in file order. Local pools must have been given URLs already."""
+    out: list[Endpoint] = []
+    for provider in fleet.providers:
+        for region in provider.regions:
+            for pool in region.pools:
+                if pool.engine == "local" and not pool.endpoints and pool.replicas:
+                    raise ConfigError(
+                        f"pool {provider.name}/{region.name}/{pool.name} uses engine 'local' and has no "
+                        "endpoints: start the fleet with `skyfabric up`, which starts its replicas"
+                    )
+                api_key = os.environ.get(pool.api_key_env) if pool.api_key_env else None
+                for index, url in enumerate(pool.endpoints):
+                    out.append(
+                        Endpoint(
+                            provider=provider.name,
+                            region=region.name,
+                            pool=pool.name,
+                            index=index,
+                            url=url,
+                            model=pool.model,
+                            upstream_model=pool.upstream_model or pool.model,
+                            engine=pool.engine,
+                            accelerator=pool.accelerator,
+                            can_continue=pool.can_continue,
+                            concurrency=pool.capacity.concurrency,
+                            price_per_hour=pool.price_per_hour,
+                            api_key=api_key,
+                        )
+                    )
+    return out

@@ -1,0 +1,129 @@
+"""Every exception skyfabric raises on purpose, in one place.
+
+The tree::
+
+    SkyfabricError
+    ├── ConfigError                 a fleet file is wrong (names the file, the field, what was expected)
+    ├── ClientError                 the caller sent something we must refuse (becomes a 4xx)
+    │   ├── InvalidRequest          400: malformed JSON, missing or mistyped field
+    │   ├── AuthenticationError     401: no or unknown API key
+    │   ├── UnknownModel            404: no model or alias of that name
+    │   ├── PayloadTooLarge         413
+    │   └── Overloaded              429/503: shed by admission control, with an honest Retry-After
+    └── UpstreamError               one attempt against one endpoint failed
+        ├── ConnectError            no connection (refused, unreachable, TLS): nothing was sent
+        ├── UpstreamTimeout         a named phase (connect, first_byte, first_token, idle) ran out
+        ├── RemoteProtocolError     the upstream broke HTTP or SSE (reset, malformed event, no [DONE])
+        └── UpstreamStatus          the upstream answered with an error status; carries its body
+
+Upstream errors carry ``sent_any``: whether any byte of the answer already reached the client. That flag
+is the commit point: before it the gateway may retry anywhere; after it only continuation can help.
+"""
+
+from __future__ import annotations
+
+
+class SkyfabricError(Exception):
+    """Raised for any failure skyfabric itself detects and names."""
+
+
+class ConfigError(SkyfabricError):
+    """Raised when a fleet file cannot be loaded: says which file, which field, and what was expected."""
+
+
+class ClientError(SkyfabricError):
+    """Raised when a request must be refused; maps to an OpenAI-shaped error body."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(ClientError):
+    """Raised when the body is not JSON, or a required field is missing or of the wrong type."""
+
+
+class AuthenticationError(ClientError):
+    """Raised when the API key is missing or unknown."""
+
+    status = 401
+    error_type = "authentication_error"
+
+
+class UnknownModel(ClientError):
+    """Raised when no model or alias of the requested name is in the fleet."""
+
+    status = 404
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(ClientError):
+    """Raised when a request body exceeds the listener's limit."""
+
+    status = 413
+
+
+class Overloaded(ClientError):
+    """Raised when admission control sheds a request; ``retry_after`` is an honest wait in seconds."""
+
+    status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float, status: int = 429) -> None:
+        super().__init__(message, code="overloaded")
+        self.retry_after = retry_after
+        self.status = status
+
+
+class UpstreamError(SkyfabricError):
+    """Raised when one attempt against one upstream endpoint fails."""
+
+    def __init__(self, message: str, *, endpoint: str = "", sent_any: bool = False) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.sent_any = sent_any
+
+
+class ConnectError(UpstreamError):
+    """Raised when no connection could be made; the request certainly did not reach the upstream."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """Raised when a named timeout phase (connect, first_byte, first_token, idle) runs out."""
+
+    def __init__(self, phase: str, seconds: float, *, endpoint: str = "", sent_any: bool = False) -> None:
+        super().__init__(f"{phase} timeout after {seconds:.3g}s", endpoint=endpoint, sent_any=sent_any)
+        self.phase = phase
+
+
+class RemoteProtocolError(UpstreamError):
+    """Raised when the upstream closes early, resets, or sends malformed HTTP or SSE."""
+
+
+class UpstreamStatus(UpstreamError):
+    """Raised when the upstream answers with a non-2xx status; keeps its status, headers and body."""
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        endpoint: str = "",
+    ) -> None:
+        super().__init__(f"upstream answered {status}", endpoint=endpoint)
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header of that (lower-case) name, if any."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None

@@ -1,0 +1,262 @@
+"""The fleet file: providers → regions → pools → endpoints, the models clients ask for, and the knobs.
+
+A fleet file is YAML validated by pydantic at load time. Errors name the file, the field (as a dotted
+path such as ``providers[0].regions[1].pools[0].engine``) and what was expected, because the person who
+reads them is usually an operator at 3 a.m. with the file open in another window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from skyfabric.core.errors import ConfigError
+
+#: Accelerator kinds skyfabric knows how to price, plan and launch. ``managed`` is a hosted API.
+Accelerator = Literal[
+    "cpu",
+    "nvidia-h100",
+    "nvidia-h200",
+    "nvidia-b200",
+    "nvidia-a100",
+    "nvidia-l4",
+    "nvidia-a10g",
+    "tpu-v5e",
+    "tpu-v5p",
+    "tpu-v6e",
+    "trainium1",
+    "trainium2",
+    "inferentia2",
+    "managed",
+]
+
+#: How a pool's endpoints are served. All but ``local`` are reached over HTTP at the pool's endpoints.
+EngineKind = Literal[
+    "local",
+    "vllm",
+    "vllm-tpu",
+    "vllm-neuron",
+    "sglang",
+    "tgi",
+    "llama-cpp",
+    "openai",
+    "azure-openai",
+    "anthropic",
+    "bedrock",
+    "vertex",
+]
+
+#: Engines known to continue a final assistant message (vLLM's ``continue_final_message``) or a
+#: completions prompt. A pool may override this with ``continuation``.
+CONTINUING_ENGINES: frozenset[str] = frozenset({"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang"})
+
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Capacity(_Strict):
+    """What one endpoint (replica) of a pool can carry; the router and the planner read it."""
+
+    concurrency: int = Field(32, ge=1, description="requests in flight one endpoint serves well")
+    tokens_per_second: float | None = Field(None, gt=0, description="decode tokens/s of one endpoint")
+
+
+class Pool(_Strict):
+    """Identical endpoints of one accelerator kind and engine, serving one model."""
+
+    name: Name
+    accelerator: Accelerator
+    engine: EngineKind
+    model: Name = Field(description="the fleet model this pool serves (a name under `models`)")
+    upstream_model: str | None = Field(None, description="the model name the backend expects, if different")
+    endpoints: list[str] = Field(default_factory=list, description="base URLs, e.g. http://10.0.0.5:8000/v1")
+    replicas: int = Field(1, ge=0, le=64, description="for engine `local`: replica processes to start")
+    model_dir: str | None = Field(None, description="for engine `local`: checkpoint dir (default: shipped)")
+    price_per_hour: float = Field(0.0, ge=0, description="USD per endpoint-hour")
+    capacity: Capacity = Capacity()
+    api_key_env: str | None = Field(None, description="environment variable holding the upstream API key")
+    continuation: bool | None = Field(
+        None, description="can continue a final assistant message; default from the engine kind"
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint {url!r} must be an http:// or https:// base URL")
+        return [url.rstrip("/") for url in urls]
+
+    @model_validator(mode="after")
+    def _endpoints_or_replicas(self) -> Pool:
+        if self.engine != "local" and not self.endpoints:
+            raise ValueError(f"engine {self.engine!r} needs at least one URL in `endpoints`")
+        return self
+
+    @property
+    def can_continue(self) -> bool:
+        """Whether a stream cut on this pool's endpoints' peers may be continued here."""
+        if self.continuation is not None:
+            return self.continuation
+        return self.engine in CONTINUING_ENGINES
+
+
+class Region(_Strict):
+    """A region of one provider: the failure domain between a provider and its pools."""
+
+    name: Name
+    pools: list[Pool] = Field(min_length=1)
+
+
+class Provider(_Strict):
+    """A cloud (or a managed API vendor): the largest failure domain skyfabric plans around."""
+
+    name: Name
+    regions: list[Region] = Field(min_length=1)
+
+
+class Model(_Strict):
+    """A model as clients name it, with aliases and the models to fall back to when it cannot answer."""
+
+    name: Name
+    aliases: list[Name] = Field(default_factory=list)
+    fallbacks: list[Name] = Field(default_factory=list, description="tried in order when no pool can answer")
+    context_length: int | None = Field(None, ge=1, description="max prompt + completion tokens")
+    larger_context: Name | None = Field(None, description="model to send context-length overflows to")
+    owned_by: str = "skyfabric"
+
+
+class Timeouts(_Strict):
+    """Named timeout phases of one upstream attempt, plus the total deadline of a request (seconds)."""
+
+    connect: float = Field(2.0, gt=0)
+    first_byte: float = Field(10.0, gt=0, description="streaming: request sent → response headers")
+    response: float = Field(120.0, gt=0, description="non-streaming: request sent → response headers")
+    first_token: float = Field(30.0, gt=0, description="headers → first content of a stream")
+    idle: float = Field(15.0, gt=0, description="longest silence between two stream events")
+    total: float = Field(600.0, gt=0, description="whole request, all attempts (header x-skyfabric-deadline)")
+
+
+class Retry(_Strict):
+    """How many times, and how much extra load, a request may spend on other endpoints."""
+
+    max_attempts: int = Field(3, ge=1, le=10)
+    budget_percent: float = Field(20.0, ge=0, le=100, description="retries ≤ this share of requests")
+    min_retries_per_second: float = Field(10.0, ge=0, description="retries always allowed at this rate")
+    backoff_base: float = Field(0.025, ge=0)
+    backoff_max: float = Field(1.0, ge=0)
+
+
+class Listener(_Strict):
+    """Where the gateway listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+
+
+class ApiKey(_Strict):
+    """A key clients present as ``Authorization: Bearer`` (or Anthropic's ``x-api-key``)."""
+
+    key: str = Field(min_length=8)
+    name: str = "default"
+
+
+class Fleet(_Strict):
+    """A whole fleet file."""
+
+    version: Literal[1] = 1
+    listener: Listener = Listener()
+    models: list[Model] = Field(min_length=1)
+    providers: list[Provider] = Field(min_length=1)
+    timeouts: Timeouts = Timeouts()
+    retry: Retry = Retry()
+    api_keys: list[ApiKey] = Field(default_factory=list, description="empty: no authentication")
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Fleet:
+        names: dict[str, str] = {}
+        for model in self.models:
+            for name in [model.name, *model.aliases]:
+                if name in names:
+                    raise ValueError(
+                        f"model name or alias {name!r} is used twice ({names[name]}, {model.name})"
+                    )
+                names[name] = model.name
+        for model in self.models:
+            for other in [*model.fallbacks, *([model.larger_context] if model.larger_context else [])]:
+                if other not in names:
+                    raise ValueError(f"model {model.name!r} falls back to {other!r}, which is not a model")
+        seen: set[str] = set()
+        for provider in self.providers:
+            if provider.name in seen:
+                raise ValueError(f"provider {provider.name!r} is named twice")
+            seen.add(provider.name)
+            for region in provider.regions:
+                for pool in region.pools:
+                    if pool.model not in names:
+                        raise ValueError(
+                            f"pool {provider.name}/{region.name}/{pool.name} serves {pool.model!r}, "
+                            f"which is not under `models` (there are: {', '.join(sorted(names))})"
+                        )
+        return self
+
+    def canonical(self, name: str) -> str | None:
+        """The model's own name for a name or alias, or None."""
+        for model in self.models:
+            if name == model.name or name in model.aliases:
+                return model.name
+        return None
+
+    def model(self, name: str) -> Model:
+        """The model of that canonical name."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
+    """Validate already-parsed YAML/JSON data as a fleet; errors name ``source`` and the field."""
+    try:
+        return Fleet.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _where(tuple(p for p in err["loc"] if not str(p).startswith("function-after")))
+            got = err.get("input")
+            got_text = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{source}: {loc}: {err['msg']}{got_text}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    """Read and validate a fleet file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read fleet file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with `models` and `providers` at the top level")
+    return parse_fleet(data, str(path))

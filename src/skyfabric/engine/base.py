@@ -1,0 +1,170 @@
+"""The engine plug-in interface: what the replica HTTP server needs from a model runtime.
+
+The replica speaks OpenAI's wire format; an engine only turns token ids into a stream of text deltas. Keeping
+the contract this small (tokenize, generate, stats) is what lets a vLLM or llama.cpp backend slot in later
+without touching the HTTP layer. Only the transformers engine exists today
+(:mod:`skyfabric.engine.transformers_engine`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: Why a generation ended, in OpenAI's words ("abort" is vLLM's word for a cancelled request).
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request for a reason that is not the client's fault (HTTP 500)."""
+
+
+class EngineNotReady(EngineError):
+    """The engine is loading, stopping or dead (HTTP 503, so a gateway retries elsewhere)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to generate: a tokenized prompt plus sampling controls.
+
+    ``temperature == 0`` means greedy. ``ignore_eos``/``min_tokens`` are vLLM's extras; drills use them to
+    force exact output lengths. ``max_tokens`` is mandatory here: the HTTP layer resolves OpenAI's "unset" to
+    the room left in the context window, so engines never have to guess.
+    """
+
+    prompt_ids: Sequence[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDelta:
+    """A piece of output: new text, the token ids it came from, and the finish reason on the last delta.
+
+    Concatenating ``text`` over all deltas gives the decoded output (cut before a matched stop string);
+    summing ``len(token_ids)`` gives the completion token count for usage.
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCapabilities:
+    """What an engine can do, advertised by ``GET /v1/models`` so the gateway can route continuations."""
+
+    continue_final_message: bool = False
+    completions: bool = True
+    chat: bool = True
+    max_model_len: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of load and counters, rendered by ``GET /metrics`` under vLLM's metric names."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    forward_passes_total: int = 0
+    finished_total: Mapping[str, int] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """A model runtime behind one replica. One instance serves one model.
+
+    Lifecycle: construct (cheap) → ``await start()`` (loads weights; the replica answers /health 503 until it
+    returns) → ``generate`` many times concurrently → ``await stop()``. ``generate`` must batch concurrent
+    requests together (that is the point of a replica) and must stop work for a request as soon as its
+    iterator is closed: that is how a client disconnect frees the slot.
+    """
+
+    capabilities: EngineCapabilities
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model and begin accepting requests."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop the engine's workers; in-flight requests end with :class:`EngineNotReady`."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True once started and healthy (drives ``GET /health``)."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + completion) one sequence may hold."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a raw completion prompt, with the special tokens the model expects (e.g. BOS)."""
+
+    @abc.abstractmethod
+    def tokenize_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+    ) -> list[int]:
+        """Render ``messages`` with the model's chat template and tokenize the result.
+
+        Raises :class:`ValueError` when the messages cannot be rendered (the replica answers 400).
+        """
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream deltas for one sequence; the last one has a finish reason. Close the iterator to cancel."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """Current load and counters (cheap; called on every /metrics scrape)."""
+
+
+EngineFactory = Callable[..., Engine]
+
+_REGISTRY: dict[str, EngineFactory] = {}
+
+
+def register_engine(name: str, factory: EngineFactory) -> None:
+    """Make an engine selectable with ``skyfabric replica --engine NAME``."""
+    _REGISTRY[name] = factory
+
+
+def engine_names() -> list[str]:
+    """Names accepted by ``--engine`` (built-in engines register themselves on import)."""
+    _load_builtin_engines()
+    return sorted(_REGISTRY)
+
+
+def create_engine(name: str, **kwargs: Any) -> Engine:
+    """Instantiate a registered engine; ``kwargs`` are the replica's engine options (model_dir, …)."""
+    _load_builtin_engines()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    return factory(**kwargs)
+
+
+def _load_builtin_engines() -> None:
+    """Import built-in engines lazily: the transformers one pulls torch, which the CLI should not pay for."""
+    if "transformers" not in _REGISTRY:
+        from skyfabric.engine import transformers_engine  # noqa: F401  (registers itself)

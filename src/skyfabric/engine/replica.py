@@ -1,0 +1,896 @@
+"""``skyfabric replica``: one model behind an OpenAI-compatible HTTP API, the unit the fleet supervisor runs.
+
+The gateway talks to a replica exactly as to any vLLM server: ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/models``, ``/health`` and Prometheus ``/metrics`` under vLLM's metric names, so the same routing and
+load signals work for embedded replicas and for rented vLLM boxes. The HTTP layer owns the wire format,
+validation and context-length policy; the model work is delegated to an
+:class:`~skyfabric.engine.base.Engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from aiohttp import web
+
+from skyfabric.engine import DEFAULT_MODEL_DIR
+from skyfabric.engine.base import (
+    Engine,
+    EngineError,
+    EngineNotReady,
+    GenerationDelta,
+    GenerationRequest,
+    create_engine,
+)
+
+log = logging.getLogger("skyfabric.replica")
+
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape
+# ------------------------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return _json_response(self.body(), status=self.status)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Request parsing
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _opt_int(body: Mapping[str, Any], key: str, *, minimum: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"'{key}' must be an integer, got {type(value).__name__}", key, "invalid_type")
+    if minimum is not None and value < minimum:
+        raise _bad(f"'{key}' must be >= {minimum}, got {value}", key)
+    return value
+
+
+def _opt_number(
+    body: Mapping[str, Any], key: str, *, minimum: float, maximum: float, exclusive_min: bool = False
+) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(f"'{key}' must be a number, got {type(value).__name__}", key, "invalid_type")
+    too_low = value <= minimum if exclusive_min else value < minimum
+    if too_low or value > maximum:
+        bound = f"> {minimum}" if exclusive_min else f">= {minimum}"
+        raise _bad(f"'{key}' must be {bound} and <= {maximum}, got {value}", key)
+    return float(value)
+
+
+def _opt_bool(body: Mapping[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise _bad(f"'{key}' must be a boolean, got {type(value).__name__}", key, "invalid_type")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """Validated sampling fields of chat and completions; ``max_tokens=None`` means "fill the context"."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    seed: int | None
+    ignore_eos: bool
+    min_tokens: int
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def parse_sampling(body: Mapping[str, Any], *, chat: bool) -> SamplingOptions:
+    """Validate OpenAI sampling fields plus vLLM's extras (``ignore_eos``, ``min_tokens``, ``top_k``, …)."""
+    max_tokens = _opt_int(body, "max_completion_tokens", minimum=1) if chat else None
+    if max_tokens is None:
+        max_tokens = _opt_int(body, "max_tokens", minimum=1)
+    temperature = _opt_number(body, "temperature", minimum=0.0, maximum=2.0)
+    top_p = _opt_number(body, "top_p", minimum=0.0, maximum=1.0, exclusive_min=True)
+    top_k = _opt_int(body, "top_k", minimum=-1)
+    seed = _opt_int(body, "seed")
+    min_tokens = _opt_int(body, "min_tokens", minimum=0) or 0
+    n = _opt_int(body, "n", minimum=1) or 1
+    if n > MAX_N:
+        raise _bad(f"'n' must be <= {MAX_N}, got {n}", "n")
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise _bad(f"'min_tokens' ({min_tokens}) must be <= 'max_tokens' ({max_tokens})", "min_tokens")
+
+    raw_stop = body.get("stop")
+    if raw_stop is None:
+        stop: tuple[str, ...] = ()
+    elif isinstance(raw_stop, str):
+        stop = (raw_stop,)
+    elif isinstance(raw_stop, list) and all(isinstance(s, str) for s in raw_stop):
+        stop = tuple(raw_stop)
+    else:
+        raise _bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise _bad(f"at most {MAX_STOP_STRINGS} stop strings are supported", "stop")
+
+    raw_stop_ids = body.get("stop_token_ids")
+    if raw_stop_ids is None:
+        stop_token_ids: tuple[int, ...] = ()
+    elif isinstance(raw_stop_ids, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in raw_stop_ids
+    ):
+        stop_token_ids = tuple(raw_stop_ids)
+    else:
+        raise _bad("'stop_token_ids' must be a list of integers", "stop_token_ids", "invalid_type")
+
+    stream = bool(_opt_bool(body, "stream"))
+    include_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+        include_usage = bool(_opt_bool(stream_options, "include_usage"))
+
+    for unsupported in ("logprobs", "top_logprobs", "echo", "best_of", "suffix"):
+        value = body.get(unsupported)
+        if value and not (unsupported == "best_of" and value == 1):
+            raise _bad(
+                f"'{unsupported}' is not supported by this server", unsupported, "unsupported_parameter"
+            )
+
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        seed=seed,
+        ignore_eos=bool(_opt_bool(body, "ignore_eos")),
+        min_tokens=min_tokens,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def build_requests(
+    prompt_ids: Sequence[int], opts: SamplingOptions, *, max_model_len: int, param: str, what: str
+) -> list[GenerationRequest]:
+    """Apply the context-length policy (vLLM's) and fan out ``n`` choices.
+
+    An unset ``max_tokens`` becomes the room left in the context; a prompt that leaves no room, or an explicit
+    ``max_tokens`` that does not fit, is a 400 ``context_length_exceeded`` worded like OpenAI/vLLM.
+    """
+    prompt_len = len(prompt_ids)
+    if prompt_len == 0:
+        raise _bad(f"the {what} is empty", param)
+    if opts.max_tokens is None:
+        if prompt_len >= max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens. However, your {what} "
+                f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        max_tokens = max_model_len - prompt_len
+    else:
+        max_tokens = opts.max_tokens
+        if prompt_len + max_tokens > max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                f"completion). Please reduce the length of the {what} or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+    sampling: dict[str, Any] = {}
+    if opts.temperature is not None:
+        sampling["temperature"] = opts.temperature
+    if opts.top_p is not None:
+        sampling["top_p"] = opts.top_p
+    if opts.top_k is not None:
+        sampling["top_k"] = max(0, opts.top_k)
+    return [
+        GenerationRequest(
+            prompt_ids=tuple(prompt_ids),
+            max_tokens=max_tokens,
+            stop=opts.stop,
+            stop_token_ids=opts.stop_token_ids,
+            seed=None if opts.seed is None else opts.seed + i,
+            ignore_eos=opts.ignore_eos,
+            min_tokens=min(opts.min_tokens, max_tokens),
+            **sampling,
+        )
+        for i in range(opts.n)
+    ]
+
+
+def _message_text(content: Any, index: int) -> str:
+    """Chat content as text: a string, or a list of text parts (other part types are refused)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise _bad(f"messages[{index}].content: only text parts are supported", "messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"messages[{index}].content must be a string or a list of parts", "messages", "invalid_type")
+
+
+def parse_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Validate ``messages`` and normalize them for the template (text content, ``developer`` → system)."""
+    if "messages" not in body or body["messages"] is None:
+        raise _bad("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+    raw = body["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise _bad("'messages' must be a non-empty list", "messages", "invalid_type")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise _bad(f"messages[{i}] must be an object", "messages", "invalid_type")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise _bad(f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}", "messages")
+        normalized = {k: v for k, v in message.items() if k not in ("role", "content")}
+        normalized["role"] = "system" if role == "developer" else role
+        normalized["content"] = _message_text(message.get("content"), i)
+        messages.append(normalized)
+    return messages
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running choices
+# ------------------------------------------------------------------------------------------------------------
+
+
+async def run_choices(
+    engine: Engine, requests: Sequence[GenerationRequest]
+) -> AsyncIterator[tuple[int, GenerationDelta]]:
+    """Run the choices concurrently (they batch together) and interleave their deltas as (index, delta).
+
+    Closing this iterator cancels every choice still running, which cancels them in the engine.
+    """
+    if len(requests) == 1:
+        async with contextlib.aclosing(engine.generate(requests[0])) as stream:
+            async for delta in stream:
+                yield 0, delta
+        return
+
+    queue: asyncio.Queue[tuple[int, GenerationDelta | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        try:
+            async with contextlib.aclosing(engine.generate(request)) as stream:
+                async for delta in stream:
+                    queue.put_nowait((index, delta, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            queue.put_nowait((index, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, delta, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            assert delta is not None
+            yield index, delta
+            if delta.finish_reason is not None:
+                remaining -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The HTTP app
+# ------------------------------------------------------------------------------------------------------------
+
+
+class ReplicaApp:
+    """Route handlers bound to one engine and one served model name."""
+
+    def __init__(self, engine: Engine, served_model_name: str, model_root: str = "") -> None:
+        self.engine = engine
+        self.model_name = served_model_name
+        self.model_root = model_root
+        self.created = int(time.time())
+        self.state = "loading"  # loading | ready | stopping | failed
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def application(self) -> web.Application:
+        """The aiohttp application (usable in-process by tests and by other servers)."""
+        app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[self._errors])
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every failure leaves as an OpenAI error object, never as aiohttp's HTML page."""
+        try:
+            return await handler(request)
+        except APIError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            return APIError(exc.status, exc.reason or "error", type=kind, code=None).response()
+        except EngineNotReady as exc:
+            return APIError(
+                503, str(exc), type="service_unavailable_error", code="engine_not_ready"
+            ).response()
+        except EngineError as exc:
+            log.exception("engine error")
+            return APIError(500, str(exc), type="internal_server_error", code="engine_error").response()
+        except ValueError as exc:
+            return _bad(str(exc), None).response()
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:
+            log.exception("unhandled error in %s", request.path)
+            return APIError(500, f"internal error: {exc}", type="internal_server_error", code=None).response()
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise APIError(
+                400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+            ) from exc
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        return body
+
+    def _check_model(self, body: Mapping[str, Any]) -> None:
+        model = body.get("model")
+        if model is None or model == self.model_name:
+            return
+        if not isinstance(model, str):
+            raise _bad("'model' must be a string", "model", "invalid_type")
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist. This replica serves `{self.model_name}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+    def _check_ready(self) -> None:
+        if not self.engine.ready:
+            raise EngineNotReady(f"replica is {self.state if self.state != 'ready' else 'unhealthy'}")
+
+    # ------------------------------------------------------------------------------------------ endpoints
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = self.state == "ready" and self.engine.ready
+        status = "ok" if ok else (self.state if self.state != "ready" else "unhealthy")
+        return _json_response({"status": status}, status=200 if ok else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        caps = self.engine.capabilities
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "skyfabric",
+            "root": self.model_root or self.model_name,
+            "parent": None,
+            "max_model_len": self.engine.max_model_len,
+            "capabilities": {
+                "continue_final_message": caps.continue_final_message,
+                "completions": caps.completions,
+                "chat": caps.chat,
+            },
+        }
+        return _json_response({"object": "list", "data": [card]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=render_metrics(self.engine, self.model_name), content_type="text/plain", charset="utf-8"
+        )
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        self._check_model(body)
+        messages = parse_messages(body)
+        opts = parse_sampling(body, chat=True)
+        continue_flag = _opt_bool(body, "continue_final_message")
+        add_generation_prompt = _opt_bool(body, "add_generation_prompt")
+        last_is_assistant = messages[-1]["role"] == "assistant"
+        if continue_flag and not last_is_assistant:
+            raise _bad("continue_final_message needs the last message to be from the assistant", "messages")
+        continue_final = last_is_assistant and (bool(continue_flag) or add_generation_prompt is False)
+        self._check_ready()
+        try:
+            prompt_ids = self.engine.tokenize_chat(
+                messages,
+                add_generation_prompt=add_generation_prompt is not False and not continue_final,
+                continue_final_message=continue_final,
+            )
+        except ValueError as exc:
+            raise _bad(str(exc), "messages") from exc
+        requests = build_requests(
+            prompt_ids, opts, max_model_len=self.engine.max_model_len, param="messages", what="messages"
+        )
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if opts.stream:
+            return await self._stream(request, requests, opts, completion_id, chat=True)
+        return await self._complete(requests, completion_id, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        self._check_model(body)
+        if "prompt" not in body or body["prompt"] is None:
+            raise _bad("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+        opts = parse_sampling(body, chat=False)
+        self._check_ready()
+        prompt_ids = self._completion_prompt(body["prompt"])
+        requests = build_requests(
+            prompt_ids, opts, max_model_len=self.engine.max_model_len, param="prompt", what="prompt"
+        )
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        if opts.stream:
+            return await self._stream(request, requests, opts, completion_id, chat=False)
+        return await self._complete(requests, completion_id, chat=False)
+
+    def _completion_prompt(self, prompt: Any) -> list[int]:
+        """One prompt: a string, a list of token ids, or a one-element list of either."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.engine.tokenize(prompt)
+        if (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            return list(prompt)
+        raise _bad(
+            "'prompt' must be a string or a list of token ids (batches of prompts are not supported)",
+            "prompt",
+            "invalid_type",
+        )
+
+    # ------------------------------------------------------------------------------------------ responses
+
+    async def _complete(
+        self, requests: list[GenerationRequest], completion_id: str, *, chat: bool
+    ) -> web.Response:
+        texts: list[list[str]] = [[] for _ in requests]
+        reasons: list[str | None] = [None] * len(requests)
+        completion_tokens = 0
+        async with contextlib.aclosing(run_choices(self.engine, requests)) as stream:
+            async for index, delta in stream:
+                texts[index].append(delta.text)
+                completion_tokens += len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    reasons[index] = delta.finish_reason
+        choices: list[dict[str, Any]] = []
+        for index, parts in enumerate(texts):
+            text = "".join(parts)
+            if chat:
+                choices.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": reasons[index],
+                    }
+                )
+            else:
+                choices.append(
+                    {"index": index, "text": text, "logprobs": None, "finish_reason": reasons[index]}
+                )
+        payload = {
+            "id": completion_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage(len(requests[0].prompt_ids), completion_tokens),
+            "system_fingerprint": None,
+        }
+        return _json_response(payload)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        requests: list[GenerationRequest],
+        opts: SamplingOptions,
+        completion_id: str,
+        *,
+        chat: bool,
+    ) -> web.StreamResponse:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": obj,
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
+
+        def choice(
+            index: int, text: str | None, finish_reason: str | None, role: bool = False
+        ) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {}
+                if role:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        # Starting the engine before sending headers lets admission errors still become a proper HTTP status.
+        stream = run_choices(self.engine, requests)
+        completion_tokens = 0
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await stream.aclose()
+            raise
+        try:
+            await response.prepare(request)
+            if chat:
+                await response.write(
+                    _sse(chunk([choice(i, "", None, role=True) for i in range(len(requests))]))
+                )
+            pending = [first] if first is not None else []
+            try:
+                while True:
+                    if pending:
+                        index, delta = pending.pop()
+                    else:
+                        try:
+                            index, delta = await anext(stream)
+                        except StopAsyncIteration:
+                            break
+                    completion_tokens += len(delta.token_ids)
+                    if delta.text:
+                        await response.write(_sse(chunk([choice(index, delta.text, None)])))
+                    if delta.finish_reason is not None:
+                        await response.write(
+                            _sse(chunk([choice(index, None if chat else "", delta.finish_reason)]))
+                        )
+            except (EngineError, ValueError) as exc:
+                error = APIError(
+                    503 if isinstance(exc, EngineNotReady) else 500, str(exc), type="internal_server_error"
+                )
+                await response.write(_sse(error.body()))
+            if opts.include_usage:
+                usage_chunk = chunk([])
+                usage_chunk["usage"] = _usage(len(requests[0].prompt_ids), completion_tokens)
+                await response.write(_sse(usage_chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:
+            log.info("client went away during %s; cancelled", completion_id)
+        finally:
+            await stream.aclose()
+        return response
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(engine: Engine, model_name: str) -> str:
+    """Prometheus text exposition with vLLM's metric names (plus ``skyfabric:forward_passes_total``)."""
+    stats = engine.stats()
+    label = f'model_name="{_label(model_name)}"'
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, value: float, labels: str = label) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name}{{{labels}}} {float(value)}")
+
+    metric(
+        "vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", stats.running
+    )
+    metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", stats.waiting)
+    metric(
+        "vllm:kv_cache_usage_perc",
+        "gauge",
+        "KV-cache usage. 1 means 100 percent usage.",
+        stats.kv_cache_usage,
+    )
+    metric(
+        "vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage (deprecated name). 1 means 100 percent usage.",
+        stats.kv_cache_usage,
+    )  # fmt: skip
+    metric(
+        "vllm:prompt_tokens_total",
+        "counter",
+        "Number of prefill tokens processed.",
+        stats.prompt_tokens_total,
+    )
+    metric(
+        "vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
+        stats.generation_tokens_total,
+    )  # fmt: skip
+    lines.append("# HELP vllm:request_success_total Count of finished requests by finish reason.")
+    lines.append("# TYPE vllm:request_success_total counter")
+    for reason, count in sorted(stats.finished_total.items()):
+        lines.append(
+            f'vllm:request_success_total{{finished_reason="{_label(reason)}",{label}}} {float(count)}'
+        )
+    metric(
+        "skyfabric:forward_passes_total", "counter",
+        "Batched forward steps run by the engine (all running requests share each one).",
+        stats.forward_passes_total,
+    )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Process entry points
+# ------------------------------------------------------------------------------------------------------------
+
+
+async def serve_replica(
+    engine: Engine,
+    *,
+    host: str,
+    port: int,
+    served_model_name: str,
+    model_root: str = "",
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Listen first (so /health answers 503 while loading), start the engine, serve until ``stop_event``."""
+    replica = ReplicaApp(engine, served_model_name, model_root)
+    stop_event = stop_event or asyncio.Event()
+    runner = web.AppRunner(
+        replica.application(), handler_cancellation=True, access_log=None, shutdown_timeout=5
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("replica %s listening on http://%s:%d (loading)", served_model_name, host, port)
+
+    async def start_engine() -> None:
+        try:
+            await engine.start()
+        except Exception:
+            replica.state = "failed"
+            log.exception("engine failed to start")
+            stop_event.set()
+            raise
+        replica.state = "ready"
+        log.info("replica %s ready", served_model_name)
+
+    starting = asyncio.create_task(start_engine())
+    try:
+        await stop_event.wait()
+    finally:
+        if replica.state != "failed":
+            replica.state = "stopping"
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await runner.cleanup()  # stops accepting, cancels in-flight handlers (their requests get cancelled)
+        await engine.stop()
+        log.info("replica %s stopped", served_model_name)
+    if replica.state == "failed":
+        raise SystemExit(1)
+
+
+def run_replica(
+    *,
+    model_dir: Path = DEFAULT_MODEL_DIR,
+    host: str = "127.0.0.1",
+    port: int,
+    served_model_name: str | None = None,
+    max_num_seqs: int = 32,
+    engine: str = "transformers",
+    threads: int = 1,
+    max_model_len: int | None = None,
+    kv_cache_mib: int | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+) -> None:
+    """Run a replica in this process until SIGTERM/SIGINT; then stop the engine's threads and return."""
+    model_dir = Path(model_dir)
+    name = served_model_name or model_dir.name
+    engine_obj = create_engine(
+        engine,
+        model_dir=model_dir,
+        max_num_seqs=max_num_seqs,
+        threads=threads,
+        max_model_len=max_model_len,
+        kv_cache_mib=kv_cache_mib,
+        device=device,
+        seed=seed,
+    )
+
+    async def main() -> None:
+        stop_event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop_event.set)
+        await serve_replica(
+            engine_obj,
+            host=host,
+            port=port,
+            served_model_name=name,
+            model_root=str(model_dir),
+            stop_event=stop_event,
+        )
+
+    asyncio.run(main())
+
+
+@click.command("replica")
+@click.option(
+    "--model-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_MODEL_DIR,
+    show_default=True,
+    help="Local HF checkpoint directory (config.json, weights, tokenizer, chat template).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), required=True)
+@click.option("--served-model-name", default=None, help="Model id clients use [default: the directory name].")
+@click.option("--max-num-seqs", type=click.IntRange(1), default=32, show_default=True,
+              help="Most sequences batched at once; more wait in a queue.")  # fmt: skip
+@click.option("--engine", "engine_name", type=click.Choice(["transformers"]), default="transformers",
+              show_default=True, help="Engine plug-in.")  # fmt: skip
+@click.option(
+    "--threads", type=click.IntRange(1), default=1, show_default=True, help="torch intra-op threads."
+)
+@click.option(
+    "--max-model-len",
+    type=click.IntRange(16),
+    default=None,
+    help="Cap on prompt + completion tokens [default: the model's, if the KV cache fits it].",
+)
+@click.option("--kv-cache-mib", type=click.IntRange(1), default=None,
+              help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU].")  # fmt: skip
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--seed", type=int, default=None, help="Seed for unseeded sampling (reproducible runs).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)  # fmt: skip
+def replica_command(
+    model_dir: Path,
+    host: str,
+    port: int,
+    served_model_name: str | None,
+    max_num_seqs: int,
+    engine_name: str,
+    threads: int,
+    max_model_len: int | None,
+    kv_cache_mib: int | None,
+    device: str | None,
+    seed: int | None,
+    log_level: str,
+) -> None:
+    """Serve one model over an OpenAI-compatible API (started by the fleet supervisor)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_transformers()
+    run_replica(
+        model_dir=model_dir,
+        host=host,
+        port=port,
+        served_model_name=served_model_name,
+        max_num_seqs=max_num_seqs,
+        engine=engine_name,
+        threads=threads,
+        max_model_len=max_model_len,
+        kv_cache_mib=kv_cache_mib,
+        device=device,
+        seed=seed,
+    )
+
+
+def _quiet_transformers() -> None:
+    """Progress bars and info chatter from transformers only clutter the supervisor's log."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    replica_command()

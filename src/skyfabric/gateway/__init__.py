@@ -1,0 +1,1 @@
+"""The data plane: listener → routes → (filters) → cluster → endpoint, OpenAI- and Anthropic-shaped."""

@@ -1,0 +1,114 @@
+"""Clusters of endpoints, the load balancer that picks one, and passive outlier detection.
+
+The outlier detector is a plain state machine driven by the current time (``now``), so it is tested with
+a fake clock. Ejection grows with each repeated ejection (Envoy's base ejection time × count), capped;
+when every endpoint of a cluster is ejected the balancer enters *panic* and uses them all anyway,
+because a false positive must never turn into a total outage.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from skyfabric.core.endpoints import Endpoint
+
+
+@dataclass(slots=True)
+class EndpointState:
+    """What the gateway knows about one endpoint right now."""
+
+    endpoint: Endpoint
+    outstanding: int = 0
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0
+    last_failure: float = 0.0
+    successes: int = 0
+    failures: int = 0
+    #: Load reported by the endpoint itself (vLLM's /metrics), when known.
+    reported_running: float = 0.0
+    reported_waiting: float = 0.0
+
+    def available(self, now: float) -> bool:
+        """Not ejected at ``now``."""
+        return now >= self.ejected_until
+
+    def load(self) -> float:
+        """Requests per unit of capacity: ours in flight plus what the endpoint says it queues."""
+        return (self.outstanding + self.reported_waiting) / self.endpoint.concurrency
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """Envoy-style knobs for passive health checking."""
+
+    consecutive_failures: int = 3
+    base_ejection: float = 2.0
+    max_ejection: float = 60.0
+
+
+def record_success(state: EndpointState, now: float) -> None:
+    """A completed attempt: clears the failure streak."""
+    state.consecutive_failures = 0
+    state.successes += 1
+    if state.ejections and now - state.last_failure > 10 * state.endpoint.concurrency:
+        state.ejections = 0
+
+
+def record_failure(state: EndpointState, now: float, policy: OutlierPolicy, *, hard: bool = False) -> bool:
+    """A failed attempt; returns True when it ejects the endpoint.
+
+    ``hard`` failures (connection refused, reset before any byte) eject at once: they say the process or
+    host is gone, and waiting for three of them costs three clients a retry.
+    """
+    state.failures += 1
+    state.consecutive_failures += 1
+    state.last_failure = now
+    if hard or state.consecutive_failures >= policy.consecutive_failures:
+        state.ejections += 1
+        duration = min(policy.base_ejection * state.ejections, policy.max_ejection)
+        state.ejected_until = now + duration
+        state.consecutive_failures = 0
+        return True
+    return False
+
+
+@dataclass(slots=True)
+class Cluster:
+    """The endpoints serving one fleet model."""
+
+    model: str
+    states: list[EndpointState] = field(default_factory=list)
+
+    def pick(
+        self,
+        now: float,
+        *,
+        avoid_endpoints: Iterable[str] = (),
+        avoid_providers: Iterable[str] = (),
+        need_continuation: bool = False,
+    ) -> EndpointState | None:
+        """Least-loaded available endpoint, preferring providers not in ``avoid_providers``.
+
+        Ties are broken at random so that equal endpoints share load. Returns None only when no endpoint
+        is left that was not already tried (or none can continue, when that is needed).
+        """
+        avoid_e = set(avoid_endpoints)
+        avoid_p = set(avoid_providers)
+        eligible = [
+            s
+            for s in self.states
+            if s.endpoint.id not in avoid_e and (s.endpoint.can_continue or not need_continuation)
+        ]
+        if not eligible:
+            return None
+        healthy = [s for s in eligible if s.available(now)]
+        if not healthy:
+            # Panic: every candidate is ejected; try the one whose ejection ends first.
+            return min(eligible, key=lambda s: s.ejected_until)
+        fresh = [s for s in healthy if s.endpoint.provider not in avoid_p] or healthy
+        best = min(s.load() for s in fresh)
+        ties = [s for s in fresh if s.load() == best]
+        return ties[0] if len(ties) == 1 else random.choice(ties)

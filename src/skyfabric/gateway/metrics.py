@@ -1,0 +1,85 @@
+"""Prometheus metrics of the gateway: what clients got, what it cost upstream, and endpoint health.
+
+Counters are incremented on the request path (a lock and an add); endpoint gauges are computed at scrape
+time from the balancer's state, so keeping them costs nothing per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from skyfabric.gateway.balancer import EndpointState
+
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _EndpointCollector(Collector):
+    def __init__(self, states: list[EndpointState], clock: Callable[[], float]) -> None:
+        self.states = states
+        self.clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = self.clock()
+        labels = ["endpoint", "provider", "region", "pool"]
+        outstanding = GaugeMetricFamily("skyfabric_endpoint_outstanding", "requests in flight", labels=labels)
+        available = GaugeMetricFamily("skyfabric_endpoint_available", "1 unless ejected", labels=labels)
+        for s in self.states:
+            e = s.endpoint
+            values = [e.id, e.provider, e.region, e.pool]
+            outstanding.add_metric(values, s.outstanding)
+            available.add_metric(values, 1.0 if s.available(now) else 0.0)
+        yield outstanding
+        yield available
+
+
+class GatewayMetrics:
+    """The gateway's registry; one per process."""
+
+    def __init__(self, states: list[EndpointState], clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "skyfabric_requests", "client requests by model and status", ["model", "status"], registry=r
+        )
+        self.attempts = Counter(
+            "skyfabric_attempts",
+            "upstream attempts by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter("skyfabric_retries", "attempts after the first, before commit", registry=r)
+        self.rescued = Counter(
+            "skyfabric_rescued_streams", "streams continued on another backend", registry=r
+        )
+        self.hedges = Counter("skyfabric_hedges", "hedged attempts started", registry=r)
+        self.ejections = Counter("skyfabric_ejections", "endpoint ejections", ["endpoint"], registry=r)
+        self.stream_errors = Counter(
+            "skyfabric_stream_errors", "streams ended with an in-band error event", registry=r
+        )
+        self.shed = Counter("skyfabric_shed", "requests refused by admission control", registry=r)
+        self.ttft = Histogram(
+            "skyfabric_time_to_first_token_seconds",
+            "streams: arrival to first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "skyfabric_request_seconds",
+            "arrival to response headers (non-streaming: whole answer)",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(_EndpointCollector(states, clock))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

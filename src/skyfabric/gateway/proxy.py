@@ -1,0 +1,238 @@
+"""The router: sends a request to the best endpoint, retries where safe, and commits.
+
+The commit point is explicit. Before the first token reaches the client, any failure may be retried on
+any endpoint (another failure domain first), within the retry budget and the request's deadline. After
+it, a stream can only be *continued* (see :mod:`skyfabric.gateway.relay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+
+from skyfabric.core.endpoints import Endpoint
+from skyfabric.core.errors import (
+    ConnectError,
+    RemoteProtocolError,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
+from skyfabric.core.fleet import Fleet
+from skyfabric.gateway.api_errors import error_response
+from skyfabric.gateway.balancer import Cluster, EndpointState, OutlierPolicy, record_failure, record_success
+from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway.metrics import GatewayMetrics
+from skyfabric.gateway.retry import RetryBudget, backoff
+from skyfabric.http.client import HTTPClient, UpstreamResponse
+from skyfabric.http.messages import Response, StreamResponse
+
+log = logging.getLogger("skyfabric.gateway")
+
+_JSON = [(b"content-type", b"application/json"), (b"accept", b"application/json")]
+_SSE = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream")]
+
+
+def retryable_status(status: int) -> bool:
+    """429 and 5xx may succeed elsewhere; other 4xx are the client's and would fail anywhere."""
+    return status == 429 or status >= 500
+
+
+def is_context_length(exc: UpstreamStatus) -> bool:
+    """Whether a 400 says the prompt does not fit the model (OpenAI's and vLLM's wordings)."""
+    text = exc.body[:2000].lower()
+    return b"context_length_exceeded" in text or b"maximum context length" in text
+
+
+class Proxy:
+    """Clusters by model, the upstream client, and the policies that decide where a request goes."""
+
+    def __init__(
+        self, fleet: Fleet, endpoints: list[Endpoint], *, clock: Callable[[], float] = time.monotonic
+    ):
+        self.fleet = fleet
+        self.clock = clock
+        self.client = HTTPClient()
+        self.clusters: dict[str, Cluster] = {m.name: Cluster(m.name) for m in fleet.models}
+        self.states: dict[str, EndpointState] = {}
+        for endpoint in endpoints:
+            state = EndpointState(endpoint)
+            self.clusters[endpoint.model].states.append(state)
+            self.states[endpoint.id] = state
+        self.outlier = OutlierPolicy()
+        self.budget = RetryBudget(fleet.retry.budget_percent, int(fleet.retry.min_retries_per_second))
+        self.timeouts = fleet.timeouts
+        self.max_attempts = fleet.retry.max_attempts
+        self.metrics = GatewayMetrics(list(self.states.values()), clock)
+        self._backend_headers = {
+            e.id: [(b"x-skyfabric-backend", e.id.encode()), (b"x-skyfabric-model", e.model.encode())]
+            for e in endpoints
+        }
+
+    # -- the request path -------------------------------------------------------------------------------
+
+    async def forward(self, ctx: RequestContext) -> Response | StreamResponse:
+        """Answer one inference request: pick, attempt, classify, retry or fall back, commit."""
+        started = self.clock()
+        result = await self._forward(ctx)
+        status = str(result.status)
+        self.metrics.requests.labels(ctx.model, status).inc()
+        if isinstance(result, StreamResponse):
+            self.metrics.ttft.labels(ctx.model).observe(self.clock() - started)
+        else:
+            self.metrics.latency.labels(ctx.model).observe(self.clock() - started)
+        return result
+
+    async def _forward(self, ctx: RequestContext) -> Response | StreamResponse:
+        chain = [ctx.model, *self.fleet.model(ctx.model).fallbacks]
+        last: UpstreamError | None = None
+        self.budget.active_requests += 1
+        retrying = False
+        try:
+            for model in chain:
+                cluster = self.clusters[model]
+                while ctx.attempts < self.max_attempts:
+                    now = self.clock()
+                    if now >= ctx.deadline:
+                        return error_response(
+                            504, "the request's deadline passed before any backend answered"
+                        )
+                    state = cluster.pick(now, avoid_endpoints=ctx.tried, avoid_providers=ctx.failed_providers)
+                    if state is None:
+                        break
+                    if ctx.attempts > 0:
+                        if not self.budget.allow():
+                            return self._exhausted(last, "retry budget exhausted")
+                        if state.endpoint.provider in ctx.failed_providers:
+                            pause = backoff(
+                                ctx.attempts, self.fleet.retry.backoff_base, self.fleet.retry.backoff_max
+                            )
+                            await asyncio.sleep(min(pause, max(0.0, ctx.deadline - now)))
+                        if not retrying:
+                            retrying = True
+                            self.budget.active_retries += 1
+                        self.metrics.retries.inc()
+                    ctx.attempts += 1
+                    ctx.tried.add(state.endpoint.id)
+                    try:
+                        answer = await self.attempt(ctx, state, model)
+                        self.metrics.attempts.labels(state.endpoint.id, "ok").inc()
+                        return answer
+                    except UpstreamStatus as exc:
+                        last = exc
+                        if not retryable_status(exc.status):
+                            if exc.status == 400 and is_context_length(exc):
+                                bigger = self.fleet.model(model).larger_context
+                                if bigger and bigger not in chain:
+                                    chain.append(bigger)
+                                    break
+                            self.metrics.attempts.labels(state.endpoint.id, f"status_{exc.status}").inc()
+                            return self._passthrough(exc)
+                        self.note_failure(ctx, state, exc)
+                    except UpstreamError as exc:
+                        last = exc
+                        self.note_failure(ctx, state, exc)
+            return self._exhausted(last, "no backend could answer")
+        finally:
+            self.budget.active_requests -= 1
+            if retrying:
+                self.budget.active_retries -= 1
+
+    async def attempt(
+        self, ctx: RequestContext, state: EndpointState, model: str
+    ) -> Response | StreamResponse:
+        """One attempt on one endpoint, up to the commit point; raises :class:`UpstreamError`."""
+        endpoint = state.endpoint
+        body = ctx.body_for(endpoint, ctx.body.get("model", model))
+        state.outstanding += 1
+        handed_off = False
+        try:
+            resp = await self.open(endpoint, ctx.path, body, ctx.stream, ctx.deadline)
+            if not ctx.stream:
+                remaining = max(0.001, ctx.deadline - self.clock())
+                data = await resp.read(min(self.timeouts.idle, remaining))
+                record_success(state, self.clock())
+                return Response(200, data, self._backend_headers[endpoint.id])
+            from skyfabric.gateway.relay import StreamRelay
+
+            relay = StreamRelay(self, ctx, state, resp)
+            await relay.prime()
+            handed_off = True
+            return StreamResponse(200, relay.run(), self._backend_headers[endpoint.id])
+        finally:
+            if not handed_off:
+                state.outstanding -= 1
+
+    async def open(
+        self, endpoint: Endpoint, path: bytes, body: bytes, stream: bool, deadline: float
+    ) -> UpstreamResponse:
+        """Send to an endpoint and wait for a 2xx status; errors carry the upstream's answer."""
+        remaining = max(0.001, deadline - self.clock())
+        headers = _SSE if stream else _JSON
+        if endpoint.api_key:
+            headers = [*headers, (b"authorization", b"Bearer " + endpoint.api_key.encode())]
+        first_byte = self.timeouts.first_byte if stream else self.timeouts.response
+        resp = await self.client.request(
+            endpoint.origin,
+            b"POST",
+            endpoint.base_path.encode() + path,
+            headers,
+            body,
+            connect_timeout=min(self.timeouts.connect, remaining),
+            first_byte_timeout=min(first_byte, remaining),
+            endpoint=endpoint.id,
+        )
+        if resp.status >= 300:
+            try:
+                data = await resp.read(min(self.timeouts.idle, remaining))
+            except UpstreamError:
+                data = b""
+            raise UpstreamStatus(resp.status, data, headers=resp.headers, endpoint=endpoint.id)
+        return resp
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+
+    def note_failure(
+        self, ctx: RequestContext, state: EndpointState, exc: Exception, *, hard: bool = False
+    ) -> None:
+        """Count a failed attempt against its endpoint (and maybe eject it); avoid its provider."""
+        hard = (
+            hard
+            or isinstance(exc, ConnectError)
+            or (isinstance(exc, RemoteProtocolError | UpstreamTimeout) and not exc.sent_any)
+        )
+        outcome = f"status_{exc.status}" if isinstance(exc, UpstreamStatus) else type(exc).__name__
+        self.metrics.attempts.labels(state.endpoint.id, outcome).inc()
+        ctx.failed_providers.add(state.endpoint.provider)
+        if record_failure(state, self.clock(), self.outlier, hard=hard):
+            self.metrics.ejections.labels(state.endpoint.id).inc()
+            log.warning("ejected %s after %s", state.endpoint.id, exc)
+
+    def _passthrough(self, exc: UpstreamStatus) -> Response:
+        content_type = exc.header(b"content-type") or b"application/json"
+        headers = [(b"x-skyfabric-backend", exc.endpoint.encode())]
+        return Response(exc.status, exc.body, headers, content_type=content_type)
+
+    def _exhausted(self, last: UpstreamError | None, why: str) -> Response:
+        if isinstance(last, UpstreamStatus) and last.status == 429:
+            retry_after = last.header(b"retry-after") or b"1"
+            return error_response(
+                429,
+                f"{why}: every backend is throttling",
+                error_type="rate_limit_error",
+                headers=[(b"retry-after", retry_after)],
+            )
+        detail = f"{why}; last error: {last}" if last else why
+        return error_response(502 if last else 503, detail, code="upstream_unavailable")
+
+    def model_list(self) -> bytes:
+        """``GET /v1/models`` body: every model and alias that has at least one endpoint or fallback."""
+        data = []
+        for model in self.fleet.models:
+            for name in [model.name, *model.aliases]:
+                data.append({"id": name, "object": "model", "created": 0, "owned_by": model.owned_by})
+        return orjson.dumps({"object": "list", "data": data})

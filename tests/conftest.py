@@ -1,0 +1,89 @@
+"""Fixtures shared by the suite: fake upstreams and an in-process gateway on a loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from skyfabric.core.endpoints import fleet_endpoints
+from skyfabric.core.fleet import parse_fleet
+from skyfabric.gateway.app import Gateway
+from skyfabric.http.server import Listener
+from tests.support.fake_upstream import FakeUpstream
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    listener: Listener
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs: Any) -> Any:
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=self.base_url, api_key="sk-test-key-0001", max_retries=0, **kwargs)
+
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+def fleet_data(
+    providers: dict[str, list[FakeUpstream]] | dict[str, dict[str, list[FakeUpstream]]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """A fleet whose model ``m`` (alias ``alias-m``) is served by the given upstreams, one pool per region."""
+    data: dict[str, Any] = {"models": extra.pop("models", [{"name": "m", "aliases": ["alias-m"]}]), "providers": []}
+    for provider, regions in providers.items():
+        if isinstance(regions, list):
+            regions = {"r1": regions}
+        data["providers"].append({
+            "name": provider,
+            "regions": [
+                {"name": region, "pools": [{
+                    "name": "pool", "accelerator": "cpu", "engine": "vllm", "model": ups[0].__dict__.get("model", "m"),
+                    "endpoints": [u.url for u in ups],
+                    "continuation": all(u.can_continue for u in ups),
+                }]}
+                for region, ups in regions.items()
+            ],
+        })
+    data.update(extra)
+    return data
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[MakeGateway]:
+    listeners: list[Listener] = []
+    upstreams: list[FakeUpstream] = []
+
+    async def make(providers: dict[str, Any], **extra: Any) -> RunningGateway:
+        for regions in providers.values():
+            groups = regions.values() if isinstance(regions, dict) else [regions]
+            for ups in groups:
+                for up in ups:
+                    if not up.port:
+                        await up.start()
+                        upstreams.append(up)
+        fleet = parse_fleet(fleet_data(providers, **extra))
+        gateway = Gateway(fleet, fleet_endpoints(fleet))
+        listener = Listener(gateway)
+        port = await listener.start("127.0.0.1", 0)
+        listeners.append(listener)
+        return RunningGateway(gateway, listener, port)
+
+    yield make
+    for listener in listeners:
+        await listener.stop(grace=0.5)
+    for up in upstreams:
+        await up.stop()
