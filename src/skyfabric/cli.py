@@ -25,6 +25,7 @@ class LazyGroup(click.Group):
     lazy: ClassVar[dict[str, str]] = {
         "replica": "skyfabric.engine.replica:replica_command",
         "grow": "skyfabric.engine.grow:grow_command",
+        "drill": "skyfabric.drills.cli:drill_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -44,7 +44,7 @@ _CORPUS_LINES = [
 ]
 
 
-def build_tiny_checkpoint(out_dir: Path, *, max_position_embeddings: int = 512, seed: int = 0) -> Path:
+def build_tiny_checkpoint(out_dir: Path, *, max_position_embeddings: int = 1024, seed: int = 0) -> Path:
     """Write a tiny random Llama + byte-level BPE tokenizer checkpoint to ``out_dir`` and return it.
 
     The weights are random but deterministic (seeded) and scaled up a little so greedy decoding has clear
@@ -90,9 +90,19 @@ def build_tiny_checkpoint(out_dir: Path, *, max_position_embeddings: int = 512, 
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    # Only whole words (" foo") and EOS can win the argmax: greedy text then re-tokenizes to the same ids,
+    # as a trained model's output mostly does, which the continuation tests rely on. Other rows get logit 0.
+    allowed = torch.zeros(config.vocab_size, dtype=torch.bool)
+    for token_id in range(config.vocab_size):
+        text = fast.decode([token_id])
+        allowed[token_id] = len(text) > 1 and text[0] == " " and text[1:].isalpha()
+    allowed[fast.eos_token_id] = True
+    with torch.no_grad():
+        model.lm_head.weight[~allowed] = 0.0
+        model.lm_head.weight[fast.eos_token_id] *= 1.6  # EOS often enough that ignore_eos/min_tokens matter
     model.save_pretrained(out_dir, safe_serialization=True)
     # The generation config carries EOS like a trained checkpoint would.
     (out_dir / "generation_config.json").write_text(
@@ -169,3 +179,67 @@ def replica(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         except subprocess.TimeoutExpired:
             rep.proc.kill()
             rep.proc.wait()
+
+
+class Reference:
+    """The checkpoint loaded with plain transformers: its tokenizer, and greedy decoding without batching."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._torch = torch
+        torch.set_num_threads(1)  # the replica subprocess needs the other core; oversubscribed OpenMP crawls
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch.float32
+        )
+        self.model.eval()
+
+    def chat_ids(self, messages: list[dict[str, str]], *, continue_final_message: bool = False) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def greedy(self, prompt_ids: list[int], n: int) -> list[int]:
+        """Argmax ``n`` times, never stopping at EOS (what ``ignore_eos`` + temperature 0 must reproduce)."""
+        torch = self._torch
+        ids = list(prompt_ids)
+        with torch.no_grad():
+            for _ in range(n):
+                logits = self.model(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+        return ids[len(prompt_ids) :]
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint: Path) -> Reference:
+    """Ground truth for greedy outputs and token counts."""
+    return Reference(tiny_checkpoint)
+
+
+def read_metrics(base_url: str) -> dict[str, float]:
+    """Scrape /metrics into {"name": value summed over labels, "name{labels}": value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        name = series.split("{", 1)[0]
+        values[series] = float(value)
+        values[name] = values.get(name, 0.0) + float(value)
+    return values

@@ -48,6 +48,7 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.token_delay = 0.0
         self.runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
         self.port = 0
 
     @property
@@ -64,7 +65,7 @@ class FakeUpstream:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.2)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)
         await site.start()
@@ -72,8 +73,14 @@ class FakeUpstream:
         return self
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self.runner is not None:
             await self.runner.cleanup()
+            self.runner = None
+
+    async def _forever(self) -> None:
+        """Hold a request until the fake is stopped (a hung or stalled upstream)."""
+        await self._stopping.wait()
 
     # -- handlers ---------------------------------------------------------------------------------------
 
@@ -100,9 +107,9 @@ class FakeUpstream:
         if b.get("reset"):
             assert request.transport is not None
             request.transport.abort()
-            await asyncio.sleep(3600)
+            await self._forever()
         if b.get("hang"):
-            await asyncio.sleep(3600)
+            await self._forever()
         if "delay" in b:
             await asyncio.sleep(b["delay"])
         if "status" in b:
@@ -186,7 +193,7 @@ class FakeUpstream:
                 request.transport.abort()
                 return resp
             if b.get("stall_after") == i:
-                await asyncio.sleep(3600)
+                await self._forever()
             if b.get("malformed_after") == i:
                 await resp.write(b"data: {not json\n\n")
             if b.get("no_finish_after") == i:

@@ -9,7 +9,7 @@ without touching the HTTP layer. Only the transformers engine exists today
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,16 +29,17 @@ class EngineNotReady(EngineError):
 class GenerationRequest:
     """One sequence to generate: a tokenized prompt plus sampling controls.
 
-    ``temperature == 0`` means greedy. ``ignore_eos``/``min_tokens`` are vLLM's extras; drills use them to
-    force exact output lengths. ``max_tokens`` is mandatory here: the HTTP layer resolves OpenAI's "unset" to
-    the room left in the context window, so engines never have to guess.
+    ``temperature == 0`` means greedy; ``None`` sampling fields take the model's defaults (its generation
+    config, else OpenAI's 1.0 / 1.0 / off). ``ignore_eos``/``min_tokens`` are vLLM's extras; drills use them
+    to force exact output lengths. ``max_tokens`` is mandatory here: the HTTP layer resolves OpenAI's "unset"
+    to the room left in the context window, so engines never have to guess.
     """
 
     prompt_ids: Sequence[int]
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     seed: int | None = None
@@ -67,7 +68,6 @@ class EngineCapabilities:
     continue_final_message: bool = False
     completions: bool = True
     chat: bool = True
-    max_model_len: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +130,7 @@ class Engine(abc.ABC):
         """
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
         """Stream deltas for one sequence; the last one has a finish reason. Close the iterator to cancel."""
 
     @abc.abstractmethod

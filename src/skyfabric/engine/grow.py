@@ -139,6 +139,7 @@ class GrowParams:
 
     @property
     def peak_lr(self) -> float:
+        """``--lr`` if given: narrower models tolerate (and need, in a short run) a higher peak rate."""
         return self.lr if self.lr is not None else SIZES[self.size].lr
 
     def command_line(self) -> str:
@@ -192,9 +193,8 @@ def default_corpus() -> tuple[Path, ...]:
 
 
 def _is_excluded(relative: Path) -> bool:
-    return any(part in EXCLUDED_DIRS for part in relative.parts[:-1]) or relative.name.startswith(
-        "_sysconfigdata"
-    )
+    in_excluded_dir = any(part in EXCLUDED_DIRS for part in relative.parts[:-1])
+    return in_excluded_dir or relative.name.startswith("_sysconfigdata")  # a dump of build variables
 
 
 def _module_name(relative: Path) -> str:
@@ -271,7 +271,7 @@ def extract_functions(source: Source, max_chars: int) -> list[Function]:
 
 
 def _conjugate(doc_line: str) -> str | None:
-    """ "Return the x." -> "returns the x.", so it reads after "Write a function that"; None if not a verb."""
+    """Turn "Return the x." into "returns the x." to follow "Write a function that"; None if not a verb."""
     first, _, rest = doc_line.partition(" ")
     verb = first.lower()
     if verb not in _VERBS or not rest:

@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,13 +239,6 @@ def build_requests(
                 param=param,
                 code="context_length_exceeded",
             )
-    sampling: dict[str, Any] = {}
-    if opts.temperature is not None:
-        sampling["temperature"] = opts.temperature
-    if opts.top_p is not None:
-        sampling["top_p"] = opts.top_p
-    if opts.top_k is not None:
-        sampling["top_k"] = max(0, opts.top_k)
     return [
         GenerationRequest(
             prompt_ids=tuple(prompt_ids),
@@ -255,7 +248,9 @@ def build_requests(
             seed=None if opts.seed is None else opts.seed + i,
             ignore_eos=opts.ignore_eos,
             min_tokens=min(opts.min_tokens, max_tokens),
-            **sampling,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            top_k=None if opts.top_k is None else max(0, opts.top_k),
         )
         for i in range(opts.n)
     ]
@@ -309,7 +304,7 @@ def parse_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 async def run_choices(
     engine: Engine, requests: Sequence[GenerationRequest]
-) -> AsyncIterator[tuple[int, GenerationDelta]]:
+) -> AsyncGenerator[tuple[int, GenerationDelta], None]:
     """Run the choices concurrently (they batch together) and interleave their deltas as (index, delta).
 
     Closing this iterator cancels every choice still running, which cancels them in the engine.
@@ -336,12 +331,12 @@ async def run_choices(
     try:
         remaining = len(tasks)
         while remaining:
-            index, delta, exc = await queue.get()
+            index, maybe_delta, exc = await queue.get()
             if exc is not None:
                 raise exc
-            assert delta is not None
-            yield index, delta
-            if delta.finish_reason is not None:
+            assert maybe_delta is not None
+            yield index, maybe_delta
+            if maybe_delta.finish_reason is not None:
                 remaining -= 1
     finally:
         for task in tasks:
@@ -650,11 +645,18 @@ class ReplicaApp:
                         await response.write(
                             _sse(chunk([choice(index, None if chat else "", delta.finish_reason)]))
                         )
-            except (EngineError, ValueError) as exc:
-                error = APIError(
-                    503 if isinstance(exc, EngineNotReady) else 500, str(exc), type="internal_server_error"
+            except ConnectionError:
+                raise
+            except Exception as exc:  # headers are sent: report in-band, as vLLM does, then end the stream
+                if not isinstance(exc, EngineError):
+                    log.exception("generation failed mid-stream in %s", completion_id)
+                kind = (
+                    "service_unavailable_error"
+                    if isinstance(exc, EngineNotReady)
+                    else "internal_server_error"
                 )
-                await response.write(_sse(error.body()))
+                status = 503 if isinstance(exc, EngineNotReady) else 500
+                await response.write(_sse(APIError(status, str(exc), type=kind, code=None).body()))
             if opts.include_usage:
                 usage_chunk = chunk([])
                 usage_chunk["usage"] = _usage(len(requests[0].prompt_ids), completion_tokens)

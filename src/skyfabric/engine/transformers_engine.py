@@ -12,9 +12,9 @@ Configuration for CPU (the default target) and the reasons:
   KV cache from *free system RAM* on CPU (60% of it, several GiB), and a replica must stay well under 1 GiB.
 * Sampling is done by our own per-request logits processors (``_build_sampling_processors``), installed in
   place of the manager's list before its loop starts. The stock per-request processors cannot express
-  ``temperature=0`` (greedy) next to sampled requests in one batch, nor ``min_tokens`` or a per-request ``seed``. With
-  ``do_sample=True`` the manager samples from our processed scores; greedy rows arrive as one-hot scores, so
-  the multinomial draw is exactly the argmax.
+  ``temperature=0`` (greedy) next to sampled requests in one batch, nor ``min_tokens`` or a per-request
+  ``seed``. With ``do_sample=True`` the manager samples from our processed scores; greedy rows arrive as
+  one-hot scores, so the multinomial draw is exactly the argmax.
 * Forward passes are counted by wrapping the manager's per-step method, so ``/metrics`` can prove batching.
 """
 
@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +417,7 @@ class TransformersEngine(Engine):
         self._stopping = False
         self._janitor: asyncio.Task[None] | None = None
         self._failed_status: Any = None
+        self._lifecycle_lock = threading.Lock()
         self._bytes_per_token = 0
         self._device = "?"
         self._dtype = "?"
@@ -490,11 +491,10 @@ class TransformersEngine(Engine):
         if not (self.model_dir / "config.json").is_file():
             raise EngineError(f"no HF checkpoint in {self.model_dir} (config.json missing)")
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             self.model_dir, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
         )
-        model.to(device)
-        model.eval()
+        model = model.to(torch.device(device)).eval()
 
         gen_defaults = getattr(model, "generation_config", None)
         self._eos = _eos_ids(
@@ -502,12 +502,11 @@ class TransformersEngine(Engine):
             getattr(gen_defaults, "eos_token_id", None),
             getattr(model.config, "eos_token_id", None),
         )
+        # Like vLLM: sampling fields a request leaves out come from the checkpoint's generation_config.json.
         self._default_sampling = {
             "temperature": float(getattr(gen_defaults, "temperature", None) or 1.0),
             "top_p": float(getattr(gen_defaults, "top_p", None) or 1.0),
-            "top_k": int(getattr(gen_defaults, "top_k", None) or 0)
-            if getattr(gen_defaults, "top_k", None)
-            else 0,
+            "top_k": int(getattr(gen_defaults, "top_k", None) or 0),
         }
 
         # KV cache geometry, from a byte budget.
@@ -531,7 +530,7 @@ class TransformersEngine(Engine):
             num_blocks = min(num_blocks, math.ceil(self.max_num_seqs * min(model_len_limits) / page))
         self._num_cache_blocks = num_blocks
         self._max_model_len = min([num_blocks * page, *model_len_limits])
-        max_batch_tokens = self._max_batch_tokens or (512 if on_cpu else 2048)
+        max_batch_tokens = self._max_batch_tokens or (256 if on_cpu else 2048)
         max_batch_tokens = max(max_batch_tokens, self.max_num_seqs)
 
         generation_config = GenerationConfig(
@@ -551,7 +550,7 @@ class TransformersEngine(Engine):
             seed=self._seed,
             scheduler_type="fifo",
         )
-        manager = model.init_continuous_batching(
+        manager: Any = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
         manager.logit_processor = _build_sampling_processors(self._eos)
@@ -563,15 +562,19 @@ class TransformersEngine(Engine):
             self._forward_passes += 1
 
         manager._generation_step = counted_step
-        with torch.inference_mode():
-            manager.start()  # the loop thread inherits inference mode from here
-
-        self._tokenizer, self._model, self._manager = tokenizer, model, manager
+        self._tokenizer, self._model = tokenizer, model
         self._failed_status = RequestStatus.FAILED
         self._bytes_per_token = bytes_per_token
         self._device = device
         self._dtype = str(dtype).removeprefix("torch.")
         self._max_batch_tokens = max_batch_tokens
+        # A SIGTERM may arrive while we load: never leave a (non-daemon) loop thread behind a stopped engine.
+        with self._lifecycle_lock:
+            if self._stopping:
+                raise EngineNotReady("engine stopped while loading")
+            with torch.inference_mode():
+                manager.start()  # the loop thread inherits inference mode from here
+            self._manager = manager
 
     def describe(self) -> str:
         """One line of the resolved configuration, for logs and the bench."""
@@ -586,13 +589,14 @@ class TransformersEngine(Engine):
 
     async def stop(self) -> None:
         """Hard-stop the batching thread: pending requests fail (their clients get 503), the thread exits."""
-        self._stopping = True
-        self._ready = False
+        with self._lifecycle_lock:
+            self._stopping = True
+            self._ready = False
+            manager = self._manager
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
-        manager = self._manager
         if manager is not None and manager.is_running():
             await asyncio.to_thread(manager.stop, block=True, timeout=30, hard_stop=True)
 
@@ -643,7 +647,7 @@ class TransformersEngine(Engine):
 
     # -------------------------------------------------------------------------------------------- generating
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
         """Admit the request (``max_num_seqs`` run at once), stream its text, cancel it if abandoned."""
         if not self.ready or self._slots is None or self._loop is None:
             raise EngineNotReady("engine is not ready")
@@ -673,10 +677,13 @@ class TransformersEngine(Engine):
             manager.register_result_handler(request_id, queue.put_nowait)
             stop_ids = _eos_ids(request.stop_token_ids)
             eos = sorted(set(stop_ids) | (set() if request.ignore_eos else set(self._eos)))
+            defaults = self._default_sampling
             kwargs: dict[str, Any] = {
-                "temperature": float(request.temperature),
-                "top_p": float(request.top_p),
-                "top_k": int(request.top_k),
+                "temperature": float(
+                    defaults["temperature"] if request.temperature is None else request.temperature
+                ),
+                "top_p": float(defaults["top_p"] if request.top_p is None else request.top_p),
+                "top_k": int(defaults["top_k"] if request.top_k is None else request.top_k),
                 "min_tokens": int(request.min_tokens),
             }
             if request.seed is not None:

@@ -89,6 +89,7 @@ class Cluster:
         avoid_endpoints: Iterable[str] = (),
         avoid_providers: Iterable[str] = (),
         need_continuation: bool = False,
+        cooldowns: dict[str, float] | None = None,
     ) -> EndpointState | None:
         """Least-loaded available endpoint, preferring providers not in ``avoid_providers``.
 
@@ -104,11 +105,29 @@ class Cluster:
         ]
         if not eligible:
             return None
-        healthy = [s for s in eligible if s.available(now)]
+        cool = cooldowns or {}
+        healthy = [s for s in eligible if s.available(now) and cool.get(s.endpoint.provider, 0.0) <= now]
         if not healthy:
-            # Panic: every candidate is ejected; try the one whose ejection ends first.
-            return min(eligible, key=lambda s: s.ejected_until)
+            # Panic: every candidate is ejected or cooling; try the one whose wait ends first.
+            return min(eligible, key=lambda s: max(s.ejected_until, cool.get(s.endpoint.provider, 0.0)))
         fresh = [s for s in healthy if s.endpoint.provider not in avoid_p] or healthy
         best = min(s.load() for s in fresh)
         ties = [s for s in fresh if s.load() == best]
         return ties[0] if len(ties) == 1 else random.choice(ties)
+
+
+def parse_retry_after(value: bytes | None, now_epoch: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    text = value.decode("latin-1").strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return max(0.0, parsedate_to_datetime(text).timestamp() - now_epoch)
+    except (TypeError, ValueError):
+        return None

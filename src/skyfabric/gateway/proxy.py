@@ -24,7 +24,14 @@ from skyfabric.core.errors import (
 )
 from skyfabric.core.fleet import Fleet
 from skyfabric.gateway.api_errors import error_response
-from skyfabric.gateway.balancer import Cluster, EndpointState, OutlierPolicy, record_failure, record_success
+from skyfabric.gateway.balancer import (
+    Cluster,
+    EndpointState,
+    OutlierPolicy,
+    parse_retry_after,
+    record_failure,
+    record_success,
+)
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.metrics import GatewayMetrics
 from skyfabric.gateway.retry import RetryBudget, backoff
@@ -64,6 +71,8 @@ class Proxy:
             self.clusters[endpoint.model].states.append(state)
             self.states[endpoint.id] = state
         self.outlier = OutlierPolicy()
+        #: Provider → monotonic time until which it is left alone (it said 429 with Retry-After).
+        self.cooldowns: dict[str, float] = {}
         self.budget = RetryBudget(fleet.retry.budget_percent, int(fleet.retry.min_retries_per_second))
         self.timeouts = fleet.timeouts
         self.max_attempts = fleet.retry.max_attempts
@@ -101,7 +110,12 @@ class Proxy:
                         return error_response(
                             504, "the request's deadline passed before any backend answered"
                         )
-                    state = cluster.pick(now, avoid_endpoints=ctx.tried, avoid_providers=ctx.failed_providers)
+                    state = cluster.pick(
+                        now,
+                        avoid_endpoints=ctx.tried,
+                        avoid_providers=ctx.failed_providers,
+                        cooldowns=self.cooldowns,
+                    )
                     if state is None:
                         break
                     if ctx.attempts > 0:
@@ -208,6 +222,13 @@ class Proxy:
         outcome = f"status_{exc.status}" if isinstance(exc, UpstreamStatus) else type(exc).__name__
         self.metrics.attempts.labels(state.endpoint.id, outcome).inc()
         ctx.failed_providers.add(state.endpoint.provider)
+        if isinstance(exc, UpstreamStatus) and exc.status == 429:
+            wait = parse_retry_after(exc.header(b"retry-after"), time.time())
+            if wait is not None:
+                provider = state.endpoint.provider
+                self.cooldowns[provider] = max(self.cooldowns.get(provider, 0.0), self.clock() + wait)
+                log.warning("provider %s throttles: cooling it for %.1fs", provider, wait)
+            return  # throttling is not ill health: no ejection
         if record_failure(state, self.clock(), self.outlier, hard=hard):
             self.metrics.ejections.labels(state.endpoint.id).inc()
             log.warning("ejected %s after %s", state.endpoint.id, exc)

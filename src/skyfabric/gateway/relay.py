@@ -195,6 +195,7 @@ class StreamRelay:
                     avoid_endpoints=ctx.tried,
                     avoid_providers=ctx.failed_providers,
                     need_continuation=bool(prefix),
+                    cooldowns=proxy.cooldowns,
                 )
                 if state is not None:
                     break

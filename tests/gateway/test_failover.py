@@ -1,0 +1,186 @@
+"""Each upstream fault, against fake upstreams: what the client sees and what it costs upstream."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MakeGateway, RunningGateway
+from tests.support.fake_upstream import FakeUpstream, expected_text
+
+FAST = {"connect": 0.5, "first_byte": 0.5, "first_token": 0.5, "idle": 0.4, "response": 1.0, "total": 10}
+
+
+async def chat(gw: RunningGateway, *, stream: bool, **kwargs: Any) -> tuple[str, str | None, dict[str, Any]]:
+    """(text, finish_reason, headers) of one chat request through the SDK."""
+    client = gw.client()
+    messages = [{"role": "user", "content": "write code"}]
+    if not stream:
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=messages, **kwargs)
+        completion = raw.parse()
+        return completion.choices[0].message.content or "", completion.choices[0].finish_reason, dict(raw.headers)
+    text, reason = "", None
+    async with client.chat.completions.with_streaming_response.create(
+        model="m", messages=messages, stream=True, **kwargs
+    ) as resp:
+        async for chunk in await resp.parse():
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                reason = chunk.choices[0].finish_reason or reason
+        return text, reason, dict(resp.headers)
+
+
+_BEFORE_FIRST_TOKEN = [
+    ({"status": 500}, "500"),
+    ({"status": 503}, "503"),
+    ("reset", "reset-before-headers"),
+    ("hang", "no-response"),
+    ({"status": 429}, "429-no-retry-after"),
+]
+
+
+@pytest.mark.parametrize(
+    ("stream", "fault"),
+    [(s, f) for f, _ in _BEFORE_FIRST_TOKEN for s in (False, True)] + [(True, {"slow_first_token": 2.0})],
+    ids=[f"{i}-{'stream' if s else 'whole'}" for _, i in _BEFORE_FIRST_TOKEN for s in (False, True)]
+    + ["slow-first-token-stream"],
+)
+async def test_fault_before_first_token_is_retried_elsewhere(
+    make_gateway: MakeGateway, stream: bool, fault: Any
+) -> None:
+    bad, good = FakeUpstream("bad", tokens=5).then(fault), FakeUpstream("good", tokens=5)
+    gw = await make_gateway({"aws": [bad], "gcp": [good]}, timeouts=FAST)
+    # pin the first attempt on the faulty provider
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
+    started = time.monotonic()
+    text, reason, headers = await chat(gw, stream=stream)
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    assert (text, reason) == (expected_text(5), "stop")
+    assert headers["x-skyfabric-backend"].startswith("gcp/")
+    assert len(bad.requests) == 1 and len(good.requests) == 1
+    assert time.monotonic() - started < 3.0  # abandoned within its phase timeout, not the 10 s deadline
+
+
+async def test_persistent_503_ejects_the_endpoint(make_gateway: MakeGateway) -> None:
+    bad, good = FakeUpstream("bad", default={"status": 503}), FakeUpstream("good", tokens=2)
+    gw = await make_gateway({"aws": [bad], "gcp": [good]}, timeouts=FAST)
+    for _ in range(12):
+        text, _, _ = await chat(gw, stream=False)
+        assert text == expected_text(2)
+    # three consecutive failures eject it: it sees at most a few requests, not one in two
+    assert len(bad.requests) <= 4
+    state = gw.gateway.proxy.states["aws/r1/pool/0"]
+    assert state.ejections >= 1
+
+
+async def test_429_with_retry_after_cools_the_provider(make_gateway: MakeGateway) -> None:
+    throttled = FakeUpstream("throttled").then({"status": 429, "retry_after": 30})
+    good = FakeUpstream("good", tokens=2)
+    gw = await make_gateway({"aws": [throttled], "gcp": [good]}, timeouts=FAST)
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
+    await chat(gw, stream=False)
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    for _ in range(5):
+        await chat(gw, stream=False)
+    assert len(throttled.requests) == 1  # not asked again while it cools
+    cooled = gw.gateway.proxy.cooldowns["aws"] - time.monotonic()
+    assert 25 < cooled <= 30
+
+
+async def test_everyone_throttling_gives_429_with_retry_after(make_gateway: MakeGateway) -> None:
+    a = FakeUpstream("a", default={"status": 429, "retry_after": 7})
+    b = FakeUpstream("b", default={"status": 429, "retry_after": 7})
+    gw = await make_gateway({"aws": [a], "gcp": [b]}, timeouts=FAST)
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(f"{gw.base_url}/chat/completions",
+                               json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 429
+    assert resp.headers["retry-after"] == "7"
+    assert resp.json()["error"]["type"] == "rate_limit_error"
+
+
+async def test_client_errors_are_not_retried(make_gateway: MakeGateway) -> None:
+    bad = FakeUpstream("bad", default={"status": 422})
+    good = FakeUpstream("good")
+    gw = await make_gateway({"aws": [bad], "gcp": [good]}, timeouts=FAST)
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
+    with pytest.raises(openai.UnprocessableEntityError):
+        await chat(gw, stream=False)
+    assert len(good.requests) == 0
+
+
+async def test_content_filter_keeps_the_providers_reason_and_is_not_retried(make_gateway: MakeGateway) -> None:
+    bad = FakeUpstream("bad", default="content_filter")
+    good = FakeUpstream("good")
+    gw = await make_gateway({"aws": [bad], "gcp": [good]}, timeouts=FAST)
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
+    with pytest.raises(openai.BadRequestError) as info:
+        await chat(gw, stream=True)
+    assert "reason: violence" in str(info.value)
+    assert info.value.code == "content_policy_violation"
+    assert len(good.requests) == 0
+
+
+async def test_context_length_goes_to_the_larger_context_model(make_gateway: MakeGateway) -> None:
+    small = FakeUpstream("small", default="context_length")
+    big = FakeUpstream("big", tokens=3)
+    big.model = "m-long"  # type: ignore[attr-defined]
+    models = [{"name": "m", "larger_context": "m-long"}, {"name": "m-long"}]
+    gw = await make_gateway({"aws": [small], "gcp": [big]}, models=models, timeouts=FAST)
+    text, _, headers = await chat(gw, stream=False)
+    assert text == expected_text(3)
+    assert headers["x-skyfabric-model"] == "m-long"
+
+
+async def test_context_length_without_a_larger_model_fails_at_once(make_gateway: MakeGateway) -> None:
+    small = FakeUpstream("small", default="context_length")
+    other = FakeUpstream("other", default="context_length")
+    gw = await make_gateway({"aws": [small], "gcp": [other]}, timeouts=FAST)
+    with pytest.raises(openai.BadRequestError) as info:
+        await chat(gw, stream=False)
+    assert "maximum context length" in str(info.value)
+    assert len(small.requests) + len(other.requests) == 1
+
+
+async def test_fallback_model_answers_when_the_primary_cannot(make_gateway: MakeGateway) -> None:
+    primary = FakeUpstream("primary", default={"status": 503})
+    backup = FakeUpstream("backup", tokens=2)
+    backup.model = "m-backup"  # type: ignore[attr-defined]
+    models = [{"name": "m", "fallbacks": ["m-backup"]}, {"name": "m-backup"}]
+    gw = await make_gateway({"aws": [primary], "gcp": [backup]}, models=models, timeouts=FAST)
+    text, _, headers = await chat(gw, stream=False)
+    assert text == expected_text(2) and headers["x-skyfabric-model"] == "m-backup"
+
+
+async def test_total_deadline_is_never_exceeded(make_gateway: MakeGateway) -> None:
+    a, b = FakeUpstream("a", default="hang"), FakeUpstream("b", default="hang")
+    gw = await make_gateway({"aws": [a], "gcp": [b]}, timeouts={**FAST, "response": 30})
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=10) as http:
+        resp = await http.post(
+            f"{gw.base_url}/chat/completions", headers={"x-skyfabric-deadline": "0.8"},
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        )
+    elapsed = time.monotonic() - started
+    assert resp.status_code in (502, 504)
+    assert elapsed < 1.2
+
+
+async def test_flapping_primary_is_readmitted_after_its_ejection(make_gateway: MakeGateway) -> None:
+    flappy = FakeUpstream("flappy", tokens=2).then("reset")
+    steady = FakeUpstream("steady", tokens=2)
+    gw = await make_gateway({"aws": [flappy], "gcp": [steady]}, timeouts=FAST)
+    clock = [1000.0]
+    gw.gateway.proxy.clock = lambda: clock[0]
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
+    await chat(gw, stream=False)  # flappy resets → ejected, steady answers
+    assert not gw.gateway.proxy.states["aws/r1/pool/0"].available(clock[0])
+    await chat(gw, stream=False)
+    assert len(flappy.requests) == 1  # still ejected
+    clock[0] += 60
+    text, _, headers = await chat(gw, stream=False)  # back up: it takes traffic again
+    assert headers["x-skyfabric-backend"].startswith("aws/") and text == expected_text(2)
