@@ -461,7 +461,7 @@ async def test_max_num_seqs_queues_then_sigterm_stops_cleanly(tiny_checkpoint: P
                 await asyncio.sleep(0.02)
             assert (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"]) == (4, 2)
             rep.proc.send_signal(signal.SIGTERM)
-            done, pending = await asyncio.wait(tasks, timeout=20)
+            _, pending = await asyncio.wait(tasks, timeout=20)
             assert not pending  # nobody hangs
         assert await asyncio.to_thread(rep.proc.wait, 20) == 0
         assert "stopped" in rep.log_path.read_text()

@@ -68,6 +68,7 @@ async def test_fault_before_first_token_is_retried_elsewhere(
 async def test_persistent_503_ejects_the_endpoint(make_gateway: MakeGateway) -> None:
     bad, good = FakeUpstream("bad", default={"status": 503}), FakeUpstream("good", tokens=2)
     gw = await make_gateway({"aws": [bad], "gcp": [good]}, timeouts=FAST)
+    gw.gateway.proxy.clock = lambda: 1000.0  # time stands still: the ejection cannot run out mid-test
     for _ in range(12):
         text, _, _ = await chat(gw, stream=False)
         assert text == expected_text(2)

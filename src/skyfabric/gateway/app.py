@@ -27,7 +27,6 @@ class Gateway:
     ):
         self.fleet = fleet
         self.proxy = Proxy(fleet, endpoints, clock=clock)
-        self.clock = clock
         self.keys = {k.key.encode() for k in fleet.api_keys}
         self._models_body = self.proxy.model_list()
         self._model_names = sorted(n for m in fleet.models for n in [m.name, *m.aliases])
@@ -76,7 +75,7 @@ class Gateway:
         return Response(200, self.proxy.metrics.render(), content_type=b"text/plain; version=0.0.4")
 
     async def readyz(self, request: Request) -> Response:
-        now = self.clock()
+        now = self.proxy.clock()
         ready = {
             name: sum(1 for s in cluster.states if s.available(now))
             for name, cluster in self.proxy.clusters.items()
@@ -141,4 +140,4 @@ class Gateway:
                 raise InvalidRequest("x-skyfabric-deadline must be a number of seconds") from None
             if total <= 0:
                 raise InvalidRequest("x-skyfabric-deadline must be positive")
-        return RequestContext(kind, body, request.body, canonical, stream, self.clock() + total)
+        return RequestContext(kind, body, request.body, canonical, stream, self.proxy.clock() + total)
