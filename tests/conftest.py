@@ -43,21 +43,34 @@ def fleet_data(
     **extra: Any,
 ) -> dict[str, Any]:
     """A fleet whose model ``m`` (alias ``alias-m``) is served by the given upstreams, one pool per region."""
-    data: dict[str, Any] = {"models": extra.pop("models", [{"name": "m", "aliases": ["alias-m"]}]), "providers": []}
+    data: dict[str, Any] = {
+        "models": extra.pop("models", [{"name": "m", "aliases": ["alias-m"]}]),
+        "providers": [],
+    }
     for provider, regions in providers.items():
         if isinstance(regions, list):
             regions = {"r1": regions}
-        data["providers"].append({
-            "name": provider,
-            "regions": [
-                {"name": region, "pools": [{
-                    "name": "pool", "accelerator": "cpu", "engine": "vllm", "model": ups[0].__dict__.get("model", "m"),
-                    "endpoints": [u.url for u in ups],
-                    "continuation": all(u.can_continue for u in ups),
-                }]}
-                for region, ups in regions.items()
-            ],
-        })
+        data["providers"].append(
+            {
+                "name": provider,
+                "regions": [
+                    {
+                        "name": region,
+                        "pools": [
+                            {
+                                "name": "pool",
+                                "accelerator": "cpu",
+                                "engine": "vllm",
+                                "model": ups[0].__dict__.get("model", "m"),
+                                "endpoints": [u.url for u in ups],
+                                "continuation": all(u.can_continue for u in ups),
+                            }
+                        ],
+                    }
+                    for region, ups in regions.items()
+                ],
+            }
+        )
     data.update(extra)
     return data
 

@@ -22,7 +22,11 @@ async def chat(gw: RunningGateway, *, stream: bool, **kwargs: Any) -> tuple[str,
     if not stream:
         raw = await client.chat.completions.with_raw_response.create(model="m", messages=messages, **kwargs)
         completion = raw.parse()
-        return completion.choices[0].message.content or "", completion.choices[0].finish_reason, dict(raw.headers)
+        return (
+            completion.choices[0].message.content or "",
+            completion.choices[0].finish_reason,
+            dict(raw.headers),
+        )
     text, reason = "", None
     async with client.chat.completions.with_streaming_response.create(
         model="m", messages=messages, stream=True, **kwargs
@@ -97,8 +101,10 @@ async def test_everyone_throttling_gives_429_with_retry_after(make_gateway: Make
     b = FakeUpstream("b", default={"status": 429, "retry_after": 7})
     gw = await make_gateway({"aws": [a], "gcp": [b]}, timeouts=FAST)
     async with httpx.AsyncClient() as http:
-        resp = await http.post(f"{gw.base_url}/chat/completions",
-                               json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        resp = await http.post(
+            f"{gw.base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        )
     assert resp.status_code == 429
     assert resp.headers["retry-after"] == "7"
     assert resp.json()["error"]["type"] == "rate_limit_error"
@@ -114,7 +120,9 @@ async def test_client_errors_are_not_retried(make_gateway: MakeGateway) -> None:
     assert len(good.requests) == 0
 
 
-async def test_content_filter_keeps_the_providers_reason_and_is_not_retried(make_gateway: MakeGateway) -> None:
+async def test_content_filter_keeps_the_providers_reason_and_is_not_retried(
+    make_gateway: MakeGateway,
+) -> None:
     bad = FakeUpstream("bad", default="content_filter")
     good = FakeUpstream("good")
     gw = await make_gateway({"aws": [bad], "gcp": [good]}, timeouts=FAST)
@@ -163,7 +171,8 @@ async def test_total_deadline_is_never_exceeded(make_gateway: MakeGateway) -> No
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=10) as http:
         resp = await http.post(
-            f"{gw.base_url}/chat/completions", headers={"x-skyfabric-deadline": "0.8"},
+            f"{gw.base_url}/chat/completions",
+            headers={"x-skyfabric-deadline": "0.8"},
             json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
         )
     elapsed = time.monotonic() - started

@@ -29,7 +29,9 @@ def chat_text(chunks: list[Any]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-async def pinned(make_gateway: MakeGateway, first: FakeUpstream, second: FakeUpstream, **extra: Any) -> RunningGateway:
+async def pinned(
+    make_gateway: MakeGateway, first: FakeUpstream, second: FakeUpstream, **extra: Any
+) -> RunningGateway:
     """A gateway where ``first`` (aws) takes the first attempt and ``second`` (gcp) the rescue."""
     gw = await make_gateway({"aws": [first], "gcp": [second]}, timeouts=FAST, **extra)
     gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
@@ -53,7 +55,9 @@ async def test_broken_stream_is_continued_with_exact_text(make_gateway: MakeGate
     unpin(gw)
     assert chat_text(chunks) == expected_text(10)  # no gap, no repeat
     assert {c.id for c in chunks} == {chunks[0].id}  # one stream id throughout
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
     roles = [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role]
     assert roles == ["assistant"]  # the continuation's opening chunk is not repeated
     usage = chunks[-1].usage
@@ -104,10 +108,14 @@ async def test_stream_error_is_in_band_and_never_looks_finished(make_gateway: Ma
 
     first = FakeUpstream("first", tokens=10).then({"cut_after": 4})
     gw = await make_gateway({"aws": [first]}, timeouts=FAST)
-    async with httpx.AsyncClient() as http, http.stream(
-        "POST", f"{gw.base_url}/chat/completions",
-        json={"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True},
-    ) as resp:
+    async with (
+        httpx.AsyncClient() as http,
+        http.stream(
+            "POST",
+            f"{gw.base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True},
+        ) as resp,
+    ):
         events = [line async for line in resp.aiter_lines() if line.startswith("data: ")]
     assert resp.status_code == 200
     assert events[-1] != "data: [DONE]"
@@ -141,8 +149,13 @@ async def test_in_band_upstream_error_event_is_rescued(make_gateway: MakeGateway
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i in range(2):
-            chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                     "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+            chunk = {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "m",
+                "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+            }
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await resp.write(b'data: {"error": {"message": "engine crashed", "type": "server_error"}}\n\n')
         await resp.write_eof()

@@ -27,7 +27,9 @@ async def test_chat_non_streaming_through_sdk(make_gateway: MakeGateway) -> None
 async def test_chat_streaming_through_sdk_with_usage(make_gateway: MakeGateway) -> None:
     gw = await make_gateway({"aws": [FakeUpstream("a", tokens=6)]})
     stream = await gw.client().chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
         stream_options={"include_usage": True},
     )
     text, reasons, usage = "", [], None
@@ -72,10 +74,14 @@ async def test_least_outstanding_spreads_concurrent_requests(make_gateway: MakeG
         up.token_delay = 0.02
     gw = await make_gateway({"aws": ups[:1], "gcp": ups[1:2], "azure": ups[2:]})
     client = gw.client()
-    await asyncio.gather(*[
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=False)
-        for _ in range(30)
-    ])
+    await asyncio.gather(
+        *[
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], stream=False
+            )
+            for _ in range(30)
+        ]
+    )
     counts = [len(up.requests) for up in ups]
     assert sum(counts) == 30
     assert min(counts) >= 5, counts
@@ -105,7 +111,9 @@ async def test_connection_refused_retries_on_another_provider(make_gateway: Make
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "Models: alias-m, m"),
     ],
 )
-async def test_bad_requests_get_clear_errors(make_gateway: MakeGateway, body: bytes, status: int, needle: str) -> None:
+async def test_bad_requests_get_clear_errors(
+    make_gateway: MakeGateway, body: bytes, status: int, needle: str
+) -> None:
     gw = await make_gateway({"aws": [FakeUpstream("a")]})
     async with httpx.AsyncClient() as http:
         resp = await http.post(f"{gw.base_url}/chat/completions", content=body)
@@ -115,7 +123,8 @@ async def test_bad_requests_get_clear_errors(make_gateway: MakeGateway, body: by
         assert set(error) == {"message", "type", "param", "code"}
         # the gateway is still up and answering
         ok = await http.post(
-            f"{gw.base_url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
+            f"{gw.base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
         )
         assert ok.status_code == 200
 
@@ -133,7 +142,9 @@ async def test_health_ready_metrics_and_unknown_route(make_gateway: MakeGateway)
         assert (await http.get(f"{gw.root}/healthz")).status_code == 200
         ready = await http.get(f"{gw.root}/readyz")
         assert ready.status_code == 200 and ready.json()["endpoints_available"] == {"m": 1}
-        await http.post(f"{gw.base_url}/chat/completions", json={"model": "m", "messages": [{"role": "user"}]})
+        await http.post(
+            f"{gw.base_url}/chat/completions", json={"model": "m", "messages": [{"role": "user"}]}
+        )
         metrics = (await http.get(f"{gw.root}/metrics")).text
         assert 'skyfabric_requests_total{model="m",status="200"} 1.0' in metrics
         missing = await http.get(f"{gw.root}/v2/nothing")

@@ -5,7 +5,8 @@ completions prompt) from where that text ends, exactly as a real engine with ``c
 would. So a test can check that a stream rescued mid-answer is the exact, complete text.
 
 Each request takes the next behaviour from ``script`` (then ``default``):
-``"ok"``, ``"reset"`` (close before any byte), ``"hang"`` (never answer), ``{"status": 429, "retry_after": 2}``,
+``"ok"``, ``"reset"`` (close before any byte), ``"hang"`` (never answer),
+``{"status": 429, "retry_after": 2}``,
 ``{"status": 500}``, ``{"slow_first_token": s}``, ``{"cut_after": k}`` (drop the connection after k tokens),
 ``{"stall_after": k}``, ``{"malformed_after": k}``, ``{"no_finish_after": k}`` (end cleanly, no finish),
 ``"no_done"`` (finish but no ``[DONE]``), ``"context_length"``, ``"content_filter"``, ``{"delay": s}``.
@@ -116,18 +117,29 @@ class FakeUpstream:
             headers = {"Retry-After": str(b["retry_after"])} if "retry_after" in b else {}
             return web.json_response(
                 {"error": {"message": f"{self.name} says {b['status']}", "type": "server_error"}},
-                status=b["status"], headers=headers,
+                status=b["status"],
+                headers=headers,
             )
         if b.get("context_length"):
             return web.json_response(
-                {"error": {"message": "This model's maximum context length is 256 tokens.",
-                           "type": "invalid_request_error", "code": "context_length_exceeded"}},
+                {
+                    "error": {
+                        "message": "This model's maximum context length is 256 tokens.",
+                        "type": "invalid_request_error",
+                        "code": "context_length_exceeded",
+                    }
+                },
                 status=400,
             )
         if b.get("content_filter"):
             return web.json_response(
-                {"error": {"message": "blocked by the provider's content policy (reason: violence)",
-                           "type": "invalid_request_error", "code": "content_policy_violation"}},
+                {
+                    "error": {
+                        "message": "blocked by the provider's content policy (reason: violence)",
+                        "type": "invalid_request_error",
+                        "code": "content_policy_violation",
+                    }
+                },
                 status=400,
             )
         prefix = self._prefix(body, kind)
@@ -148,12 +160,20 @@ class FakeUpstream:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
-            return web.json_response({
-                "id": f"{kind}-{self.name}", "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": body["model"], "choices": [choice],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                          "total_tokens": prompt_tokens + count},
-            })
+            return web.json_response(
+                {
+                    "id": f"{kind}-{self.name}",
+                    "object": "chat.completion" if kind == "chat" else "text_completion",
+                    "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": [choice],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": count,
+                        "total_tokens": prompt_tokens + count,
+                    },
+                }
+            )
         return await self._stream(request, body, kind, b, start, count, prompt_tokens)
 
     def _prefix(self, body: dict[str, Any], kind: str) -> str:
@@ -166,7 +186,13 @@ class FakeUpstream:
         return prompt[prompt.find("t0 ") :] if "t0 " in prompt else ""
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], kind: str, b: dict[str, Any], start: int, count: int,
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        kind: str,
+        b: dict[str, Any],
+        start: int,
+        count: int,
         prompt_tokens: int,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -180,7 +206,13 @@ class FakeUpstream:
                 choice["delta"] = delta if delta is not None else ({"content": text} if text else {})
             else:
                 choice["text"] = text or ""
-            data = {"id": ident, "object": obj, "created": 1700000000, "model": body["model"], "choices": [choice]}
+            data = {
+                "id": ident,
+                "object": obj,
+                "created": 1700000000,
+                "model": body["model"],
+                "choices": [choice],
+            }
             return b"data: " + json.dumps(data).encode() + b"\n\n"
 
         if "slow_first_token" in b:
@@ -206,9 +238,19 @@ class FakeUpstream:
         await resp.write(chunk(None, None, reason))
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count}
-            data = {"id": ident, "object": obj, "created": 1700000000, "model": body["model"], "choices": [],
-                    "usage": usage}
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": count,
+                "total_tokens": prompt_tokens + count,
+            }
+            data = {
+                "id": ident,
+                "object": obj,
+                "created": 1700000000,
+                "model": body["model"],
+                "choices": [],
+                "usage": usage,
+            }
             await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
         if not b.get("no_done"):
             await resp.write(b"data: [DONE]\n\n")
