@@ -10,9 +10,8 @@ from typing import ClassVar
 
 import click
 
+from skyfabric.control import EMBEDDED_FLEET as DEFAULT_FLEET
 from skyfabric.core.errors import ConfigError
-
-DEFAULT_FLEET = Path(__file__).parent / "control" / "fleets" / "embedded.yaml"
 
 
 def _setup_logging(level: str) -> None:

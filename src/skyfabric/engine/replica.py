@@ -436,7 +436,7 @@ class ReplicaApp:
         )
 
     def _check_ready(self) -> None:
-        if not self.engine.ready:
+        if self.state != "ready" or not self.engine.ready:
             raise EngineNotReady(f"replica is {self.state if self.state != 'ready' else 'unhealthy'}")
 
     # ------------------------------------------------------------------------------------------ endpoints
@@ -736,12 +736,17 @@ async def serve_replica(
     served_model_name: str,
     model_root: str = "",
     stop_event: asyncio.Event | None = None,
+    drain_timeout: float = 5.0,
 ) -> None:
-    """Listen first (so /health answers 503 while loading), start the engine, serve until ``stop_event``."""
+    """Listen first (so /health answers 503 while loading), start the engine, serve until ``stop_event``.
+
+    Shutdown: refuse new work (503, /health 503), let in-flight requests finish for up to ``drain_timeout``
+    seconds, then hard-stop the engine (leftover streams get an in-band error and ``[DONE]``), then close.
+    """
     replica = ReplicaApp(engine, served_model_name, model_root)
     stop_event = stop_event or asyncio.Event()
     runner = web.AppRunner(
-        replica.application(), handler_cancellation=True, access_log=None, shutdown_timeout=5
+        replica.application(), handler_cancellation=True, access_log=None, shutdown_timeout=2
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -763,16 +768,30 @@ async def serve_replica(
     try:
         await stop_event.wait()
     finally:
+        was_ready = replica.state == "ready"
         if replica.state != "failed":
             replica.state = "stopping"
         starting.cancel()
         with contextlib.suppress(BaseException):
             await starting
-        await runner.cleanup()  # stops accepting, cancels in-flight handlers (their requests get cancelled)
+        if was_ready:
+            await _drain(engine, drain_timeout)
         await engine.stop()
+        await runner.cleanup()
         log.info("replica %s stopped", served_model_name)
     if replica.state == "failed":
         raise SystemExit(1)
+
+
+async def _drain(engine: Engine, timeout: float) -> None:
+    """Wait (bounded) until the engine has nothing running or queued."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.running == 0 and stats.waiting == 0:
+            return
+        await asyncio.sleep(0.05)
+    log.info("drain timed out after %.1fs; aborting in-flight requests", timeout)
 
 
 def run_replica(
@@ -788,8 +807,9 @@ def run_replica(
     kv_cache_mib: int | None = None,
     device: str | None = None,
     seed: int | None = None,
+    drain_timeout: float = 5.0,
 ) -> None:
-    """Run a replica in this process until SIGTERM/SIGINT; then stop the engine's threads and return."""
+    """Run a replica in this process until SIGTERM/SIGINT; then drain, stop the engine's threads, return."""
     model_dir = Path(model_dir)
     name = served_model_name or model_dir.name
     engine_obj = create_engine(
@@ -816,6 +836,7 @@ def run_replica(
             served_model_name=name,
             model_root=str(model_dir),
             stop_event=stop_event,
+            drain_timeout=drain_timeout,
         )
 
     asyncio.run(main())
@@ -832,10 +853,21 @@ def run_replica(
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), required=True)
 @click.option("--served-model-name", default=None, help="Model id clients use [default: the directory name].")
-@click.option("--max-num-seqs", type=click.IntRange(1), default=32, show_default=True,
-              help="Most sequences batched at once; more wait in a queue.")  # fmt: skip
-@click.option("--engine", "engine_name", type=click.Choice(["transformers"]), default="transformers",
-              show_default=True, help="Engine plug-in.")  # fmt: skip
+@click.option(
+    "--max-num-seqs",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Most sequences batched at once; more wait in a queue.",
+)
+@click.option(
+    "--engine",
+    "engine_name",
+    type=click.Choice(["transformers"]),
+    default="transformers",
+    show_default=True,
+    help="Engine plug-in.",
+)
 @click.option(
     "--threads", type=click.IntRange(1), default=1, show_default=True, help="torch intra-op threads."
 )
@@ -845,12 +877,27 @@ def run_replica(
     default=None,
     help="Cap on prompt + completion tokens [default: the model's, if the KV cache fits it].",
 )
-@click.option("--kv-cache-mib", type=click.IntRange(1), default=None,
-              help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU].")  # fmt: skip
+@click.option(
+    "--kv-cache-mib",
+    type=click.IntRange(1),
+    default=None,
+    help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU].",
+)
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--seed", type=int, default=None, help="Seed for unseeded sampling (reproducible runs).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)  # fmt: skip
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    help="On SIGTERM, seconds in-flight requests may take to finish before they are aborted.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
 def replica_command(
     model_dir: Path,
     host: str,
@@ -863,6 +910,7 @@ def replica_command(
     kv_cache_mib: int | None,
     device: str | None,
     seed: int | None,
+    drain_timeout: float,
     log_level: str,
 ) -> None:
     """Serve one model over an OpenAI-compatible API (started by the fleet supervisor)."""
@@ -880,6 +928,7 @@ def replica_command(
         kv_cache_mib=kv_cache_mib,
         device=device,
         seed=seed,
+        drain_timeout=drain_timeout,
     )
 
 

@@ -106,10 +106,12 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject(400, "protocol upgrades are not supported")
-        except httptools.HttpParserError as exc:
-            self._reject(400, f"malformed HTTP request: {exc}")
-        except _BodyTooLarge:
-            self._reject(413, f"request body over {self._max_body} bytes")
+        except (httptools.HttpParserError, _BodyTooLarge) as exc:
+            # httptools wraps exceptions raised in callbacks; the cause says which it was.
+            if isinstance(exc, _BodyTooLarge) or isinstance(exc.__context__, _BodyTooLarge):
+                self._reject(413, f"request body over {self._max_body} bytes")
+            else:
+                self._reject(400, f"malformed HTTP request: {exc}")
 
     def pause_writing(self) -> None:
         if self._can_write is None or self._can_write.done():
