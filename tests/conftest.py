@@ -78,6 +78,7 @@ def fleet_data(
 @pytest.fixture
 async def make_gateway() -> AsyncIterator[MakeGateway]:
     listeners: list[Listener] = []
+    gateways: list[Gateway] = []
     upstreams: list[FakeUpstream] = []
 
     async def make(providers: dict[str, Any], **extra: Any) -> RunningGateway:
@@ -90,6 +91,8 @@ async def make_gateway() -> AsyncIterator[MakeGateway]:
                         upstreams.append(up)
         fleet = parse_fleet(fleet_data(providers, **extra))
         gateway = Gateway(fleet, fleet_endpoints(fleet))
+        await gateway.start()
+        gateways.append(gateway)
         listener = Listener(gateway)
         port = await listener.start("127.0.0.1", 0)
         listeners.append(listener)
@@ -98,5 +101,7 @@ async def make_gateway() -> AsyncIterator[MakeGateway]:
     yield make
     for listener in listeners:
         await listener.stop(grace=0.5)
+    for gateway in gateways:
+        await gateway.close()
     for up in upstreams:
         await up.stop()

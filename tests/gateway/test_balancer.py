@@ -9,7 +9,9 @@ from skyfabric.gateway.balancer import (
     Cluster,
     EndpointState,
     OutlierPolicy,
+    correlated_domain,
     parse_retry_after,
+    readmit,
     record_failure,
     record_success,
 )
@@ -55,9 +57,44 @@ def test_a_success_clears_the_streak_and_hard_failures_eject_at_once() -> None:
 
 def test_ejection_is_capped() -> None:
     state, policy = EndpointState(endpoint("aws")), OutlierPolicy(base_ejection=10, max_ejection=25)
-    for _ in range(10):
-        record_failure(state, 0.0, policy, hard=True)
-    assert state.ejected_until == 25
+    now = 0.0
+    for _ in range(5):
+        record_failure(state, now, policy, hard=True)
+        now = state.ejected_until
+    assert state.ejections == 5
+    assert state.ejected_until - state.last_failure == 25
+
+
+def test_failures_of_requests_already_in_flight_do_not_extend_an_ejection() -> None:
+    state, policy = EndpointState(endpoint("aws")), OutlierPolicy(base_ejection=10)
+    record_failure(state, 0.0, policy, hard=True)
+    for _ in range(5):
+        record_failure(state, 1.0, policy, hard=True)
+    assert state.ejections == 1 and state.ejected_until == 11.0
+
+
+def test_half_open_probe_and_slow_start() -> None:
+    state = EndpointState(endpoint("aws"))
+    policy = OutlierPolicy(base_ejection=2, probes=True)
+    record_failure(state, 0.0, policy, hard=True)
+    assert not state.available(5.0)  # ejection over, but no probe yet
+    readmit(state, 5.0)
+    assert state.available(5.0)
+    other = EndpointState(endpoint("gcp", 1))
+    other.outstanding = 5  # busier than the readmitted one, which still ramps up
+    cluster = Cluster("m", [state, other], slow_start=10.0)
+    assert cluster.pick(5.5) is other
+    assert cluster.pick(20.0) is state
+
+
+def test_correlated_failures_eject_the_whole_region() -> None:
+    states = [EndpointState(endpoint("aws", i)) for i in range(4)] + [EndpointState(endpoint("gcp", 9))]
+    policy = OutlierPolicy()
+    record_failure(states[0], 0.0, policy, hard=True)
+    assert correlated_domain(states, states[0], 0.0, policy) == []  # one of four: could be one host
+    record_failure(states[1], 0.1, policy, hard=True)
+    rest = correlated_domain(states, states[1], 0.1, policy)
+    assert rest == states[2:4]  # half of aws is out: the rest of aws goes, gcp stays
 
 
 def test_pick_prefers_least_loaded_then_other_providers_then_panics() -> None:

@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from skyfabric.gateway.health import HealthChecker
 from tests.conftest import MakeGateway, RunningGateway
 from tests.support.fake_upstream import FakeUpstream, expected_text
 
@@ -192,5 +193,8 @@ async def test_flapping_primary_is_readmitted_after_its_ejection(make_gateway: M
     await chat(gw, stream=False)
     assert len(flappy.requests) == 1  # still ejected
     clock[0] += 60
+    assert not gw.gateway.proxy.states["aws/r1/pool/0"].available(clock[0])  # half-open: waits for a probe
+    await HealthChecker(gw.gateway.proxy).probe(gw.gateway.proxy.states["aws/r1/pool/0"])
+    clock[0] += 60  # past the slow start
     text, _, headers = await chat(gw, stream=False)  # back up: it takes traffic again
     assert headers["x-skyfabric-backend"].startswith("aws/") and text == expected_text(2)

@@ -121,6 +121,17 @@ class Provider(_Strict):
     regions: list[Region] = Field(min_length=1)
 
 
+class Hedge(_Strict):
+    """Send a second copy of a slow request to another failure domain; the first token wins."""
+
+    after: float | Literal["p95"] = Field(
+        "p95",
+        description="seconds without a first token before hedging, or the observed p95 time to first token",
+    )
+    min_after: float = Field(0.05, ge=0, description="floor for the p95-based threshold")
+    max_hedges: int = Field(1, ge=1, le=3)
+
+
 class Model(_Strict):
     """A model as clients name it, with aliases and the models to fall back to when it cannot answer."""
 
@@ -130,6 +141,7 @@ class Model(_Strict):
     context_length: int | None = Field(None, ge=1, description="max prompt + completion tokens")
     larger_context: Name | None = Field(None, description="model to send context-length overflows to")
     owned_by: str = "skyfabric"
+    hedge: Hedge | None = Field(None, description="hedge streaming requests whose first token is late")
 
 
 class Timeouts(_Strict):
@@ -151,6 +163,34 @@ class Retry(_Strict):
     min_retries_per_second: float = Field(10.0, ge=0, description="retries always allowed at this rate")
     backoff_base: float = Field(0.025, ge=0)
     backoff_max: float = Field(1.0, ge=0)
+
+
+class Health(_Strict):
+    """Passive outlier detection, active probes, and failure-domain ejection."""
+
+    consecutive_failures: int = Field(3, ge=1, description="soft failures (5xx, timeouts) that eject")
+    base_ejection: float = Field(2.0, gt=0, description="first ejection (s); grows with each repeat")
+    max_ejection: float = Field(60.0, gt=0)
+    probe_interval: float = Field(1.0, ge=0, description="active probe period (s); 0 turns probes off")
+    probe_timeout: float = Field(0.5, gt=0)
+    probe: Literal["models", "completion"] = Field(
+        "models", description="GET /models, or a one-token completion (a real request; costs a token)"
+    )
+    load_signals: bool = Field(True, description="read running/waiting from vLLM-style /metrics")
+    stall: float = Field(
+        0.8, gt=0, description="an endpoint with streams in flight silent this long is ejected"
+    )
+    domain_threshold: float = Field(
+        0.5, gt=0, le=1, description="share of a region's/provider's endpoints failing that ejects it whole"
+    )
+    slow_start: float = Field(5.0, ge=0, description="seconds over which a readmitted endpoint ramps up")
+
+
+class Admission(_Strict):
+    """What happens when more requests arrive than the fleet left standing can carry."""
+
+    queue_timeout: float = Field(5.0, ge=0, description="longest wait for capacity before 429")
+    queue_limit: int = Field(256, ge=0, description="requests waiting per model; beyond it, shed by priority")
 
 
 class Listener(_Strict):
@@ -177,6 +217,8 @@ class Fleet(_Strict):
     providers: list[Provider] = Field(min_length=1)
     timeouts: Timeouts = Timeouts()
     retry: Retry = Retry()
+    health: Health = Health()
+    admission: Admission = Admission()
     api_keys: list[ApiKey] = Field(default_factory=list, description="empty: no authentication")
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import signal
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import NoReturn
 
@@ -20,10 +21,10 @@ from skyfabric.drills.scenario import builtin_scenarios, load_scenario
 EXIT_PASSED, EXIT_MISSED, EXIT_BROKEN = 0, 1, 2
 
 
-def _default_fleet() -> Path:
-    from skyfabric.cli import DEFAULT_FLEET
-
-    return DEFAULT_FLEET
+def default_fleet() -> Path:
+    """The embedded fleet file (``skyfabric.cli.DEFAULT_FLEET``; found here without importing the CLI, which
+    sits above the drills in the import order)."""
+    return Path(str(resources.files("skyfabric.control") / "fleets" / "embedded.yaml"))
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:
@@ -78,7 +79,7 @@ def drill_command(
     from skyfabric.drills.report import build_report, render_markdown, write_json
     from skyfabric.drills.runner import DrillOptions, run_drill
 
-    fleet_path = config or _default_fleet()
+    fleet_path = config or default_fleet()
     try:
         spec = load_scenario(scenario)
         fleet = load_fleet(fleet_path)

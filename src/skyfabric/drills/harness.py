@@ -65,9 +65,17 @@ def proxied_url(url: str, authority: str) -> str:
 
 
 def baseline_fleet(data: dict[str, Any]) -> dict[str, Any]:
-    """The same fleet with failover off: one attempt per request (no retry, no mid-stream continuation)."""
+    """The same fleet with failover off: one attempt per request, and no mid-stream continuation.
+
+    ``retry.max_attempts: 1`` stops retries; continuation needs its own switch because the relay allows
+    continuations beyond ``max_attempts``, so every pool is also marked ``continuation: false``.
+    """
     out = copy.deepcopy(data)
     out.setdefault("retry", {})["max_attempts"] = 1
+    for provider in out["providers"]:
+        for region in provider["regions"]:
+            for pool in region["pools"]:
+                pool["continuation"] = False
     return out
 
 

@@ -25,12 +25,14 @@ _SHADES = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
 
 
 def _bins(times: Sequence[float], width: float, n: int) -> list[float]:
+    """Rates per bin, with the last bin repeated so a post-step plot draws it to the end."""
     counts = [0.0] * n
     for t in times:
         i = int(t // width)
         if 0 <= i < n:
             counts[i] += 1
-    return [c / width for c in counts]
+    rates = [c / width for c in counts]
+    return [*rates, rates[-1]]
 
 
 def plot_timeline(
@@ -45,7 +47,7 @@ def plot_timeline(
     """Write the PNG and return its path."""
     width = 1.0 if ended <= 180 else 5.0
     n = max(1, math.ceil(ended / width))
-    xs = [i * width for i in range(n)]
+    xs = [i * width for i in range(n + 1)]
     providers = sorted({r.provider for r in records if r.provider} | {eid.split("/")[0] for eid in events})
     color = {p: _COLORS[i % len(_COLORS)] for i, p in enumerate(providers)}
 
@@ -62,16 +64,19 @@ def plot_timeline(
 
     for p in providers:
         ok = [r.end for r in records if r.ok and r.provider == p and r.end is not None]
-        ax_rate.step(xs, _bins(ok, width, n), where="post", color=color[p], label=f"answered by {p}")
+        ax_rate.step(
+            xs, _bins(ok, width, n), where="post", color=color[p], label=f"answered by {p}", zorder=3
+        )
     errors = [r.end for r in records if not r.ok and r.end is not None]
     if errors:
         ax_rate.bar(
-            xs,
-            _bins(errors, width, n),
+            xs[:-1],
+            _bins(errors, width, n)[:-1],
             width=width,
             align="edge",
             color="#d62728",
-            alpha=0.6,
+            alpha=0.45,
+            zorder=2,
             label="errors + truncated",
         )
     ax_rate.set_ylabel("answers / s")

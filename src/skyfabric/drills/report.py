@@ -210,7 +210,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {p['name']}: {served}")
     base = report.get("baseline")
     if base is not None:
-        lines += ["", "## What skyfabric saved (baseline: `retry.max_attempts: 1`, no failover)", ""]
+        lines += [
+            "",
+            "## What skyfabric saved",
+            "",
+            "Baseline: the same requests at the same times through the same faults, with failover off "
+            "(`retry.max_attempts: 1` and `continuation: false` on every pool).",
+            "",
+        ]
         lines += _comparison(res, base)
     lines += ["", "## Notes", ""]
     lines += [f"- {n}" for n in report["notes"]]

@@ -68,7 +68,7 @@ class Stub:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
-            return web.json_response(
+            return _json(
                 {
                     "id": rid,
                     "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -109,6 +109,10 @@ class Stub:
         except ConnectionResetError:
             pass  # the client (the gateway, or a drill's cut) went away: stop generating, as vLLM does
         return resp
+
+
+def _json(obj: dict[str, Any]) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
 async def serve(ports: list[int], ttft: float, token_delay: float) -> None:

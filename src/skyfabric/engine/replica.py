@@ -806,6 +806,7 @@ def run_replica(
     max_model_len: int | None = None,
     kv_cache_mib: int | None = None,
     device: str | None = None,
+    dtype: str = "auto",
     seed: int | None = None,
     drain_timeout: float = 5.0,
 ) -> None:
@@ -820,6 +821,7 @@ def run_replica(
         max_model_len=max_model_len,
         kv_cache_mib=kv_cache_mib,
         device=device,
+        dtype=dtype,
         seed=seed,
     )
 
@@ -884,6 +886,13 @@ def run_replica(
     help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU].",
 )
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Compute dtype; auto is float32 on CPU (fast everywhere) and bfloat16 on GPU.",
+)
 @click.option("--seed", type=int, default=None, help="Seed for unseeded sampling (reproducible runs).")
 @click.option(
     "--drain-timeout",
@@ -909,6 +918,7 @@ def replica_command(
     max_model_len: int | None,
     kv_cache_mib: int | None,
     device: str | None,
+    dtype: str,
     seed: int | None,
     drain_timeout: float,
     log_level: str,
@@ -927,6 +937,7 @@ def replica_command(
         max_model_len=max_model_len,
         kv_cache_mib=kv_cache_mib,
         device=device,
+        dtype=dtype,
         seed=seed,
         drain_timeout=drain_timeout,
     )

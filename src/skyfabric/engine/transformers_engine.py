@@ -672,7 +672,8 @@ class TransformersEngine(Engine):
         admitted = False
         completed = False
         try:
-            if not self.ready:
+            if not self.ready:  # stopped while we queued for a slot
+                cb_finished = True
                 raise EngineNotReady("engine is not ready")
             manager.register_result_handler(request_id, queue.put_nowait)
             stop_ids = _eos_ids(request.stop_token_ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +41,21 @@ class Gateway:
             (b"GET", b"/metrics"): self.metrics,
         }
         self._paths = {path for _, path in self._routes}
+
+    async def start(self) -> None:
+        """Start the background health loop (probes, load signals, stall watchdog)."""
+        from skyfabric.gateway.health import HealthChecker
+
+        self._health = asyncio.get_running_loop().create_task(HealthChecker(self.proxy).run())
+
+    async def close(self) -> None:
+        """Stop the health loop and close idle upstream connections."""
+        task = getattr(self, "_health", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.proxy.client.close()
 
     async def __call__(self, request: Request) -> Response | StreamResponse:
         handler = self._routes.get((request.method, request.path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from skyfabric.core.endpoints import Endpoint
 
@@ -30,14 +31,31 @@ class EndpointState:
     #: Load reported by the endpoint itself (vLLM's /metrics), when known.
     reported_running: float = 0.0
     reported_waiting: float = 0.0
+    reported_kv_usage: float = 0.0
+    #: After an ejection with active probes on, a probe must succeed before traffic returns (half-open).
+    needs_probe: bool = False
+    readmitted_at: float = -1e9
+    #: Streaming attempts in flight and when a byte last came from this endpoint (the stall watchdog).
+    streaming: int = 0
+    last_activity: float = 0.0
+    #: Open upstream responses, aborted at once when the endpoint is found dead.
+    inflight: set[Any] = field(default_factory=set)
 
     def available(self, now: float) -> bool:
-        """Not ejected at ``now``."""
-        return now >= self.ejected_until
+        """Not ejected at ``now`` (and, after an ejection, probed back in when probes are on)."""
+        return now >= self.ejected_until and not self.needs_probe
 
-    def load(self) -> float:
-        """Requests per unit of capacity: ours in flight plus what the endpoint says it queues."""
-        return (self.outstanding + self.reported_waiting) / self.endpoint.concurrency
+    def load(self, now: float = 0.0, slow_start: float = 0.0) -> float:
+        """Requests per unit of capacity: ours in flight plus what the endpoint says it queues.
+
+        A readmitted endpoint ramps from 10 % to full share over ``slow_start`` seconds, so a host that
+        has just come back is not flooded by every request queued while it was out.
+        """
+        load = (self.outstanding + self.reported_waiting) / self.endpoint.concurrency
+        if slow_start > 0 and now - self.readmitted_at < slow_start:
+            ramp = 0.1 + 0.9 * max(0.0, now - self.readmitted_at) / slow_start
+            load = (load + 1.0 / self.endpoint.concurrency) / ramp
+        return load
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +65,10 @@ class OutlierPolicy:
     consecutive_failures: int = 3
     base_ejection: float = 2.0
     max_ejection: float = 60.0
+    #: With active probes, an ejected endpoint comes back only through a successful probe.
+    probes: bool = False
+    domain_threshold: float = 0.5
+    slow_start: float = 0.0
 
 
 def record_success(state: EndpointState, now: float) -> None:
@@ -67,12 +89,46 @@ def record_failure(state: EndpointState, now: float, policy: OutlierPolicy, *, h
     state.consecutive_failures += 1
     state.last_failure = now
     if hard or state.consecutive_failures >= policy.consecutive_failures:
-        state.ejections += 1
-        duration = min(policy.base_ejection * state.ejections, policy.max_ejection)
-        state.ejected_until = now + duration
-        state.consecutive_failures = 0
+        eject(state, now, policy)
         return True
     return False
+
+
+def eject(state: EndpointState, now: float, policy: OutlierPolicy) -> None:
+    """Take an endpoint out of rotation for a time that grows with each repeat ejection."""
+    already = not state.available(now)
+    if not already or state.ejected_until <= now:
+        state.ejections += 1
+    duration = min(policy.base_ejection * max(1, state.ejections), policy.max_ejection)
+    state.ejected_until = max(state.ejected_until, now + duration)
+    state.consecutive_failures = 0
+    state.needs_probe = policy.probes
+
+
+def readmit(state: EndpointState, now: float) -> None:
+    """A probe succeeded: traffic may return, ramping up (slow start)."""
+    state.needs_probe = False
+    state.ejected_until = min(state.ejected_until, now)
+    state.readmitted_at = now
+
+
+def correlated_domain(
+    states: list[EndpointState], failed: EndpointState, now: float, policy: OutlierPolicy
+) -> list[EndpointState]:
+    """When most of a region or provider is out, the rest of it should go too: return those endpoints.
+
+    A failure that takes out a share ≥ ``domain_threshold`` of a domain's endpoints (at least two of them)
+    is a domain failure (a region's network, a provider's control plane), and the endpoints that have not
+    failed *yet* are about to: ejecting them now saves one failed attempt per endpoint.
+    """
+    for domain in failed.endpoint.domains[:2]:  # provider, then region
+        members = [s for s in states if domain in s.endpoint.domains]
+        if len(members) < 2:
+            continue
+        down = [s for s in members if not s.available(now)]
+        if len(down) >= 2 and len(down) / len(members) >= policy.domain_threshold:
+            return [s for s in members if s.available(now)]
+    return []
 
 
 @dataclass(slots=True)
@@ -81,6 +137,7 @@ class Cluster:
 
     model: str
     states: list[EndpointState] = field(default_factory=list)
+    slow_start: float = 0.0
 
     def pick(
         self,
@@ -111,8 +168,9 @@ class Cluster:
             # Panic: every candidate is ejected or cooling; try the one whose wait ends first.
             return min(eligible, key=lambda s: max(s.ejected_until, cool.get(s.endpoint.provider, 0.0)))
         fresh = [s for s in healthy if s.endpoint.provider not in avoid_p] or healthy
-        best = min(s.load() for s in fresh)
-        ties = [s for s in fresh if s.load() == best]
+        loads = [s.load(now, self.slow_start) for s in fresh]
+        best = min(loads)
+        ties = [s for s, load in zip(fresh, loads, strict=True) if load == best]
         return ties[0] if len(ties) == 1 else random.choice(ties)
 
 

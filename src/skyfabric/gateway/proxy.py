@@ -28,6 +28,8 @@ from skyfabric.gateway.balancer import (
     Cluster,
     EndpointState,
     OutlierPolicy,
+    correlated_domain,
+    eject,
     parse_retry_after,
     record_failure,
     record_success,
@@ -64,13 +66,23 @@ class Proxy:
         self.fleet = fleet
         self.clock = clock
         self.client = HTTPClient()
-        self.clusters: dict[str, Cluster] = {m.name: Cluster(m.name) for m in fleet.models}
+        health = fleet.health
+        self.clusters: dict[str, Cluster] = {
+            m.name: Cluster(m.name, slow_start=health.slow_start) for m in fleet.models
+        }
         self.states: dict[str, EndpointState] = {}
         for endpoint in endpoints:
             state = EndpointState(endpoint)
             self.clusters[endpoint.model].states.append(state)
             self.states[endpoint.id] = state
-        self.outlier = OutlierPolicy()
+        self.outlier = OutlierPolicy(
+            consecutive_failures=health.consecutive_failures,
+            base_ejection=health.base_ejection,
+            max_ejection=health.max_ejection,
+            probes=health.probe_interval > 0,
+            domain_threshold=health.domain_threshold,
+            slow_start=health.slow_start,
+        )
         #: Provider → monotonic time until which it is left alone (it said 429 with Retry-After).
         self.cooldowns: dict[str, float] = {}
         self.budget = RetryBudget(fleet.retry.budget_percent, int(fleet.retry.min_retries_per_second))
@@ -165,7 +177,7 @@ class Proxy:
         state.outstanding += 1
         handed_off = False
         try:
-            resp = await self.open(endpoint, ctx.path, body, ctx.stream, ctx.deadline)
+            resp = await self.open(state, ctx.path, body, ctx.stream, ctx.deadline)
             if not ctx.stream:
                 remaining = max(0.001, ctx.deadline - self.clock())
                 data = await resp.read(min(self.timeouts.idle, remaining))
@@ -181,14 +193,21 @@ class Proxy:
             if not handed_off:
                 state.outstanding -= 1
 
+    def auth_headers(self, endpoint: Endpoint) -> list[tuple[bytes, bytes]]:
+        """Credentials the endpoint expects, if its pool names an API key."""
+        if endpoint.api_key:
+            return [(b"authorization", b"Bearer " + endpoint.api_key.encode())]
+        return []
+
     async def open(
-        self, endpoint: Endpoint, path: bytes, body: bytes, stream: bool, deadline: float
+        self, state: EndpointState, path: bytes, body: bytes, stream: bool, deadline: float
     ) -> UpstreamResponse:
         """Send to an endpoint and wait for a 2xx status; errors carry the upstream's answer."""
+        endpoint = state.endpoint
         remaining = max(0.001, deadline - self.clock())
         headers = _SSE if stream else _JSON
         if endpoint.api_key:
-            headers = [*headers, (b"authorization", b"Bearer " + endpoint.api_key.encode())]
+            headers = [*headers, *self.auth_headers(endpoint)]
         first_byte = self.timeouts.first_byte if stream else self.timeouts.response
         resp = await self.client.request(
             endpoint.origin,
@@ -199,6 +218,7 @@ class Proxy:
             connect_timeout=min(self.timeouts.connect, remaining),
             first_byte_timeout=min(first_byte, remaining),
             endpoint=endpoint.id,
+            tracker=state.inflight,
         )
         if resp.status >= 300:
             try:
@@ -230,8 +250,28 @@ class Proxy:
                 log.warning("provider %s throttles: cooling it for %.1fs", provider, wait)
             return  # throttling is not ill health: no ejection
         if record_failure(state, self.clock(), self.outlier, hard=hard):
-            self.metrics.ejections.labels(state.endpoint.id).inc()
-            log.warning("ejected %s after %s", state.endpoint.id, exc)
+            self.after_ejection(state, str(exc))
+
+    def eject_now(self, state: EndpointState, now: float, *, reason: str) -> None:
+        """Eject an endpoint found dead by the health loop (a stall, a failed probe)."""
+        eject(state, now, self.outlier)
+        self.after_ejection(state, reason)
+
+    def after_ejection(self, state: EndpointState, reason: str) -> None:
+        """Count it, take down the rest of a failing domain, and abort what is stuck on them."""
+        now = self.clock()
+        ejected = [state]
+        self.metrics.ejections.labels(state.endpoint.id).inc()
+        log.warning("ejected %s: %s", state.endpoint.id, reason)
+        for peer in correlated_domain(list(self.states.values()), state, now, self.outlier):
+            eject(peer, now, self.outlier)
+            self.metrics.ejections.labels(peer.endpoint.id).inc()
+            log.warning("ejected %s with its failing domain", peer.endpoint.id)
+            ejected.append(peer)
+        for dead in ejected:
+            if reason == "stall" or dead is not state:
+                for conn in list(dead.inflight):
+                    conn.abort()
 
     def _passthrough(self, exc: UpstreamStatus) -> Response:
         content_type = exc.header(b"content-type") or b"application/json"

@@ -47,6 +47,7 @@ class StreamRelay:
         self.done = False
         self.segment = 0
         self.base_tokens = 0
+        self.held = False
         options = ctx.body.get("stream_options")
         self.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         #: Backends that served a part of this stream, in order (for logs and the usage ledger).
@@ -113,6 +114,7 @@ class StreamRelay:
                         "stream ended before its first token", endpoint=self.state.endpoint.id
                     )
                 if self._absorb(piece) or self.done:
+                    self._hold(self.state)
                     return
         except MalformedEvent as exc:
             self.resp.release()
@@ -120,6 +122,22 @@ class StreamRelay:
         except BaseException:
             self.resp.release()
             raise
+
+    # -- accounting of the endpoint that is serving the stream -------------------------------------------
+
+    def _hold(self, state: EndpointState) -> None:
+        """``state`` now serves this stream: it counts as streaming and has just shown life."""
+        self.state = state
+        self.held = True
+        state.streaming += 1
+        state.last_activity = self.proxy.clock()
+
+    def _let_go(self) -> None:
+        """The serving endpoint is done with this stream (finished, failed or abandoned)."""
+        if self.held:
+            self.held = False
+            self.state.outstanding -= 1
+            self.state.streaming -= 1
 
     # -- the stream -------------------------------------------------------------------------------------
 
@@ -145,6 +163,7 @@ class StreamRelay:
                         )
                         return
                     piece = await self.resp.next(min(timeouts.idle, remaining), "idle", sent_any=True)
+                    self.state.last_activity = self.proxy.clock()
                     if piece is None:
                         if self.progress.finish_reason is not None:
                             # Complete but for [DONE]: finish it rather than fail a finished answer.
@@ -162,12 +181,12 @@ class StreamRelay:
                         )
                         return
         finally:
-            self.state.outstanding -= 1
-            if completed:
+            if completed and self.held:
                 record_success(self.state, self.proxy.clock())
                 self.resp.release()
             else:
                 self.resp.abort()
+            self._let_go()
 
     async def _drain(self) -> None:
         """Read the rest of the HTTP message after [DONE] so the connection can be reused."""
@@ -182,7 +201,7 @@ class StreamRelay:
         proxy, ctx = self.proxy, self.ctx
         failed = self.state
         log.warning("stream from %s broke after %d tokens: %s", failed.endpoint.id, self.progress.tokens, exc)
-        failed.outstanding -= 1
+        self._let_go()
         self.resp.abort()
         proxy.note_failure(ctx, failed, exc, hard=True)
         chain = [ctx.model, *proxy.fleet.model(ctx.model).fallbacks]
@@ -206,18 +225,17 @@ class StreamRelay:
             ctx.tried.add(state.endpoint.id)
             if body is None:
                 self._finish_locally("length")
-                state.outstanding += 1
-                self.state = state
                 return True
             state.outstanding += 1
             try:
-                resp = await proxy.open(state.endpoint, ctx.path, body, True, ctx.deadline)
+                resp = await proxy.open(state, ctx.path, body, True, ctx.deadline)
             except UpstreamError as err:
                 state.outstanding -= 1
                 proxy.note_failure(ctx, state, err, hard=True)
                 log.warning("continuation on %s failed: %s", state.endpoint.id, err)
                 continue
-            self.state, self.resp = state, resp
+            self.resp = resp
+            self._hold(state)
             self.splitter = EventSplitter()
             self.segment += 1
             self.base_tokens = tokens
@@ -225,8 +243,6 @@ class StreamRelay:
             ctx.rescued += 1
             proxy.metrics.rescued.inc()
             return True
-        # Nothing can continue: hand the finally-block a state whose count it may decrement.
-        failed.outstanding += 1
         return False
 
     def _finish_locally(self, reason: str) -> None:

@@ -27,6 +27,7 @@ def _install_uvloop() -> None:
 async def serve_fleet(fleet: Fleet, host: str, port: int, *, reuse_port: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; finishes responses in flight before returning."""
     gateway = Gateway(fleet, fleet_endpoints(fleet))
+    await gateway.start()
     listener = Listener(gateway, max_body_bytes=fleet.listener.max_body_bytes)
     bound = await listener.start(host, port, reuse_port=reuse_port)
     log.info("gateway listening on http://%s:%d (pid %d)", host, bound, os.getpid())
@@ -36,7 +37,7 @@ async def serve_fleet(fleet: Fleet, host: str, port: int, *, reuse_port: bool = 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await listener.stop(grace=5.0)
-    gateway.proxy.client.close()
+    await gateway.close()
 
 
 def run(fleet: Fleet, host: str, port: int, workers: int = 1) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -42,6 +42,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         self.reused = False
+        #: The set this connection is registered in while a request is on it (see ``HTTPClient.request``).
+        self.tracker: set[Any] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------
 
@@ -139,6 +141,18 @@ class _UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection now; whoever waits on it gets a connection-lost error at once."""
+        self.close()
+        if self.error is None and not self.message_done:
+            self.error = ConnectionAbortedError("aborted by the gateway (endpoint found dead)")
+        self._wake()
+
+    def untrack(self) -> None:
+        if self.tracker is not None:
+            self.tracker.discard(self)
+            self.tracker = None
+
 
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
@@ -218,6 +232,7 @@ class UpstreamResponse:
             return
         self._released = True
         conn = self._conn
+        conn.untrack()
         if conn.message_done and conn.keep_alive and not conn.closed and not conn.chunks:
             conn.pool.put_back(conn)
         else:
@@ -310,6 +325,7 @@ class HTTPClient:
         connect_timeout: float,
         first_byte_timeout: float,
         endpoint: str = "",
+        tracker: set[Any] | None = None,
     ) -> UpstreamResponse:
         """Send a request; return when the status and headers have arrived.
 
@@ -331,22 +347,31 @@ class HTTPClient:
             conn.reset()
             conn.reused = True
             try:
-                return await self._exchange(conn, payload, first_byte_timeout, endpoint)
+                return await self._exchange(conn, payload, first_byte_timeout, endpoint, tracker)
             except RemoteProtocolError:
-                if conn.got_bytes:
+                if conn.got_bytes or isinstance(conn.error, ConnectionAbortedError):
                     raise
         conn = await pool.connect(connect_timeout, endpoint)
-        return await self._exchange(conn, payload, first_byte_timeout, endpoint)
+        return await self._exchange(conn, payload, first_byte_timeout, endpoint, tracker)
 
     async def _exchange(
-        self, conn: _UpstreamConnection, payload: bytes, timeout: float, endpoint: str
+        self,
+        conn: _UpstreamConnection,
+        payload: bytes,
+        timeout: float,
+        endpoint: str,
+        tracker: set[Any] | None,
     ) -> UpstreamResponse:
         assert conn.transport is not None
+        if tracker is not None:
+            conn.tracker = tracker
+            tracker.add(conn)
         conn.transport.write(payload)
         try:
             while not conn.headers_done:
                 await conn.wait(timeout, "first_byte", endpoint, False)
         except BaseException:
+            conn.untrack()
             conn.close()
             raise
         return UpstreamResponse(conn, endpoint)

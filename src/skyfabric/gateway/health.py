@@ -1,0 +1,142 @@
+"""Active health: probes, load signals from the endpoints' own metrics, and the stall watchdog.
+
+Passive detection (``balancer.record_failure``) needs traffic to fail first. This loop adds what traffic
+cannot tell: whether an ejected endpoint is back (half-open probe before any client request is risked on
+it), how loaded each endpoint says it is (vLLM's ``num_requests_waiting``), and whether an endpoint has
+gone silent while streams are running on it — the signature of a blackholed provider, which produces no
+error at all, only silence. A stalled endpoint is ejected and its connections are aborted, so its
+streams fail over within ``health.stall`` instead of each waiting out its own idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from skyfabric.core.errors import ConnectError, UpstreamError
+from skyfabric.gateway.balancer import EndpointState, eject, readmit, record_failure
+
+if TYPE_CHECKING:
+    from skyfabric.gateway.proxy import Proxy
+
+log = logging.getLogger("skyfabric.gateway.health")
+
+_VLLM_ENGINES = frozenset({"local", "vllm", "vllm-tpu", "vllm-neuron"})
+_METRIC = re.compile(
+    rb"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:kv_cache_usage_perc)"
+    rb"(?:\{[^}]*\})?\s+([0-9.eE+-]+)",
+    re.M,
+)
+
+
+def stalled(state: EndpointState, now: float, stall: float) -> bool:
+    """Streams are committed on the endpoint and it has sent nothing for ``stall`` seconds."""
+    return state.streaming > 0 and now - state.last_activity > stall
+
+
+def parse_load(text: bytes) -> dict[bytes, float]:
+    """Sum vLLM's load gauges over their label sets (one per model / engine)."""
+    out: dict[bytes, float] = {}
+    for name, value in _METRIC.findall(text):
+        out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+class HealthChecker:
+    """The background loop of one gateway process."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.health = proxy.fleet.health
+        self.tick = min(0.1, self.health.stall / 4)
+        self._last_probe = -1e9
+
+    async def run(self) -> None:
+        """Watch until cancelled."""
+        while True:
+            now = self.proxy.clock()
+            self.watch_stalls(now)
+            interval = self.health.probe_interval
+            if interval > 0 and now - self._last_probe >= interval:
+                self._last_probe = now
+                await self.probe_all()
+            await asyncio.sleep(self.tick)
+
+    def watch_stalls(self, now: float) -> None:
+        """Eject endpoints gone silent under committed streams; abort their connections."""
+        for state in self.proxy.states.values():
+            if state.available(now) and stalled(state, now, self.health.stall):
+                log.warning(
+                    "%s silent for %.2fs with %d streams: ejecting",
+                    state.endpoint.id,
+                    now - state.last_activity,
+                    state.streaming,
+                )
+                self.proxy.eject_now(state, now, reason="stall")
+
+    async def probe_all(self) -> None:
+        """Probe every endpoint once, concurrently, each bounded by the probe timeout."""
+        states = list(self.proxy.states.values())
+        await asyncio.gather(*(self.probe(s) for s in states), return_exceptions=True)
+
+    async def probe(self, state: EndpointState) -> None:
+        """One probe; readmits a half-open endpoint that answers, counts a failure otherwise."""
+        proxy, endpoint = self.proxy, state.endpoint
+        now = proxy.clock()
+        if not state.available(now) and not (state.needs_probe and now >= state.ejected_until):
+            return  # still serving its ejection time
+        timeout = self.health.probe_timeout
+        try:
+            if self.health.probe == "completion":
+                body = b'{"model":"%s","prompt":"def","max_tokens":1}' % endpoint.upstream_model.encode()
+                resp = await proxy.open(state, b"/completions", body, False, now + timeout)
+            else:
+                resp = await proxy.client.request(
+                    endpoint.origin,
+                    b"GET",
+                    endpoint.base_path.encode() + b"/models",
+                    proxy.auth_headers(endpoint),
+                    b"",
+                    connect_timeout=timeout,
+                    first_byte_timeout=timeout,
+                    endpoint=endpoint.id,
+                )
+            await resp.read(timeout)
+            if resp.status >= 500:
+                raise UpstreamError(f"probe answered {resp.status}", endpoint=endpoint.id)
+        except UpstreamError as exc:
+            if state.needs_probe:
+                eject(state, proxy.clock(), proxy.outlier)  # still down: wait longer
+            elif record_failure(state, proxy.clock(), proxy.outlier, hard=isinstance(exc, ConnectError)):
+                proxy.after_ejection(state, f"probe: {exc}")
+            return
+        if state.needs_probe:
+            log.warning("%s answered its probe: readmitting with slow start", endpoint.id)
+            readmit(state, proxy.clock())
+        if self.health.load_signals and endpoint.engine in _VLLM_ENGINES:
+            await self.read_load(state)
+
+    async def read_load(self, state: EndpointState) -> None:
+        """Read the endpoint's own view of its load from its vLLM-style ``/metrics``."""
+        endpoint, proxy = state.endpoint, self.proxy
+        timeout = self.health.probe_timeout
+        with contextlib.suppress(UpstreamError):
+            resp = await proxy.client.request(
+                endpoint.origin,
+                b"GET",
+                b"/metrics",
+                proxy.auth_headers(endpoint),
+                b"",
+                connect_timeout=timeout,
+                first_byte_timeout=timeout,
+                endpoint=endpoint.id,
+            )
+            text = await resp.read(timeout)
+            if resp.status == 200:
+                load = parse_load(text)
+                state.reported_running = load.get(b"vllm:num_requests_running", 0.0)
+                state.reported_waiting = load.get(b"vllm:num_requests_waiting", 0.0)
+                state.reported_kv_usage = load.get(b"vllm:kv_cache_usage_perc", 0.0)
