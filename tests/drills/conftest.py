@@ -18,7 +18,14 @@ from skyfabric.drills.harness import free_port
 from skyfabric.drills.stub import Stub
 
 #: Short timeouts so that faults are detected within a few-second drill.
-STUB_TIMEOUTS = {"connect": 0.5, "first_byte": 1.0, "first_token": 1.0, "idle": 0.5, "response": 2.0, "total": 20.0}
+STUB_TIMEOUTS = {
+    "connect": 0.5,
+    "first_byte": 1.0,
+    "first_token": 1.0,
+    "idle": 0.5,
+    "response": 2.0,
+    "total": 20.0,
+}
 
 
 @pytest.fixture

@@ -28,10 +28,14 @@ from tests.drills.conftest import stub_fleet_data
 
 AWS = "aws/us-east-1/p/0"
 GCP = "gcp/us-central1/p/0"
-SPAN = FaultSpan(0, "blackhole aws", "blackhole", "aws", 10.0, 20.0, FaultMode(blackhole=True), (AWS,), ((10.0, 20.0),))
+SPAN = FaultSpan(
+    0, "blackhole aws", "blackhole", "aws", 10.0, 20.0, FaultMode(blackhole=True), (AWS,), ((10.0, 20.0),)
+)
 
 
-def record(i: int, start: float, backend: str, *, error: str | None = None, ttft: float = 0.1) -> RequestRecord:
+def record(
+    i: int, start: float, backend: str, *, error: str | None = None, ttft: float = 0.1
+) -> RequestRecord:
     r = RequestRecord(i, start, True, 50, 20, end=start + 1.0, ttft=ttft, status=200, backend=backend)
     r.completion_tokens, r.finish_reason, r.error = 20, "length", error
     return r
@@ -65,7 +69,9 @@ def test_percentiles_interpolate() -> None:
 
 
 def test_phases_cover_the_run_and_merge_overlaps() -> None:
-    other = FaultSpan(1, "5xx aws", "20% 5xx", "aws", 15.0, 25.0, FaultMode(error_rate=0.2), (AWS,), ((15.0, 25.0),))
+    other = FaultSpan(
+        1, "5xx aws", "20% 5xx", "aws", 15.0, 25.0, FaultMode(error_rate=0.2), (AWS,), ((15.0, 25.0),)
+    )
     phases = make_phases([SPAN, other], ended=40.0)
     assert [(p.name, p.start, p.end) for p in phases] == [
         ("before", 0.0, 10.0),
@@ -91,10 +97,15 @@ def test_prometheus_text_and_counter_deltas() -> None:
     text = (
         "# HELP skyfabric_retries_total retries\n# TYPE skyfabric_retries counter\n"
         "skyfabric_retries_total 4.0\n# TYPE skyfabric_ejections counter\n"
-        'skyfabric_attempts_total{endpoint="a",outcome="ok"} 3\nskyfabric_attempts_total{endpoint="b",outcome="ok"} 2\n'
+        'skyfabric_attempts_total{endpoint="a",outcome="ok"} 3\n'
+        'skyfabric_attempts_total{endpoint="b",outcome="ok"} 2\n'
     )
     totals = parse_prometheus(text)
-    assert totals == {"skyfabric_retries_total": 4.0, "skyfabric_ejections_total": 0.0, "skyfabric_attempts_total": 5.0}
+    assert totals == {
+        "skyfabric_retries_total": 4.0,
+        "skyfabric_ejections_total": 0.0,
+        "skyfabric_attempts_total": 5.0,
+    }
     samples = [(0.1, {"skyfabric_retries_total": 1.0}), (5.0, {"skyfabric_retries_total": 4.0})]
     assert counter_delta(samples, "retries", 0.0, 6.0) == 3.0
     assert counter_delta(samples, "rescued", 0.0, 6.0) is None

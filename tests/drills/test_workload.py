@@ -10,7 +10,14 @@ import pytest
 from skyfabric.core.errors import ConfigError
 from skyfabric.drills.scenario import TokenRange, Workload
 from skyfabric.drills.trace import AZURE_CONV_TRACE, compress, load_trace, parse_timestamp, parse_trace
-from skyfabric.drills.workload import CHARS_PER_TOKEN, Sizer, bursty_times, make_prompt, plan_workload, poisson_times
+from skyfabric.drills.workload import (
+    CHARS_PER_TOKEN,
+    Sizer,
+    bursty_times,
+    make_prompt,
+    plan_workload,
+    poisson_times,
+)
 
 TRACE = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:15:46.6805900,374,44

@@ -89,6 +89,7 @@ class HealthChecker:
         if not state.available(now) and not (state.needs_probe and now >= state.ejected_until):
             return  # still serving its ejection time
         timeout = self.health.probe_timeout
+        half_open = state.needs_probe  # a probe begun before an ejection must not end it
         try:
             if self.health.probe == "completion":
                 body = b'{"model":"%s","prompt":"def","max_tokens":1}' % endpoint.upstream_model.encode()
@@ -108,12 +109,12 @@ class HealthChecker:
             if resp.status >= 500:
                 raise UpstreamError(f"probe answered {resp.status}", endpoint=endpoint.id)
         except UpstreamError as exc:
-            if state.needs_probe:
+            if half_open:
                 eject(state, proxy.clock(), proxy.outlier)  # still down: wait longer
             elif record_failure(state, proxy.clock(), proxy.outlier, hard=isinstance(exc, ConnectError)):
                 proxy.after_ejection(state, f"probe: {exc}")
             return
-        if state.needs_probe:
+        if half_open and state.needs_probe:
             log.warning("%s answered its probe: readmitting with slow start", endpoint.id)
             readmit(state, proxy.clock())
         if self.health.load_signals and endpoint.engine in _VLLM_ENGINES:
