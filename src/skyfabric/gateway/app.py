@@ -13,6 +13,7 @@ import orjson
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import AuthenticationError, ClientError, InvalidRequest, UnknownModel
 from skyfabric.core.fleet import Fleet
+from skyfabric.gateway.admission import parse_priority
 from skyfabric.gateway.api_errors import client_error_response, error_response
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.proxy import Proxy
@@ -157,4 +158,8 @@ class Gateway:
                 raise InvalidRequest("x-skyfabric-deadline must be a number of seconds") from None
             if total <= 0:
                 raise InvalidRequest("x-skyfabric-deadline must be positive")
-        return RequestContext(kind, body, request.body, canonical, stream, self.proxy.clock() + total)
+        ctx = RequestContext(kind, body, request.body, canonical, stream, self.proxy.clock() + total)
+        priority = request.header(b"x-skyfabric-priority")
+        if priority is not None:
+            ctx.priority = parse_priority(priority)
+        return ctx

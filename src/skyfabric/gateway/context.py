@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,15 @@ class RequestContext:
     tried: set[str] = field(default_factory=set)
     failed_providers: set[str] = field(default_factory=set)
     rescued: int = 0
+    priority: int = 5
+    #: Called once when the request is over (stream finished or abandoned): frees its admission slot.
+    on_done: Callable[[], None] | None = None
+
+    def finish(self) -> None:
+        """Run ``on_done`` once."""
+        callback, self.on_done = self.on_done, None
+        if callback is not None:
+            callback()
 
     @property
     def path(self) -> bytes:

@@ -10,19 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import (
     ConnectError,
+    Overloaded,
     RemoteProtocolError,
     UpstreamError,
     UpstreamStatus,
     UpstreamTimeout,
 )
 from skyfabric.core.fleet import Fleet
+from skyfabric.gateway.admission import Admission
 from skyfabric.gateway.api_errors import error_response
 from skyfabric.gateway.balancer import (
     Cluster,
@@ -35,6 +37,7 @@ from skyfabric.gateway.balancer import (
     record_success,
 )
 from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway.hedge import TtftWindow, race
 from skyfabric.gateway.metrics import GatewayMetrics
 from skyfabric.gateway.retry import RetryBudget, backoff
 from skyfabric.http.client import HTTPClient, UpstreamResponse
@@ -88,7 +91,14 @@ class Proxy:
         self.budget = RetryBudget(fleet.retry.budget_percent, int(fleet.retry.min_retries_per_second))
         self.timeouts = fleet.timeouts
         self.max_attempts = fleet.retry.max_attempts
+        self.ttft = {m.name: TtftWindow() for m in fleet.models}
         self.metrics = GatewayMetrics(list(self.states.values()), clock)
+        self.admission = Admission(
+            self.capacity,
+            queue_timeout=fleet.admission.queue_timeout,
+            queue_limit=fleet.admission.queue_limit,
+            clock=clock,
+        )
         self._backend_headers = {
             e.id: [(b"x-skyfabric-backend", e.id.encode()), (b"x-skyfabric-model", e.model.encode())]
             for e in endpoints
@@ -99,7 +109,21 @@ class Proxy:
     async def forward(self, ctx: RequestContext) -> Response | StreamResponse:
         """Answer one inference request: pick, attempt, classify, retry or fall back, commit."""
         started = self.clock()
-        result = await self._forward(ctx)
+        try:
+            await self.admission.acquire(ctx.model, ctx.priority, ctx.deadline)
+        except Overloaded:
+            self.metrics.shed.inc()
+            self.metrics.requests.labels(ctx.model, "429").inc()
+            raise
+        model = ctx.model
+        ctx.on_done = lambda: self.admission.release(model, self.clock() - started)
+        try:
+            result = await self._forward(ctx)
+        except BaseException:
+            ctx.finish()
+            raise
+        if not isinstance(result, StreamResponse):
+            ctx.finish()  # a stream's relay frees the slot when the stream ends
         status = str(result.status)
         self.metrics.requests.labels(ctx.model, status).inc()
         if isinstance(result, StreamResponse):
@@ -145,11 +169,11 @@ class Proxy:
                     ctx.attempts += 1
                     ctx.tried.add(state.endpoint.id)
                     try:
-                        answer = await self.attempt(ctx, state, model)
-                        self.metrics.attempts.labels(state.endpoint.id, "ok").inc()
+                        answer = await self._attempt_or_race(ctx, state, model)
                         return answer
                     except UpstreamStatus as exc:
                         last = exc
+                        state = self.states.get(exc.endpoint, state)
                         if not retryable_status(exc.status):
                             if exc.status == 400 and is_context_length(exc):
                                 bigger = self.fleet.model(model).larger_context
@@ -161,12 +185,49 @@ class Proxy:
                         self.note_failure(ctx, state, exc)
                     except UpstreamError as exc:
                         last = exc
-                        self.note_failure(ctx, state, exc)
+                        self.note_failure(ctx, self.states.get(exc.endpoint, state), exc)
             return self._exhausted(last, "no backend could answer")
         finally:
             self.budget.active_requests -= 1
             if retrying:
                 self.budget.active_retries -= 1
+
+    async def _attempt_or_race(
+        self, ctx: RequestContext, state: EndpointState, model: str
+    ) -> Response | StreamResponse:
+        """One attempt, or — for a hedged model's stream — a race of attempts on different providers."""
+        hedge = self.fleet.model(model).hedge
+        if hedge is None or not ctx.stream:
+            return await self.attempt(ctx, state, model)
+        if hedge.after == "p95":
+            p95 = self.ttft[model].p95()
+            after = max(hedge.min_after, p95) if p95 is not None else self.timeouts.first_token / 2
+        else:
+            after = hedge.after
+        racing = {state.endpoint.provider}
+
+        def another(n: int) -> Callable[[], Awaitable[Response | StreamResponse]] | None:
+            other = self.clusters[model].pick(
+                self.clock(),
+                avoid_endpoints=ctx.tried,
+                avoid_providers=racing | ctx.failed_providers,
+                cooldowns=self.cooldowns,
+            )
+            if other is None or other.endpoint.provider in racing or not self.budget.allow():
+                return None
+            racing.add(other.endpoint.provider)
+            ctx.attempts += 1
+            ctx.tried.add(other.endpoint.id)
+            self.metrics.hedges.inc()
+            return lambda: self.attempt(ctx, other, model)
+
+        return await race(
+            lambda: self.attempt(ctx, state, model),
+            another,
+            after,
+            hedge.max_hedges,
+            on_error=lambda exc: self.note_failure(ctx, self.states.get(exc.endpoint, state), exc),
+        )
 
     async def attempt(
         self, ctx: RequestContext, state: EndpointState, model: str
@@ -176,18 +237,22 @@ class Proxy:
         body = ctx.body_for(endpoint, ctx.body.get("model", model))
         state.outstanding += 1
         handed_off = False
+        started = self.clock()
         try:
             resp = await self.open(state, ctx.path, body, ctx.stream, ctx.deadline)
             if not ctx.stream:
                 remaining = max(0.001, ctx.deadline - self.clock())
                 data = await resp.read(min(self.timeouts.idle, remaining))
                 record_success(state, self.clock())
+                self.metrics.attempts.labels(endpoint.id, "ok").inc()
                 return Response(200, data, self._backend_headers[endpoint.id])
             from skyfabric.gateway.relay import StreamRelay
 
             relay = StreamRelay(self, ctx, state, resp)
             await relay.prime()
             handed_off = True
+            self.ttft[model].add(self.clock() - started)
+            self.metrics.attempts.labels(endpoint.id, "ok").inc()
             return StreamResponse(200, relay.run(), self._backend_headers[endpoint.id])
         finally:
             if not handed_off:
@@ -289,6 +354,11 @@ class Proxy:
             )
         detail = f"{why}; last error: {last}" if last else why
         return error_response(502 if last else 503, detail, code="upstream_unavailable")
+
+    def capacity(self, model: str) -> int:
+        """Requests the available endpoints of ``model`` serve well, together."""
+        now = self.clock()
+        return sum(s.endpoint.concurrency for s in self.clusters[model].states if s.available(now))
 
     def model_list(self) -> bytes:
         """``GET /v1/models`` body: every model and alias that has at least one endpoint or fallback."""

@@ -187,6 +187,7 @@ class StreamRelay:
             else:
                 self.resp.abort()
             self._let_go()
+            self.ctx.finish()
 
     async def _drain(self) -> None:
         """Read the rest of the HTTP message after [DONE] so the connection can be reused."""

@@ -1,0 +1,96 @@
+"""Hedged requests: a second copy to another failure domain when the first token is late.
+
+Happy-eyeballs shape (trio's and RFC 8305's): start one attempt; if it has not committed (first token)
+within the threshold, start another on a different provider; the first to commit wins and the others are
+cancelled — their connections closed, which makes vLLM abort the generation, so the loser is not billed.
+An attempt that fails outright does not end the race while another is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from skyfabric.core.errors import UpstreamError
+
+T = TypeVar("T")
+
+
+class TtftWindow:
+    """Recent times to first token of one model; its p95 is the adaptive hedging threshold."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.samples: deque[float] = deque(maxlen=size)
+        self._p95: float | None = None
+        self._since = 0
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+        self._since += 1
+        if self._since >= 16:
+            self._p95 = None
+
+    def p95(self) -> float | None:
+        """None until there are enough samples to say anything."""
+        if len(self.samples) < 20:
+            return None
+        if self._p95 is None:
+            ordered = sorted(self.samples)
+            self._p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+            self._since = 0
+        return self._p95
+
+
+async def race(
+    first: Callable[[], Awaitable[T]],
+    hedge: Callable[[int], Callable[[], Awaitable[T]] | None],
+    after: float,
+    max_hedges: int,
+    on_error: Callable[[UpstreamError], None] | None = None,
+) -> T:
+    """Run ``first``; each ``after`` seconds without a result, start ``hedge(n)`` (None: no one to ask).
+
+    Returns the first result; cancels and awaits every other attempt before returning. Raises the last
+    :class:`UpstreamError` when all attempts failed; ``on_error`` hears of the ones that failed while
+    another attempt was still running.
+    """
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[T]] = {loop.create_task(_call(first))}
+    hedges = 0
+    last_error: BaseException | None = None
+    try:
+        while running:
+            timeout = after if hedges < max_hedges else None
+            done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                start = hedge(hedges + 1)
+                hedges += 1
+                if start is not None:
+                    running.add(loop.create_task(_call(start)))
+                continue
+            for task in done:
+                running.discard(task)
+                error = task.exception()
+                if error is None:
+                    return task.result()
+                if not isinstance(error, UpstreamError):
+                    raise error
+                if running and on_error is not None:
+                    on_error(error)  # others still race: account for this one now
+                last_error = error
+        assert last_error is not None
+        raise last_error
+    finally:
+        for task in running:
+            task.cancel()
+        for task in running:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _call(factory: Callable[[], Awaitable[T]]) -> T:
+    return await factory()

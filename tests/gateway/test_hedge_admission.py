@@ -1,0 +1,146 @@
+"""Hedging a late first token, and admission control when capacity is short."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from skyfabric.core.errors import Overloaded, UpstreamError
+from skyfabric.gateway.admission import Admission, parse_priority
+from skyfabric.gateway.hedge import TtftWindow, race
+from tests.conftest import MakeGateway
+from tests.support.fake_upstream import FakeUpstream, expected_text
+
+FAST = {"connect": 0.5, "first_byte": 2, "first_token": 2, "idle": 2, "response": 2, "total": 10}
+
+
+async def test_late_first_token_is_hedged_to_another_provider_and_the_loser_cancelled(
+    make_gateway: MakeGateway,
+) -> None:
+    slow = FakeUpstream("slow", tokens=4, default={"slow_first_token": 1.5})
+    fast = FakeUpstream("fast", tokens=4)
+    models = [{"name": "m", "hedge": {"after": 0.1}}]
+    gw = await make_gateway({"aws": [slow], "gcp": [fast]}, models=models, timeouts=FAST)
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000  # the first attempt goes to the slow one
+    started = time.monotonic()
+    stream = await gw.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    elapsed = time.monotonic() - started
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    assert text == expected_text(4)
+    assert elapsed < 1.0  # answered by the hedge, not after the slow first token
+    assert gw.gateway.proxy.metrics.hedges._value.get() == 1
+    assert gw.gateway.proxy.states["aws/r1/pool/0"].outstanding == 0  # loser cancelled, not left running
+
+
+async def test_race_returns_first_success_and_cancels_the_rest() -> None:
+    cancelled = []
+
+    async def slow() -> str:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.append("slow")
+            raise
+        return "slow"
+
+    async def quick() -> str:
+        return "quick"
+
+    async def broken() -> str:
+        await asyncio.sleep(0.05)
+        raise UpstreamError("boom", endpoint="x")
+
+    async def late() -> str:
+        await asyncio.sleep(0.1)
+        return "late"
+
+    assert await race(slow, lambda n: quick, 0.01, 1) == "quick"
+    assert cancelled == ["slow"]
+    errors: list[UpstreamError] = []
+    # the first attempt fails while the hedge still runs: the hedge's answer is taken, the failure reported
+    assert await race(broken, lambda n: late, 0.01, 1, on_error=errors.append) == "late"
+    assert [str(e) for e in errors] == ["boom"]
+    with pytest.raises(UpstreamError):
+        await race(broken, lambda n: None, 0.01, 1)
+
+
+def test_p95_window() -> None:
+    window = TtftWindow()
+    for i in range(19):
+        window.add(i / 100)
+    assert window.p95() is None
+    for i in range(19, 100):
+        window.add(i / 100)
+    assert window.p95() == 0.94
+
+
+async def test_admission_queues_then_sheds_lowest_priority_with_honest_retry_after() -> None:
+    capacity = {"m": 2}
+    clock = time.monotonic
+    gate = Admission(lambda model: capacity[model], queue_timeout=5, queue_limit=2, clock=clock)
+    await gate.acquire("m", 5, clock() + 10)
+    await gate.acquire("m", 5, clock() + 10)  # full now
+    low = asyncio.ensure_future(gate.acquire("m", 1, clock() + 10))
+    normal = asyncio.ensure_future(gate.acquire("m", 5, clock() + 10))
+    await asyncio.sleep(0.01)
+    assert gate.waiting("m") == 2
+    high = asyncio.ensure_future(gate.acquire("m", 9, clock() + 10))  # queue full: the low one is shed
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded) as info:
+        await low
+    assert info.value.status == 429 and info.value.retry_after >= 1
+    with pytest.raises(Overloaded):
+        await gate.acquire("m", 1, clock() + 10)  # full, and it is not more important than anyone
+    gate.release("m", 2.0)
+    await asyncio.sleep(0.01)
+    assert high.done() and not normal.done()  # the most important waiter gets the slot first
+    gate.release("m", 2.0)
+    await asyncio.wait_for(normal, 1)
+
+
+async def test_admission_wait_is_bounded_by_the_deadline() -> None:
+    gate = Admission(lambda model: 1, queue_timeout=5, queue_limit=10, clock=time.monotonic)
+    await gate.acquire("m", 5, time.monotonic() + 10)
+    started = time.monotonic()
+    with pytest.raises(Overloaded):
+        await gate.acquire("m", 5, time.monotonic() + 0.2)
+    assert time.monotonic() - started < 0.5
+
+
+def test_priority_header() -> None:
+    assert parse_priority(None) == 5 and parse_priority(b"high") == 9 and parse_priority(b"3") == 3
+    from skyfabric.core.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest):
+        parse_priority(b"urgent!!")
+
+
+async def test_over_capacity_gets_429_with_retry_after_over_http(make_gateway: MakeGateway) -> None:
+    slow = FakeUpstream("slow", tokens=2, default={"delay": 0.5})
+    gw = await make_gateway(
+        {"aws": [slow]},
+        admission={"queue_timeout": 0.1, "queue_limit": 0},
+        timeouts=FAST,
+    )
+    # capacity is pool concurrency (32 by default): 33 at once means one is shed
+    async with httpx.AsyncClient(timeout=5) as http:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        results = await asyncio.gather(
+            *[http.post(f"{gw.base_url}/chat/completions", json=body) for _ in range(34)]
+        )
+    statuses = sorted(r.status_code for r in results)
+    assert statuses.count(200) == 32 and statuses.count(429) == 2
+    shed = next(r for r in results if r.status_code == 429)
+    assert int(shed.headers["retry-after"]) >= 1
+    assert shed.json()["error"]["code"] == "overloaded"
+    assert all(
+        r.json()["choices"][0]["message"]["content"] == expected_text(2)
+        for r in results
+        if r.status_code == 200
+    )
