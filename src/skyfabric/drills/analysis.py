@@ -114,7 +114,7 @@ def phase_stats(
         for r in records
         if r.ok and r.end is not None and _in(r.end, phase.start, phase.end)
     )
-    edge = sum(1 for evs in events.values() for e in evs if _in(e.t, phase.start, phase.end))
+    edge = sum(1 for evs in events.values() for e in evs if e.inference and _in(e.t, phase.start, phase.end))
     gateway = {
         name: counter_delta(samples, name, phase.start, math.inf if last else phase.end)
         for name in GATEWAY_COUNTERS
@@ -157,8 +157,8 @@ def outcome_stats(records: Sequence[RequestRecord]) -> dict[str, Any]:
 
 
 def arrivals(events: dict[str, list[ProxyEvent]], endpoints: Iterable[str]) -> list[float]:
-    """Times requests reached any of ``endpoints`` at the network edge, sorted."""
-    return sorted(e.t for eid in endpoints for e in events.get(eid, []))
+    """Times inference requests reached any of ``endpoints`` at the network edge, sorted."""
+    return sorted(e.t for eid in endpoints for e in events.get(eid, []) if e.inference)
 
 
 def quiet_window(times: list[float], before_end: float) -> float:
@@ -211,9 +211,9 @@ def fault_stats(
     times = arrivals(events, span.endpoints)
     quiet = quiet_window(times, first_fault)
     first_end = span.windows[0][1] if span.windows else span.end
-    actions = Counter(
-        e.action for eid in span.endpoints for e in events.get(eid, []) if span.start <= e.t < span.end
-    )
+    during = [e for eid in span.endpoints for e in events.get(eid, []) if span.start <= e.t < span.end]
+    actions = Counter(e.action for e in during if e.inference)
+    probes = Counter(e.action for e in during if not e.inference)
     served = sum(
         1 for r in records if r.ok and r.backend in span.endpoints and span.start <= r.start < span.end
     )
@@ -231,6 +231,7 @@ def fault_stats(
         "recovery_traffic_s": recovery_traffic(times, span.end),
         "recovery_success_s": recovery_success(records, span.end, horizon),
         "edge_actions": dict(actions.most_common()),
+        "probe_actions": dict(probes.most_common()),
         "served_during": served,
         "sees_refused": span.mode.refuse,
     }

@@ -132,6 +132,8 @@ class ProxyEvent:
     t: float  # when the request arrived
     action: str  # forward | hold | error | throttle | cut | upstream_down
     status: int = 0
+    #: An inference request (POST …/completions), not a health probe or a metrics scrape.
+    inference: bool = True
 
 
 def http_error(status: int, message: str, *, retry_after: float | None = None) -> bytes:
@@ -166,6 +168,11 @@ class _ParsedRequest:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.keep_alive = True
+
+    @property
+    def inference(self) -> bool:
+        """POST to a completions path: a client's request, as opposed to the gateway's own probes."""
+        return self.method == b"POST" and self.url.split(b"?", 1)[0].endswith(b"completions")
 
     def raw(self) -> bytes:
         body = b"".join(self.body)
@@ -337,17 +344,17 @@ class _Session:
             if mode.refuse:
                 return
             if mode.blackhole:
-                proxy.record("hold", t=arrived)
+                proxy.record("hold", t=arrived, inference=request.inference)
                 await self._hold()
                 return
             if mode.throttle_rate and proxy.rng.random() < mode.throttle_rate:
-                proxy.record("throttle", 429, t=arrived)
+                proxy.record("throttle", 429, t=arrived, inference=request.inference)
                 self.writer.write(http_error(429, "injected throttle (drill)", retry_after=mode.retry_after))
                 await self.writer.drain()
                 continue
             if mode.error_rate and proxy.rng.random() < mode.error_rate:
                 status = proxy.rng.choice(mode.error_statuses)
-                proxy.record("error", status, t=arrived)
+                proxy.record("error", status, t=arrived, inference=request.inference)
                 self.writer.write(http_error(status, f"injected HTTP {status} (drill)"))
                 await self.writer.drain()
                 continue
@@ -379,7 +386,7 @@ class _Session:
         """Relay one request and its answer; False when the connection must close afterwards."""
         proxy = self.proxy
         if not await self._connect_upstream():
-            proxy.record("upstream_down", t=arrived)
+            proxy.record("upstream_down", t=arrived, inference=request.inference)
             return False
         assert self.up_reader is not None and self.up_writer is not None
         up_reader, up_writer = self.up_reader, self.up_writer
@@ -397,12 +404,17 @@ class _Session:
                 if not data:
                     if scheduled is not None:
                         await scheduled.finish()
-                    proxy.record(action, response.status, t=arrived)
+                    proxy.record(action, response.status, t=arrived, inference=request.inference)
                     return False
                 now_mode = proxy.mode
                 if now_mode.blackhole or now_mode.refuse:
                     # The partition starts mid-answer: nothing more flows either way.
-                    proxy.record("hold" if now_mode.blackhole else action, response.status, t=arrived)
+                    proxy.record(
+                        "hold" if now_mode.blackhole else action,
+                        response.status,
+                        t=arrived,
+                        inference=request.inference,
+                    )
                     if scheduled is not None:
                         scheduled.cancel()
                     await self._hold()
@@ -425,15 +437,15 @@ class _Session:
                 if cut_at is not None:
                     if scheduled is not None:
                         await scheduled.finish()
-                    proxy.record("cut", response.status, t=arrived)
+                    proxy.record("cut", response.status, t=arrived, inference=request.inference)
                     await self.writer.drain()
                     return False
             if scheduled is not None:
                 await scheduled.finish()
         except httptools.HttpParserError:
-            proxy.record(action, response.status, t=arrived)
+            proxy.record(action, response.status, t=arrived, inference=request.inference)
             return False
-        proxy.record(action, response.status, t=arrived)
+        proxy.record(action, response.status, t=arrived, inference=request.inference)
         return response.keep_alive
 
 
@@ -552,13 +564,13 @@ class FaultProxy:
                 if session.held:
                     session.abort()
 
-    def record(self, action: str, status: int = 0, *, t: float | None = None) -> None:
+    def record(self, action: str, status: int = 0, *, t: float | None = None, inference: bool = True) -> None:
         """Log what was done to one request that arrived at ``t`` (default: now)."""
-        self.events.append(ProxyEvent(self.clock() if t is None else t, action, status))
+        self.events.append(ProxyEvent(self.clock() if t is None else t, action, status, inference))
 
-    def counts(self) -> Counter[str]:
-        """Requests by action."""
-        return Counter(e.action for e in self.events)
+    def counts(self, *, inference: bool = True) -> Counter[str]:
+        """Inference requests (or, with ``inference=False``, the other requests) by action."""
+        return Counter(e.action for e in self.events if e.inference == inference)
 
     # -- connections ------------------------------------------------------------------------------------
 

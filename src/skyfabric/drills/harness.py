@@ -65,13 +65,17 @@ def proxied_url(url: str, authority: str) -> str:
 
 
 def baseline_fleet(data: dict[str, Any]) -> dict[str, Any]:
-    """The same fleet with failover off: one attempt per request, and no mid-stream continuation.
+    """The same fleet with failover off: one attempt per request, no continuation, no hedging.
 
     ``retry.max_attempts: 1`` stops retries; continuation needs its own switch because the relay allows
-    continuations beyond ``max_attempts``, so every pool is also marked ``continuation: false``.
+    continuations beyond ``max_attempts``, so every pool is also marked ``continuation: false``; models
+    lose their ``hedge``. Health checks and ejection stay on: the baseline is a gateway that routes around
+    endpoints it knows are dead but never gives a failed request a second chance.
     """
     out = copy.deepcopy(data)
     out.setdefault("retry", {})["max_attempts"] = 1
+    for model in out["models"]:
+        model.pop("hedge", None)
     for provider in out["providers"]:
         for region in provider["regions"]:
             for pool in region["pools"]:

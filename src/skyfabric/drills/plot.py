@@ -102,7 +102,7 @@ def plot_timeline(
     ax_ttft.legend(loc="upper right", fontsize=8, ncol=2)
 
     for p in providers:
-        times = [e.t for eid, evs in events.items() if eid.split("/")[0] == p for e in evs]
+        times = [e.t for eid, evs in events.items() if eid.split("/")[0] == p for e in evs if e.inference]
         ax_edge.step(xs, _bins(times, width, n), where="post", color=color[p], label=f"reaching {p}")
     ax_edge.set_ylabel("upstream requests / s\n(at the proxies)")
     ax_edge.set_xlabel("seconds since the drill started (shaded: faults)")

@@ -36,7 +36,7 @@ def pass_report(result: PassResult, run: DrillRun) -> dict[str, Any]:
         )
         for name in ("rescued", "retries", "hedges", "attempts", "ejections")
     }
-    edge = sum(len(evs) for evs in result.proxy_events.values())
+    edge = sum(1 for evs in result.proxy_events.values() for e in evs if e.inference)
     totals["edge_requests"] = edge
     totals["edge_per_request"] = edge / len(records) if records else None
     totals["dropped"] = result.dropped
@@ -182,7 +182,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "detection",
                 "traffic back",
                 "success back",
-                "at the target's edge",
+                "requests at the target",
+                "probes at the target",
             ],
             [
                 [
@@ -193,6 +194,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     _secs(f["recovery_traffic_s"], "never"),
                     _secs(f["recovery_success_s"], "never"),
                     _errors(f["edge_actions"]),
+                    _errors(f["probe_actions"]),
                 ]
                 for f in res["faults"]
             ],

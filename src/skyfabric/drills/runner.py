@@ -164,7 +164,7 @@ async def _run_pass(
             await sampling
             await client.close()
         events = {
-            eid: [ProxyEvent(e.t - t0, e.action, e.status) for e in proxy.events]
+            eid: [ProxyEvent(e.t - t0, e.action, e.status, e.inference) for e in proxy.events]
             for eid, proxy in harness.proxies.items()
         }
         return PassResult(

@@ -1,0 +1,220 @@
+"""The embedded fleet end to end: real replicas of the shipped model, the real gateway, the openai SDK.
+
+These start processes and run the model on the CPU, so they are marked slow; they still run in CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from skyfabric.control import EMBEDDED_FLEET
+from skyfabric.control.supervisor import EmbeddedFleet
+from skyfabric.core.fleet import load_fleet
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [{"role": "user", "content": "Write a function that reverses a string."}]
+
+
+def free_block(n: int) -> int:
+    """A base port with ``n`` consecutive free ports after it."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65000:
+            continue
+        try:
+            socks = []
+            for port in range(base, base + n):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            for sock in socks:
+                sock.close()
+            return base
+        except OSError:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port block")
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[EmbeddedFleet]:
+    base = free_block(4)
+    embedded = EmbeddedFleet(load_fleet(EMBEDDED_FLEET), port=base, replica_base_port=base + 1)
+    embedded.start(timeout=180)
+    yield embedded
+    embedded.stop()
+
+
+def client(fleet: EmbeddedFleet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{fleet.port}/v1", api_key="none", max_retries=0)
+
+
+def aclient(fleet: EmbeddedFleet) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{fleet.port}/v1", api_key="none", max_retries=0)
+
+
+def test_sync_chat_answers_with_python(fleet: EmbeddedFleet) -> None:
+    raw = client(fleet).chat.completions.with_raw_response.create(
+        model="skyfabric-code", messages=PROMPT, max_tokens=48, temperature=0
+    )
+    completion = raw.parse()
+    text = completion.choices[0].message.content or ""
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 48
+    assert any(word in text for word in ("def ", "return", "self", "(", ":"))
+    provider = raw.headers["x-skyfabric-backend"].split("/")[0]
+    assert provider in {"aws", "gcp", "azure"}
+    assert completion.model == "skyfabric-code"
+
+
+def test_sync_streaming_and_completions(fleet: EmbeddedFleet) -> None:
+    stream = client(fleet).chat.completions.create(
+        model="code", messages=PROMPT, max_tokens=24, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage is not None
+    completion = client(fleet).completions.create(model="code", prompt="def fibonacci(n):", max_tokens=16)
+    assert completion.choices[0].text
+
+
+async def test_async_concurrent_requests_spread_over_providers(fleet: EmbeddedFleet) -> None:
+    api = aclient(fleet)
+
+    async def one() -> str:
+        raw = await api.chat.completions.with_raw_response.create(
+            model="skyfabric-code", messages=PROMPT, max_tokens=8
+        )
+        return raw.headers["x-skyfabric-backend"].split("/")[0]
+
+    providers = await asyncio.gather(*[one() for _ in range(12)])
+    assert set(providers) == {"aws", "gcp", "azure"}
+    models = await api.models.list()
+    assert {"skyfabric-code", "code"} <= {m.id for m in models.data}
+
+
+def test_bad_input_gets_clear_errors_and_the_fleet_stays_up(fleet: EmbeddedFleet) -> None:
+    with pytest.raises(openai.NotFoundError, match="Models: code, default, skyfabric-code"):
+        client(fleet).chat.completions.create(model="gpt-5", messages=PROMPT)
+    resp = httpx.post(f"http://127.0.0.1:{fleet.port}/v1/chat/completions", content=b"{oops")
+    assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
+    long_prompt = [{"role": "user", "content": "x = 1\n" * 400}]
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client(fleet).chat.completions.create(model="code", messages=long_prompt, max_tokens=8)
+    assert client(fleet).chat.completions.create(model="code", messages=PROMPT, max_tokens=4).choices
+
+
+async def test_killing_a_provider_mid_stream_loses_no_stream(fleet: EmbeddedFleet) -> None:
+    """32 concurrent streams; every replica of one provider is killed while they run."""
+    api = aclient(fleet)
+    n_tokens = 40
+    prompts = [f"Write a function number {i} that parses a config file." for i in range(4)]
+    params = {
+        "max_tokens": n_tokens,
+        "temperature": 0,
+        "extra_body": {"min_tokens": n_tokens, "ignore_eos": True},
+    }
+    # the reference: each prompt answered whole, greedily, before anything is killed
+    reference = {}
+    for p in prompts:
+        done = await api.chat.completions.create(
+            model="code",
+            messages=[{"role": "user", "content": p}],
+            **params,  # type: ignore[arg-type]
+        )
+        reference[p] = done.choices[0].message.content
+
+    async def stream(i: int) -> tuple[str, str, str | None, int]:
+        p = prompts[i % len(prompts)]
+        s = await api.chat.completions.create(
+            model="code",
+            messages=[{"role": "user", "content": p}],
+            stream=True,
+            stream_options={"include_usage": True},
+            **params,  # type: ignore[arg-type]
+        )
+        text, reason, usage = "", None, 0
+        async for chunk in s:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                reason = chunk.choices[0].finish_reason or reason
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        return p, text, reason, usage
+
+    async def kill_aws() -> None:
+        await asyncio.sleep(1.0)
+        for child in fleet.replicas:
+            if child.name.startswith("aws/") and child.proc is not None:
+                child.proc.kill()
+
+    results, _ = await asyncio.gather(asyncio.gather(*[stream(i) for i in range(32)]), kill_aws())
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"http://127.0.0.1:{fleet.port}/metrics")).text
+    rescued = next(
+        float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("skyfabric_rescued_streams_total")
+    )
+    assert rescued >= 1  # some streams really were cut mid-answer and continued
+    for prompt, text, reason, usage in results:
+        assert reason == "length"
+        assert usage == n_tokens
+        assert text == reference[prompt]
+
+
+def test_up_prints_how_to_call_and_leaves_no_orphans(tmp_path: Path) -> None:
+    base = free_block(4)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "skyfabric.cli",
+            "up",
+            "--port",
+            str(base),
+            "--replica-base-port",
+            str(base + 1),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Ctrl-C stops everything" in line or not line:
+            break
+    banner = "".join(lines)
+    assert f"http://127.0.0.1:{base}/v1" in banner and "OpenAI(base_url=" in banner
+    children = [
+        int(p)
+        for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ]
+    assert len(children) == 4  # three replicas and the gateway
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    time.sleep(0.5)
+    alive = [
+        pid
+        for pid in children
+        if os.path.exists(f"/proc/{pid}") and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    ]
+    assert alive == []
