@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from skyfabric.drills.analysis import check_slo, fault_stats, make_phases, outcome_stats, phase_stats
+from skyfabric.drills.analysis import (
+    check_slo,
+    fault_stats,
+    make_phases,
+    outcome_stats,
+    percentile,
+    phase_stats,
+)
 from skyfabric.drills.runner import DrillRun, PassResult
 
 
@@ -40,8 +47,12 @@ def pass_report(result: PassResult, run: DrillRun) -> dict[str, Any]:
     totals["edge_requests"] = edge
     totals["edge_per_request"] = edge / len(records) if records else None
     totals["dropped"] = result.dropped
+    lags = [lag for _, lag in result.loop_lag]
+    worst = max(result.loop_lag, key=lambda item: item[1], default=(0.0, 0.0))
     return {
         "label": result.label,
+        "drill_loop_lag": {"max": worst[1], "at": worst[0], "p99": percentile(lags, 99)},
+        "load_average": list(result.load),
         "fleet_file": str(result.fleet_file) if result.fleet_file else None,
         "duration": result.duration,
         "ended": result.ended,
@@ -156,6 +167,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ),
         "- gateway counters (`/metrics`): "
         + ("read" if res["gateway_metrics"] else "not exposed, shown as n/a"),
+        _health(res),
         "",
         "## SLO",
         "",
@@ -233,6 +245,22 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["files"]:
         lines += ["", "Files: " + ", ".join(f"`{v}`" for v in report["files"].values())]
     return "\n".join(lines) + "\n"
+
+
+def _health(res: dict[str, Any]) -> str:
+    """How trustworthy the timings are: the drill's own loop lag and the machine's load."""
+    lag = res.get("drill_loop_lag") or {"max": 0.0, "at": 0.0}
+    load = res.get("load_average") or [0.0, 0.0]
+    text = (
+        f"- measurement: drill event loop late by at most {lag['max'] * 1000:.0f} ms; load average "
+        f"{load[0]:.2f} → {load[1]:.2f}"
+    )
+    if lag["max"] > 0.25:
+        text += (
+            f" — **warning**: the drill itself stalled at {lag['at']:.1f} s; latencies around then include "
+            "the drill's own delay (its proxies sit on the data path)"
+        )
+    return text
 
 
 def _secs(value: float | None, none: str = "n/a") -> str:

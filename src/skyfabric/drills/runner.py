@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -64,6 +65,10 @@ class PassResult:
     switches: list[tuple[float, str, str]] = field(default_factory=list)
     fleet_file: Path | None = None
     dropped: int = 0
+    #: (time, seconds late) of the drill's own event loop: proxies and client share it, so a late loop
+    #: would show up as latency that is not the gateway's.
+    loop_lag: list[tuple[float, float]] = field(default_factory=list)
+    load: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(slots=True)
@@ -150,13 +155,17 @@ async def _run_pass(
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler.run(stop))
         switches: list[tuple[float, str, str]] = []
+        lag: list[tuple[float, float]] = []
+        load_before = os.getloadavg()[0]
+        watching = asyncio.create_task(_watch_loop(lag, t0, clock))
         playing = asyncio.create_task(_play(spans, harness.proxies, t0, clock, switches))
         try:
             records, dropped = await _drive(client, options, plan, t0, clock)
         finally:
-            playing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await playing
+            for task in (playing, watching):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             for proxy in harness.proxies.values():
                 await proxy.set_mode(PASS)
             ended = clock() - t0
@@ -168,10 +177,29 @@ async def _run_pass(
             for eid, proxy in harness.proxies.items()
         }
         return PassResult(
-            label, records, spans, events, sampler, options.seconds, ended, switches, fleet_file, dropped
+            label,
+            records,
+            spans,
+            events,
+            sampler,
+            options.seconds,
+            ended,
+            switches,
+            fleet_file,
+            dropped,
+            lag,
+            (load_before, os.getloadavg()[0]),
         )
     finally:
         await harness.stop_gateway()
+
+
+async def _watch_loop(lag: list[tuple[float, float]], t0: float, clock: Callable[[], float]) -> None:
+    """Measure how late the drill's event loop wakes up (every 100 ms)."""
+    while True:
+        before = clock()
+        await asyncio.sleep(0.1)
+        lag.append((before - t0, max(0.0, clock() - before - 0.1)))
 
 
 async def _play(

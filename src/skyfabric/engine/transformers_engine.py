@@ -13,8 +13,8 @@ Configuration for CPU (the default target) and the reasons:
 * Sampling is done by our own per-request logits processors (``_build_sampling_processors``), installed in
   place of the manager's list before its loop starts. The stock per-request processors cannot express
   ``temperature=0`` (greedy) next to sampled requests in one batch, nor ``min_tokens`` or a per-request
-  ``seed``. With ``do_sample=True`` the manager samples from our processed scores; greedy rows arrive as
-  one-hot scores, so the multinomial draw is exactly the argmax.
+  ``seed``. The manager runs with ``do_sample=False`` (argmax); our last processor draws the token of each
+  sampled row itself and makes that row one-hot, so the argmax is the draw and greedy rows cost nothing.
 * Forward passes are counted by wrapping the manager's per-step method, so ``/metrics`` can prove batching.
 """
 
@@ -191,8 +191,8 @@ def _build_sampling_processors(eos_token_ids: Sequence[int]) -> Any:
             scores[:, eos] = banned
             return scores
 
-    class TemperatureOrGreedy(ContinuousBatchingLogitsProcessor):
-        """Temperature scaling; ``temperature <= 0`` turns the row one-hot on its argmax (greedy)."""
+    class Temperature(ContinuousBatchingLogitsProcessor):
+        """Temperature scaling; ``temperature <= 0`` rows (greedy) are left as they are."""
 
         supported_kwargs: dict[str, type] = {"temperature": float}  # noqa: RUF012
         ignored_kwargs: tuple[str, ...] = ()
@@ -207,12 +207,7 @@ def _build_sampling_processors(eos_token_ids: Sequence[int]) -> Any:
 
         def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
             temps = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
-            greedy = temps <= 0
-            if bool(greedy.any()):
-                best = scores.argmax(dim=-1, keepdim=True)
-                one_hot = torch.full_like(scores, neg_inf).scatter_(-1, best, 0.0)
-                scores = torch.where(greedy.unsqueeze(-1), one_hot, scores)
-            scale = torch.where(greedy, torch.ones_like(temps), temps)
+            scale = torch.where(temps > 0, temps, torch.ones_like(temps))
             if bool((scale != 1.0).any()):
                 scores = scores / scale.unsqueeze(-1)
             return scores
@@ -266,43 +261,54 @@ def _build_sampling_processors(eos_token_ids: Sequence[int]) -> Any:
             remove = remove.scatter(-1, sorted_idx, remove)
             return scores.masked_fill(remove, neg_inf)
 
-    class SeededSampler(ContinuousBatchingLogitsProcessor):
-        """Per-request ``seed``: draw from a generator seeded by (seed, position), then make the row one-hot.
+    class Sampler(ContinuousBatchingLogitsProcessor):
+        """Draw the token of each sampled row here and make the row one-hot: the manager's argmax takes it.
 
-        The shared multinomial in the manager then reproduces our draw, so a seeded request gives the same
-        output whatever else is in the batch.
+        Greedy rows (``temperature <= 0``) are untouched and cost nothing. Draws use the exponential race
+        (argmax of p / Exp(1), as vLLM does), much cheaper than ``torch.multinomial`` on CPU. A row with a
+        ``seed`` draws from a generator seeded by (seed, position), so it gives the same output whatever else
+        is in the batch. Argument per row: -2 greedy, -1 sampled, >= 0 seeded.
         """
 
         supported_kwargs: dict[str, type] = {"seed": int}  # noqa: RUF012
         ignored_kwargs: tuple[str, ...] = ()
 
         def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-            int32_tensor.fill_(-1)
+            int32_tensor.fill_(-2)
 
         def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-            seeds = []
+            args = []
             for r in requests_with_new_token:
-                seed = r.state.logit_processor_kwargs.get("seed")
-                if seed is None:
-                    seeds.append(-1)
+                kwargs = r.state.logit_processor_kwargs
+                seed = kwargs.get("seed")
+                if kwargs.get("temperature", 1.0) <= 0:
+                    args.append(-2)
+                elif seed is None:
+                    args.append(-1)
                 else:
                     mixed = (seed * 6364136223846793005 + r.state.generated_len() * 1442695040888963407) >> 17
-                    seeds.append(mixed & 0x7FFFFFFF)
-            return torch.tensor(seeds, dtype=torch.int32)
+                    args.append(mixed & 0x7FFFFFFF)
+            return torch.tensor(args, dtype=torch.int32)
 
         def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-            seeds = tensor_arg[: scores.size(0)]
-            rows = (seeds >= 0).nonzero().flatten().tolist()
-            for row in rows:
-                probs = torch.softmax(scores[row], dim=-1)
-                generator = torch.Generator(device=scores.device)
-                generator.manual_seed(int(seeds[row]))
-                token = torch.multinomial(probs, 1, generator=generator)
-                scores[row] = neg_inf
-                scores[row, token] = 0.0
+            args = tensor_arg[: scores.size(0)]
+            rows = (args >= -1).nonzero().flatten()
+            if rows.numel() == 0:
+                return scores
+            probs = torch.softmax(scores[rows], dim=-1)
+            race = torch.empty_like(probs).exponential_()
+            for i, row in enumerate(rows.tolist()):
+                seed = int(args[row])
+                if seed >= 0:
+                    generator = torch.Generator(device=scores.device)
+                    generator.manual_seed(seed)
+                    race[i].exponential_(generator=generator)
+            tokens = (probs / race).argmax(dim=-1)
+            chosen = torch.full_like(probs, neg_inf).scatter_(-1, tokens.unsqueeze(-1), 0.0)
+            scores[rows] = chosen
             return scores
 
-    processors = [EosBan(), TemperatureOrGreedy(), TopK(), TopP(), SeededSampler()]
+    processors = [EosBan(), Temperature(), TopK(), TopP(), Sampler()]
     plist = ContinuousBatchingLogitsProcessorList(
         LogitsProcessorList(processors), per_request_processors=False
     )
@@ -534,7 +540,7 @@ class TransformersEngine(Engine):
         max_batch_tokens = max(max_batch_tokens, self.max_num_seqs)
 
         generation_config = GenerationConfig(
-            do_sample=True,  # our processors turn greedy rows one-hot, so sampling them is exact argmax
+            do_sample=False,  # the manager takes the argmax; our Sampler processor makes sampled rows one-hot
             max_new_tokens=self._max_model_len,
             eos_token_id=self._eos or -1,
             pad_token_id=tokenizer.pad_token_id,

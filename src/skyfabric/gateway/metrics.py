@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -79,6 +80,28 @@ class GatewayMetrics:
             registry=r,
         )
         r.register(_EndpointCollector(states, clock))
+
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # prometheus_client's labels() hashes and locks on every call; the request path keeps its children.
+        key = (metric._name, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request(self, model: str, status: str) -> None:
+        """Count one client request by its final status."""
+        self._child(self.requests, model, status).inc()
+
+    def attempt(self, endpoint: str, outcome: str) -> None:
+        """Count one upstream attempt by its outcome (``ok``, ``status_503``, an error class)."""
+        self._child(self.attempts, endpoint, outcome).inc()
+
+    def observe(self, histogram: Histogram, model: str, seconds: float) -> None:
+        """Record a latency in one of the per-model histograms."""
+        self._child(histogram, model).observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -113,7 +113,7 @@ class Proxy:
             await self.admission.acquire(ctx.model, ctx.priority, ctx.deadline)
         except Overloaded:
             self.metrics.shed.inc()
-            self.metrics.requests.labels(ctx.model, "429").inc()
+            self.metrics.request(ctx.model, "429")
             raise
         model = ctx.model
         ctx.on_done = lambda: self.admission.release(model, self.clock() - started)
@@ -125,11 +125,11 @@ class Proxy:
         if not isinstance(result, StreamResponse):
             ctx.finish()  # a stream's relay frees the slot when the stream ends
         status = str(result.status)
-        self.metrics.requests.labels(ctx.model, status).inc()
+        self.metrics.request(ctx.model, status)
         if isinstance(result, StreamResponse):
-            self.metrics.ttft.labels(ctx.model).observe(self.clock() - started)
+            self.metrics.observe(self.metrics.ttft, ctx.model, self.clock() - started)
         else:
-            self.metrics.latency.labels(ctx.model).observe(self.clock() - started)
+            self.metrics.observe(self.metrics.latency, ctx.model, self.clock() - started)
         return result
 
     async def _forward(self, ctx: RequestContext) -> Response | StreamResponse:
@@ -180,7 +180,7 @@ class Proxy:
                                 if bigger and bigger not in chain:
                                     chain.append(bigger)
                                     break
-                            self.metrics.attempts.labels(state.endpoint.id, f"status_{exc.status}").inc()
+                            self.metrics.attempt(state.endpoint.id, f"status_{exc.status}")
                             return self._passthrough(exc)
                         self.note_failure(ctx, state, exc)
                     except UpstreamError as exc:
@@ -244,7 +244,7 @@ class Proxy:
                 remaining = max(0.001, ctx.deadline - self.clock())
                 data = await resp.read(min(self.timeouts.idle, remaining))
                 record_success(state, self.clock())
-                self.metrics.attempts.labels(endpoint.id, "ok").inc()
+                self.metrics.attempt(endpoint.id, "ok")
                 return Response(200, data, self._backend_headers[endpoint.id])
             from skyfabric.gateway.relay import StreamRelay
 
@@ -252,7 +252,7 @@ class Proxy:
             await relay.prime()
             handed_off = True
             self.ttft[model].add(self.clock() - started)
-            self.metrics.attempts.labels(endpoint.id, "ok").inc()
+            self.metrics.attempt(endpoint.id, "ok")
             return StreamResponse(200, relay.run(), self._backend_headers[endpoint.id])
         finally:
             if not handed_off:
@@ -305,7 +305,7 @@ class Proxy:
             or (isinstance(exc, RemoteProtocolError | UpstreamTimeout) and not exc.sent_any)
         )
         outcome = f"status_{exc.status}" if isinstance(exc, UpstreamStatus) else type(exc).__name__
-        self.metrics.attempts.labels(state.endpoint.id, outcome).inc()
+        self.metrics.attempt(state.endpoint.id, outcome)
         ctx.failed_providers.add(state.endpoint.provider)
         if isinstance(exc, UpstreamStatus) and exc.status == 429:
             wait = parse_retry_after(exc.header(b"retry-after"), time.time())
