@@ -82,6 +82,8 @@ class DrillRun:
     main: PassResult
     baseline: PassResult | None = None
     model: str = ""
+    #: Endpoint id → the backend's own URL (before the proxy), e.g. a local replica's.
+    upstreams: dict[str, str] = field(default_factory=dict)
 
 
 async def run_drill(options: DrillOptions) -> DrillRun:
@@ -115,6 +117,7 @@ async def run_drill(options: DrillOptions) -> DrillRun:
         fleet_file = harness.write_fleet(data, "fleet.drill.yaml")
         main = await _run_pass(harness, options, plan, spans, fleet_file, "skyfabric", model)
         run = DrillRun(options, plan, spans, [e.id for e in harness.endpoints], main, model=model)
+        run.upstreams = {e.id: e.url for e in harness.endpoints}
         if options.baseline:
             base_file = harness.write_fleet(baseline_fleet(data), "fleet.baseline.yaml")
             run.baseline = await _run_pass(harness, options, plan, spans, base_file, "baseline", model)
