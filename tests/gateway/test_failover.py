@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -198,3 +199,51 @@ async def test_flapping_primary_is_readmitted_after_its_ejection(make_gateway: M
     clock[0] += 60  # past the slow start
     text, _, headers = await chat(gw, stream=False)  # back up: it takes traffic again
     assert headers["x-skyfabric-backend"].startswith("aws/") and text == expected_text(2)
+
+
+async def test_retry_budget_caps_retries_during_an_outage(make_gateway: MakeGateway) -> None:
+    down = FakeUpstream("down", default={"status": 503, "delay": 0.2})
+    up = FakeUpstream("up", tokens=1, default={"delay": 0.2})
+    retry = {"max_attempts": 3, "budget_percent": 20, "min_retry_concurrency": 2}
+    gw = await make_gateway(
+        {"aws": [down], "gcp": [up]},
+        timeouts=FAST,
+        retry=retry,
+        health={"consecutive_failures": 1000, "probe_interval": 0},
+    )
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000  # every first attempt lands on the outage
+    async with httpx.AsyncClient(timeout=10) as http:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        results = await asyncio.gather(
+            *[http.post(f"{gw.base_url}/chat/completions", json=body) for _ in range(20)]
+        )
+    ok = sum(r.status_code == 200 for r in results)
+    assert len(down.requests) == 20
+    # retries in flight were capped at max(2, 20 % of 20 in flight) = 4, not one per failed request
+    assert 1 <= ok <= 8, ok
+    assert gw.gateway.proxy.budget.refused >= 12
+    refused = next(r for r in results if r.status_code != 200)
+    assert "retry budget exhausted" in refused.json()["error"]["message"]
+
+
+async def test_accounting_names_who_answered_and_bills_only_what_reached_the_client(
+    make_gateway: MakeGateway,
+) -> None:
+    first = FakeUpstream("first", tokens=6).then({"cut_after": 3})
+    second = FakeUpstream("second", tokens=6)
+    first.token_delay = 0.01
+    gw = await make_gateway({"aws": [first], "gcp": [second]}, timeouts=FAST)
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
+    _, _, headers = await chat(gw, stream=True, stream_options={"include_usage": True})
+    assert headers["x-skyfabric-backend"] == "aws/r1/pool/0"  # who began it (headers go out first)
+    bad = FakeUpstream("bad", default={"status": 500})
+    gw2 = await make_gateway({"aws": [bad], "gcp": [FakeUpstream("good", tokens=2)]}, timeouts=FAST)
+    gw2.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
+    _, _, headers2 = await chat(gw2, stream=False)
+    assert headers2["x-skyfabric-backend"] == "gcp/r1/pool/0"  # the retry answered, and says so
+    text = (
+        (await gw2.gateway.proxy.metrics.render()) if False else gw2.gateway.proxy.metrics.render().decode()
+    )
+    assert 'skyfabric_requests_total{model="m",status="200"} 1.0' in text  # one request, not two
+    assert 'skyfabric_attempts_total{endpoint="aws/r1/pool/0",outcome="status_500"} 1.0' in text
+    assert 'skyfabric_attempts_total{endpoint="gcp/r1/pool/0",outcome="ok"} 1.0' in text

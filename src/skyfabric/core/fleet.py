@@ -160,7 +160,7 @@ class Retry(_Strict):
 
     max_attempts: int = Field(3, ge=1, le=10)
     budget_percent: float = Field(20.0, ge=0, le=100, description="retries ≤ this share of requests")
-    min_retries_per_second: float = Field(10.0, ge=0, description="retries always allowed at this rate")
+    min_retry_concurrency: int = Field(10, ge=0, description="retries in flight always allowed (the floor)")
     backoff_base: float = Field(0.025, ge=0)
     backoff_max: float = Field(1.0, ge=0)
 

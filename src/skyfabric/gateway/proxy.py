@@ -88,7 +88,7 @@ class Proxy:
         )
         #: Provider → monotonic time until which it is left alone (it said 429 with Retry-After).
         self.cooldowns: dict[str, float] = {}
-        self.budget = RetryBudget(fleet.retry.budget_percent, int(fleet.retry.min_retries_per_second))
+        self.budget = RetryBudget(fleet.retry.budget_percent, fleet.retry.min_retry_concurrency)
         self.timeouts = fleet.timeouts
         self.max_attempts = fleet.retry.max_attempts
         self.ttft = {m.name: TtftWindow() for m in fleet.models}
