@@ -241,9 +241,7 @@ async def test_accounting_names_who_answered_and_bills_only_what_reached_the_cli
     gw2.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000
     _, _, headers2 = await chat(gw2, stream=False)
     assert headers2["x-skyfabric-backend"] == "gcp/r1/pool/0"  # the retry answered, and says so
-    text = (
-        (await gw2.gateway.proxy.metrics.render()) if False else gw2.gateway.proxy.metrics.render().decode()
-    )
+    text = gw2.gateway.proxy.metrics.render().decode()
     assert 'skyfabric_requests_total{model="m",status="200"} 1.0' in text  # one request, not two
     assert 'skyfabric_attempts_total{endpoint="aws/r1/pool/0",outcome="status_500"} 1.0' in text
     assert 'skyfabric_attempts_total{endpoint="gcp/r1/pool/0",outcome="ok"} 1.0' in text
