@@ -27,11 +27,20 @@ class Endpoint:
     concurrency: int
     price_per_hour: float
     api_key: str | None = field(default=None, repr=False)
+    #: ``provider/region/pool/index``: the name in logs, metrics and ``x-skyfabric-backend``.
+    id: str = field(init=False)
+    #: (scheme, host, port) for the connection pool.
+    origin: tuple[str, str, int] = field(init=False)
+    #: The URL path prefix that API paths (``/chat/completions``) are appended to.
+    base_path: str = field(init=False)
 
-    @property
-    def id(self) -> str:
-        """``provider/region/pool/index``: the name in logs, metrics and ``x-skyfabric-backend``."""
-        return f"{self.provider}/{self.region}/{self.pool}/{self.index}"
+    def __post_init__(self) -> None:
+        # Computed once: the request path reads these on every attempt.
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        object.__setattr__(self, "id", f"{self.provider}/{self.region}/{self.pool}/{self.index}")
+        object.__setattr__(self, "origin", (parts.scheme, parts.hostname or "127.0.0.1", port))
+        object.__setattr__(self, "base_path", parts.path.rstrip("/"))
 
     @property
     def domains(self) -> tuple[str, str, str]:
@@ -41,18 +50,6 @@ class Endpoint:
             f"{self.provider}/{self.region}",
             f"{self.provider}/{self.region}/{self.pool}",
         )
-
-    @property
-    def origin(self) -> tuple[str, str, int]:
-        """(scheme, host, port) for the connection pool."""
-        parts = urlsplit(self.url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return parts.scheme, parts.hostname or "127.0.0.1", port
-
-    @property
-    def base_path(self) -> str:
-        """The URL path prefix that API paths (``/chat/completions``) are appended to."""
-        return urlsplit(self.url).path.rstrip("/")
 
 
 def fleet_endpoints(fleet: Fleet) -> list[Endpoint]:

@@ -383,38 +383,35 @@ class _Session:
         return True
 
     async def _forward(self, request: _ParsedRequest, mode: FaultMode, arrived: float) -> bool:
-        """Relay one request and its answer; False when the connection must close afterwards."""
+        """Relay one request and its answer; False when the connection must close afterwards.
+
+        The request is logged exactly once, however the relay ends (completed, cut, frozen, reset).
+        """
         proxy = self.proxy
-        if not await self._connect_upstream():
-            proxy.record("upstream_down", t=arrived, inference=request.inference)
-            return False
-        assert self.up_reader is not None and self.up_writer is not None
-        up_reader, up_writer = self.up_reader, self.up_writer
-        cutter: _Cutter | None = None
-        if mode.cut_rate and proxy.rng.random() < mode.cut_rate:
-            cutter = _Cutter(mode.cut_after_events, mode.cut_after_bytes)
-        sent_at = proxy.clock()
-        up_writer.write(request.raw())
         response = _ResponseSink()
-        scheduled = _ScheduledWriter(self.writer, proxy.clock) if mode.delays else None
         action = "forward"
         try:
+            if not await self._connect_upstream():
+                action = "upstream_down"
+                return False
+            assert self.up_reader is not None and self.up_writer is not None
+            up_reader = self.up_reader
+            cutter: _Cutter | None = None
+            if mode.cut_rate and proxy.rng.random() < mode.cut_rate:
+                cutter = _Cutter(mode.cut_after_events, mode.cut_after_bytes)
+            sent_at = proxy.clock()
+            self.up_writer.write(request.raw())
+            scheduled = _ScheduledWriter(self.writer, proxy.clock) if mode.delays else None
             while not response.done:
                 data = await up_reader.read(_READ_SIZE)
                 if not data:
                     if scheduled is not None:
                         await scheduled.finish()
-                    proxy.record(action, response.status, t=arrived, inference=request.inference)
                     return False
                 now_mode = proxy.mode
                 if now_mode.blackhole or now_mode.refuse:
-                    # The partition starts mid-answer: nothing more flows either way.
-                    proxy.record(
-                        "hold" if now_mode.blackhole else action,
-                        response.status,
-                        t=arrived,
-                        inference=request.inference,
-                    )
+                    # The partition (or crash) starts mid-answer: nothing more flows either way.
+                    action = "hold" if now_mode.blackhole else action
                     if scheduled is not None:
                         scheduled.cancel()
                     await self._hold()
@@ -437,16 +434,14 @@ class _Session:
                 if cut_at is not None:
                     if scheduled is not None:
                         await scheduled.finish()
-                    proxy.record("cut", response.status, t=arrived, inference=request.inference)
-                    await self.writer.drain()
                     return False
             if scheduled is not None:
                 await scheduled.finish()
+            return response.keep_alive
         except httptools.HttpParserError:
-            proxy.record(action, response.status, t=arrived, inference=request.inference)
             return False
-        proxy.record(action, response.status, t=arrived, inference=request.inference)
-        return response.keep_alive
+        finally:
+            proxy.record(action, response.status, t=arrived, inference=request.inference)
 
 
 class _ScheduledWriter:

@@ -234,10 +234,19 @@ async def _drive(
     records: list[RequestRecord] = []
     tasks: list[asyncio.Task[RequestRecord]] = []
 
+    in_flight = 0
+
+    def landed(_: asyncio.Task[RequestRecord]) -> None:
+        nonlocal in_flight
+        in_flight -= 1
+
     def launch(prompt: int, output: int, stream: bool) -> asyncio.Task[RequestRecord]:
+        nonlocal in_flight
         record = client.new(len(records), prompt, output, stream)
         records.append(record)
         task = asyncio.create_task(client.send(record))
+        in_flight += 1
+        task.add_done_callback(landed)
         tasks.append(task)
         return task
 
@@ -265,7 +274,7 @@ async def _drive(
             delay = t0 + planned.at - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if sum(1 for t in tasks if not t.done()) >= workload.max_in_flight:
+            if in_flight >= workload.max_in_flight:
                 dropped += 1
                 continue
             launch(planned.prompt_tokens, planned.output_tokens, planned.stream)

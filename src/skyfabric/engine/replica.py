@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
@@ -32,6 +33,16 @@ from skyfabric.engine.base import (
     GenerationDelta,
     GenerationRequest,
     create_engine,
+    engine_names,
+)
+from skyfabric.engine.devices import resolve_device
+from skyfabric.engine.external import (
+    EXIT_ENGINE_UNAVAILABLE,
+    EngineUnavailable,
+    ServerSpec,
+    exec_server,
+    server_command,
+    server_engine_names,
 )
 
 log = logging.getLogger("skyfabric.replica")
@@ -844,13 +855,28 @@ def run_replica(
     asyncio.run(main())
 
 
+def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
+    """Become the server of an engine that is its own server (vLLM, llama.cpp); see engine/external.py.
+
+    Returns only by exiting: with :data:`EXIT_ENGINE_UNAVAILABLE` and an operator-readable message when the
+    engine is not installed or cannot read the model, so the supervisor's log says what to install.
+    """
+    try:
+        command = server_command(engine_name, spec)
+    except EngineUnavailable as exc:
+        click.echo(f"skyfabric replica: error: {exc}", err=True)
+        sys.exit(EXIT_ENGINE_UNAVAILABLE)
+    exec_server(command)
+
+
 @click.command("replica")
 @click.option(
     "--model-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),
     default=DEFAULT_MODEL_DIR,
     show_default=True,
-    help="Local HF checkpoint directory (config.json, weights, tokenizer, chat template).",
+    help="Local HF checkpoint directory (config.json, weights, tokenizer, chat template); for "
+    "--engine llama-cpp a .gguf file or a directory holding one.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), required=True)
@@ -865,10 +891,32 @@ def run_replica(
 @click.option(
     "--engine",
     "engine_name",
-    type=click.Choice(["transformers"]),
+    type=click.Choice([*engine_names(), *server_engine_names()]),
     default="transformers",
     show_default=True,
-    help="Engine plug-in.",
+    help="Engine plug-in: transformers runs in this process; vllm and llama-cpp replace this process "
+    "with their own OpenAI server (see docs/engines.md).",
+)
+@click.option(
+    "--vllm-python",
+    default=None,
+    envvar="SKYFABRIC_VLLM_PYTHON",
+    show_envvar=True,
+    help="--engine vllm: Python interpreter that has vLLM installed [default: this one].",
+)
+@click.option(
+    "--llama-server",
+    default=None,
+    envvar="SKYFABRIC_LLAMA_SERVER",
+    show_envvar=True,
+    help="--engine llama-cpp: the llama-server binary [default: llama-server on PATH].",
+)
+@click.option(
+    "--engine-arg",
+    "engine_args",
+    multiple=True,
+    help="--engine vllm/llama-cpp: one argument passed verbatim to the engine's server (repeatable), "
+    "e.g. --engine-arg=--enforce-eager.",
 )
 @click.option(
     "--threads", type=click.IntRange(1), default=1, show_default=True, help="torch intra-op threads."
@@ -885,7 +933,12 @@ def run_replica(
     default=None,
     help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU].",
 )
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option(
+    "--device",
+    default=None,
+    help="torch device: cpu, cuda[:N], mps, xla (torch_xla/TPU), neuron (torch-neuronx) "
+    "[default: cuda if available, else cpu].",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
@@ -914,6 +967,9 @@ def replica_command(
     served_model_name: str | None,
     max_num_seqs: int,
     engine_name: str,
+    vllm_python: str | None,
+    llama_server: str | None,
+    engine_args: tuple[str, ...],
     threads: int,
     max_model_len: int | None,
     kv_cache_mib: int | None,
@@ -925,6 +981,37 @@ def replica_command(
 ) -> None:
     """Serve one model over an OpenAI-compatible API (started by the fleet supervisor)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if engine_name in server_engine_names():
+        ctx = click.get_current_context()
+        threads_given = ctx.get_parameter_source("threads") is not click.core.ParameterSource.DEFAULT
+        _exec_server_engine(
+            engine_name,
+            ServerSpec(
+                model_dir=model_dir.absolute(),
+                host=host,
+                port=port,
+                served_model_name=served_model_name or model_dir.name,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                dtype=dtype,
+                threads=threads if threads_given else None,
+                seed=seed,
+                device=device,
+                kv_cache_mib=kv_cache_mib,
+                executable=vllm_python if engine_name == "vllm" else llama_server,
+                extra_args=engine_args,
+            ),
+        )
+        return
+    if engine_args:
+        raise click.UsageError(f"--engine-arg is for engines that run their own server, not {engine_name}")
+    if model_dir.is_file():
+        raise click.BadParameter(f"{engine_name} needs a checkpoint directory", param_hint="--model-dir")
+    try:
+        device = resolve_device(device)
+    except EngineUnavailable as exc:
+        click.echo(f"skyfabric replica: error: {exc}", err=True)
+        sys.exit(EXIT_ENGINE_UNAVAILABLE)
     _quiet_transformers()
     run_replica(
         model_dir=model_dir,

@@ -153,17 +153,29 @@ class Cluster:
         Ties are broken at random so that equal endpoints share load. Returns None only when no endpoint
         is left that was not already tried (or none can continue, when that is needed).
         """
-        avoid_e = set(avoid_endpoints)
-        avoid_p = set(avoid_providers)
-        eligible = [
-            s
-            for s in self.states
-            if s.endpoint.id not in avoid_e and (s.endpoint.can_continue or not need_continuation)
-        ]
-        if not eligible:
-            return None
+        if avoid_endpoints or need_continuation:
+            avoid_e = set(avoid_endpoints)
+            eligible = [
+                s
+                for s in self.states
+                if s.endpoint.id not in avoid_e and (s.endpoint.can_continue or not need_continuation)
+            ]
+            if not eligible:
+                return None
+        else:
+            eligible = self.states
+            if not eligible:
+                return None
+        if cooldowns:
+            healthy = [
+                s for s in eligible if s.available(now) and cooldowns.get(s.endpoint.provider, 0.0) <= now
+            ]
+        else:
+            healthy = [s for s in eligible if s.available(now)]
+        if len(healthy) == 1:
+            return healthy[0]
         cool = cooldowns or {}
-        healthy = [s for s in eligible if s.available(now) and cool.get(s.endpoint.provider, 0.0) <= now]
+        avoid_p = set(avoid_providers)
         if not healthy:
             # Panic: every candidate is ejected or cooling; try the one whose wait ends first.
             return min(eligible, key=lambda s: max(s.ejected_until, cool.get(s.endpoint.provider, 0.0)))

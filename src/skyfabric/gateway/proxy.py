@@ -92,6 +92,8 @@ class Proxy:
         self.timeouts = fleet.timeouts
         self.max_attempts = fleet.retry.max_attempts
         self.ttft = {m.name: TtftWindow() for m in fleet.models}
+        self._capacity: dict[str, tuple[float, int]] = {}
+        self._models = {m.name: m for m in fleet.models}
         self.metrics = GatewayMetrics(list(self.states.values()), clock)
         self.admission = Admission(
             self.capacity,
@@ -133,7 +135,7 @@ class Proxy:
         return result
 
     async def _forward(self, ctx: RequestContext) -> Response | StreamResponse:
-        chain = [ctx.model, *self.fleet.model(ctx.model).fallbacks]
+        chain = [ctx.model, *self._models[ctx.model].fallbacks]
         last: UpstreamError | None = None
         self.budget.active_requests += 1
         retrying = False
@@ -176,7 +178,7 @@ class Proxy:
                         state = self.states.get(exc.endpoint, state)
                         if not retryable_status(exc.status):
                             if exc.status == 400 and is_context_length(exc):
-                                bigger = self.fleet.model(model).larger_context
+                                bigger = self._models[model].larger_context
                                 if bigger and bigger not in chain:
                                     chain.append(bigger)
                                     break
@@ -196,7 +198,7 @@ class Proxy:
         self, ctx: RequestContext, state: EndpointState, model: str
     ) -> Response | StreamResponse:
         """One attempt, or — for a hedged model's stream — a race of attempts on different providers."""
-        hedge = self.fleet.model(model).hedge
+        hedge = self._models[model].hedge
         if hedge is None or not ctx.stream:
             return await self.attempt(ctx, state, model)
         if hedge.after == "p95":
@@ -356,9 +358,14 @@ class Proxy:
         return error_response(502 if last else 503, detail, code="upstream_unavailable")
 
     def capacity(self, model: str) -> int:
-        """Requests the available endpoints of ``model`` serve well, together."""
+        """Requests the available endpoints of ``model`` serve well, together (recomputed every 50 ms)."""
         now = self.clock()
-        return sum(s.endpoint.concurrency for s in self.clusters[model].states if s.available(now))
+        cached = self._capacity.get(model)
+        if cached is not None and now - cached[0] < 0.05:
+            return cached[1]
+        total = sum(s.endpoint.concurrency for s in self.clusters[model].states if s.available(now))
+        self._capacity[model] = (now, total)
+        return total
 
     def model_list(self) -> bytes:
         """``GET /v1/models`` body: every model and alias that has at least one endpoint or fallback."""

@@ -99,7 +99,7 @@ class _UpstreamConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        # The parser carries on to the next response of a keep-alive connection by itself.
         self.status = 0
         self.headers = []
         self.chunks.clear()
