@@ -866,7 +866,11 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
     except EngineUnavailable as exc:
         click.echo(f"skyfabric replica: error: {exc}", err=True)
         sys.exit(EXIT_ENGINE_UNAVAILABLE)
-    exec_server(command)
+    try:
+        exec_server(command)
+    except OSError as exc:  # validated, yet not executable (noexec mount, wrong architecture, ...)
+        click.echo(f"skyfabric replica: error: cannot exec {command.argv[0]}: {exc}", err=True)
+        sys.exit(EXIT_ENGINE_UNAVAILABLE)
 
 
 @click.command("replica")
@@ -894,8 +898,11 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
     type=click.Choice([*engine_names(), *server_engine_names()]),
     default="transformers",
     show_default=True,
+    envvar="SKYFABRIC_ENGINE",
+    show_envvar=True,
     help="Engine plug-in: transformers runs in this process; vllm and llama-cpp replace this process "
-    "with their own OpenAI server (see docs/engines.md).",
+    "with their own OpenAI server (see docs/engines.md). The variable sets it for every replica that "
+    "`skyfabric up` starts on this host.",
 )
 @click.option(
     "--vllm-python",
@@ -990,7 +997,8 @@ def replica_command(
                 model_dir=model_dir.absolute(),
                 host=host,
                 port=port,
-                served_model_name=served_model_name or model_dir.name,
+                served_model_name=served_model_name
+                or (model_dir.stem if model_dir.is_file() else model_dir.name),
                 max_num_seqs=max_num_seqs,
                 max_model_len=max_model_len,
                 dtype=dtype,

