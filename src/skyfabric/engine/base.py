@@ -1,9 +1,9 @@
 """The engine plug-in interface: what the replica HTTP server needs from a model runtime.
 
-The replica speaks OpenAI's wire format; an engine only turns token ids into a stream of text deltas. Keeping
-the contract this small (tokenize, generate, stats) is what lets a vLLM or llama.cpp backend slot in later
-without touching the HTTP layer. Only the transformers engine exists today
-(:mod:`skyfabric.engine.transformers_engine`).
+The replica speaks OpenAI's wire format; an in-process engine only turns token ids into a stream of text
+deltas. Keeping the contract this small (tokenize, generate, stats) keeps the HTTP layer out of model code.
+The built-in engine is :mod:`skyfabric.engine.transformers_engine`; engines that are servers of their own
+(vLLM, llama.cpp) plug in through :mod:`skyfabric.engine.external` instead: the replica execs them.
 """
 
 from __future__ import annotations
