@@ -7,7 +7,6 @@ needs the shipped weights (``skyfabric grow`` makes them) and the replica engine
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,15 +23,6 @@ from skyfabric.drills.scenario import load_scenario
 pytestmark = pytest.mark.slow
 
 
-def _engine_ready() -> bool:
-    if importlib.util.find_spec("skyfabric.engine.replica") is None:
-        return False
-    from skyfabric.engine import DEFAULT_MODEL_DIR
-
-    return (DEFAULT_MODEL_DIR / "config.json").exists()
-
-
-@pytest.mark.skipif(not _engine_ready(), reason="the replica engine or the shipped weights are not there yet")
 def test_provider_outage_on_the_embedded_fleet(tmp_path: Path) -> None:
     options = DrillOptions(
         scenario=load_scenario("provider-outage"),

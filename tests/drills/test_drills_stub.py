@@ -81,6 +81,8 @@ def test_builtin_scenario_against_stubs(name: str, stub_fleet: Path, tmp_path: P
         assert rescued is None or rescued >= 1
     if name == "flap":
         assert len(run.spans[0].windows) >= 3
+    if name == "network-blip":
+        assert len(report["result"]["faults"][0]["endpoints"]) == len(run.endpoints)
     if name == "steady":
         assert report["result"]["faults"] == []
         assert totals["success_rate"] == 100.0

@@ -165,5 +165,7 @@ def test_report_without_gateway_metrics_says_na(tmp_path: Path) -> None:
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     records, events = synthetic()
-    path = plot_timeline(records, [SPAN], events, tmp_path / "t.png", title="synthetic", ended=30.0)
+    path = plot_timeline(
+        records, [SPAN], events, tmp_path / "t.png", title="synthetic", ended=30.0, stalls=[(12.0, 0.4)]
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -79,6 +79,8 @@ def test_target_defaults_and_overrides(endpoints: list[Endpoint]) -> None:
     assert name == "azure/eastus" and "every endpoint of provider azure" in note
     name, hit, _ = resolve_target(Target(scope="endpoint"), endpoints, provider="gcp")
     assert name == "gcp/us-central1/p/0"
+    name, hit, _ = resolve_target(Target(scope="fleet"), endpoints, provider="gcp")
+    assert name == "every provider" and hit == endpoints
     with pytest.raises(ConfigError, match="providers: aws, gcp, azure"):
         resolve_target(Target(), endpoints, provider="oracle")
     with pytest.raises(ConfigError, match="no region 'eu-west-1'"):

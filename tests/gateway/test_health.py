@@ -113,3 +113,61 @@ async def test_losing_half_a_provider_ejects_the_rest_of_it(make_gateway: MakeGa
     proxy.note_failure(ctx, proxy.states["aws/r1/pool/1"], ConnectError("refused"))
     available = {s.endpoint.id for s in proxy.states.values() if s.available(proxy.clock())}
     assert available == {"gcp/r1/pool/0"}
+
+
+async def test_all_endpoints_silent_at_once_is_not_an_outage(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(
+        {"aws": [FakeUpstream("a")], "gcp": [FakeUpstream("b")]}, health={"stall": 0.5, "probe_interval": 0}
+    )
+    proxy = gw.gateway.proxy
+    checker = HealthChecker(proxy)
+    for state in proxy.states.values():
+        state.streaming, state.last_activity = 1, 0.0
+    checker.watch_stalls(10.0)  # both silent: our own pause or network, not two clouds at once
+    assert all(s.available(10.0) for s in proxy.states.values())
+    proxy.states["gcp/r1/pool/0"].last_activity = 9.9
+    checker.watch_stalls(10.0)  # only aws silent while gcp streams: aws is out
+    assert not proxy.states["aws/r1/pool/0"].available(10.0)
+    assert proxy.states["gcp/r1/pool/0"].available(10.0)
+    for state in proxy.states.values():
+        state.streaming = 0
+
+
+async def test_probe_ejection_moves_requests_stuck_in_a_blackhole(make_gateway: MakeGateway) -> None:
+    hole = FakeUpstream("hole", tokens=3, default="hang")
+    good = FakeUpstream("good", tokens=3)
+    gw = await make_gateway(
+        {"aws": [hole], "gcp": [good]},
+        timeouts={"connect": 1, "first_byte": 30, "first_token": 30, "idle": 30, "response": 30, "total": 60},
+        health={"probe_interval": 0, "consecutive_failures": 1},
+    )
+    proxy = gw.gateway.proxy
+    proxy.states["gcp/r1/pool/0"].outstanding = 1000
+    started = time.monotonic()
+    task = asyncio.ensure_future(
+        gw.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    )
+    await asyncio.sleep(0.3)
+    proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    proxy.after_ejection(proxy.states["aws/r1/pool/0"], "probe: timed out")  # what a failed probe does
+    completion = await asyncio.wait_for(task, 5)
+    assert completion.choices[0].message.content == expected_text(3)
+    assert time.monotonic() - started < 3  # not the 30 s response timeout
+
+
+async def test_fleet_wide_outage_holds_requests_until_an_endpoint_is_back(make_gateway: MakeGateway) -> None:
+    a, b = FakeUpstream("a", tokens=2), FakeUpstream("b", tokens=2)
+    gw = await make_gateway({"aws": [a], "gcp": [b]}, health={"probe_interval": 0, "base_ejection": 0.4})
+    proxy = gw.gateway.proxy
+    from skyfabric.gateway.balancer import eject
+
+    for state in proxy.states.values():
+        eject(state, proxy.clock(), proxy.outlier)  # the gateway's own network blinked: everything is out
+    started = time.monotonic()
+    completion = await gw.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}]
+    )
+    waited = time.monotonic() - started
+    assert completion.choices[0].message.content == expected_text(2)
+    assert 0.3 < waited < 2.0  # held until the ejection ran out, then served; not failed, not sent blind
+    assert len(a.requests) + len(b.requests) == 1

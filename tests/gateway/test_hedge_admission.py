@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from skyfabric.core.errors import Overloaded, UpstreamError
-from skyfabric.gateway.admission import Admission, parse_priority
+from skyfabric.gateway.admission import Admission, _ModelGate, parse_priority
 from skyfabric.gateway.hedge import TtftWindow, race
 from tests.conftest import MakeGateway
 from tests.support.fake_upstream import FakeUpstream, expected_text
@@ -144,3 +144,20 @@ async def test_over_capacity_gets_429_with_retry_after_over_http(make_gateway: M
         for r in results
         if r.status_code == 200
     )
+
+
+async def test_waiters_are_admitted_when_capacity_comes_back_without_any_release() -> None:
+    """Every endpoint ejected at once: nothing in flight, capacity 0; then a probe brings one back."""
+    capacity = {"m": 0}
+    gate = Admission(lambda model: capacity[model], queue_timeout=5, queue_limit=10, clock=time.monotonic)
+    gate.gates["m"] = _ModelGate(inflight=1)
+    waiting = asyncio.ensure_future(gate.acquire("m", 5, time.monotonic() + 10))
+    await asyncio.sleep(0.01)
+    gate.release("m", 1.0)  # the last request ends while capacity is still 0: nobody can be admitted
+    assert not waiting.done() and gate.gates["m"].inflight == 0
+    capacity["m"] = 4  # a probe readmits an endpoint
+    gate.dispatch_all()  # the health loop's tick
+    await asyncio.wait_for(waiting, 1)
+    # and a new request is not stuck behind an empty queue
+    await asyncio.wait_for(gate.acquire("m", 5, time.monotonic() + 10), 1)
+    assert gate.gates["m"].inflight == 2

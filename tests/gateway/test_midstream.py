@@ -94,9 +94,9 @@ async def test_stream_finished_but_without_done_is_completed_not_failed(make_gat
 
 
 async def test_backend_that_cannot_continue_is_never_sent_a_prefill(make_gateway: MakeGateway) -> None:
-    first = FakeUpstream("first", tokens=10).then({"cut_after": 4})
+    first = FakeUpstream("first", tokens=10, default={"cut_after": 4})  # the only capable one keeps dying
     no_prefill = FakeUpstream("no-prefill", tokens=10, can_continue=False)
-    gw = await pinned(make_gateway, first, no_prefill)
+    gw = await pinned(make_gateway, first, no_prefill, retry={"outage_wait": 0.2})
     with pytest.raises(openai.APIError) as info:
         await read_stream(gw)
     assert "no backend could continue" in str(info.value)  # an in-band error, not a silent truncation
@@ -106,8 +106,8 @@ async def test_backend_that_cannot_continue_is_never_sent_a_prefill(make_gateway
 async def test_stream_error_is_in_band_and_never_looks_finished(make_gateway: MakeGateway) -> None:
     import httpx
 
-    first = FakeUpstream("first", tokens=10).then({"cut_after": 4})
-    gw = await make_gateway({"aws": [first]}, timeouts=FAST)
+    first = FakeUpstream("first", tokens=10, default={"cut_after": 4})  # every answer dies at 4 tokens
+    gw = await make_gateway({"aws": [first]}, timeouts=FAST, retry={"outage_wait": 0.2})
     async with (
         httpx.AsyncClient() as http,
         http.stream(

@@ -158,9 +158,15 @@ class Timeouts(_Strict):
 class Retry(_Strict):
     """How many times, and how much extra load, a request may spend on other endpoints."""
 
-    max_attempts: int = Field(3, ge=1, le=10)
+    max_attempts: int = Field(3, ge=1, le=10, description="attempts before the first token")
+    max_continuations: int = Field(
+        3, ge=0, le=10, description="backends a stream may move to after its first token; 0: no failover"
+    )
     budget_percent: float = Field(20.0, ge=0, le=100, description="retries ≤ this share of requests")
     min_retry_concurrency: int = Field(10, ge=0, description="retries in flight always allowed (the floor)")
+    outage_wait: float = Field(
+        10.0, ge=0, description="when every endpoint of a model is out, how long a request waits for one"
+    )
     backoff_base: float = Field(0.025, ge=0)
     backoff_max: float = Field(1.0, ge=0)
 

@@ -120,6 +120,7 @@ def drill_command(
             out_dir / "timeline.png",
             title=f"drill {spec.name}: skyfabric",
             ended=run.main.ended,
+            stalls=run.main.stalls(),
         )
     )
     if run.baseline is not None:
@@ -131,6 +132,7 @@ def drill_command(
                 out_dir / "timeline-baseline.png",
                 title=f"drill {spec.name}: baseline (failover off)",
                 ended=run.baseline.ended,
+                stalls=run.baseline.stalls(),
             )
         )
     files["requests"] = str(out_dir / "requests.jsonl")
@@ -140,6 +142,14 @@ def drill_command(
                 continue
             for record in result.records:
                 handle.write(json.dumps({"pass": result.label, **record.to_json()}) + "\n")
+    files["gateway_metrics"] = str(out_dir / "gateway-metrics.jsonl")
+    with open(out_dir / "gateway-metrics.jsonl", "w") as handle:
+        for result in (run.main, run.baseline):
+            if result is None:
+                continue
+            for t, values in result.metrics.samples:
+                own = {k: v for k, v in values.items() if k.startswith("skyfabric_")}
+                handle.write(json.dumps({"pass": result.label, "t": round(t, 3), "metrics": own}) + "\n")
     report = build_report(run, files)
     write_json(report, out_dir / "report.json")
     markdown = render_markdown(report)

@@ -43,8 +43,10 @@ def plot_timeline(
     *,
     title: str,
     ended: float,
+    stalls: Sequence[tuple[float, float]] = (),
 ) -> Path:
-    """Write the PNG and return its path."""
+    """Write the PNG and return its path. ``stalls`` are (time, seconds) pauses of the drill itself, drawn
+    as grey bands so that a latency spike they caused is not read as the gateway's."""
     width = 1.0 if ended <= 180 else 5.0
     n = max(1, math.ceil(ended / width))
     xs = [i * width for i in range(n + 1)]
@@ -56,6 +58,8 @@ def plot_timeline(
         for span in spans:
             for a, b in span.windows:
                 ax.axvspan(a, b, color=_SHADES[span.group % len(_SHADES)], alpha=0.12, lw=0)
+        for at, lag in stalls:
+            ax.axvspan(at, at + max(lag, width / 10), color="#7f7f7f", alpha=0.35, lw=0)
         ax.grid(alpha=0.3)
     for span in spans:
         ax_rate.text(
@@ -105,7 +109,10 @@ def plot_timeline(
         times = [e.t for eid, evs in events.items() if eid.split("/")[0] == p for e in evs if e.inference]
         ax_edge.step(xs, _bins(times, width, n), where="post", color=color[p], label=f"reaching {p}")
     ax_edge.set_ylabel("upstream requests / s\n(at the proxies)")
-    ax_edge.set_xlabel("seconds since the drill started (shaded: faults)")
+    ax_edge.set_xlabel(
+        "seconds since the drill started (shaded: faults"
+        + ("; grey: the drill itself paused)" if stalls else ")")
+    )
     ax_edge.legend(loc="upper right", fontsize=8, ncol=2)
     ax_edge.set_xlim(0, max(ended, 1.0))
 

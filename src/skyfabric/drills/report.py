@@ -52,6 +52,7 @@ def pass_report(result: PassResult, run: DrillRun) -> dict[str, Any]:
     return {
         "label": result.label,
         "drill_loop_lag": {"max": worst[1], "at": worst[0], "p99": percentile(lags, 99)},
+        "drill_stalls": [[round(t, 3), round(lag, 3)] for t, lag in result.stalls()],
         "load_average": list(result.load),
         "fleet_file": str(result.fleet_file) if result.fleet_file else None,
         "duration": result.duration,

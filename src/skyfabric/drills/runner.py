@@ -70,6 +70,10 @@ class PassResult:
     loop_lag: list[tuple[float, float]] = field(default_factory=list)
     load: tuple[float, float] = (0.0, 0.0)
 
+    def stalls(self, threshold: float = 0.25) -> list[tuple[float, float]]:
+        """(time, seconds) of the drill's own pauses longer than ``threshold``."""
+        return [(t, lag) for t, lag in self.loop_lag if lag > threshold]
+
 
 @dataclass(slots=True)
 class DrillRun:

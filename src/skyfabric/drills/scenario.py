@@ -21,7 +21,7 @@ from skyfabric.drills.faultproxy import FaultMode
 Offset = float | Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*%\s*$")]
 
 FaultKind = Literal["blackhole", "refuse", "latency", "errors", "throttle", "cut"]
-Scope = Literal["provider", "region", "pool", "endpoint"]
+Scope = Literal["fleet", "provider", "region", "pool", "endpoint"]
 
 
 def offset_seconds(value: float | str, duration: float) -> float:
@@ -71,7 +71,8 @@ class Workload(_Strict):
 
 class Target(_Strict):
     """The failure domain a fault hits. Names left out are filled from ``--provider``/``--region``, or
-    with the fleet's first provider / region / pool, down to the ``scope``."""
+    with the fleet's first provider / region / pool, down to the ``scope``; ``fleet`` is every endpoint
+    (the gateway cut off from all its backends at once)."""
 
     scope: Scope = "provider"
     provider: str | None = None

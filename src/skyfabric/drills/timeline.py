@@ -41,6 +41,8 @@ def resolve_target(
 ) -> tuple[str, list[Endpoint], str]:
     """The target's name (``aws/us-east-1``), its endpoints, and a note when it is a whole provider."""
     providers = list(dict.fromkeys(e.provider for e in endpoints))
+    if target.scope == "fleet":
+        return "every provider", list(endpoints), ""
     want_provider = provider or target.provider
     want_region = region or target.region
     if want_provider is None and want_region is not None:

@@ -81,6 +81,8 @@ class Admission:
         if gate is None:
             gate = self.gates[model] = _ModelGate()
         capacity = self.capacity(model)
+        if gate.queue:
+            self._dispatch(gate, capacity)  # capacity may have come back since the last release
         if gate.inflight < capacity and not gate.queue:
             gate.inflight += 1
             return
@@ -121,18 +123,33 @@ class Admission:
             if waiter in gate.queue:
                 gate.queue.remove(waiter)
                 heapq.heapify(gate.queue)
-        # the releaser handed its slot over: inflight already counts us
+        # a dispatcher handed us a slot: inflight already counts us
 
     def release(self, model: str, held_for: float) -> None:
-        """Give a slot back: to the most important waiter if any, else to the pool."""
+        """Give a slot back, and hand free slots to the most important waiters."""
         gate = self.gates[model]
         gate.service_time += 0.05 * (held_for - gate.service_time)
-        while gate.queue and gate.inflight <= self.capacity(model):
+        gate.inflight -= 1
+        if gate.queue:
+            self._dispatch(gate, self.capacity(model))
+
+    def _dispatch(self, gate: _ModelGate, capacity: int) -> None:
+        """Admit waiters, most important first, while there are free slots."""
+        while gate.queue and gate.inflight < capacity:
             waiter = heapq.heappop(gate.queue)
             if not waiter.future.done():
-                waiter.future.set_result(None)  # the slot passes to it: inflight unchanged
-                return
-        gate.inflight -= 1
+                gate.inflight += 1  # the slot is the waiter's from now on
+                waiter.future.set_result(None)
+
+    def dispatch_all(self) -> None:
+        """Admit what the current capacity allows in every model (the health loop calls this each tick).
+
+        Without it a queue could wait on a release that never comes: when every endpoint was ejected at
+        once, nothing is in flight, and capacity returns through a probe rather than a finished request.
+        """
+        for model, gate in self.gates.items():
+            if gate.queue:
+                self._dispatch(gate, self.capacity(model))
 
     def waiting(self, model: str) -> int:
         gate = self.gates.get(model)

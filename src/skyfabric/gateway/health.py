@@ -56,9 +56,19 @@ class HealthChecker:
 
     async def run(self) -> None:
         """Watch until cancelled."""
+        last = self.proxy.clock()
         while True:
             now = self.proxy.clock()
-            self.watch_stalls(now)
+            lag = now - last - self.tick
+            last = now
+            if lag > self.health.stall / 2:
+                # We were paused ourselves (GC, a busy host): the silence we would measure is ours.
+                log.warning("health loop ran %.2fs late: stall checks skipped this round", lag)
+                for state in self.proxy.states.values():
+                    state.last_activity = max(state.last_activity, now)
+            else:
+                self.watch_stalls(now)
+            self.proxy.admission.dispatch_all()
             interval = self.health.probe_interval
             if interval > 0 and now - self._last_probe >= interval:
                 self._last_probe = now
@@ -66,9 +76,18 @@ class HealthChecker:
             await asyncio.sleep(self.tick)
 
     def watch_stalls(self, now: float) -> None:
-        """Eject endpoints gone silent under committed streams; abort their connections."""
-        for state in self.proxy.states.values():
-            if state.available(now) and stalled(state, now, self.health.stall):
+        """Eject endpoints gone silent under committed streams; abort their connections.
+
+        Every streaming endpoint falling silent at the same moment is more likely our own network or
+        host than every cloud at once: then nothing is ejected (each stream still has its idle timeout).
+        """
+        streaming = [s for s in self.proxy.states.values() if s.streaming > 0 and s.available(now)]
+        silent = [s for s in streaming if stalled(s, now, self.health.stall)]
+        if len(silent) >= 2 and len(silent) == len(streaming):
+            log.warning("all %d streaming endpoints silent at once: not ejecting any", len(silent))
+            return
+        for state in silent:
+            if state.available(now):
                 log.warning(
                     "%s silent for %.2fs with %d streams: ejecting",
                     state.endpoint.id,

@@ -91,6 +91,7 @@ class Proxy:
         self.budget = RetryBudget(fleet.retry.budget_percent, fleet.retry.min_retry_concurrency)
         self.timeouts = fleet.timeouts
         self.max_attempts = fleet.retry.max_attempts
+        self.max_continuations = fleet.retry.max_continuations
         self.ttft = {m.name: TtftWindow() for m in fleet.models}
         self._capacity: dict[str, tuple[float, int]] = {}
         self._models = {m.name: m for m in fleet.models}
@@ -139,56 +140,71 @@ class Proxy:
         last: UpstreamError | None = None
         self.budget.active_requests += 1
         retrying = False
+        waited = False
         try:
-            for model in chain:
-                cluster = self.clusters[model]
-                while ctx.attempts < self.max_attempts:
-                    now = self.clock()
-                    if now >= ctx.deadline:
-                        return error_response(
-                            504, "the request's deadline passed before any backend answered"
-                        )
-                    state = cluster.pick(
-                        now,
-                        avoid_endpoints=ctx.tried,
-                        avoid_providers=ctx.failed_providers,
-                        cooldowns=self.cooldowns,
-                    )
-                    if state is None:
-                        break
-                    if ctx.attempts > 0:
-                        if not self.budget.allow():
-                            return self._exhausted(last, "retry budget exhausted")
-                        if state.endpoint.provider in ctx.failed_providers:
-                            pause = backoff(
-                                ctx.attempts, self.fleet.retry.backoff_base, self.fleet.retry.backoff_max
+            while True:
+                for model in chain:
+                    cluster = self.clusters[model]
+                    while ctx.attempts < self.max_attempts:
+                        now = self.clock()
+                        if now >= ctx.deadline:
+                            return error_response(
+                                504, "the request's deadline passed before any backend answered"
                             )
-                            await asyncio.sleep(min(pause, max(0.0, ctx.deadline - now)))
-                        if not retrying:
-                            retrying = True
-                            self.budget.active_retries += 1
-                        self.metrics.retries.inc()
-                    ctx.attempts += 1
-                    ctx.tried.add(state.endpoint.id)
-                    try:
-                        answer = await self._attempt_or_race(ctx, state, model)
-                        return answer
-                    except UpstreamStatus as exc:
-                        last = exc
-                        state = self.states.get(exc.endpoint, state)
-                        if not retryable_status(exc.status):
-                            if exc.status == 400 and is_context_length(exc):
-                                bigger = self._models[model].larger_context
-                                if bigger and bigger not in chain:
-                                    chain.append(bigger)
-                                    break
-                            self.metrics.attempt(state.endpoint.id, f"status_{exc.status}")
-                            return self._passthrough(exc)
-                        self.note_failure(ctx, state, exc)
-                    except UpstreamError as exc:
-                        last = exc
-                        self.note_failure(ctx, self.states.get(exc.endpoint, state), exc)
-            return self._exhausted(last, "no backend could answer")
+                        if not waited and not self.any_available(chain, now):
+                            # The whole fleet for this model is out: wait for it rather than send into it.
+                            waited = True
+                            await self.wait_for_endpoint(chain, ctx.deadline)
+                            continue
+                        state = cluster.pick(
+                            now,
+                            avoid_endpoints=ctx.tried,
+                            avoid_providers=ctx.failed_providers,
+                            cooldowns=self.cooldowns,
+                        )
+                        if state is None:
+                            break
+                        if ctx.attempts > 0:
+                            if not self.budget.allow():
+                                return self._exhausted(last, "retry budget exhausted")
+                            if state.endpoint.provider in ctx.failed_providers:
+                                pause = backoff(
+                                    ctx.attempts, self.fleet.retry.backoff_base, self.fleet.retry.backoff_max
+                                )
+                                await asyncio.sleep(min(pause, max(0.0, ctx.deadline - now)))
+                            if not retrying:
+                                retrying = True
+                                self.budget.active_retries += 1
+                            self.metrics.retries.inc()
+                        ctx.attempts += 1
+                        ctx.tried.add(state.endpoint.id)
+                        try:
+                            answer = await self._attempt_or_race(ctx, state, model)
+                            return answer
+                        except UpstreamStatus as exc:
+                            last = exc
+                            state = self.states.get(exc.endpoint, state)
+                            if not retryable_status(exc.status):
+                                if exc.status == 400 and is_context_length(exc):
+                                    bigger = self._models[model].larger_context
+                                    if bigger and bigger not in chain:
+                                        chain.append(bigger)
+                                        break
+                                self.metrics.attempt(state.endpoint.id, f"status_{exc.status}")
+                                return self._passthrough(exc)
+                            self.note_failure(ctx, state, exc)
+                        except UpstreamError as exc:
+                            last = exc
+                            self.note_failure(ctx, self.states.get(exc.endpoint, state), exc)
+                if not waited and not self.any_available(chain, self.clock()):
+                    # Every endpoint failed this request and all are out now: one more round once one is back.
+                    waited = True
+                    if await self.wait_for_endpoint(chain, ctx.deadline):
+                        ctx.tried.clear()
+                        ctx.failed_providers.clear()
+                        ctx.attempts = min(ctx.attempts, self.max_attempts - 1)
+                        continue
+                return self._exhausted(last, "no backend could answer")
         finally:
             self.budget.active_requests -= 1
             if retrying:
@@ -335,8 +351,11 @@ class Proxy:
             self.metrics.ejections.labels(peer.endpoint.id).inc()
             log.warning("ejected %s with its failing domain", peer.endpoint.id)
             ejected.append(peer)
+        # Ejected by the health loop (silence, failed probes) or with its domain: what is in flight
+        # there is stuck, so move it now. A single failed request says nothing about its neighbours.
+        found_dead = reason == "stall" or reason.startswith("probe")
         for dead in ejected:
-            if reason == "stall" or dead is not state:
+            if found_dead or dead is not state:
                 for conn in list(dead.inflight):
                     conn.abort()
 
@@ -356,6 +375,29 @@ class Proxy:
             )
         detail = f"{why}; last error: {last}" if last else why
         return error_response(502 if last else 503, detail, code="upstream_unavailable")
+
+    def any_available(self, chain: list[str], now: float, need_continuation: bool = False) -> bool:
+        """Whether any endpoint of these models (able to continue, if that is needed) is in rotation."""
+        return any(
+            s.available(now) and (s.endpoint.can_continue or not need_continuation)
+            for model in chain
+            for s in self.clusters[model].states
+        )
+
+    async def wait_for_endpoint(self, chain: list[str], deadline: float, need_continuation: bool = False) -> bool:
+        """When every endpoint of ``chain`` is out, wait (≤ ``retry.outage_wait``) for one to come back.
+
+        A fleet-wide outage seen from the gateway is usually its own network blinking; a request with
+        time left is better held for a few seconds than failed, or sent into a blackhole.
+        """
+        limit = min(deadline, self.clock() + self.fleet.retry.outage_wait)
+        for _ in range(int(self.fleet.retry.outage_wait / 0.05)):  # bounded even under a frozen test clock
+            if self.any_available(chain, self.clock(), need_continuation):
+                return True
+            if self.clock() >= limit:
+                break
+            await asyncio.sleep(0.05)
+        return self.any_available(chain, self.clock(), need_continuation)
 
     def capacity(self, model: str) -> int:
         """Requests the available endpoints of ``model`` serve well, together (recomputed every 50 ms)."""

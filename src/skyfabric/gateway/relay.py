@@ -48,6 +48,7 @@ class StreamRelay:
         self.segment = 0
         self.base_tokens = 0
         self.held = False
+        self.continuations = 0
         options = ctx.body.get("stream_options")
         self.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         #: Backends that served a part of this stream, in order (for logs and the usage ledger).
@@ -206,7 +207,15 @@ class StreamRelay:
         self.resp.abort()
         proxy.note_failure(ctx, failed, exc, hard=True)
         chain = [ctx.model, *proxy.fleet.model(ctx.model).fallbacks]
-        while ctx.attempts < proxy.max_attempts + 2 and proxy.clock() < ctx.deadline:
+        waited = False
+        while self.continuations < proxy.max_continuations and proxy.clock() < ctx.deadline:
+            need = bool(self.progress.content)
+            if not waited and not proxy.any_available(chain, proxy.clock(), need):
+                waited = True  # every capable backend is out: hold the stream for one to come back
+                if await proxy.wait_for_endpoint(chain, ctx.deadline, need):
+                    ctx.tried.clear()
+                    ctx.failed_providers.clear()
+            self.continuations += 1
             prefix, tokens = self.progress.content, self.progress.tokens
             state = None
             for model in chain:
@@ -220,6 +229,11 @@ class StreamRelay:
                 if state is not None:
                     break
             if state is None:
+                if not waited and await proxy.wait_for_endpoint(chain, ctx.deadline, bool(prefix)):
+                    waited = True
+                    ctx.tried.clear()
+                    ctx.failed_providers.clear()
+                    continue
                 break
             body = ctx.continuation_body(state.endpoint, prefix, tokens)
             ctx.attempts += 1
