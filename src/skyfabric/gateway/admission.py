@@ -86,8 +86,6 @@ class Admission:
         if gate.inflight < capacity and not gate.queue:
             gate.inflight += 1
             return
-        if capacity <= 0 and not gate.inflight:
-            raise Overloaded(f"no capacity for {model} is up", retry_after=5.0, status=503)
         if len(gate.queue) >= self.queue_limit:
             lowest = max(gate.queue) if gate.queue else None  # lowest priority, latest arrival
             if lowest is None or lowest.priority >= priority:

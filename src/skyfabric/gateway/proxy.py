@@ -400,12 +400,19 @@ class Proxy:
         return self.any_available(chain, self.clock(), need_continuation)
 
     def capacity(self, model: str) -> int:
-        """Requests the available endpoints of ``model`` serve well, together (recomputed every 50 ms)."""
+        """Requests the available endpoints of ``model`` serve well, together (recomputed every 50 ms).
+
+        Zero while every endpoint is out: requests then queue (bounded by ``admission.queue_timeout``) and
+        are admitted as soon as a probe brings one back.
+        """
         now = self.clock()
         cached = self._capacity.get(model)
         if cached is not None and now - cached[0] < 0.05:
             return cached[1]
-        total = sum(s.endpoint.concurrency for s in self.clusters[model].states if s.available(now))
+        states = self.clusters[model].states
+        if not states:
+            return 1 << 30  # served only through fallbacks: nothing to protect here
+        total = sum(s.endpoint.concurrency for s in states if s.available(now))
         self._capacity[model] = (now, total)
         return total
 
