@@ -384,7 +384,9 @@ class Proxy:
             for s in self.clusters[model].states
         )
 
-    async def wait_for_endpoint(self, chain: list[str], deadline: float, need_continuation: bool = False) -> bool:
+    async def wait_for_endpoint(
+        self, chain: list[str], deadline: float, need_continuation: bool = False
+    ) -> bool:
         """When every endpoint of ``chain`` is out, wait (≤ ``retry.outage_wait``) for one to come back.
 
         A fleet-wide outage seen from the gateway is usually its own network blinking; a request with
