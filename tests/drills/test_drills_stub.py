@@ -101,6 +101,7 @@ def test_baseline_shows_what_failover_saves(stub_fleet: Path, tmp_path: Path) ->
     assert len(run.main.records) == len(run.baseline.records)  # the same planned arrivals
     baseline_fleet = yaml.safe_load((tmp_path / "fleet.baseline.yaml").read_text())
     assert baseline_fleet["retry"]["max_attempts"] == 1
+    assert baseline_fleet["retry"]["max_continuations"] == 0
 
 
 def test_cli_prints_the_report_and_writes_files(stub_fleet: Path, tmp_path: Path) -> None:

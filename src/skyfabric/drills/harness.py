@@ -67,19 +67,17 @@ def proxied_url(url: str, authority: str) -> str:
 def baseline_fleet(data: dict[str, Any]) -> dict[str, Any]:
     """The same fleet with failover off: one attempt per request, no continuation, no hedging.
 
-    ``retry.max_attempts: 1`` stops retries; continuation needs its own switch because the relay allows
-    continuations beyond ``max_attempts``, so every pool is also marked ``continuation: false``; models
-    lose their ``hedge``. Health checks and ejection stay on: the baseline is a gateway that routes around
-    endpoints it knows are dead but never gives a failed request a second chance.
+    ``retry.max_attempts: 1`` stops retries and ``retry.max_continuations: 0`` stops mid-stream
+    failover; models lose their ``hedge``. Health checks and ejection stay on: the baseline is a gateway
+    that routes around endpoints it knows are dead but never gives a failed request a second chance.
     """
     out = copy.deepcopy(data)
-    out.setdefault("retry", {})["max_attempts"] = 1
+    retry = out.setdefault("retry", {})
+    retry["max_attempts"] = 1
+    retry["max_continuations"] = 0
+    retry["outage_wait"] = 0
     for model in out["models"]:
         model.pop("hedge", None)
-    for provider in out["providers"]:
-        for region in provider["regions"]:
-            for pool in region["pools"]:
-                pool["continuation"] = False
     return out
 
 
