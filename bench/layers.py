@@ -1,60 +1,27 @@
 """Side by side, one run: the transport floor, the gateway, and the gateway minus one feature at a time.
 
-.venv/bin/python bench/layers.py [--seconds 8] [--conns 32]
+Besides req/s (which on 2 cores is bounded by the load generator's core), it reports the CPU time each
+variant spent per request, read from ``/proc/PID/stat``: the figure that separates them robustly.
+
+    .venv/bin/python bench/layers.py [--seconds 8] [--conns 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "bench"
-PY = os.environ.get("MOCK_PY", "/tmp/peers/litellm-venv/bin/python")
+from procs import HERE, start, start_mock, stop, wrk
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def wait_port(port: int) -> None:
-    import socket
-
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"port {port} never opened")
-
-
-def wrk(port: int, seconds: int, conns: int) -> tuple[float, float]:
-    out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            "1",
-            "wrk",
-            "-t1",
-            f"-c{conns}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(SHARED / "post.lua"),
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = re.search(r"^\s*50%\s+([\d.]+)(\w+)", out, re.M)
-    assert p50 is not None
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p50.group(2)]
-    return rps, float(p50.group(1)) * scale
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
 def main() -> None:
@@ -62,36 +29,26 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--conns", type=int, default=32)
     a = ap.parse_args()
-    mock = subprocess.Popen(
-        ["taskset", "-c", "1", PY, str(SHARED / "mock_upstream.py"), "9100"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_port(9100)
+    mock = start_mock()
     rows = []
     try:
         for mode in ("bare", "gateway", "no-metrics", "no-health"):
-            proc = subprocess.Popen(
-                ["taskset", "-c", "0", sys.executable, str(HERE / "variants.py"), mode],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            proc = start([sys.executable, str(HERE / "variants.py"), mode], 0, 9301)
             try:
-                wait_port(9301)
                 wrk(9301, 2, a.conns)
-                rows.append((mode, *wrk(9301, a.seconds, a.conns)))
+                before = cpu_seconds(proc.pid)
+                result = wrk(9301, a.seconds, a.conns)
+                per_request = (cpu_seconds(proc.pid) - before) / result["requests"] * 1e6
+                rows.append((mode, result["rps"], result["p50"], per_request))
             finally:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait()
+                stop(proc)
                 time.sleep(0.5)
     finally:
-        os.killpg(mock.pid, signal.SIGTERM)
-    gateway = dict((m, r) for m, r, _ in rows)["gateway"]
-    print(f"{'variant':12} {'req/s':>9} {'p50 ms':>8} {'vs gateway':>11}")
-    for mode, rps, p50 in rows:
-        print(f"{mode:12} {rps:9.0f} {p50:8.2f} {rps / gateway:10.0%}")
+        stop(mock)
+    gateway = next(rps for mode, rps, _, _ in rows if mode == "gateway")
+    print(f"{'variant':12} {'req/s':>9} {'p50 ms':>8} {'vs gateway':>11} {'CPU µs/req':>11}")
+    for mode, rps, p50, per_request in rows:
+        print(f"{mode:12} {rps:9.0f} {p50:8.2f} {rps / gateway:10.0%} {per_request:11.1f}")
 
 
 if __name__ == "__main__":

@@ -10,42 +10,17 @@ RSS every ``--every`` seconds and the spread (max/min − 1) after the warm-up m
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "bench"
-PY = "/tmp/peers/litellm-venv/bin/python"
+from procs import HERE, SHARED, start, start_mock, stop, wrk
 
 
 def rss_mib(pid: int) -> float:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
-
-
-def wrk(conns: int, seconds: int) -> float:
-    out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            "1",
-            "wrk",
-            "-t1",
-            f"-c{conns}",
-            f"-d{seconds}s",
-            "-s",
-            str(SHARED / "post.lua"),
-            "http://127.0.0.1:9300/v1/chat/completions",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
 
 def main() -> None:
@@ -54,32 +29,12 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.8)
     ap.add_argument("--every", type=int, default=30)
     a = ap.parse_args()
-    mock = subprocess.Popen(
-        ["taskset", "-c", "1", PY, str(SHARED / "mock_upstream.py"), "9100"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    gw = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            "0",
-            str(HERE.parent / ".venv/bin/skyfabric"),
-            "serve",
-            "--config",
-            str(HERE / "fleet.yaml"),
-            "--port",
-            "9300",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    mock = start_mock()
+    gw = start([str(HERE.parent / ".venv/bin/skyfabric"), "serve", "--config", str(HERE / "fleet.yaml"),
+                "--port", "9300"], 0, 9300)  # fmt: skip
     try:
-        time.sleep(2)
-        peak = wrk(32, 5)
-        rates = {c: wrk(c, 3) for c in (1, 2, 4, 8)}
+        peak = wrk(9300, 5, 32)["rps"]
+        rates = {c: wrk(9300, 3, c)["rps"] for c in (1, 2, 4, 8)}
         conns = min(rates, key=lambda c: abs(rates[c] - a.share * peak))
         print(
             f"peak {peak:.0f} req/s at 32 conns; soak at {conns} conns ≈ {rates[conns]:.0f} req/s "
@@ -111,15 +66,16 @@ def main() -> None:
             print(f"{elapsed:6.0f}s  RSS {samples[-1][1]:7.1f} MiB", flush=True)
         out = load.stdout.read() if load.stdout else ""
         total = re.search(r"(\d+) requests in", out)
-        print(f"requests: {total.group(1) if total else '?'}; {re.search(r'Requests/sec:.*', out)}")
+        rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        print(f"requests: {total.group(1) if total else '?'} at {rate.group(1) if rate else '?'} req/s")
         steady = [rss for t, rss in samples if t >= 60] or [rss for _, rss in samples]
         print(
             f"RSS after warm-up: min {min(steady):.1f} MiB, max {max(steady):.1f} MiB, "
             f"spread {max(steady) / min(steady) - 1:+.1%}"
         )
     finally:
-        for proc in (gw, mock):
-            os.killpg(proc.pid, signal.SIGTERM)
+        stop(gw)
+        stop(mock)
 
 
 if __name__ == "__main__":

@@ -12,54 +12,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
+from procs import HERE, SHARED, start, start_mock, stop
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "bench"
 BODY = (
     b'{"model":"tiny","stream":true,"max_tokens":256,'
     b'"messages":[{"role":"user","content":"Write a function that adds two numbers."}]}'
 )
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"port {port} never opened")
-
-
-def start(cmd: list[str], cpu: int, port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        ["taskset", "-c", str(cpu), *cmd],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-    wait_port(port)
-    return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-    except Exception:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def load(port: int, clients: int, seconds: float) -> tuple[float, int, int]:
@@ -134,9 +98,7 @@ def main() -> None:
         tps, streams, errors = asyncio.run(load(a.client, a.clients, a.seconds))
         print(tps, streams, errors)
         return
-    python = os.environ.get("MOCK_PY", "/tmp/peers/litellm-venv/bin/python")
-    env = {"MOCK_TOKENS": "256", "MOCK_DELAY_MS": a.delay_ms}
-    mock = start([python, str(SHARED / "mock_upstream.py"), "9100"], 1, 9100, env)
+    mock = start_mock({"MOCK_TOKENS": "256", "MOCK_DELAY_MS": a.delay_ms})
     rows = []
     try:
         rows.append(("direct", *run_load(9100, a.clients, a.seconds)))
