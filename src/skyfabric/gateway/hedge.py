@@ -51,12 +51,14 @@ async def race(
     after: float,
     max_hedges: int,
     on_error: Callable[[UpstreamError], None] | None = None,
+    discard: Callable[[T], None] | None = None,
 ) -> T:
     """Run ``first``; each ``after`` seconds without a result, start ``hedge(n)`` (None: no one to ask).
 
     Returns the first result; cancels and awaits every other attempt before returning. Raises the last
     :class:`UpstreamError` when all attempts failed; ``on_error`` hears of the ones that failed while
-    another attempt was still running.
+    another attempt was still running; ``discard`` gets every other result that arrived anyway (two
+    attempts committing in the same instant), so it can release what it holds.
     """
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[T]] = {loop.create_task(_call(first))}
@@ -72,16 +74,26 @@ async def race(
                 if start is not None:
                     running.add(loop.create_task(_call(start)))
                 continue
+            winner: asyncio.Task[T] | None = None
+            errors: list[UpstreamError] = []
             for task in done:
                 running.discard(task)
                 error = task.exception()
                 if error is None:
-                    return task.result()
-                if not isinstance(error, UpstreamError):
+                    if winner is None:
+                        winner = task
+                    elif discard is not None:
+                        discard(task.result())
+                elif not isinstance(error, UpstreamError):
                     raise error
-                if running and on_error is not None:
-                    on_error(error)  # others still race: account for this one now
+                else:
+                    errors.append(error)
+            for error in errors:
+                if (winner is not None or running) and on_error is not None:
+                    on_error(error)  # another attempt answers or still races: account for this one now
                 last_error = error
+            if winner is not None:
+                return winner.result()
         assert last_error is not None
         raise last_error
     finally:
@@ -89,7 +101,9 @@ async def race(
             task.cancel()
         for task in running:
             with contextlib.suppress(BaseException):
-                await task
+                late = await task  # finished before the cancel landed: its result needs releasing
+                if discard is not None:
+                    discard(late)
 
 
 async def _call(factory: Callable[[], Awaitable[T]]) -> T:

@@ -60,6 +60,12 @@ def is_context_length(exc: UpstreamStatus) -> bool:
     return b"context_length_exceeded" in text or b"maximum context length" in text
 
 
+def _abandon(result: Response | StreamResponse) -> None:
+    """Release a hedge's answer that lost the race after it had committed."""
+    if isinstance(result, StreamResponse) and result.abandon is not None:
+        result.abandon()
+
+
 class Proxy:
     """Clusters by model, the upstream client, and the policies that decide where a request goes."""
 
@@ -245,6 +251,7 @@ class Proxy:
             after,
             hedge.max_hedges,
             on_error=lambda exc: self.note_failure(ctx, self.states.get(exc.endpoint, state), exc),
+            discard=_abandon,
         )
 
     async def attempt(
@@ -271,7 +278,7 @@ class Proxy:
             handed_off = True
             self.ttft[model].add(self.clock() - started)
             self.metrics.attempt(endpoint.id, "ok")
-            return StreamResponse(200, relay.run(), self._backend_headers[endpoint.id])
+            return StreamResponse(200, relay.run(), self._backend_headers[endpoint.id], abandon=relay.abandon)
         finally:
             if not handed_off:
                 state.outstanding -= 1

@@ -140,6 +140,11 @@ class StreamRelay:
             self.state.outstanding -= 1
             self.state.streaming -= 1
 
+    def abandon(self) -> None:
+        """The stream will never be sent (a hedge that committed too late): close it, free its slot."""
+        self.resp.abort()
+        self._let_go()
+
     # -- the stream -------------------------------------------------------------------------------------
 
     async def run(self) -> AsyncIterator[bytes]:

@@ -54,6 +54,8 @@ class StreamResponse:
     body: AsyncIterator[bytes]
     headers: Headers = field(default_factory=list)
     content_type: bytes = b"text/event-stream"
+    #: Releases what the producer holds if the response is dropped before it is ever sent.
+    abandon: Callable[[], None] | None = None
 
 
 #: A service in Finagle's sense: an async function from request to response.
