@@ -161,3 +161,20 @@ async def test_waiters_are_admitted_when_capacity_comes_back_without_any_release
     # and a new request is not stuck behind an empty queue
     await asyncio.wait_for(gate.acquire("m", 5, time.monotonic() + 10), 1)
     assert gate.gates["m"].inflight == 2
+
+
+async def test_race_releases_an_answer_that_arrived_with_the_winner() -> None:
+    released: list[str] = []
+    gate = asyncio.Event()
+
+    async def first() -> str:
+        await gate.wait()
+        return "first"
+
+    async def second() -> str:
+        gate.set()  # both commit in the same turn of the loop
+        await asyncio.sleep(0)
+        return "second"
+
+    winner = await race(first, lambda n: second, 0.01, 1, discard=released.append)
+    assert {winner, *released} == {"first", "second"} and len(released) == 1
