@@ -7,7 +7,6 @@ manager would. SIGINT/SIGTERM stop everything, gateway first so no client is cut
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import subprocess
@@ -23,18 +22,9 @@ import yaml
 
 from skyfabric.core.errors import SkyfabricError
 from skyfabric.core.fleet import Fleet
+from skyfabric.core.lifetime import die_with_parent
 
 log = logging.getLogger("skyfabric.up")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -56,7 +46,7 @@ class Child:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         out.close()
 

@@ -10,6 +10,7 @@ import sys
 
 from skyfabric.core.endpoints import fleet_endpoints
 from skyfabric.core.fleet import Fleet
+from skyfabric.core.lifetime import die_with_parent
 from skyfabric.gateway.app import Gateway
 from skyfabric.http.server import Listener
 
@@ -50,6 +51,7 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1) -> None:
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:  # child
+            die_with_parent()
             try:
                 _install_uvloop()
                 asyncio.run(serve_fleet(fleet, host, port, reuse_port=True))
