@@ -57,9 +57,11 @@ def metrics(base_url: str) -> dict[str, float]:
     return out
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, prompt: str, tokens: int) -> tuple[int, float]:
-    """Stream one completion; return (completion tokens, time to first token)."""
-    body = {
+async def one_stream(
+    session: aiohttp.ClientSession, url: str, prompt: str, tokens: int, model: str | None = None
+) -> tuple[int, float]:
+    """Stream one completion; return (completion tokens from usage, time to first text)."""
+    body: dict[str, object] = {
         "prompt": prompt,
         "max_tokens": tokens,
         "temperature": 0,
@@ -67,6 +69,8 @@ async def one_stream(session: aiohttp.ClientSession, url: str, prompt: str, toke
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if model is not None:
+        body["model"] = model
     start = time.perf_counter()
     ttft = float("nan")
     completion = 0

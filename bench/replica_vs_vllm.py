@@ -18,7 +18,6 @@ import asyncio
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from replica_throughput import free_port, one_stream  # noqa: E402
 
 from skyfabric.engine import DEFAULT_MODEL_DIR  # noqa: E402
 from skyfabric.engine.external import EngineUnavailable  # noqa: E402
@@ -59,13 +59,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.machine()
-
-
-def free_port() -> int:
-    """A free loopback port for the next server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def process_tree(pid: int) -> list[int]:
@@ -116,35 +109,6 @@ def cpu_seconds(pid: int) -> float:
     return total / ticks
 
 
-async def one_stream(
-    session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int
-) -> tuple[int, float]:
-    """Stream one completion; return (completion tokens from usage, time to first text)."""
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    ttft = float("nan")
-    completion = 0
-    async with session.post(url, json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.content:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            chunk = orjson.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text") and ttft != ttft:
-                ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                completion = chunk["usage"]["completion_tokens"]
-    return completion, ttft
-
-
 async def run_level(base_url: str, model: str, concurrency: int, tokens: int) -> dict[str, float]:
     """``concurrency`` streams at once; total generated tokens over wall time."""
     url = base_url + "/v1/completions"
@@ -152,7 +116,7 @@ async def run_level(base_url: str, model: str, concurrency: int, tokens: int) ->
         start = time.perf_counter()
         results = await asyncio.gather(
             *(
-                one_stream(session, url, model, f"def function_{i}(values):\n    ", tokens)
+                one_stream(session, url, f"def function_{i}(values):\n    ", tokens, model)
                 for i in range(concurrency)
             )
         )
