@@ -16,7 +16,7 @@ from typing import Any, cast
 import httptools
 
 from skyfabric.core.errors import ConnectError, RemoteProtocolError, UpstreamTimeout
-from skyfabric.http.messages import Headers
+from skyfabric.http.messages import Headers, find_header
 
 _READ_HIGH_WATER = 1 << 20
 
@@ -187,10 +187,7 @@ class UpstreamResponse:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a (lower-case) header, or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return find_header(self.headers, name)
 
     async def read(self, timeout: float) -> bytes:
         """The whole body; ``timeout`` bounds each silence between pieces (phase ``idle``)."""

@@ -9,6 +9,14 @@ from dataclasses import dataclass, field
 Headers = list[tuple[bytes, bytes]]
 
 
+def find_header(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of a (lower-case) header in a parsed header list, or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 class Request:
     """One HTTP request, body read in full (LLM API bodies are small next to their answers)."""
 
@@ -26,10 +34,7 @@ class Request:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a (lower-case) header, or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return find_header(self.headers, name)
 
 
 @dataclass(slots=True)
