@@ -275,6 +275,9 @@ def main() -> None:
         "compute thread to CPU 0 and keeps the last for its frontend; an unpinned client on a 2-CPU host "
         "lands next to the spinning OpenMP thread and reads every stream late",
     )
+    parser.add_argument(
+        "--engines", default="native,transformers", help="built-in engines to measure, comma-separated"
+    )
     parser.add_argument("--skip-builtin", action="store_true")
     parser.add_argument("--skip-vllm", action="store_true")
     args = parser.parse_args()
@@ -287,10 +290,11 @@ def main() -> None:
 
     results: list[Result] = []
     if not args.skip_builtin:
-        builtin = ["--engine", "transformers", "--threads", str(args.threads), "--dtype", args.dtype]
-        results.append(
-            measure(f"built-in transformers (threads={args.threads})", builtin, args, args.model_dir)
-        )
+        for name in args.engines.split(","):
+            builtin = ["--engine", name, "--threads", str(args.threads), "--dtype", args.dtype]
+            results.append(
+                measure(f"built-in {name} (threads={args.threads})", builtin, args, args.model_dir)
+            )
 
     note = None
     vllm_python: str | None = None

@@ -165,11 +165,13 @@ def start_replica(model_dir: Path, log_path: Path, *extra: str, timeout: float =
     raise RuntimeError(f"replica not healthy in {timeout}s:\n{log_path.read_text(errors='replace')}")
 
 
-@pytest.fixture(scope="module")
-def replica(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaProcess]:
-    """One replica subprocess shared by a test module (startup is the slow part)."""
+@pytest.fixture(scope="module", params=["native", "transformers"])
+def replica(
+    request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ReplicaProcess]:
+    """One replica subprocess per built-in engine, shared by a test module (startup is the slow part)."""
     log_path = tmp_path_factory.mktemp("replica") / "replica.log"
-    rep = start_replica(tiny_checkpoint, log_path, "--max-num-seqs", "32")
+    rep = start_replica(tiny_checkpoint, log_path, "--max-num-seqs", "32", "--engine", request.param)
     try:
         yield rep
     finally:

@@ -22,7 +22,7 @@ from skyfabric.engine.base import (
     create_engine,
 )
 from skyfabric.engine.replica import ReplicaApp
-from skyfabric.engine.transformers_engine import IncrementalDetokenizer, StopStringMatcher
+from skyfabric.engine.text import IncrementalDetokenizer, StopStringMatcher
 
 # ------------------------------------------------------------------------------------------------ detokenizer
 

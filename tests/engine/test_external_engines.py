@@ -335,7 +335,7 @@ def test_engine_choices_env_default_and_engine_arg_only_for_server_engines() -> 
     assert server_engine_names() == ["llama-cpp", "vllm"]
     runner = CliRunner()
     result = runner.invoke(replica_command, ["--help"])
-    assert "[transformers|llama-cpp|vllm]" in result.output
+    assert "[auto|native|transformers|llama-cpp|vllm]" in result.output
     result = runner.invoke(replica_command, ["--port", "8000", "--engine-arg", "--x"])
     assert result.exit_code == 2 and "--engine-arg is for engines that run their own server" in result.output
     result = runner.invoke(replica_command, ["--engine", "sglang", "--port", "8000"])

@@ -6,6 +6,7 @@ One replica (tiny random Llama, CPU) serves the whole module; tests leave it idl
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import urllib.request
@@ -489,3 +490,32 @@ def test_replica_command_help_lists_options() -> None:
         "--threads",
     ):
         assert option in result.output
+
+
+async def test_native_core_death_fails_requests_and_exits_nonzero(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Kill the native engine's core under a stream: the client gets an error, never a hang, and the replica
+    exits 1 (its supervisor restarts it) instead of serving 503s forever."""
+    rep = await asyncio.to_thread(
+        start_replica, tiny_checkpoint, tmp_path / "replica.log", "--engine", "native"
+    )
+    try:
+        children_file = Path(f"/proc/{rep.proc.pid}/task/{rep.proc.pid}/children")
+        children = (await asyncio.to_thread(children_file.read_text)).split()
+        assert len(children) == 1  # the core process
+        core_pid = int(children[0])
+        body = {"prompt": "x", "max_tokens": 1000, "stream": True, **IGNORE_EOS}
+        url = rep.base_url + "/v1/completions"
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+            assert resp.status == 200
+            await resp.content.readline()  # the stream is running
+            os.kill(core_pid, signal.SIGKILL)
+            rest = await asyncio.wait_for(resp.read(), timeout=20)
+        assert b'"error"' in rest and rest.rstrip().endswith(b"data: [DONE]")
+        assert await asyncio.to_thread(rep.proc.wait, 20) == 1
+        assert "engine core exited" in rep.log_path.read_text()
+    finally:
+        if rep.proc.poll() is None:
+            rep.proc.kill()
+            rep.proc.wait()

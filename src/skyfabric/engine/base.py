@@ -168,3 +168,5 @@ def _load_builtin_engines() -> None:
     """Import built-in engines lazily: the transformers one pulls torch, which the CLI should not pay for."""
     if "transformers" not in _REGISTRY:
         from skyfabric.engine import transformers_engine  # noqa: F401  (registers itself)
+    if "native" not in _REGISTRY:
+        from skyfabric.engine import native_engine  # noqa: F401  (registers itself)

@@ -43,6 +43,7 @@ from skyfabric.engine.base import (
     GenerationRequest,
     register_engine,
 )
+from skyfabric.engine.text import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger(__name__)
 
@@ -50,90 +51,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_MIB = 128
 DEFAULT_GPU_KV_CACHE_MIB = 4096
 DEFAULT_PAGE_SIZE = 32
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Text: incremental detokenization and stop strings
-# ------------------------------------------------------------------------------------------------------------
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without splitting a UTF-8 character.
-
-    Byte-level tokenizers spread one character over several tokens; decoding a partial character gives U+FFFD.
-    We decode a small window (the tokens since the last emitted delta, plus the ones before them for context,
-    as vLLM does) and hold text back while it ends in U+FFFD. :meth:`flush` reconciles with a full decode so
-    the concatenated deltas equal ``tokenizer.decode(all_ids, skip_special_tokens=True)``.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
-        self._emitted_chars = 0
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
-
-    def push(self, new_ids: Sequence[int]) -> str:
-        """Add tokens; return the text that is now safe to show (may be empty)."""
-        if not new_ids:
-            return ""
-        self._ids.extend(new_ids)
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text) :]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-            self._emitted_chars += len(delta)
-            return delta
-        return ""
-
-    def flush(self) -> str:
-        """Return whatever the full decode has beyond what was emitted (held-back bytes at the very end)."""
-        full = self._decode(self._ids)
-        if len(full) <= self._emitted_chars:
-            return ""
-        rest = full[self._emitted_chars :]
-        self._emitted_chars = len(full)
-        return rest
-
-
-class StopStringMatcher:
-    """Cuts the output at the first stop string, holding back any tail that could be the start of one.
-
-    The held-back tail is what lets a stop string split across two deltas still be caught before any of it is
-    sent to the client.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was hit)."""
-        if not self._stops:
-            return text, False
-        buf = self._pending + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self._pending = ""
-            return buf[: min(hits)], True
-        hold = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(buf)), hold, -1):
-                if buf.endswith(stop[:k]):
-                    hold = k
-                    break
-        self._pending = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold], False
-
-    def flush(self) -> str:
-        """Release held-back text once generation ended without a stop string."""
-        rest, self._pending = self._pending, ""
-        return rest
 
 
 # ------------------------------------------------------------------------------------------------------------

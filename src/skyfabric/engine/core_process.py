@@ -1,0 +1,209 @@
+"""The native engine's core: the batching loop in a process of its own, fed over a socket by the replica.
+
+Why a process: the replica's event loop (HTTP, SSE, tokenizing, detokenizing) and the forward passes both
+need a CPU. In one Python process they take turns under the GIL; split, the loop never waits for a step and
+the step never waits for the loop, which is how vLLM's engine core and API server are arranged too.
+
+Protocol (pickled tuples over a ``multiprocessing.connection.Connection`` on an inherited socket):
+
+* replica → core: ``("add", rid, prompt_ids, max_tokens, (temperature, top_p, top_k, seed, min_tokens),
+  stop_ids)``, ``("abort", rid)``, ``("stop",)``.
+* core → replica: ``("ready", info)`` once loaded, or ``("error", message)``; then one ``("out", outputs,
+  (running, waiting, kv_usage, forward_passes))`` per step, ``outputs`` being ``(rid, token, finish)``
+  tuples; ``("fatal", message)`` before dying of an exception.
+
+Run as ``python -m skyfabric.engine.core_process FD CONFIG_JSON``; it dies with its parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from typing import Any
+
+from skyfabric.core.lifetime import die_with_parent
+
+#: Default KV-cache budget (MiB) when the replica gives none.
+DEFAULT_KV_CACHE_MIB = {"cpu": 128, "other": 4096}
+
+
+def plan_cache(
+    *,
+    model_len: int,
+    bytes_per_token: int,
+    max_num_seqs: int,
+    kv_cache_mib: int,
+    requested_len: int | None,
+) -> tuple[int, int]:
+    """(slots, max_len) for a slot cache within ``kv_cache_mib``.
+
+    Each slot holds one sequence of up to ``max_len`` tokens. When the budget holds ``max_num_seqs`` full
+    sequences, that is the plan. Otherwise a requested ``--max-model-len`` is kept and fewer sequences run at
+    once; with none, the context is shortened first (down to 4,096 tokens) so that concurrency survives.
+    """
+    model_len = min(model_len, requested_len) if requested_len else model_len
+    budget = max(1, kv_cache_mib * 2**20 // bytes_per_token)
+    if budget >= max_num_seqs * model_len:
+        return max_num_seqs, model_len
+    if requested_len:
+        max_len = min(model_len, budget)
+    else:
+        max_len = min(model_len, max(budget // max_num_seqs, min(4096, budget)))
+    return max(1, min(max_num_seqs, budget // max_len)), max_len
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str | None, device: str) -> Any:
+    """``auto``: float32 on CPU, bfloat16 (float16 for float16 checkpoints) elsewhere.
+
+    On CPU, bfloat16 runs about 1.5x faster where the CPU has bf16 instructions (``--dtype bfloat16``), but
+    its rounding depends on the batch: a greedy answer then changes with what else is in the batch, and a
+    stream continued on another replica after a failover no longer reads exactly like the uninterrupted
+    answer. float32 keeps both, which the embedded fleet's tests and drills rely on.
+    """
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device == "cpu":
+        return torch.float32
+    return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
+
+
+def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Build the model and the batcher from the replica's options; return them with the ``ready`` info."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from skyfabric.engine.batcher import Batcher
+    from skyfabric.engine.llama import LlamaFamilyModel
+
+    threads = int(config.get("threads") or 1)
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    model_dir = config["model_dir"]
+    device_name = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device_name)
+    hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    checkpoint_dtype = str(getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "")
+    dtype = resolve_dtype(
+        config.get("dtype", "auto"), checkpoint_dtype.removeprefix("torch.") or None, device.type
+    )
+
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    bytes_per_token = 2 * int(text.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
+    max_num_seqs = int(config.get("max_num_seqs") or 32)
+    kv_mib = int(
+        config.get("kv_cache_mib") or DEFAULT_KV_CACHE_MIB["cpu" if device.type == "cpu" else "other"]
+    )
+    slots, max_len = plan_cache(
+        model_len=int(getattr(text, "max_position_embeddings", None) or 2048),
+        bytes_per_token=bytes_per_token,
+        max_num_seqs=max_num_seqs,
+        kv_cache_mib=kv_mib,
+        requested_len=config.get("max_model_len"),
+    )
+    model = LlamaFamilyModel(model_dir, num_slots=slots, max_len=max_len, dtype=dtype, device=device)
+    batcher = Batcher(model, max_num_seqs=max_num_seqs)
+    if config.get("seed") is not None:
+        batcher.seed(int(config["seed"]))
+        torch.manual_seed(int(config["seed"]))
+
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+    except OSError:
+        generation = None
+    eos = getattr(generation, "eos_token_id", None)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    model_eos = getattr(text, "eos_token_id", None)
+    eos_ids += [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
+    info = {
+        "max_model_len": max_len,
+        "slots": slots,
+        "eos_token_ids": sorted({int(i) for i in eos_ids if i is not None and int(i) >= 0}),
+        "sampling_defaults": {
+            "temperature": float(getattr(generation, "temperature", None) or 1.0),
+            "top_p": float(getattr(generation, "top_p", None) or 1.0),
+            "top_k": int(getattr(generation, "top_k", None) or 0),
+        },
+        "describe": (
+            f"model={model_dir} engine=native arch={text.model_type} device={device} "
+            f"dtype={str(dtype).removeprefix('torch.')} packed_weights={model._packed} "
+            f"max_num_seqs={batcher.max_running} max_model_len={max_len} "
+            f"kv_cache_mib={slots * max_len * bytes_per_token / 2**20:.1f} threads={threads}"
+        ),
+    }
+    return batcher, info
+
+
+def serve(conn: Connection, batcher: Any) -> None:
+    """Step while there is work, block on the socket while there is none; return on ``stop`` or EOF."""
+    from skyfabric.engine.sampler import SamplingParams
+
+    def handle(message: tuple[Any, ...]) -> bool:
+        kind = message[0]
+        if kind == "add":
+            _, rid, prompt, max_tokens, (temperature, top_p, top_k, seed, min_tokens), stop_ids = message
+            params = SamplingParams(temperature, top_p, top_k, seed, min_tokens)
+            try:
+                batcher.add(rid, prompt, max_tokens=max_tokens, params=params, stop_ids=stop_ids)
+            except ValueError as exc:
+                conn.send(("out", [(rid, -1, f"error: {exc}")], stats()))
+        elif kind == "abort":
+            batcher.abort(message[1])
+        elif kind == "stop":
+            return False
+        return True
+
+    def stats() -> tuple[int, int, float, int]:
+        return len(batcher.running), len(batcher.waiting), batcher.kv_usage(), batcher.forward_passes
+
+    while True:
+        try:
+            if not batcher.has_work:
+                if not handle(conn.recv()):
+                    return
+                continue
+            while conn.poll():
+                if not handle(conn.recv()):
+                    return
+        except EOFError:
+            return
+        outputs = batcher.step()
+        if outputs or not batcher.has_work:
+            conn.send(("out", outputs, stats()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    fd, config = int(args[0]), json.loads(args[1])
+    die_with_parent()
+    conn = Connection(fd)
+    try:
+        batcher, info = load(config)
+    except Exception as exc:  # reported to the replica, which fails its start with this message
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return 1
+    conn.send(("ready", info))
+    try:
+        serve(conn, batcher)
+    except Exception:
+        message = traceback.format_exc()
+        sys.stderr.write(message)
+        try:
+            conn.send(("fatal", message))
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The native engine's model: one forward pass for the Llama family (Llama, Qwen2, Mistral), in plain torch.
+
+Why not call the transformers modules: at the sizes a CPU replica serves, a decode step is dominated by the
+number of small ops, not by arithmetic. Here q/k/v and gate/up are fused into one matmul each, RoPE is one
+table lookup per step, and the KV cache is a fixed tensor per layer written in place, so a step is a few dozen
+ops where the transformers modules need several hundred. Weights still come from transformers (it reads any
+checkpoint layout and tied embeddings), then are repacked once.
+
+The KV cache holds ``num_slots`` sequences of up to ``max_len`` tokens each. Running sequences occupy slots
+``0..B-1`` (the scheduler keeps them compact), so the decode step reads the cache through plain views.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from skyfabric.engine.architectures import unsupported_reason
+from skyfabric.engine.base import EngineError
+
+
+class UnsupportedModel(EngineError):
+    """The checkpoint is not one the native forward pass can run (use ``--engine transformers``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(H + 2*KV) * D, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor
+
+
+class LlamaFamilyModel:
+    """Weights, RoPE table and slot KV cache of one checkpoint, with ``prefill`` and ``decode`` steps."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        num_slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.activations import ACT2FN
+
+        hf: Any = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+        config = hf.config
+        reason = unsupported_reason(config)
+        if reason is not None:
+            raise UnsupportedModel(f"the native engine cannot run this checkpoint: {reason}")
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(config.num_key_value_heads or self.num_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
+        self.intermediate = int(config.intermediate_size)
+        self.eps = float(config.rms_norm_eps)
+        self.act = ACT2FN[config.hidden_act]
+        self.scale = self.head_dim**-0.5
+        window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self.window = int(window) if window and int(window) < max_len else None
+        self.num_slots = num_slots
+        self.max_len = max_len
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        # oneDNN-packed weights on CPU in bf16: a third faster per matmul than F.linear, which repacks the
+        # weight on every call. Same results bit for bit; F.linear wherever packing is not available.
+        self._packed = device.type == "cpu" and dtype == torch.bfloat16 and _can_pack()
+
+        def weight(t: torch.Tensor) -> torch.Tensor:
+            w = take(t)
+            return torch.ops.mkldnn._reorder_linear_weight(w, num_slots) if self._packed else w
+
+        inner = hf.model
+        self.embed = take(inner.embed_tokens.weight)
+        self.norm = take(inner.norm.weight)
+        self.lm_head = weight(hf.lm_head.weight)
+        self.layers: list[_Layer] = []
+        for block in inner.layers:
+            attn, mlp = block.self_attn, block.mlp
+            bias = None
+            if attn.q_proj.bias is not None:
+                bias = take(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+            self.layers.append(
+                _Layer(
+                    input_norm=take(block.input_layernorm.weight),
+                    qkv=weight(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+                    qkv_bias=bias,
+                    o=weight(attn.o_proj.weight),
+                    post_norm=take(block.post_attention_layernorm.weight),
+                    gate_up=weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    down=weight(mlp.down_proj.weight),
+                )
+            )
+        # RoPE through the checkpoint's own rotary module (every rope_type it knows), tabled once.
+        positions = torch.arange(max_len).unsqueeze(0)
+        probe = torch.zeros(1, dtype=torch.float32)
+        cos, sin = inner.rotary_emb(probe, positions)
+        self.cos = cos[0].to(device=device, dtype=dtype).contiguous()  # [max_len, D]
+        self.sin = sin[0].to(device=device, dtype=dtype).contiguous()
+        del hf, inner
+
+        shape = (num_slots, self.num_kv_heads, max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self._positions = torch.arange(max_len, device=device)
+
+    # ---------------------------------------------------------------------------------------------- pieces
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self._packed:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return F.linear(x, w, b)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        x = F.rms_norm(h, (h.shape[-1],), layer.post_norm, self.eps)
+        gate_up = self._linear(x, layer.gate_up)
+        return self._linear(
+            self.act(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :], layer.down
+        )
+
+    def _qkv(
+        self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = h.shape[0]
+        x = F.rms_norm(h, (h.shape[-1],), layer.input_norm, self.eps)
+        qkv = self._linear(x, layer.qkv, layer.qkv_bias)
+        heads = self.num_heads + self.num_kv_heads
+        qk = self._rope(qkv[:, : heads * self.head_dim].view(n, heads, self.head_dim), cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, heads * self.head_dim :].view(n, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self._linear(F.rms_norm(h, (h.shape[-1],), self.norm, self.eps), self.lm_head).float()
+
+    # ----------------------------------------------------------------------------------------------- steps
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Run whole prompts (packed into one pass), fill their slots' cache; logits of each last token.
+
+        The matmuls see all prompts' tokens at once (padded to a :func:`bucket`); attention runs per prompt
+        (each sees only itself).
+        """
+        lengths = [len(p) for p in prompts]
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        total = starts[-1]
+        padded = bucket(total)
+        flat = [t for p in prompts for t in p] + [0] * (padded - total)
+        tokens = torch.tensor(flat, dtype=torch.long, device=self.device)
+        pos = torch.cat([self._positions[:n] for n in lengths] + [self._positions.new_zeros(padded - total)])
+        window_mask = {n: self._prefill_mask(n) for n in set(lengths)} if self.window is not None else {}
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        h = self.embed[tokens]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
+            outs = []
+            for slot, n, a, b in zip(slots, lengths, starts, starts[1:], strict=False):
+                self.k_cache[i][slot, :, :n] = k[:, a:b]
+                self.v_cache[i][slot, :, :n] = v[:, a:b]
+                mask = window_mask.get(n)
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q[:, a:b],
+                        k[:, a:b],
+                        v[:, a:b],
+                        attn_mask=mask,
+                        is_causal=mask is None,
+                        scale=self.scale,
+                        enable_gqa=True,
+                    )
+                )
+            if padded > total:
+                outs.append(q.new_zeros(q.shape[0], padded - total, q.shape[2]))
+            out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+            h = h + self._linear(out.transpose(0, 1).reshape(padded, -1), layer.o)
+            h = h + self._mlp(layer, h)
+        last = torch.tensor(starts[1:], device=self.device) - 1
+        return self._logits(h[last])
+
+    def _prefill_mask(self, n: int) -> torch.Tensor:
+        span = self._positions[:n]
+        assert self.window is not None
+        return (span[None, :] <= span[:, None]) & (span[None, :] > span[:, None] - self.window)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
+        """One token for each of the sequences in slots ``0..B-1``; ``longest`` = max(positions) + 1.
+
+        ``tokens`` and ``positions`` are [B] long tensors (the position is where the token is written). The
+        batch is padded to a :func:`bucket` with rows that write position 0 of free slots (a free slot's cache
+        is overwritten by its next prefill) and whose logits are dropped.
+        """
+        real = tokens.shape[0]
+        batch = min(bucket(real), self.num_slots)
+        if batch > real:
+            tokens = torch.cat((tokens, tokens.new_zeros(batch - real)))
+            positions = torch.cat((positions, positions.new_zeros(batch - real)))
+        rows = torch.arange(batch, device=self.device)
+        span = self._positions[:longest]
+        allowed = span[None, :] <= positions[:, None]
+        if self.window is not None:
+            allowed &= span[None, :] > positions[:, None] - self.window
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
+        bias.masked_fill_(~allowed, float("-inf"))
+        bias = bias[:, None, None, :]  # [B, 1, 1, T] over [B, KV, G, T]
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        groups = self.num_heads // self.num_kv_heads
+        h = self.embed[tokens]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            k_cache[rows, :, positions] = k
+            v_cache[rows, :, positions] = v
+            # One query per sequence: two batched matmuls beat SDPA's CPU kernels here by several times.
+            q = q.view(batch, self.num_kv_heads, groups, self.head_dim)
+            scores = torch.matmul(q, k_cache[:batch, :, :longest].transpose(-1, -2)).float()
+            probs = torch.softmax(scores.mul_(self.scale).add_(bias), dim=-1).to(self.dtype)
+            out = torch.matmul(probs, v_cache[:batch, :, :longest])
+            h = h + self._linear(out.reshape(batch, -1), layer.o)
+            h = h + self._mlp(layer, h)
+        return self._logits(h[:real])
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache to another slot (the scheduler compacts running sequences)."""
+        for k_cache, v_cache in zip(self.k_cache, self.v_cache, strict=True):
+            k_cache[dst, :, :length] = k_cache[src, :, :length]
+            v_cache[dst, :, :length] = v_cache[src, :, :length]
+
+
+def _can_pack() -> bool:
+    """Whether this torch build has the oneDNN linear ops (x86 CPUs with bf16 support)."""
+    try:
+        w = torch.zeros(8, 8, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        torch.ops.mkldnn._linear_pointwise(
+            torch.zeros(1, 8, dtype=torch.bfloat16), packed, None, "none", [], ""
+        )
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bucket(rows: int) -> int:
+    """The row count a matmul is padded to: a few fixed shapes instead of one per batch size.
+
+    oneDNN (bf16 on CPU) builds and keeps kernels and buffers for every input shape it sees, a few MiB each:
+    with raw batch sizes and prompt lengths a replica's memory would creep up with every new shape.
+    """
+    for size in _BUCKETS:
+        if rows <= size:
+            return size
+    return -(-rows // 512) * 512

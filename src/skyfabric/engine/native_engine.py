@@ -1,0 +1,368 @@
+"""The native engine: Llama-family checkpoints run by our own forward pass, batched in a core process.
+
+The replica process keeps what is about text and HTTP (tokenizer, chat template, detokenizing, stop strings);
+the core process (:mod:`skyfabric.engine.core_process`) keeps the weights, the KV cache and the batching
+loop. Requests cross as token ids; every step sends back one token per running sequence. Where this engine
+cannot run a checkpoint (another architecture), ``--engine transformers`` can.
+
+If the core dies, every request in flight ends with :class:`EngineNotReady` (HTTP 503, so a gateway retries
+elsewhere), ``/health`` turns 503, and the replica stops itself so its supervisor starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from skyfabric.engine.base import (
+    Engine,
+    EngineCapabilities,
+    EngineError,
+    EngineNotReady,
+    EngineStats,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    register_engine,
+)
+from skyfabric.engine.text import IncrementalDetokenizer, StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+#: What a request's queue receives: (token, finish) from a step, or an exception to raise.
+_Item = tuple[int, str | None] | BaseException
+
+
+class NativeEngine(Engine):
+    """Serve a local Llama, Qwen2 or Mistral checkpoint with the native core (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        max_num_seqs: int = 32,
+        threads: int = 1,
+        device: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        kv_cache_mib: int | None = None,
+        seed: int | None = None,
+        on_core_exit: Callable[[], None] | None = None,
+        **_ignored: Any,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.capabilities = EngineCapabilities(continue_final_message=True, completions=True, chat=True)
+        self._options = {
+            "model_dir": str(self.model_dir),
+            "max_num_seqs": max_num_seqs,
+            "threads": threads,
+            "device": device,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "kv_cache_mib": kv_cache_mib,
+            "seed": seed,
+        }
+        self._on_core_exit = on_core_exit or _stop_this_process
+        self._tokenizer: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready_future: asyncio.Future[dict[str, Any]] | None = None
+        self._queues: dict[int, asyncio.Queue[_Item]] = {}
+        self._ids = itertools.count(1)
+        self._info: dict[str, Any] = {}
+        self._eos: list[int] = []
+        self._ready = False
+        self._stopping = False
+        self.load_seconds = 0.0
+        #: Why the core died under a ready engine (the replica then exits non-zero), else None.
+        self.fatal: str | None = None
+        # Load: the core's last report, plus our own counters.
+        self._core_running = 0
+        self._kv_usage = 0.0
+        self._forward_passes = 0
+        self._forward_base = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._finished: dict[str, int] = {"stop": 0, "length": 0, "abort": 0}
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._stopping
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._info.get("max_model_len", 0))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def describe(self) -> str:
+        return str(self._info.get("describe", "not loaded"))
+
+    async def start(self) -> None:
+        """Start the core process, load the tokenizer meanwhile, wait for the core's ``ready``, warm up."""
+        started = time.monotonic()
+        loop = self._loop = asyncio.get_running_loop()
+        self._spawn_core()
+        assert self._conn is not None
+        self._ready_future = loop.create_future()
+        loop.add_reader(self._conn.fileno(), self._on_readable)
+        try:
+            self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
+            self._info = await self._ready_future
+        except BaseException:
+            await self.stop()
+            raise
+        self._eos = list(self._info["eos_token_ids"])
+        self._ready = True
+        warm = GenerationRequest(prompt_ids=self.tokenize("Hello") or [0], max_tokens=2, ignore_eos=True)
+        async with contextlib.aclosing(self.generate(warm)) as stream:
+            async for _ in stream:
+                pass
+        self._prompt_tokens = self._generation_tokens = 0
+        self._forward_base = self._forward_passes
+        self._finished = {"stop": 0, "length": 0, "abort": 0}
+        self.load_seconds = time.monotonic() - started
+        log.info("engine ready in %.1fs: %s", self.load_seconds, self.describe())
+
+    def _spawn_core(self) -> None:
+        """Start ``core_process`` with one end of a socket pair; keep the other as our connection."""
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(self._options["threads"]))
+        src = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        argv = [
+            sys.executable,
+            "-m",
+            "skyfabric.engine.core_process",
+            str(child_sock.fileno()),
+            json.dumps(self._options),
+        ]
+        with child_sock:
+            self._proc = subprocess.Popen(argv, pass_fds=(child_sock.fileno(),), env=env)
+        self._conn = Connection(parent_sock.detach())
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+
+    async def stop(self) -> None:
+        """Ask the core to stop (kill it if it does not), and fail whatever is still in flight."""
+        self._stopping = True
+        self._ready = False
+        conn, proc = self._conn, self._proc
+        if conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("stop",))
+        if proc is not None:
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        self._close_conn()
+        self._fail_all(EngineNotReady("engine stopped"))
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(conn.fileno())
+        conn.close()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(exc)
+        if self._ready_future is not None and not self._ready_future.done():
+            self._ready_future.set_exception(exc)
+
+    # ------------------------------------------------------------------------------------------ core → us
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            while conn.poll():
+                self._dispatch(conn.recv())
+        except (EOFError, OSError):
+            self._core_gone("the engine core exited")
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "out":
+            _, outputs, (running, _waiting, kv_usage, passes) = message
+            self._core_running, self._kv_usage, self._forward_passes = running, kv_usage, passes
+            queues = self._queues
+            for rid, token, finish in outputs:
+                queue = queues.get(rid)
+                if queue is not None:
+                    queue.put_nowait((token, finish))
+        elif kind == "ready":
+            if self._ready_future is not None and not self._ready_future.done():
+                self._ready_future.set_result(message[1])
+        elif kind == "error":
+            self._core_gone(f"the engine core failed to load: {message[1]}")
+        elif kind == "fatal":
+            self._core_gone(f"the engine core failed: {message[1].strip().splitlines()[-1]}")
+
+    def _core_gone(self, why: str) -> None:
+        self._close_conn()
+        was_ready = self._ready
+        self._ready = False
+        self._fail_all(EngineError(why) if not was_ready else EngineNotReady(why))
+        if was_ready and not self._stopping:
+            self.fatal = why
+            log.error("%s; stopping the replica so that it is restarted", why)
+            self._on_core_exit()
+
+    # -------------------------------------------------------------------------------------------- tokenizing
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def tokenize_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+    ) -> list[int]:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use /v1/completions")
+        try:
+            text = self._tokenizer.apply_chat_template(
+                [dict(m) for m in messages],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message,
+            )
+        except ValueError:
+            raise
+        except Exception as exc:  # jinja errors (raise_exception in templates, bad roles)
+            raise ValueError(f"cannot render messages with the chat template: {exc}") from exc
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -------------------------------------------------------------------------------------------- generating
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
+        """Send the request to the core, turn its tokens into text deltas; closing early aborts it."""
+        conn = self._conn
+        if not self.ready or conn is None:
+            raise EngineNotReady("engine is not ready")
+        prompt = list(request.prompt_ids)
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if len(prompt) + request.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"{len(prompt)} prompt + {request.max_tokens} completion tokens exceed max_model_len "
+                f"{self.max_model_len}"
+            )
+        defaults = self._info["sampling_defaults"]
+        params = (
+            float(defaults["temperature"] if request.temperature is None else request.temperature),
+            float(defaults["top_p"] if request.top_p is None else request.top_p),
+            int(defaults["top_k"] if request.top_k is None else request.top_k),
+            None if request.seed is None else int(request.seed),
+            int(request.min_tokens),
+        )
+        stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self._eos))
+        rid = next(self._ids)
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._queues[rid] = queue
+        conn.send(("add", rid, prompt, request.max_tokens, params, sorted(stop_ids)))
+        self._prompt_tokens += len(prompt)
+        core_done = False  # the core has forgotten the request (finished or failed): no abort to send
+        completed = False
+        try:
+            detok = IncrementalDetokenizer(self._tokenizer)
+            stops = StopStringMatcher(request.stop)
+            pending: list[int] = []  # ids of the text not yet yielded
+            while True:
+                fresh: list[int] = []
+                finish: str | None = None
+                item = await queue.get()
+                # Take whatever else is queued too (the loop may have been busy): one delta for all of it.
+                while True:
+                    if isinstance(item, BaseException):
+                        core_done = True
+                        raise item
+                    token, finish = item
+                    if finish is not None and finish.startswith("error"):
+                        core_done = True
+                        raise EngineError(finish)
+                    fresh.append(token)
+                    if finish is not None or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                self._generation_tokens += len(fresh)
+                pending.extend(fresh)
+                text, hit_stop = stops.feed(detok.push(fresh))
+                if finish is not None:
+                    core_done = True
+                    if not hit_stop:
+                        more_text, hit_stop = stops.feed(detok.flush())
+                        text += more_text
+                        if not hit_stop:
+                            text += stops.flush()
+                if hit_stop or finish is not None:
+                    reason: FinishReason = "stop" if hit_stop or finish == "stop" else "length"
+                    self._finished[reason] += 1
+                    completed = True
+                    yield GenerationDelta(text, tuple(pending), reason)
+                    return
+                if text:
+                    yield GenerationDelta(text, tuple(pending))
+                    pending = []
+        finally:
+            del self._queues[rid]
+            if not completed:
+                self._finished["abort"] += 1
+            conn = self._conn
+            if not core_done and conn is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    conn.send(("abort", rid))
+
+    # -------------------------------------------------------------------------------------------------- stats
+
+    def stats(self) -> EngineStats:
+        in_flight = len(self._queues)
+        running = min(self._core_running, in_flight)
+        return EngineStats(
+            running=running,
+            waiting=in_flight - running,
+            kv_cache_usage=self._kv_usage if in_flight else 0.0,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
+            forward_passes_total=self._forward_passes - self._forward_base,
+            finished_total=dict(self._finished),
+        )
+
+
+def _stop_this_process() -> None:
+    """The replica's SIGTERM path: drain, stop, exit; its supervisor restarts it."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+register_engine("native", NativeEngine)
