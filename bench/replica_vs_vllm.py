@@ -276,7 +276,14 @@ def main() -> None:
         "lands next to the spinning OpenMP thread and reads every stream late",
     )
     parser.add_argument(
-        "--engines", default="native,transformers", help="built-in engines to measure, comma-separated"
+        "--engines",
+        default="native,native:bfloat16,transformers",
+        help="built-in engines to measure, comma-separated, each ENGINE or ENGINE:DTYPE (else --dtype)",
+    )
+    parser.add_argument(
+        "--native-core-cpus",
+        default="0",
+        help="native engine --core-cpus ('' = unbound) [default: 0, where vLLM-CPU binds its own engine]",
     )
     parser.add_argument("--skip-builtin", action="store_true")
     parser.add_argument("--skip-vllm", action="store_true")
@@ -290,11 +297,14 @@ def main() -> None:
 
     results: list[Result] = []
     if not args.skip_builtin:
-        for name in args.engines.split(","):
-            builtin = ["--engine", name, "--threads", str(args.threads), "--dtype", args.dtype]
-            results.append(
-                measure(f"built-in {name} (threads={args.threads})", builtin, args, args.model_dir)
-            )
+        for entry in args.engines.split(","):
+            name, _, dtype = entry.partition(":")
+            dtype = dtype or args.dtype
+            builtin = ["--engine", name, "--threads", str(args.threads), "--dtype", dtype]
+            if name == "native" and args.native_core_cpus:
+                builtin += ["--core-cpus", args.native_core_cpus]
+            label = f"built-in {name} (dtype={dtype}, threads={args.threads})"
+            results.append(measure(label, builtin, args, args.model_dir))
 
     note = None
     vllm_python: str | None = None

@@ -16,6 +16,9 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from click.testing import CliRunner
+
+from skyfabric.engine.replica import replica_command
 
 from .conftest import Reference, ReplicaProcess, read_metrics, start_replica
 
@@ -519,3 +522,31 @@ async def test_native_core_death_fails_requests_and_exits_nonzero(
         if rep.proc.poll() is None:
             rep.proc.kill()
             rep.proc.wait()
+
+
+def test_core_cpus_binds_the_core_and_keeps_http_off_it(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    rep = start_replica(tiny_checkpoint, tmp_path / "replica.log", "--engine", "native", "--core-cpus", "0")
+    try:
+        children = Path(f"/proc/{rep.proc.pid}/task/{rep.proc.pid}/children").read_text().split()
+        assert os.sched_getaffinity(int(children[0])) == {0}
+        others = os.sched_getaffinity(0) - {0}
+        assert os.sched_getaffinity(rep.proc.pid) == (others or {0})
+        out = sync_client(rep).completions.create(
+            model="tiny", prompt="x", max_tokens=3, extra_body=IGNORE_EOS
+        )
+        assert out.usage is not None and out.usage.completion_tokens == 3
+    finally:
+        rep.proc.terminate()
+        rep.proc.wait(timeout=15)
+
+
+def test_core_cpus_is_checked() -> None:
+    runner = CliRunner()
+    result = runner.invoke(replica_command, ["--port", "8000", "--core-cpus", "zero"])
+    assert result.exit_code == 2 and "not a CPU list" in result.output
+    result = runner.invoke(replica_command, ["--port", "8000", "--core-cpus", "4096"])
+    assert result.exit_code == 2 and "may run on CPUs" in result.output
+    result = runner.invoke(
+        replica_command, ["--port", "8000", "--engine", "transformers", "--core-cpus", "0"]
+    )
+    assert result.exit_code == 2 and "--core-cpus is for the native engine" in result.output

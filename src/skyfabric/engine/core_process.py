@@ -79,7 +79,7 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     from transformers import AutoConfig, GenerationConfig
 
     from skyfabric.engine.batcher import Batcher
-    from skyfabric.engine.llama import LlamaFamilyModel
+    from skyfabric.engine.llama import LlamaFamilyModel, cache_dtype
 
     threads = int(config.get("threads") or 1)
     torch.set_num_threads(threads)
@@ -97,7 +97,9 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
-    bytes_per_token = 2 * int(text.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
+    bytes_per_token = (
+        2 * int(text.num_hidden_layers) * kv_heads * head_dim * cache_dtype(dtype, device).itemsize
+    )
     max_num_seqs = int(config.get("max_num_seqs") or 32)
     kv_mib = int(
         config.get("kv_cache_mib") or DEFAULT_KV_CACHE_MIB["cpu" if device.type == "cpu" else "other"]
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fd, config = int(args[0]), json.loads(args[1])
     die_with_parent()
+    if config.get("core_cpus"):
+        os.sched_setaffinity(0, set(config["core_cpus"]))
     conn = Connection(fd)
     try:
         batcher, info = load(config)

@@ -113,16 +113,17 @@ class LlamaFamilyModel:
         self.sin = sin[0].to(device=device, dtype=dtype).contiguous()
         del hf, inner
 
+        self.cache_dtype = cache_dtype(dtype, device)
         shape = (num_slots, self.num_kv_heads, max_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.k_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=device) for _ in self.layers]
         self._positions = torch.arange(max_len, device=device)
 
     # ---------------------------------------------------------------------------------------------- pieces
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.cache_dtype.itemsize
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self._packed:
@@ -182,8 +183,8 @@ class LlamaFamilyModel:
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
             outs = []
             for slot, n, a, b in zip(slots, lengths, starts, starts[1:], strict=False):
-                self.k_cache[i][slot, :, :n] = k[:, a:b]
-                self.v_cache[i][slot, :, :n] = v[:, a:b]
+                self.k_cache[i][slot, :, :n] = k[:, a:b].to(self.cache_dtype)
+                self.v_cache[i][slot, :, :n] = v[:, a:b].to(self.cache_dtype)
                 mask = window_mask.get(n)
                 outs.append(
                     F.scaled_dot_product_attention(
@@ -236,13 +237,13 @@ class LlamaFamilyModel:
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache[rows, :, positions] = k
-            v_cache[rows, :, positions] = v
+            k_cache[rows, :, positions] = k.to(self.cache_dtype)
+            v_cache[rows, :, positions] = v.to(self.cache_dtype)
             # One query per sequence: two batched matmuls beat SDPA's CPU kernels here by several times.
-            q = q.view(batch, self.num_kv_heads, groups, self.head_dim)
+            q = q.view(batch, self.num_kv_heads, groups, self.head_dim).to(self.cache_dtype)
             scores = torch.matmul(q, k_cache[:batch, :, :longest].transpose(-1, -2)).float()
-            probs = torch.softmax(scores.mul_(self.scale).add_(bias), dim=-1).to(self.dtype)
-            out = torch.matmul(probs, v_cache[:batch, :, :longest])
+            probs = torch.softmax(scores.mul_(self.scale).add_(bias), dim=-1).to(self.cache_dtype)
+            out = torch.matmul(probs, v_cache[:batch, :, :longest]).to(self.dtype)
             h = h + self._linear(out.reshape(batch, -1), layer.o)
             h = h + self._mlp(layer, h)
         return self._logits(h[:real])
@@ -265,6 +266,16 @@ def _can_pack() -> bool:
     except (RuntimeError, AttributeError):
         return False
     return True
+
+
+def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: float32 on CPU whatever the weights, else the compute dtype.
+
+    On CPU, bf16 batched matmuls go through oneDNN, which keeps kernels for every shape it meets; attention's
+    shapes change with every token of context, and a bf16 cache grew a replica by ~1 GiB in a few hundred
+    steps. In float32 they go to MKL, which keeps nothing, and cost the same at these sizes.
+    """
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)

@@ -60,12 +60,13 @@ class NativeEngine(Engine):
         max_model_len: int | None = None,
         kv_cache_mib: int | None = None,
         seed: int | None = None,
+        core_cpus: Sequence[int] | None = None,
         on_core_exit: Callable[[], None] | None = None,
         **_ignored: Any,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.capabilities = EngineCapabilities(continue_final_message=True, completions=True, chat=True)
-        self._options = {
+        self._options: dict[str, Any] = {
             "model_dir": str(self.model_dir),
             "max_num_seqs": max_num_seqs,
             "threads": threads,
@@ -74,6 +75,7 @@ class NativeEngine(Engine):
             "max_model_len": max_model_len,
             "kv_cache_mib": kv_cache_mib,
             "seed": seed,
+            "core_cpus": sorted(core_cpus) if core_cpus else None,
         }
         self._on_core_exit = on_core_exit or _stop_this_process
         self._tokenizer: Any = None
@@ -159,6 +161,10 @@ class NativeEngine(Engine):
         with child_sock:
             self._proc = subprocess.Popen(argv, pass_fds=(child_sock.fileno(),), env=env)
         self._conn = Connection(parent_sock.detach())
+        core_cpus: set[int] = set(self._options["core_cpus"] or ())
+        rest = os.sched_getaffinity(0) - core_cpus
+        if core_cpus and rest:  # the core binds itself; HTTP and detokenizing keep off its CPUs
+            os.sched_setaffinity(0, rest)
 
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer

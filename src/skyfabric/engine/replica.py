@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -821,6 +822,7 @@ def run_replica(
     dtype: str = "auto",
     seed: int | None = None,
     drain_timeout: float = 5.0,
+    core_cpus: frozenset[int] | None = None,
 ) -> None:
     """Run a replica in this process until SIGTERM/SIGINT; then drain, stop the engine's threads, return."""
     model_dir = Path(model_dir)
@@ -828,6 +830,11 @@ def run_replica(
     if engine == "auto":
         engine = pick_engine(model_dir)
         log.info("--engine auto: %s for %s", engine, model_dir)
+    options: dict[str, Any] = {}
+    if core_cpus:
+        if engine != "native":
+            raise click.UsageError(f"--core-cpus is for the native engine, not {engine}")
+        options["core_cpus"] = sorted(core_cpus)
     engine_obj = create_engine(
         engine,
         model_dir=model_dir,
@@ -838,6 +845,7 @@ def run_replica(
         device=device,
         dtype=dtype,
         seed=seed,
+        **options,
     )
 
     async def main() -> None:
@@ -861,6 +869,27 @@ def run_replica(
     if fatal:  # the engine died under us: exit non-zero so the supervisor's log says why it restarts us
         log.error("replica %s exits: %s", name, fatal)
         raise SystemExit(1)
+
+
+class CpuList(click.ParamType):
+    """``0``, ``0-3``, ``0-3,8``: a set of CPU numbers (the ``taskset -c`` syntax)."""
+
+    name = "cpus"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> frozenset[int]:
+        if isinstance(value, frozenset):
+            return value
+        cpus: set[int] = set()
+        try:
+            for part in str(value).split(","):
+                first, _, last = part.strip().partition("-")
+                cpus.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            self.fail(f"{value!r} is not a CPU list like 0 or 0-3,8", param, ctx)
+        available = os.sched_getaffinity(0)
+        if not cpus or not cpus <= available:
+            self.fail(f"{value!r}: this process may run on CPUs {sorted(available)}", param, ctx)
+        return frozenset(cpus)
 
 
 def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
@@ -966,6 +995,14 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
 )
 @click.option("--seed", type=int, default=None, help="Seed for unseeded sampling (reproducible runs).")
 @click.option(
+    "--core-cpus",
+    type=CpuList(),
+    default=None,
+    help="native engine: bind its core process (the forward passes) to these CPUs, e.g. 0 or 0-3,8; this "
+    "process (HTTP) then keeps off them. Default: unbound, since `skyfabric up` runs several replicas per "
+    "host. vLLM-CPU binds its engine this way by default (VLLM_CPU_OMP_THREADS_BIND).",
+)
+@click.option(
     "--drain-timeout",
     type=click.FloatRange(0),
     default=5.0,
@@ -994,6 +1031,7 @@ def replica_command(
     device: str | None,
     dtype: str,
     seed: int | None,
+    core_cpus: frozenset[int] | None,
     drain_timeout: float,
     log_level: str,
 ) -> None:
@@ -1046,6 +1084,7 @@ def replica_command(
         dtype=dtype,
         seed=seed,
         drain_timeout=drain_timeout,
+        core_cpus=core_cpus,
     )
 
 
