@@ -550,3 +550,49 @@ def test_core_cpus_is_checked() -> None:
         replica_command, ["--port", "8000", "--engine", "transformers", "--core-cpus", "0"]
     )
     assert result.exit_code == 2 and "--core-cpus is for the native engine" in result.output
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+async def test_native_memory_is_bounded_and_the_frontend_has_no_torch(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """bf16 (the dtype whose oneDNN kernels are kept per shape): new batch sizes, prompt lengths and context
+    lengths in every round must not grow the core; the frontend process never maps libtorch."""
+    import random
+
+    rep = await asyncio.to_thread(
+        start_replica, tiny_checkpoint, tmp_path / "replica.log", "--engine", "native", "--dtype", "bfloat16"
+    )
+    try:
+        children_file = Path(f"/proc/{rep.proc.pid}/task/{rep.proc.pid}/children")
+        core_pid = int((await asyncio.to_thread(children_file.read_text)).split()[0])
+        maps = await asyncio.to_thread(Path(f"/proc/{rep.proc.pid}/maps").read_text)
+        assert "libtorch" not in maps
+        rng = random.Random(0)
+        words = ["def", "class", "return", "import", "for", "while", "print", "x", "(", ")"]
+        url = rep.base_url + "/v1/completions"
+
+        async def one(session: aiohttp.ClientSession) -> None:
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 150)))
+            body = {"prompt": prompt, "max_tokens": rng.randint(1, 90), **IGNORE_EOS}
+            async with session.post(url, json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+
+        rss: list[float] = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):
+                await asyncio.gather(*(one(session) for _ in range(rng.randint(5, 24))))
+                rss.append(await asyncio.to_thread(_rss_mib, core_pid))
+        frontend = await asyncio.to_thread(_rss_mib, rep.proc.pid)
+        assert rss[-1] - rss[0] < 40, rss
+        assert rss[-1] + frontend < 1024, (rss, frontend)
+    finally:
+        rep.proc.terminate()
+        rep.proc.wait(timeout=15)

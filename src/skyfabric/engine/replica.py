@@ -830,6 +830,10 @@ def run_replica(
     if engine == "auto":
         engine = pick_engine(model_dir)
         log.info("--engine auto: %s for %s", engine, model_dir)
+    if engine == "native":
+        from skyfabric.engine.native_engine import keep_torch_out_of_this_process
+
+        keep_torch_out_of_this_process()
     options: dict[str, Any] = {}
     if core_cpus:
         if engine != "native":
