@@ -196,3 +196,48 @@ def test_native_refuses_other_architectures(tmp_path: Path) -> None:
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModel, match="gpt2"):
         load(tmp_path)
+
+
+def test_llama_with_attention_bias_matches_transformers(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Llama's ``attention_bias`` puts a bias on o_proj too (Qwen2's are on q/k/v only)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "biased"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    config = LlamaConfig.from_pretrained(model_dir)
+    config.attention_bias = True
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.bias.normal_(0, 0.5)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    reference = Reference(model_dir)
+    prompt = reference.prompt_ids("class Stack:")
+    produced = run_to_end(Batcher(load(model_dir), max_num_seqs=2), {0: [(1, prompt, 12)]})
+    assert produced[1] == reference.greedy(prompt, 12)
+
+
+async def test_stop_ends_requests_in_flight_with_not_ready(tiny_checkpoint: Path) -> None:
+    """At shutdown, what is still running gets 503 (retry elsewhere), not 500."""
+    import contextlib
+
+    from skyfabric.engine.base import EngineNotReady, GenerationRequest
+    from skyfabric.engine.native_engine import NativeEngine
+
+    engine = NativeEngine(tiny_checkpoint, max_num_seqs=2)
+    await engine.start()
+    try:
+        assert engine.ready and engine.vocab_size == len(engine.tokenizer)
+        request = GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=900, ignore_eos=True)
+        async with contextlib.aclosing(engine.generate(request)) as stream:
+            await anext(stream)
+            await engine.stop()
+            with pytest.raises(EngineNotReady):
+                async for _ in stream:
+                    pass
+        assert not engine.ready and engine.fatal is None
+    finally:
+        await engine.stop()

@@ -431,6 +431,16 @@ def test_errors_have_openai_shape_and_status(replica: ReplicaProcess) -> None:
     assert info.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         sync_client(replica).completions.create(model="other", prompt="hi", max_tokens=2)
+    # Token ids outside the vocabulary are the client's error, and the replica keeps serving.
+    for body, param in (
+        ({"prompt": [5, 10**6], "max_tokens": 2}, "prompt"),
+        ({"prompt": [5, -1], "max_tokens": 2}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 2, "stop_token_ids": [10**6], "min_tokens": 2}, "stop_token_ids"),
+    ):
+        code, payload = post(replica, "/v1/completions", body)
+        assert (code, payload["error"]["param"]) == (400, param), payload
+    code, payload = post(replica, "/v1/completions", {"prompt": [5, 6], "max_tokens": 2, **IGNORE_EOS})
+    assert code == 200 and payload["usage"]["completion_tokens"] == 2
     # Unknown fields are ignored.
     code, payload = post(
         replica, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "frobnicate": {"x": 1}}

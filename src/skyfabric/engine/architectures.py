@@ -28,6 +28,9 @@ def unsupported_reason(config: Any) -> str | None:
         return "mlp_bias"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return "dynamic RoPE scaling (its frequencies depend on each sequence's length)"
     return None
 
 

@@ -112,6 +112,11 @@ class Engine(abc.ABC):
     def max_model_len(self) -> int:
         """Most tokens (prompt + completion) one sequence may hold."""
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run 0..vocab_size-1; the HTTP layer refuses others (0: unknown, nothing checked)."""
+        return 0
+
     @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt, with the special tokens the model expects (e.g. BOS)."""

@@ -27,6 +27,7 @@ class Model(Protocol):
 
     num_slots: int
     max_len: int
+    device: torch.device
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor: ...
 
@@ -138,8 +139,9 @@ class Batcher:
 
     def _decode(self) -> list[Output]:
         running = self.running
-        tokens = torch.tensor([seq.last_token for seq in running], dtype=torch.long)
-        positions = torch.tensor([seq.length for seq in running], dtype=torch.long)
+        device = self.model.device
+        tokens = torch.tensor([seq.last_token for seq in running], dtype=torch.long, device=device)
+        positions = torch.tensor([seq.length for seq in running], dtype=torch.long, device=device)
         logits = self.model.decode(tokens, positions, max(seq.length for seq in running) + 1)
         self.forward_passes += 1
         for seq in running:

@@ -43,7 +43,8 @@ def plan_cache(
 
     Each slot holds one sequence of up to ``max_len`` tokens. When the budget holds ``max_num_seqs`` full
     sequences, that is the plan. Otherwise a requested ``--max-model-len`` is kept and fewer sequences run at
-    once; with none, the context is shortened first (down to 4,096 tokens) so that concurrency survives.
+    once (:func:`load` refuses a budget that cannot hold even one); with none, the context is shortened first
+    (down to 4,096 tokens) so that concurrency survives.
     """
     model_len = min(model_len, requested_len) if requested_len else model_len
     budget = max(1, kv_cache_mib * 2**20 // bytes_per_token)
@@ -59,10 +60,12 @@ def plan_cache(
 def resolve_dtype(name: str, checkpoint_dtype: str | None, device: str) -> Any:
     """``auto``: float32 on CPU, bfloat16 (float16 for float16 checkpoints) elsewhere.
 
-    On CPU, bfloat16 runs about 1.5x faster where the CPU has bf16 instructions (``--dtype bfloat16``), but
-    its rounding depends on the batch: a greedy answer then changes with what else is in the batch, and a
-    stream continued on another replica after a failover no longer reads exactly like the uninterrupted
-    answer. float32 keeps both, which the embedded fleet's tests and drills rely on.
+    On CPU, bfloat16 runs faster where the CPU has bf16 instructions (``--dtype bfloat16``), but every dtype's
+    rounding depends a little on the batch shape, and bf16's by ~100x more than float32's (~1e-2 against
+    ~1e-4 of a logit): in bf16 a greedy answer often changes with what else is in the batch, and a stream
+    continued on another replica after a failover no longer reads like the uninterrupted answer. In float32
+    that takes a near-tie; the embedded fleet's failover test, which demands identical text, passes in float32
+    and fails in bf16.
     """
     import torch
 
@@ -104,13 +107,20 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     kv_mib = int(
         config.get("kv_cache_mib") or DEFAULT_KV_CACHE_MIB["cpu" if device.type == "cpu" else "other"]
     )
+    model_len = int(getattr(text, "max_position_embeddings", None) or 2048)
     slots, max_len = plan_cache(
-        model_len=int(getattr(text, "max_position_embeddings", None) or 2048),
+        model_len=model_len,
         bytes_per_token=bytes_per_token,
         max_num_seqs=max_num_seqs,
         kv_cache_mib=kv_mib,
         requested_len=config.get("max_model_len"),
     )
+    requested = config.get("max_model_len")
+    if requested and max_len < min(int(requested), model_len):
+        raise ValueError(
+            f"--max-model-len {requested} needs {requested * bytes_per_token / 2**20:.0f} MiB of KV cache "
+            f"for one sequence; --kv-cache-mib is {kv_mib}"
+        )
     model = LlamaFamilyModel(model_dir, num_slots=slots, max_len=max_len, dtype=dtype, device=device)
     batcher = Batcher(model, max_num_seqs=max_num_seqs)
     if config.get("seed") is not None:
@@ -126,6 +136,7 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     model_eos = getattr(text, "eos_token_id", None)
     eos_ids += [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
     info = {
+        "vocab_size": int(model.embed.shape[0]),
         "max_model_len": max_len,
         "slots": slots,
         "eos_token_ids": sorted({int(i) for i in eos_ids if i is not None and int(i) >= 0}),

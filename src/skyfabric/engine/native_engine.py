@@ -17,10 +17,12 @@ import itertools
 import json
 import logging
 import os
+import queue as queue_module
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
@@ -83,6 +85,11 @@ class NativeEngine(Engine):
         self._conn: Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready_future: asyncio.Future[dict[str, Any]] | None = None
+        # Sends go through a thread: a blocking send (the core reads only between steps, and one prefill can
+        # take seconds) must never stall the event loop. One thread keeps add/abort in order.
+        self._outbox: queue_module.SimpleQueue[tuple[Any, ...] | None] = queue_module.SimpleQueue()
+        self._sender: threading.Thread | None = None
+        self._vocab_size = 0
         self._queues: dict[int, asyncio.Queue[_Item]] = {}
         self._ids = itertools.count(1)
         self._info: dict[str, Any] = {}
@@ -112,6 +119,10 @@ class NativeEngine(Engine):
         return int(self._info.get("max_model_len", 0))
 
     @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
@@ -126,13 +137,19 @@ class NativeEngine(Engine):
         assert self._conn is not None
         self._ready_future = loop.create_future()
         loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._sender = threading.Thread(
+            target=self._send_loop, args=(self._conn,), name="core-sender", daemon=True
+        )
+        self._sender.start()
         try:
             self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
             self._info = await self._ready_future
         except BaseException:
             await self.stop()
             raise
-        self._eos = list(self._info["eos_token_ids"])
+        # The tokenizer's EOS too: chat checkpoints often name their end-of-turn token only there.
+        self._eos = sorted({*self._info["eos_token_ids"], *_ids(self._tokenizer.eos_token_id)})
+        self._vocab_size = int(self._info["vocab_size"])
         self._ready = True
         warm = GenerationRequest(prompt_ids=self.tokenize("Hello") or [0], max_tokens=2, ignore_eos=True)
         async with contextlib.aclosing(self.generate(warm)) as stream:
@@ -147,10 +164,12 @@ class NativeEngine(Engine):
     def _spawn_core(self) -> None:
         """Start ``core_process`` with one end of a socket pair; keep the other as our connection."""
         parent_sock, child_sock = socket.socketpair()
+        # Room for a burst of requests while the core is in a step: sends from the event loop must not block.
+        for sock in (parent_sock, child_sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(self._options["threads"]))
-        src = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         argv = [
             sys.executable,
             "-m",
@@ -175,10 +194,9 @@ class NativeEngine(Engine):
         """Ask the core to stop (kill it if it does not), and fail whatever is still in flight."""
         self._stopping = True
         self._ready = False
-        conn, proc = self._conn, self._proc
-        if conn is not None:
-            with contextlib.suppress(OSError, ValueError):
-                conn.send(("stop",))
+        proc = self._proc
+        if self._conn is not None:
+            self._outbox.put(("stop",))
         if proc is not None:
             try:
                 await asyncio.to_thread(proc.wait, 10)
@@ -188,10 +206,21 @@ class NativeEngine(Engine):
         self._close_conn()
         self._fail_all(EngineNotReady("engine stopped"))
 
+    def _send_loop(self, conn: Connection) -> None:
+        """The sender thread: forward queued messages to the core until told to stop or the core is gone."""
+        while (message := self._outbox.get()) is not None:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):
+                return  # the core is gone; the reader sees EOF and fails what is in flight
+            if message[0] == "stop":
+                return
+
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self._outbox.put(None)  # ends the sender thread if it is still waiting
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(conn.fileno())
@@ -234,10 +263,14 @@ class NativeEngine(Engine):
             self._core_gone(f"the engine core failed: {message[1].strip().splitlines()[-1]}")
 
     def _core_gone(self, why: str) -> None:
+        if self._conn is None:  # already handled (a fatal message, then EOF)
+            return
         self._close_conn()
         was_ready = self._ready
         self._ready = False
-        self._fail_all(EngineError(why) if not was_ready else EngineNotReady(why))
+        # A load failure is the engine's error (500); anything later means "not here, try elsewhere" (503).
+        loading = not was_ready and not self._stopping
+        self._fail_all(EngineError(why) if loading else EngineNotReady(why))
         if was_ready and not self._stopping:
             self.fatal = why
             log.error("%s; stopping the replica so that it is restarted", why)
@@ -280,6 +313,9 @@ class NativeEngine(Engine):
         prompt = list(request.prompt_ids)
         if not prompt:
             raise ValueError("prompt is empty")
+        vocab = self._vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt) + request.max_tokens > self.max_model_len:
             raise ValueError(
                 f"{len(prompt)} prompt + {request.max_tokens} completion tokens exceed max_model_len "
@@ -293,11 +329,13 @@ class NativeEngine(Engine):
             None if request.seed is None else int(request.seed),
             int(request.min_tokens),
         )
-        stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self._eos))
+        stop_ids = {t for t in request.stop_token_ids if 0 <= t < vocab}
+        if not request.ignore_eos:
+            stop_ids.update(self._eos)
         rid = next(self._ids)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._queues[rid] = queue
-        conn.send(("add", rid, prompt, request.max_tokens, params, sorted(stop_ids)))
+        self._outbox.put(("add", rid, prompt, request.max_tokens, params, sorted(stop_ids)))
         self._prompt_tokens += len(prompt)
         core_done = False  # the core has forgotten the request (finished or failed): no abort to send
         completed = False
@@ -345,10 +383,8 @@ class NativeEngine(Engine):
             del self._queues[rid]
             if not completed:
                 self._finished["abort"] += 1
-            conn = self._conn
-            if not core_done and conn is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    conn.send(("abort", rid))
+            if not core_done and self._conn is not None:
+                self._outbox.put(("abort", rid))
 
     # -------------------------------------------------------------------------------------------------- stats
 
@@ -364,6 +400,14 @@ class NativeEngine(Engine):
             forward_passes_total=self._forward_passes - self._forward_base,
             finished_total=dict(self._finished),
         )
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value] if value >= 0 else []
+    return [int(v) for v in value if v is not None and int(v) >= 0]
 
 
 def keep_torch_out_of_this_process() -> bool:

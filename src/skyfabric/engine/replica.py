@@ -221,7 +221,13 @@ def parse_sampling(body: Mapping[str, Any], *, chat: bool) -> SamplingOptions:
 
 
 def build_requests(
-    prompt_ids: Sequence[int], opts: SamplingOptions, *, max_model_len: int, param: str, what: str
+    prompt_ids: Sequence[int],
+    opts: SamplingOptions,
+    *,
+    max_model_len: int,
+    param: str,
+    what: str,
+    vocab_size: int = 0,
 ) -> list[GenerationRequest]:
     """Apply the context-length policy (vLLM's) and fan out ``n`` choices.
 
@@ -231,6 +237,11 @@ def build_requests(
     prompt_len = len(prompt_ids)
     if prompt_len == 0:
         raise _bad(f"the {what} is empty", param)
+    if vocab_size:  # an id outside the vocabulary would index past the embedding table
+        if any(not 0 <= t < vocab_size for t in prompt_ids):
+            raise _bad(f"token ids in the {what} must be in [0, {vocab_size})", param)
+        if any(not 0 <= t < vocab_size for t in opts.stop_token_ids):
+            raise _bad(f"'stop_token_ids' must be in [0, {vocab_size})", "stop_token_ids")
     if opts.max_tokens is None:
         if prompt_len >= max_model_len:
             raise APIError(
@@ -503,7 +514,12 @@ class ReplicaApp:
         except ValueError as exc:
             raise _bad(str(exc), "messages") from exc
         requests = build_requests(
-            prompt_ids, opts, max_model_len=self.engine.max_model_len, param="messages", what="messages"
+            prompt_ids,
+            opts,
+            max_model_len=self.engine.max_model_len,
+            param="messages",
+            vocab_size=self.engine.vocab_size,
+            what="messages",
         )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if opts.stream:
@@ -519,7 +535,12 @@ class ReplicaApp:
         self._check_ready()
         prompt_ids = self._completion_prompt(body["prompt"])
         requests = build_requests(
-            prompt_ids, opts, max_model_len=self.engine.max_model_len, param="prompt", what="prompt"
+            prompt_ids,
+            opts,
+            max_model_len=self.engine.max_model_len,
+            param="prompt",
+            vocab_size=self.engine.vocab_size,
+            what="prompt",
         )
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if opts.stream:

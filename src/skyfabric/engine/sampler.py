@@ -42,11 +42,22 @@ class Row:
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], generator: torch.Generator | None = None) -> list[int]:
-    """Next token id for each row of ``logits`` ([B, vocab], float32; modified in place)."""
-    for i, row in enumerate(rows):
-        if row.generated < row.params.min_tokens and row.stop_ids:
-            logits[i, list(row.stop_ids)] = _NEG_INF
+    """Next token id for each row of ``logits`` ([B, vocab], float32; modified in place).
+
+    Greedy batches stay on the logits' device; anything else is drawn on the CPU, where the generators are.
+    """
+    vocab = logits.size(-1)
+    banned = [
+        (i, [t for t in row.stop_ids if 0 <= t < vocab])
+        for i, row in enumerate(rows)
+        if row.generated < row.params.min_tokens and row.stop_ids
+    ]
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if sampled or banned:
+        logits = logits.cpu()
+    for i, ids in banned:
+        if ids:
+            logits[i, ids] = _NEG_INF
     if not sampled:
         return [int(t) for t in logits.argmax(dim=-1).tolist()]
     tokens = logits.argmax(dim=-1)

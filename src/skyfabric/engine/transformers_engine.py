@@ -372,6 +372,11 @@ class TransformersEngine(Engine):
         return self._max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        model = self._model
+        return int(model.get_input_embeddings().weight.shape[0]) if model is not None else 0
+
+    @property
     def tokenizer(self) -> Any:
         """The HF tokenizer (tests compare deltas against its ``decode``)."""
         return self._tokenizer
