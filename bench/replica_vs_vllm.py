@@ -258,7 +258,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per level; the best is reported")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="built-in replica --threads")
-    parser.add_argument("--dtype", default="auto", help="built-in --dtype (auto = float32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="built-in --dtype (auto: native keeps a bf16 checkpoint in bf16 where the CPU has bf16)",
+    )
     parser.add_argument(
         "--vllm-dtype", default="auto", help="vLLM --dtype (auto = the checkpoint's, bfloat16 here)"
     )
@@ -277,7 +281,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--engines",
-        default="native,native:bfloat16,transformers",
+        default="native,native:float32,transformers",
         help="built-in engines to measure, comma-separated, each ENGINE or ENGINE:DTYPE (else --dtype)",
     )
     parser.add_argument(

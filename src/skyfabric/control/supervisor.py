@@ -8,6 +8,7 @@ manager would. SIGINT/SIGTERM stop everything, gateway first so no client is cut
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -27,6 +28,12 @@ from skyfabric.core.lifetime import die_with_parent
 log = logging.getLogger("skyfabric.up")
 
 
+#: Embedded replicas compute in float32 unless ``SKYFABRIC_DTYPE`` says otherwise: bf16's rounding depends
+#: on the batch, and in float32 a stream continued on another replica after a failover reads exactly like the
+#: uninterrupted answer, which the fleet's tests and drills check.
+REPLICA_ENV = {"SKYFABRIC_DTYPE": os.environ.get("SKYFABRIC_DTYPE", "float32")}
+
+
 @dataclass
 class Child:
     """One supervised process."""
@@ -38,6 +45,7 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
 
     def start(self) -> None:
         out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
@@ -46,6 +54,7 @@ class Child:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
             preexec_fn=die_with_parent,
         )
         out.close()
@@ -112,7 +121,8 @@ class EmbeddedFleet:
                         if pool.get("model_dir"):
                             argv += ["--model-dir", pool["model_dir"]]
                         log_path = self.run_dir / f"replica-{name.replace('/', '-')}.log"
-                        self.replicas.append(Child(name, argv, f"http://127.0.0.1:{port}/health", log_path))
+                        health = f"http://127.0.0.1:{port}/health"
+                        self.replicas.append(Child(name, argv, health, log_path, env=REPLICA_ENV))
                         urls.append(f"http://127.0.0.1:{port}/v1")
                         port += 1
                     pool["endpoints"] = urls

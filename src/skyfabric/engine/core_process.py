@@ -58,22 +58,32 @@ def plan_cache(
 
 
 def resolve_dtype(name: str, checkpoint_dtype: str | None, device: str) -> Any:
-    """``auto``: float32 on CPU, bfloat16 (float16 for float16 checkpoints) elsewhere.
+    """``auto``: the checkpoint's bfloat16 where the device computes it natively, else float32 on CPU.
 
-    On CPU, bfloat16 runs faster where the CPU has bf16 instructions (``--dtype bfloat16``), but every dtype's
-    rounding depends a little on the batch shape, and bf16's by ~100x more than float32's (~1e-2 against
-    ~1e-4 of a logit): in bf16 a greedy answer often changes with what else is in the batch, and a stream
-    continued on another replica after a failover no longer reads like the uninterrupted answer. In float32
-    that takes a near-tie; the embedded fleet's failover test, which demands identical text, passes in float32
-    and fails in bf16.
+    Like vLLM's ``auto``, which keeps the checkpoint's dtype. On CPU bf16 needs AVX512-BF16 or AMX to pay.
+    Every dtype's rounding depends a little on the batch shape, bf16's ~100x more than float32's (~1e-2
+    against ~1e-4 of a logit): in bf16 a greedy answer often changes with what else is in the batch, and a
+    stream continued on another replica after a failover no longer reads like the uninterrupted answer; in
+    float32 that takes a near-tie. That is why ``skyfabric up`` runs its replicas in float32.
     """
     import torch
 
     if name != "auto":
         return getattr(torch, name)
-    if device == "cpu":
-        return torch.float32
-    return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
+    if device != "cpu":
+        return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
+    if checkpoint_dtype == "bfloat16" and _cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -1014,9 +1014,11 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
     default="auto",
     show_default=True,
-    help="Compute dtype; auto is float32 on CPU and bfloat16 on GPU. On CPUs with bf16 instructions the "
-    "native engine runs bfloat16 ~1.5x faster, but greedy output then depends on the batch "
-    "(docs/engines.md).",
+    envvar="SKYFABRIC_DTYPE",
+    show_envvar=True,
+    help="Compute dtype. auto: native runs a bfloat16 checkpoint in bfloat16 on CPUs with bf16 instructions "
+    "(else float32), transformers float32 on CPU; both bfloat16 on GPU. `skyfabric up` sets float32 so that "
+    "failover continuations read like uninterrupted answers (docs/engines.md).",
 )
 @click.option("--seed", type=int, default=None, help="Seed for unseeded sampling (reproducible runs).")
 @click.option(
