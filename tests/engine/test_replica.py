@@ -256,6 +256,19 @@ def test_eos_ignore_eos_and_min_tokens_force_exact_lengths(
         model="tiny", prompt="x", max_tokens=64, temperature=1.0, extra_body={"min_tokens": 64}
     )
     assert sampled.usage is not None and sampled.usage.completion_tokens == 64
+    # ignore_eos + min_tokens (what a gateway's continuation asks for): EOS is banned, not generated and
+    # hidden. Every token this checkpoint can emit is a whole word, so the text must hold exactly 40 words;
+    # an EOS token would count in usage but be invisible in the text, and a continuation from that text
+    # would not see it.
+    both = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=40,
+        temperature=0,
+        extra_body={**IGNORE_EOS, "min_tokens": 40},
+    )
+    assert both.usage is not None and both.usage.completion_tokens == 40
+    assert len((both.choices[0].message.content or "").split()) == 40
 
 
 def test_stop_strings_truncate(replica: ReplicaProcess) -> None:
@@ -606,3 +619,31 @@ async def test_native_memory_is_bounded_and_the_frontend_has_no_torch(
     finally:
         rep.proc.terminate()
         rep.proc.wait(timeout=15)
+
+
+async def test_one_token_per_chunk_under_load(replica: ReplicaProcess) -> None:
+    """A gateway continuing a broken stream counts the tokens it has sent by the chunks it has seen, so every
+    token is its own chunk even when 16 streams keep the replica's event loop behind (this checkpoint's
+    tokens are whole words: every one carries text)."""
+    client = async_client(replica)
+
+    async def chunks() -> tuple[int, int]:
+        stream = await client.completions.create(
+            model="tiny",
+            prompt="for i in",
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={**IGNORE_EOS, "min_tokens": 30},
+        )
+        count, usage = 0, 0
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                count += 1
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        return count, usage
+
+    results = await asyncio.gather(*(chunks() for _ in range(16)))
+    assert results == [(30, 30)] * 16

@@ -45,6 +45,7 @@ class Sequence:
     max_tokens: int
     params: SamplingParams
     stop_ids: tuple[int, ...]
+    banned_ids: tuple[int, ...]  # impossible while generated < min_tokens
     generated: int = 0
     length: int = 0  # tokens in the cache
     last_token: int = -1  # sampled, not yet in the cache
@@ -82,14 +83,21 @@ class Batcher:
         max_tokens: int,
         params: SamplingParams,
         stop_ids: Iterable[int] = (),
+        min_tokens_ban: Iterable[int] | None = None,
     ) -> None:
-        """Queue a sequence; it ends at one of ``stop_ids``, at ``max_tokens``, or when its slot is full."""
+        """Queue a sequence; it ends at one of ``stop_ids``, at ``max_tokens``, or when its slot is full.
+
+        ``min_tokens_ban`` (default: ``stop_ids``) are the ids impossible until ``params.min_tokens``.
+        """
         if not prompt:
             raise ValueError("prompt is empty")
         if len(prompt) >= self.model.max_len:
             raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in {self.model.max_len}")
         stops = tuple(sorted(set(stop_ids)))
-        self.waiting.append(Sequence(rid, list(prompt), max_tokens, params, stops, stop_set=frozenset(stops)))
+        banned = stops if min_tokens_ban is None else tuple(sorted(set(min_tokens_ban)))
+        self.waiting.append(
+            Sequence(rid, list(prompt), max_tokens, params, stops, banned, stop_set=frozenset(stops))
+        )
 
     def abort(self, rid: int) -> None:
         """Forget a sequence at the next step (it produces nothing more)."""
@@ -157,7 +165,7 @@ class Batcher:
         return self._sample(admitted, logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Output]:
-        rows = [Row(seq.params, seq.generated, seq.stop_ids) for seq in seqs]
+        rows = [Row(seq.params, seq.generated, seq.banned_ids) for seq in seqs]
         tokens = sample(logits, rows, self._generator)
         outputs: list[Output] = []
         max_len = self.model.max_len

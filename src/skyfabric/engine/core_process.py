@@ -7,7 +7,7 @@ the step never waits for the loop, which is how vLLM's engine core and API serve
 Protocol (pickled tuples over a ``multiprocessing.connection.Connection`` on an inherited socket):
 
 * replica → core: ``("add", rid, prompt_ids, max_tokens, (temperature, top_p, top_k, seed, min_tokens),
-  stop_ids)``, ``("abort", rid)``, ``("stop",)``.
+  stop_ids, min_tokens_ban)``, ``("abort", rid)``, ``("stop",)``.
 * core → replica: ``("ready", info)`` once loaded, or ``("error", message)``; then one ``("out", outputs,
   (running, waiting, kv_usage, forward_passes))`` per step, ``outputs`` being ``(rid, token, finish)``
   tuples; ``("fatal", message)`` before dying of an exception.
@@ -61,10 +61,10 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: str) -> Any:
     """``auto``: the checkpoint's bfloat16 where the device computes it natively, else float32 on CPU.
 
     Like vLLM's ``auto``, which keeps the checkpoint's dtype. On CPU bf16 needs AVX512-BF16 or AMX to pay.
-    Every dtype's rounding depends a little on the batch shape, bf16's ~100x more than float32's (~1e-2
-    against ~1e-4 of a logit): in bf16 a greedy answer often changes with what else is in the batch, and a
-    stream continued on another replica after a failover no longer reads like the uninterrupted answer; in
-    float32 that takes a near-tie. That is why ``skyfabric up`` runs its replicas in float32.
+    Every dtype's rounding depends a little on the batch shape, and bf16 keeps 8 mantissa bits to float32's
+    24: where two tokens are nearly tied, a greedy answer flips with what else is in the batch, and a stream
+    continued elsewhere after a failover no longer reads like the uninterrupted answer. Far likelier in bf16,
+    which is why ``skyfabric up`` runs its replicas in float32.
     """
     import torch
 
@@ -172,10 +172,13 @@ def serve(conn: Connection, batcher: Any) -> None:
     def handle(message: tuple[Any, ...]) -> bool:
         kind = message[0]
         if kind == "add":
-            _, rid, prompt, max_tokens, (temperature, top_p, top_k, seed, min_tokens), stop_ids = message
+            _, rid, prompt, max_tokens, sampling, stop_ids, ban = message
+            temperature, top_p, top_k, seed, min_tokens = sampling
             params = SamplingParams(temperature, top_p, top_k, seed, min_tokens)
             try:
-                batcher.add(rid, prompt, max_tokens=max_tokens, params=params, stop_ids=stop_ids)
+                batcher.add(
+                    rid, prompt, max_tokens=max_tokens, params=params, stop_ids=stop_ids, min_tokens_ban=ban
+                )
             except ValueError as exc:
                 conn.send(("out", [(rid, -1, f"error: {exc}")], stats()))
         elif kind == "abort":

@@ -330,12 +330,15 @@ class NativeEngine(Engine):
             int(request.min_tokens),
         )
         stop_ids = {t for t in request.stop_token_ids if 0 <= t < vocab}
+        # min_tokens bans EOS even with ignore_eos (as the transformers engine does): an EOS generated under
+        # ignore_eos is invisible in the text, so a continuation from that text would not see it.
+        banned = sorted(stop_ids | set(self._eos))
         if not request.ignore_eos:
             stop_ids.update(self._eos)
         rid = next(self._ids)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._queues[rid] = queue
-        self._outbox.put(("add", rid, prompt, request.max_tokens, params, sorted(stop_ids)))
+        self._outbox.put(("add", rid, prompt, request.max_tokens, params, sorted(stop_ids), banned))
         self._prompt_tokens += len(prompt)
         core_done = False  # the core has forgotten the request (finished or failed): no abort to send
         completed = False
@@ -344,25 +347,19 @@ class NativeEngine(Engine):
             stops = StopStringMatcher(request.stop)
             pending: list[int] = []  # ids of the text not yet yielded
             while True:
-                fresh: list[int] = []
-                finish: str | None = None
                 item = await queue.get()
-                # Take whatever else is queued too (the loop may have been busy): one delta for all of it.
-                while True:
-                    if isinstance(item, BaseException):
-                        core_done = True
-                        raise item
-                    token, finish = item
-                    if finish is not None and finish.startswith("error"):
-                        core_done = True
-                        raise EngineError(finish)
-                    fresh.append(token)
-                    if finish is not None or queue.empty():
-                        break
-                    item = queue.get_nowait()
-                self._generation_tokens += len(fresh)
-                pending.extend(fresh)
-                text, hit_stop = stops.feed(detok.push(fresh))
+                if isinstance(item, BaseException):
+                    core_done = True
+                    raise item
+                token, finish = item
+                if finish is not None and finish.startswith("error"):
+                    core_done = True
+                    raise EngineError(finish)
+                # One token per delta, as vLLM streams: a gateway continuing this stream elsewhere counts the
+                # tokens it has sent by the chunks it has seen.
+                self._generation_tokens += 1
+                pending.append(token)
+                text, hit_stop = stops.feed(detok.push((token,)))
                 if finish is not None:
                     core_done = True
                     if not hit_stop:

@@ -38,7 +38,7 @@ class Row:
 
     params: SamplingParams
     generated: int  # tokens this sequence has produced so far
-    stop_ids: tuple[int, ...]  # banned while generated < min_tokens
+    banned_ids: tuple[int, ...]  # impossible while generated < min_tokens
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], generator: torch.Generator | None = None) -> list[int]:
@@ -48,9 +48,9 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], generator: torch.Generator
     """
     vocab = logits.size(-1)
     banned = [
-        (i, [t for t in row.stop_ids if 0 <= t < vocab])
+        (i, [t for t in row.banned_ids if 0 <= t < vocab])
         for i, row in enumerate(rows)
-        if row.generated < row.params.min_tokens and row.stop_ids
+        if row.generated < row.params.min_tokens and row.banned_ids
     ]
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled or banned:
