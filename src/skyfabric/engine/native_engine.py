@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from skyfabric.engine.base import (
     GenerationRequest,
     register_engine,
 )
-from skyfabric.engine.text import IncrementalDetokenizer, StopStringMatcher
+from skyfabric.engine.text import HFTokenizing, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 _Item = tuple[int, str | None] | BaseException
 
 
-class NativeEngine(Engine):
+class NativeEngine(HFTokenizing, Engine):
     """Serve a local Llama, Qwen2 or Mistral checkpoint with the native core (see the module docstring)."""
 
     def __init__(
@@ -278,31 +278,6 @@ class NativeEngine(Engine):
 
     # -------------------------------------------------------------------------------------------- tokenizing
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=True)["input_ids"])
-
-    def tokenize_chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        add_generation_prompt: bool,
-        continue_final_message: bool,
-    ) -> list[int]:
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use /v1/completions")
-        try:
-            text = self._tokenizer.apply_chat_template(
-                [dict(m) for m in messages],
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message,
-            )
-        except ValueError:
-            raise
-        except Exception as exc:  # jinja errors (raise_exception in templates, bad roles)
-            raise ValueError(f"cannot render messages with the chat template: {exc}") from exc
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
     # -------------------------------------------------------------------------------------------- generating
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
@@ -343,8 +318,7 @@ class NativeEngine(Engine):
         core_done = False  # the core has forgotten the request (finished or failed): no abort to send
         completed = False
         try:
-            detok = IncrementalDetokenizer(self._tokenizer)
-            stops = StopStringMatcher(request.stop)
+            text_stream = TextStream(self._tokenizer, request.stop)
             pending: list[int] = []  # ids of the text not yet yielded
             while True:
                 item = await queue.get()
@@ -359,15 +333,9 @@ class NativeEngine(Engine):
                 # tokens it has sent by the chunks it has seen.
                 self._generation_tokens += 1
                 pending.append(token)
-                text, hit_stop = stops.feed(detok.push((token,)))
-                if finish is not None:
-                    core_done = True
-                    if not hit_stop:
-                        more_text, hit_stop = stops.feed(detok.flush())
-                        text += more_text
-                        if not hit_stop:
-                            text += stops.flush()
-                if hit_stop or finish is not None:
+                core_done = finish is not None
+                text, hit_stop = text_stream.feed((token,), last=core_done)
+                if hit_stop or core_done:
                     reason: FinishReason = "stop" if hit_stop or finish == "stop" else "length"
                     self._finished[reason] += 1
                     completed = True

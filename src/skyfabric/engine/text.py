@@ -5,7 +5,7 @@ Both run in the replica's event loop, after the engine produced tokens, so they 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -86,3 +86,59 @@ class StopStringMatcher:
         """Release held-back text once generation ended without a stop string."""
         rest, self._pending = self._pending, ""
         return rest
+
+
+class TextStream:
+    """Token ids in, text deltas out: incremental detokenizing followed by stop-string matching.
+
+    ``feed(ids, last=True)`` releases everything held back (partial characters, possible stop-string
+    starts) once the engine has finished the sequence.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopStringMatcher(stops)
+
+    def feed(self, new_ids: Sequence[int], *, last: bool = False) -> tuple[str, bool]:
+        """Return (text safe to send, whether a stop string ended the output)."""
+        text, hit_stop = self._stops.feed(self._detok.push(new_ids))
+        if last and not hit_stop:
+            more, hit_stop = self._stops.feed(self._detok.flush())
+            text += more
+            if not hit_stop:
+                text += self._stops.flush()
+        return text, hit_stop
+
+
+class HFTokenizing:
+    """``tokenize`` and ``tokenize_chat`` for engines that keep an HF tokenizer in ``_tokenizer``."""
+
+    _tokenizer: Any
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a raw completion prompt, with the special tokens the model expects (e.g. BOS)."""
+        return list(self._tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def tokenize_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+    ) -> list[int]:
+        """Render ``messages`` with the model's chat template and tokenize; ValueError when it cannot."""
+        tokenizer = self._tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use /v1/completions")
+        try:
+            text = tokenizer.apply_chat_template(
+                [dict(m) for m in messages],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message,
+            )
+        except ValueError:
+            raise
+        except Exception as exc:  # jinja errors (raise_exception in templates, bad roles)
+            raise ValueError(f"cannot render messages with the chat template: {exc}") from exc
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from skyfabric.engine.base import (
     GenerationRequest,
     register_engine,
 )
-from skyfabric.engine.text import IncrementalDetokenizer, StopStringMatcher
+from skyfabric.engine.text import HFTokenizing, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _eos_ids(*sources: Any) -> list[int]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(HFTokenizing, Engine):
     """Serve a local HF checkpoint (Llama, Qwen2, Mistral: any ``AutoModelForCausalLM``) with CB.
 
     ``max_num_seqs`` caps sequences admitted to the batch (the rest wait in our queue and show as *waiting*).
@@ -548,31 +548,6 @@ class TransformersEngine(Engine):
 
     # -------------------------------------------------------------------------------------------- tokenizing
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=True)["input_ids"])
-
-    def tokenize_chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        add_generation_prompt: bool,
-        continue_final_message: bool,
-    ) -> list[int]:
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use /v1/completions")
-        try:
-            text = self._tokenizer.apply_chat_template(
-                [dict(m) for m in messages],
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message,
-            )
-        except ValueError:
-            raise
-        except Exception as exc:  # jinja errors (raise_exception in templates, bad roles)
-            raise ValueError(f"cannot render messages with the chat template: {exc}") from exc
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
     # -------------------------------------------------------------------------------------------- generating
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
@@ -632,8 +607,7 @@ class TransformersEngine(Engine):
             self._admitted += 1
             self._prompt_tokens += len(prompt)
 
-            detok = IncrementalDetokenizer(self._tokenizer)
-            stops = StopStringMatcher(request.stop)
+            text_stream = TextStream(self._tokenizer, request.stop)
             seen = 0
             pending_ids: list[int] = []
             eos_set = set(eos)
@@ -652,12 +626,7 @@ class TransformersEngine(Engine):
                 finished = output.is_finished()
                 if finished:
                     cb_finished = True
-                text, hit_stop = stops.feed(detok.push(new_ids))
-                if finished and not hit_stop:
-                    more, hit_stop = stops.feed(detok.flush())
-                    text += more
-                    if not hit_stop:
-                        text += stops.flush()
+                text, hit_stop = text_stream.feed(new_ids, last=finished)
                 if hit_stop or finished:
                     reason: FinishReason = (
                         "stop" if hit_stop or (tokens and tokens[-1] in eos_set) else "length"
