@@ -47,6 +47,36 @@ class GenerationRequest:
     min_tokens: int = 0
     request_id: str | None = None
 
+    def sampling(self, defaults: Mapping[str, float | int]) -> tuple[float, float, int]:
+        """(temperature, top_p, top_k): the request's, else the model's ``defaults``."""
+        return (
+            float(defaults["temperature"] if self.temperature is None else self.temperature),
+            float(defaults["top_p"] if self.top_p is None else self.top_p),
+            int(defaults["top_k"] if self.top_k is None else self.top_k),
+        )
+
+
+def sampling_defaults(generation_config: Any) -> dict[str, float | int]:
+    """Like vLLM: what a request leaves out comes from the checkpoint's generation_config.json (or None)."""
+    return {
+        "temperature": float(getattr(generation_config, "temperature", None) or 1.0),
+        "top_p": float(getattr(generation_config, "top_p", None) or 1.0),
+        "top_k": int(getattr(generation_config, "top_k", None) or 0),
+    }
+
+
+def token_ids(*sources: Any) -> list[int]:
+    """Sorted unique non-negative ids from config fields that hold one id, a list of ids, or None."""
+    ids: set[int] = set()
+    for source in sources:
+        if source is None:
+            continue
+        if isinstance(source, int):
+            ids.add(source)
+        else:
+            ids.update(int(i) for i in source if i is not None)
+    return sorted(i for i in ids if i >= 0)
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationDelta:

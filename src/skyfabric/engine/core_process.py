@@ -91,6 +91,7 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     import torch
     from transformers import AutoConfig, GenerationConfig
 
+    from skyfabric.engine.base import sampling_defaults, token_ids
     from skyfabric.engine.batcher import Batcher
     from skyfabric.engine.llama import LlamaFamilyModel, cache_dtype
 
@@ -118,20 +119,22 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         config.get("kv_cache_mib") or DEFAULT_KV_CACHE_MIB["cpu" if device.type == "cpu" else "other"]
     )
     model_len = int(getattr(text, "max_position_embeddings", None) or 2048)
+    requested = config.get("max_model_len")
     slots, max_len = plan_cache(
         model_len=model_len,
         bytes_per_token=bytes_per_token,
         max_num_seqs=max_num_seqs,
         kv_cache_mib=kv_mib,
-        requested_len=config.get("max_model_len"),
+        requested_len=requested,
     )
-    requested = config.get("max_model_len")
     if requested and max_len < min(int(requested), model_len):
         raise ValueError(
             f"--max-model-len {requested} needs {requested * bytes_per_token / 2**20:.0f} MiB of KV cache "
             f"for one sequence; --kv-cache-mib is {kv_mib}"
         )
-    model = LlamaFamilyModel(model_dir, num_slots=slots, max_len=max_len, dtype=dtype, device=device)
+    model = LlamaFamilyModel(
+        model_dir, num_slots=slots, max_len=max_len, dtype=dtype, device=device, config=hf_config
+    )
     batcher = Batcher(model, max_num_seqs=max_num_seqs)
     if config.get("seed") is not None:
         batcher.seed(int(config["seed"]))
@@ -141,20 +144,14 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         generation = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
     except OSError:
         generation = None
-    eos = getattr(generation, "eos_token_id", None)
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    model_eos = getattr(text, "eos_token_id", None)
-    eos_ids += [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
     info = {
         "vocab_size": int(model.embed.shape[0]),
         "max_model_len": max_len,
         "slots": slots,
-        "eos_token_ids": sorted({int(i) for i in eos_ids if i is not None and int(i) >= 0}),
-        "sampling_defaults": {
-            "temperature": float(getattr(generation, "temperature", None) or 1.0),
-            "top_p": float(getattr(generation, "top_p", None) or 1.0),
-            "top_k": int(getattr(generation, "top_k", None) or 0),
-        },
+        "eos_token_ids": token_ids(
+            getattr(generation, "eos_token_id", None), getattr(text, "eos_token_id", None)
+        ),
+        "sampling_defaults": sampling_defaults(generation),
         "describe": (
             f"model={model_dir} engine=native arch={text.model_type} device={device} "
             f"dtype={str(dtype).removeprefix('torch.')} packed_weights={model._packed} "

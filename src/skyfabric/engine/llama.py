@@ -50,11 +50,14 @@ class LlamaFamilyModel:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        config: Any = None,
     ) -> None:
+        """``config``: the checkpoint's HF config when the caller has already read it (else read here)."""
         from transformers import AutoModelForCausalLM
         from transformers.activations import ACT2FN
 
-        hf: Any = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+        extra = {} if config is None else {"config": config}
+        hf: Any = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype, **extra)
         config = hf.config
         reason = unsupported_reason(config)
         if reason is not None:
@@ -122,10 +125,6 @@ class LlamaFamilyModel:
         self._positions = torch.arange(max_len, device=device)
 
     # ---------------------------------------------------------------------------------------------- pieces
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.cache_dtype.itemsize
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self._packed:

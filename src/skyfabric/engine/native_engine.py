@@ -39,6 +39,7 @@ from skyfabric.engine.base import (
     GenerationDelta,
     GenerationRequest,
     register_engine,
+    token_ids,
 )
 from skyfabric.engine.text import HFTokenizing, TextStream
 
@@ -148,7 +149,7 @@ class NativeEngine(HFTokenizing, Engine):
             await self.stop()
             raise
         # The tokenizer's EOS too: chat checkpoints often name their end-of-turn token only there.
-        self._eos = sorted({*self._info["eos_token_ids"], *_ids(self._tokenizer.eos_token_id)})
+        self._eos = token_ids(self._info["eos_token_ids"], self._tokenizer.eos_token_id)
         self._vocab_size = int(self._info["vocab_size"])
         self._ready = True
         warm = GenerationRequest(prompt_ids=self.tokenize("Hello") or [0], max_tokens=2, ignore_eos=True)
@@ -296,11 +297,8 @@ class NativeEngine(HFTokenizing, Engine):
                 f"{len(prompt)} prompt + {request.max_tokens} completion tokens exceed max_model_len "
                 f"{self.max_model_len}"
             )
-        defaults = self._info["sampling_defaults"]
         params = (
-            float(defaults["temperature"] if request.temperature is None else request.temperature),
-            float(defaults["top_p"] if request.top_p is None else request.top_p),
-            int(defaults["top_k"] if request.top_k is None else request.top_k),
+            *request.sampling(self._info["sampling_defaults"]),
             None if request.seed is None else int(request.seed),
             int(request.min_tokens),
         )
@@ -365,14 +363,6 @@ class NativeEngine(HFTokenizing, Engine):
             forward_passes_total=self._forward_passes - self._forward_base,
             finished_total=dict(self._finished),
         )
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value] if value >= 0 else []
-    return [int(v) for v in value if v is not None and int(v) >= 0]
 
 
 def keep_torch_out_of_this_process() -> bool:

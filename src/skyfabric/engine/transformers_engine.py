@@ -42,6 +42,8 @@ from skyfabric.engine.base import (
     GenerationDelta,
     GenerationRequest,
     register_engine,
+    sampling_defaults,
+    token_ids,
 )
 from skyfabric.engine.text import HFTokenizing, TextStream
 
@@ -277,18 +279,6 @@ def _text_config_value(config: Any, *names: str) -> Any:
     return None
 
 
-def _eos_ids(*sources: Any) -> list[int]:
-    ids: set[int] = set()
-    for source in sources:
-        if source is None:
-            continue
-        if isinstance(source, int):
-            ids.add(source)
-        else:
-            ids.update(int(i) for i in source if i is not None)
-    return sorted(i for i in ids if i >= 0)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The engine
 # ------------------------------------------------------------------------------------------------------------
@@ -425,17 +415,12 @@ class TransformersEngine(HFTokenizing, Engine):
         model = model.to(torch.device(device)).eval()
 
         gen_defaults = getattr(model, "generation_config", None)
-        self._eos = _eos_ids(
+        self._eos = token_ids(
             tokenizer.eos_token_id,
             getattr(gen_defaults, "eos_token_id", None),
             getattr(model.config, "eos_token_id", None),
         )
-        # Like vLLM: sampling fields a request leaves out come from the checkpoint's generation_config.json.
-        self._default_sampling = {
-            "temperature": float(getattr(gen_defaults, "temperature", None) or 1.0),
-            "top_p": float(getattr(gen_defaults, "top_p", None) or 1.0),
-            "top_k": int(getattr(gen_defaults, "top_k", None) or 0),
-        }
+        self._default_sampling = sampling_defaults(gen_defaults)
 
         # KV cache geometry, from a byte budget.
         num_layers = int(_text_config_value(model.config, "num_hidden_layers"))
@@ -579,15 +564,13 @@ class TransformersEngine(HFTokenizing, Engine):
                 cb_finished = True
                 raise EngineNotReady("engine is not ready")
             manager.register_result_handler(request_id, queue.put_nowait)
-            stop_ids = _eos_ids(request.stop_token_ids)
+            stop_ids = token_ids(request.stop_token_ids)
             eos = sorted(set(stop_ids) | (set() if request.ignore_eos else set(self._eos)))
-            defaults = self._default_sampling
+            temperature, top_p, top_k = request.sampling(self._default_sampling)
             kwargs: dict[str, Any] = {
-                "temperature": float(
-                    defaults["temperature"] if request.temperature is None else request.temperature
-                ),
-                "top_p": float(defaults["top_p"] if request.top_p is None else request.top_p),
-                "top_k": int(defaults["top_k"] if request.top_k is None else request.top_k),
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
                 "min_tokens": int(request.min_tokens),
             }
             if request.seed is not None:
