@@ -204,3 +204,50 @@ async def test_engine_failure_mid_stream_is_reported(echo_server: tuple[str, Ech
 def test_unknown_engine_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown engine"):
         create_engine("llama.cpp", model_dir="/nowhere")
+
+
+def test_built_in_engines_are_data_resolved_only_when_chosen() -> None:
+    """The registry names every built-in engine; listing them imports none (no torch for ``--help``)."""
+    import subprocess
+    import sys
+
+    from skyfabric.engine import registry
+    from skyfabric.engine.base import engine_names
+    from skyfabric.engine.external import ServerSpec, server_command, server_engine_names
+
+    assert engine_names() == ["native", "transformers"]
+    assert server_engine_names() == ["llama-cpp", "vllm"]
+    for name, target in registry.ENGINES.items():
+        factory = registry.resolve(target)
+        assert isinstance(factory, type) and issubclass(factory, Engine), name
+    for name, target in registry.SERVER_ENGINES.items():
+        assert callable(registry.resolve(target)), name
+    with pytest.raises(ValueError, match="unknown server engine 'sglang'; available: llama-cpp, vllm"):
+        server_command(
+            "sglang", ServerSpec(model_dir=Path("/nowhere"), host="h", port=1, served_model_name="m")
+        )
+    probe = (
+        "import sys\n"
+        "from skyfabric.engine.base import engine_names\n"
+        "from skyfabric.engine.external import server_engine_names\n"
+        "engine_names(); server_engine_names()\n"
+        "loaded = sorted(m for m in sys.modules if m.endswith('_engine') or m in ('torch', 'transformers'))\n"
+        "print(','.join(loaded))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == ""
+
+
+def test_a_plug_in_registers_at_run_time() -> None:
+    from skyfabric.engine import base
+
+    base.register_engine("echo", EchoEngine)
+    try:
+        assert "echo" in base.engine_names()
+        assert isinstance(create_engine("echo"), EchoEngine)
+    finally:
+        del base._REGISTRY["echo"]
+    with pytest.raises(ValueError, match="unknown engine 'echo'; available: native, transformers"):
+        create_engine("echo")

@@ -13,6 +13,8 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from skyfabric.engine.registry import ENGINES, resolve
+
 #: Why a generation ended, in OpenAI's words ("abort" is vLLM's word for a cancelled request).
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -175,33 +177,29 @@ class Engine(abc.ABC):
 
 EngineFactory = Callable[..., Engine]
 
+#: Engines registered at run time by plug-ins; the built-in ones are listed in ``registry.ENGINES``.
 _REGISTRY: dict[str, EngineFactory] = {}
 
 
 def register_engine(name: str, factory: EngineFactory) -> None:
-    """Make an engine selectable with ``skyfabric replica --engine NAME``."""
+    """Make an engine selectable with ``skyfabric replica --engine NAME`` (for engines not built in)."""
     _REGISTRY[name] = factory
 
 
 def engine_names() -> list[str]:
-    """Names accepted by ``--engine`` (built-in engines register themselves on import)."""
-    _load_builtin_engines()
-    return sorted(_REGISTRY)
+    """Names accepted by ``--engine`` (built-in and registered; nothing is imported to list them)."""
+    return sorted(set(ENGINES) | set(_REGISTRY))
 
 
 def create_engine(name: str, **kwargs: Any) -> Engine:
-    """Instantiate a registered engine; ``kwargs`` are the replica's engine options (model_dir, …)."""
-    _load_builtin_engines()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    """Instantiate an engine by name; ``kwargs`` are the replica's engine options (model_dir, …).
+
+    A built-in engine's module is imported only here, when it is chosen: the transformers one pulls torch,
+    which the CLI should not pay for.
+    """
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        if name not in ENGINES:
+            raise ValueError(f"unknown engine {name!r}; available: {', '.join(engine_names())}")
+        factory = resolve(ENGINES[name])
     return factory(**kwargs)
-
-
-def _load_builtin_engines() -> None:
-    """Import built-in engines lazily: the transformers one pulls torch, which the CLI should not pay for."""
-    if "transformers" not in _REGISTRY:
-        from skyfabric.engine import transformers_engine  # noqa: F401  (registers itself)
-    if "native" not in _REGISTRY:
-        from skyfabric.engine import native_engine  # noqa: F401  (registers itself)

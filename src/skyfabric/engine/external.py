@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from skyfabric.engine.registry import SERVER_ENGINES, resolve
+
 log = logging.getLogger("skyfabric.replica")
 
 #: Exit code of ``skyfabric replica`` when the chosen engine (or device backend) is not installed or cannot
@@ -72,28 +74,28 @@ class ServerCommand:
 
 ServerBuilder = Callable[[ServerSpec], ServerCommand]
 
+#: Server engines registered at run time by plug-ins; the built-in ones are in ``registry.SERVER_ENGINES``.
 _SERVERS: dict[str, ServerBuilder] = {}
 
 
 def register_server_engine(name: str, build: ServerBuilder) -> None:
-    """Make an exec'd engine selectable with ``skyfabric replica --engine NAME``."""
+    """Make an exec'd engine selectable with ``--engine NAME`` (for engines that are not built in)."""
     _SERVERS[name] = build
 
 
 def server_engine_names() -> list[str]:
-    """Names of the engines that run as their own server (built-in ones register on first use)."""
-    _load_builtin_servers()
-    return sorted(_SERVERS)
+    """Names of the engines that run as their own server (nothing is imported to list them)."""
+    return sorted(set(SERVER_ENGINES) | set(_SERVERS))
 
 
 def server_command(name: str, spec: ServerSpec) -> ServerCommand:
     """The command serving ``spec`` with engine ``name``; raises :class:`EngineUnavailable` if it can't."""
-    _load_builtin_servers()
-    try:
-        build = _SERVERS[name]
-    except KeyError:
-        known = ", ".join(sorted(_SERVERS))
-        raise ValueError(f"unknown server engine {name!r}; available: {known}") from None
+    build = _SERVERS.get(name)
+    if build is None:
+        if name not in SERVER_ENGINES:
+            known = ", ".join(server_engine_names())
+            raise ValueError(f"unknown server engine {name!r}; available: {known}")
+        build = resolve(SERVER_ENGINES[name])
     return build(spec)
 
 
@@ -106,11 +108,3 @@ def exec_server(command: ServerCommand) -> NoReturn:
     env = dict(os.environ)
     env.update(command.env)
     os.execvpe(command.argv[0], command.argv, env)
-
-
-def _load_builtin_servers() -> None:
-    """Import the built-in server engines (cheap: they import nothing heavy)."""
-    if "vllm" not in _SERVERS:
-        from skyfabric.engine import vllm_engine  # noqa: F401  (registers itself)
-    if "llama-cpp" not in _SERVERS:
-        from skyfabric.engine import llamacpp_engine  # noqa: F401  (registers itself)

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from skyfabric.engine.external import EngineUnavailable, ServerCommand, ServerSpec, register_server_engine
+from skyfabric.engine.external import EngineUnavailable, ServerCommand, ServerSpec
 
 #: Environment variable naming the llama-server binary (else ``llama-server`` on PATH).
 LLAMA_SERVER_ENV = "SKYFABRIC_LLAMA_SERVER"
@@ -90,6 +90,3 @@ def build_llamacpp_command(spec: ServerSpec) -> ServerCommand:
         argv += ["--seed", str(spec.seed)]
     argv += spec.extra_args
     return ServerCommand(argv)
-
-
-register_server_engine("llama-cpp", build_llamacpp_command)

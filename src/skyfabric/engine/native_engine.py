@@ -38,7 +38,6 @@ from skyfabric.engine.base import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
-    register_engine,
     token_ids,
 )
 from skyfabric.engine.text import HFTokenizing, TextStream
@@ -382,6 +381,3 @@ def keep_torch_out_of_this_process() -> bool:
 def _stop_this_process() -> None:
     """The replica's SIGTERM path: drain, stop, exit; its supervisor restarts it."""
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-register_engine("native", NativeEngine)

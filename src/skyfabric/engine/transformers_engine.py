@@ -41,7 +41,6 @@ from skyfabric.engine.base import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
-    register_engine,
     sampling_defaults,
     token_ids,
 )
@@ -676,6 +675,3 @@ class TransformersEngine(HFTokenizing, Engine):
             forward_passes_total=self._forward_passes,
             finished_total=dict(self._finished),
         )
-
-
-register_engine("transformers", TransformersEngine)

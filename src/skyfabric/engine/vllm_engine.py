@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 
-from skyfabric.engine.external import EngineUnavailable, ServerCommand, ServerSpec, register_server_engine
+from skyfabric.engine.external import EngineUnavailable, ServerCommand, ServerSpec
 
 log = logging.getLogger("skyfabric.replica")
 
@@ -108,6 +108,3 @@ def build_vllm_command(spec: ServerSpec) -> ServerCommand:
     elif "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_CPU_KV_CACHE_GIB)
     return ServerCommand(argv, env)
-
-
-register_server_engine("vllm", build_vllm_command)
