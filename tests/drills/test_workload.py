@@ -9,7 +9,7 @@ import pytest
 
 from skyfabric.core.errors import ConfigError
 from skyfabric.drills.scenario import TokenRange, Workload
-from skyfabric.drills.trace import AZURE_CONV_TRACE, compress, load_trace, parse_timestamp, parse_trace
+from skyfabric.drills.trace import compress, default_trace, load_trace, parse_timestamp, parse_trace
 from skyfabric.drills.workload import (
     CHARS_PER_TOKEN,
     Sizer,
@@ -115,8 +115,93 @@ def test_open_loop_plan_is_reproducible() -> None:
     assert len(fast.arrivals) > 1.5 * len(a.arrivals)
 
 
-@pytest.mark.skipif(not AZURE_CONV_TRACE.exists(), reason="the shared Azure trace is not on this machine")
-def test_the_azure_trace_parses() -> None:
-    rows = load_trace(AZURE_CONV_TRACE)
-    assert len(rows) == 19366
-    assert rows[0].t == 0.0 and 3400 < rows[-1].t < 3600
+def test_the_default_trace_ships_with_the_package_and_loads() -> None:
+    import skyfabric.drills
+
+    path = default_trace()
+    assert path.parent == Path(skyfabric.drills.__file__).parent / "data"
+    rows = load_trace(path)
+    assert len(rows) == 4424  # the Azure conversation trace's first 15 minutes
+    assert rows[0].t == 0.0 and 890 < rows[-1].t < 900
+    assert path.stat().st_size < 300_000
+    notice = (path.parent / "NOTICE.md").read_text()
+    assert "CC BY 4.0" in notice and "Splitwise" in notice and "AzurePublicDataset" in notice
+
+
+def test_a_trace_scenario_replays_the_shipped_trace_by_default() -> None:
+    from skyfabric.drills.scenario import load_scenario
+
+    workload = load_scenario("trace-outage").workload
+    assert workload.kind == "trace" and workload.trace is None
+    plan = plan_workload(workload, duration=600, speed=1.5, seed=0, context_length=256)
+    assert len(plan.arrivals) == 4424  # the whole slice in 10 minutes, as docs/drills.md shows
+    assert any(str(default_trace()) in note for note in plan.notes)
+    assert not any("the trace ends" in note for note in plan.notes)
+    longer = plan_workload(workload, duration=600, speed=2.0, seed=0, context_length=256)
+    assert len(longer.arrivals) == 4424
+    assert any("the trace ends" in note and "--trace PATH" in note for note in longer.notes)
+
+
+def test_drill_trace_option_points_at_another_trace(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from skyfabric.drills.cli import drill_command, with_trace
+    from skyfabric.drills.scenario import load_scenario
+
+    own = tmp_path / "mine.csv"
+    own.write_text(TRACE)
+    spec = with_trace(load_scenario("trace-outage"), own)
+    assert spec.workload.trace == str(own)
+    plan = plan_workload(spec.workload, duration=20, speed=1.0, seed=0, context_length=256)
+    assert len(plan.arrivals) == 4 and any(str(own) in note for note in plan.notes)
+    runner = CliRunner()
+    missing = runner.invoke(drill_command, ["trace-outage", "--trace", str(tmp_path / "nope.csv")])
+    assert missing.exit_code == 2 and "nope.csv: cannot read trace" in missing.output
+    wrong = runner.invoke(drill_command, ["steady", "--trace", str(own)])
+    assert wrong.exit_code == 2 and "scenario 'steady' has a poisson workload" in wrong.output
+
+
+@pytest.mark.slow
+def test_the_default_trace_resolves_inside_an_installed_wheel(tmp_path: Path) -> None:
+    """Built and installed like a user's copy (no source tree on the path): the default trace is there."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    project = tmp_path / "project"
+    shutil.copytree(repo / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(repo / "pyproject.toml", project)
+    shutil.copy(repo / "README.md", project)
+    build = "import setuptools.build_meta as b, sys; print(b.build_wheel(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=project, check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("skyfabric-*.whl")
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(site),
+            wheel,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    probe = (
+        "from skyfabric.drills.trace import default_trace, load_trace\n"
+        "path = default_trace()\n"
+        "print(path)\n"
+        "print(len(load_trace(path)))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)}  # the wheel's copy, not the source tree
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=tmp_path, check=True, capture_output=True, text=True
+    )
+    path, count = out.stdout.split()
+    assert Path(path).is_relative_to(site) and count == "4424"

@@ -15,7 +15,8 @@ import click
 
 from skyfabric.core.errors import ConfigError, SkyfabricError
 from skyfabric.core.fleet import load_fleet
-from skyfabric.drills.scenario import builtin_scenarios, load_scenario
+from skyfabric.drills.scenario import Scenario, builtin_scenarios, load_scenario
+from skyfabric.drills.trace import load_trace
 
 #: Exit statuses: the SLO was met, missed, or the drill could not run at all.
 EXIT_PASSED, EXIT_MISSED, EXIT_BROKEN = 0, 1, 2
@@ -25,6 +26,17 @@ def default_fleet() -> Path:
     """The embedded fleet file (``skyfabric.cli.DEFAULT_FLEET``; found here without importing the CLI, which
     sits above the drills in the import order)."""
     return Path(str(resources.files("skyfabric.control") / "fleets" / "embedded.yaml"))
+
+
+def with_trace(spec: Scenario, trace: Path) -> Scenario:
+    """``spec`` replaying the trace at ``trace`` (checked now, before any process starts)."""
+    if spec.workload.kind != "trace":
+        raise ConfigError(
+            f"--trace replays a trace, but scenario {spec.name!r} has a {spec.workload.kind} workload"
+            " (use a scenario with `workload: {kind: trace}`, e.g. trace-outage)"
+        )
+    load_trace(trace)
+    return spec.model_copy(update={"workload": spec.workload.model_copy(update={"trace": str(trace)})})
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:
@@ -50,6 +62,14 @@ def _on_sigterm(signum: int, frame: object) -> NoReturn:
 @click.option(
     "--speed", type=click.FloatRange(min=0.001), default=1.0, show_default=True, help="time compression"
 )
+@click.option(
+    "--trace",
+    "trace",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="CSV (TIMESTAMP,ContextTokens,GeneratedTokens) a trace scenario replays  [default: the scenario's,"
+    " else 15 minutes of the Azure conversation trace shipped with skyfabric]",
+)
 @click.option("--baseline", is_flag=True, help="also run with failover off and compare")
 @click.option(
     "--out", "out", type=click.Path(path_type=Path, file_okay=False), default=None, help="output dir"
@@ -65,6 +85,7 @@ def drill_command(
     region: str | None,
     duration: float | None,
     speed: float,
+    trace: Path | None,
     baseline: bool,
     out: Path | None,
     seed: int,
@@ -83,6 +104,8 @@ def drill_command(
     try:
         spec = load_scenario(scenario)
         fleet = load_fleet(fleet_path)
+        if trace is not None:
+            spec = with_trace(spec, trace)
     except ConfigError as exc:
         click.echo(f"skyfabric drill: {exc}", err=True)
         sys.exit(EXIT_BROKEN)

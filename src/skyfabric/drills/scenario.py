@@ -58,7 +58,7 @@ class Workload(_Strict):
     burst_off: float = Field(6.0, gt=0, description="bursty: seconds between bursts")
     users: int = Field(8, ge=1, le=1024, description="closed: concurrent users")
     think_time: float = Field(0.5, ge=0, description="closed: mean seconds between a user's requests")
-    trace: str | None = Field(None, description="trace: CSV path (default: the shared Azure trace)")
+    trace: str | None = Field(None, description="trace: CSV path (default: the shipped Azure trace slice)")
     trace_start: float = Field(0.0, ge=0, description="trace: seconds into the trace to start at")
     prompt_tokens: TokenRange = TokenRange(min=16, max=96)
     output_tokens: TokenRange = TokenRange(min=16, max=48)

@@ -12,12 +12,23 @@ import csv
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from skyfabric.core.errors import ConfigError
 
-#: The shared copy of the Azure conversation trace (see /work/shared/data/README.md).
-AZURE_CONV_TRACE = Path("/work/shared/data/AzureLLMInferenceTrace_conv.csv")
+#: File name of the trace shipped with the package: the first 15 minutes of the Azure LLM inference trace
+#: 2023 (conversation service), CC BY 4.0; ``data/NOTICE.md`` beside it has the attribution.
+DEFAULT_TRACE_NAME = "azure_conv_slice.csv"
+
+
+def default_trace() -> Path:
+    """The trace a ``kind: trace`` workload replays unless the scenario or ``--trace`` names another.
+
+    It is package data, so it resolves inside whatever installation runs the drill (not a path on the
+    machine where skyfabric was developed).
+    """
+    return Path(str(resources.files("skyfabric.drills") / "data" / DEFAULT_TRACE_NAME))
 
 
 @dataclass(frozen=True, slots=True)

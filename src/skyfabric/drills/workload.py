@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 
 from skyfabric.drills.scenario import TokenRange, Workload
-from skyfabric.drills.trace import AZURE_CONV_TRACE, compress, load_trace
+from skyfabric.drills.trace import compress, default_trace, load_trace, trace_span
 
 #: Characters per token assumed when building prompts (code tokenizers give 3–4).
 CHARS_PER_TOKEN = 3.5
@@ -157,8 +157,9 @@ def plan_workload(
         )
         return plan
     if workload.kind == "trace":
-        path = workload.trace or str(AZURE_CONV_TRACE)
-        rows = compress(load_trace(path), speed=speed, start=workload.trace_start, duration=duration)
+        path = workload.trace or str(default_trace())
+        trace = load_trace(path)
+        rows = compress(trace, speed=speed, start=workload.trace_start, duration=duration)
         for at, row in rows:
             p, o = sizer.fit(
                 math.ceil(row.context_tokens * workload.prompt_scale),
@@ -169,6 +170,12 @@ def plan_workload(
             f"trace replay of {path} from {workload.trace_start:g}s at speed ×{speed:g}: "
             f"{len(rows)} requests in {duration:g}s ({len(rows) / duration:.2f}/s)"
         )
+        wanted, span = workload.trace_start + duration * speed, trace_span(trace)
+        if wanted > span + 1.0:  # a quiet last second is not worth a note
+            plan.notes.append(
+                f"the trace ends {span:g}s in, before the {wanted:g}s this drill replays: its last "
+                f"{(wanted - span) / speed:g}s get no requests (a longer trace: --trace PATH)"
+            )
         plan.notes.append(
             f"token counts scaled (prompt ×{workload.prompt_scale:g}, output ×{workload.output_scale:g}) and "
             f"clamped to prompt {workload.prompt_tokens.min}–{workload.prompt_tokens.max}, output "
