@@ -61,7 +61,7 @@ def fleet_data(
                                 "name": "pool",
                                 "accelerator": "cpu",
                                 "engine": "vllm",
-                                "model": ups[0].__dict__.get("model", "m"),
+                                "model": ups[0].model,
                                 "endpoints": [u.url for u in ups],
                                 "continuation": all(u.can_continue for u in ups),
                             }

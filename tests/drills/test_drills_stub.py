@@ -63,7 +63,7 @@ def test_builtin_scenario_against_stubs(name: str, stub_fleet: Path, tmp_path: P
     assert totals["requests"] >= 8, totals
     assert totals["truncated"] == 0
     assert report["passed"], report["result"]["slo"]
-    assert report["result"]["gateway_metrics"] in (True, False)
+    assert report["result"]["gateway_metrics"] is True  # skyfabric's gateway exposes /metrics: it was read
     actions = edge(report)
     if name in ("provider-outage", "region-loss", "trace-outage"):
         switched = {s["endpoint"] for s in report["result"]["switches"] if s["mode"] == "blackhole"}
@@ -78,7 +78,7 @@ def test_builtin_scenario_against_stubs(name: str, stub_fleet: Path, tmp_path: P
     if name == "cut-streams":
         assert actions.get("cut", 0) >= 1
         rescued = report["result"]["totals"]["gateway"]["rescued"]
-        assert rescued is None or rescued >= 1
+        assert rescued is not None and rescued >= 1  # the cut streams were continued, and counted
     if name == "flap":
         assert len(run.spans[0].windows) >= 3
     if name == "network-blip":

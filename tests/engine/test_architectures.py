@@ -111,13 +111,14 @@ def arch_replica(
             rep.proc.wait()
 
 
-def test_checkpoint_is_the_architecture_it_claims(
+def test_the_replica_serves_the_architecture_on_the_native_engine(
     arch_replica: tuple[str, ReplicaProcess, Reference],
 ) -> None:
-    arch, _, reference = arch_replica
-    assert reference.model.config.model_type == arch
-    expected = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[arch]
-    assert type(reference.model).__name__ == expected
+    """``--engine auto`` must pick the native engine for Qwen2 and Mistral (not fall back to transformers)."""
+    arch, rep, reference = arch_replica
+    assert reference.model.config.model_type == arch  # the fixture built what the test is about
+    log = rep.log_path.read_text()
+    assert f"--engine auto: native for {reference.model.name_or_path}" in log, log
 
 
 def test_chat_and_completions_match_reference_greedy(

@@ -138,30 +138,41 @@ async def test_second_break_is_continued_again(make_gateway: MakeGateway) -> Non
 
 
 async def test_in_band_upstream_error_event_is_rescued(make_gateway: MakeGateway) -> None:
-    first, second = FakeUpstream("first", tokens=6), FakeUpstream("second", tokens=6)
+    first = FakeUpstream("first", tokens=6).then({"error_after": 2})  # vLLM's in-band error event
+    first.token_delay = 0.01  # the first tokens reach the client before the error: a mid-stream rescue
+    second = FakeUpstream("second", tokens=6)
     gw = await pinned(make_gateway, first, second)
-
-    original = first._stream
-
-    async def error_after_two(request, body, kind, b, start, count, prompt_tokens):  # type: ignore[no-untyped-def]
-        from aiohttp import web
-
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(2):
-            chunk = {
-                "id": "x",
-                "object": "chat.completion.chunk",
-                "created": 1,
-                "model": "m",
-                "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
-            }
-            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        await resp.write(b'data: {"error": {"message": "engine crashed", "type": "server_error"}}\n\n')
-        await resp.write_eof()
-        first._stream = original  # type: ignore[method-assign]
-        return resp
-
-    first._stream = error_after_two  # type: ignore[method-assign]
     chunks = await read_stream(gw)
     assert chat_text(chunks) == expected_text(6)
+    assert second.requests[-1]["continue_final_message"] is True
+    assert gw.gateway.proxy.metrics.rescued._value.get() == 1
+
+
+# -- the defects realistic backends expose (issue 10), one at a time --------------------------------------
+
+
+async def test_continuation_through_a_trimming_chat_template_has_no_doubled_whitespace(
+    make_gateway: MakeGateway,
+) -> None:
+    """One token per chunk, so only the template matters: it trims the prefix "t0 t1 t2 t3 " and the model
+    goes on with " t4 "; the client must still get "t3 t4", not "t3  t4"."""
+    first = FakeUpstream("first", tokens=10, chunking=(1,)).then({"cut_after": 4})
+    second = FakeUpstream("second", tokens=10, chunking=(1,))  # template="trim", like Llama 3's and most
+    first.token_delay = 0.01
+    gw = await pinned(make_gateway, first, second)
+    chunks = await read_stream(gw)
+    assert chat_text(chunks) == expected_text(10)
+
+
+async def test_limits_and_usage_count_tokens_not_chunks(make_gateway: MakeGateway) -> None:
+    """Several tokens per chunk, a template that keeps whitespace: only the counting matters."""
+    first = FakeUpstream("first", tokens=20, template="verbatim").then({"cut_after": 5})
+    second = FakeUpstream("second", tokens=20, template="verbatim")
+    first.token_delay = 0.01
+    gw = await pinned(make_gateway, first, second)
+    chunks = await read_stream(gw, max_tokens=8, stream_options={"include_usage": True})
+    assert first.sent_tokens == [5]  # in 3 chunks: "t0 ", "t1 t2 t3 ", "t4 "
+    assert second.requests[-1]["max_tokens"] == 3  # 8 asked, 5 sent
+    assert chat_text(chunks) == expected_text(8)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 8
