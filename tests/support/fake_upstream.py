@@ -27,6 +27,9 @@ would find convenient:
   request without ``messages``/``prompt``, a bad ``max_tokens`` get a 400 in OpenAI's error shape; an
   unknown model a 404; a prompt beyond ``context_length`` tokens vLLM's context-length 400 (bounded by the
   prompt's size before it is counted, so a 30 MB prompt is refused at once); bodies up to 64 MiB are read.
+* ``reasoning``: that many ``reasoning_content`` deltas open a chat stream (a reasoning model).
+* The knobs can also be set as attributes after construction: ``trims_prefill``, ``restarts``,
+  ``rejects_prefill`` (``prefill``/``template`` spelled as flags) and ``tokens_per_chunk``.
 * ``n`` choices are generated and interleaved in the stream, as engines do; ``stream_options``
   ``include_usage`` adds the closing usage chunk, and with vLLM's ``continuous_usage_stats`` every chunk
   carries the tokens generated so far (how a gateway can count tokens it has relayed, where supported).
@@ -37,7 +40,8 @@ Each request takes the next behaviour from ``script`` (then ``default``):
 that never comes), ``"hang_mid_body"`` (non-streaming: half the JSON body, then nothing),
 ``{"status": 429, "retry_after": 2}``, ``{"status": 500}``, ``{"slow_first_token": s}``, ``{"delay": s}``,
 ``"context_length"``, ``"content_filter"``, ``"no_done"`` (finish but no ``[DONE]``), and faults after
-``k`` tokens of this response (a chunk boundary is placed there): ``{"cut_after": k}`` (drop the connection),
+``k`` tokens of this response (a chunk boundary is placed there; ``k`` = all of them puts the fault between
+the last token and the finish): ``{"cut_after": k}`` (drop the connection),
 ``{"stall_after": k}`` (go silent), ``{"malformed_after": k}`` (one event that is not JSON, then go on),
 ``{"no_finish_after": k}`` (end cleanly without a finish reason), ``{"error_after": k}`` (an in-band error
 event, then end).
@@ -138,9 +142,51 @@ class FakeUpstream:
         self.sent_tokens: list[int] = []
         #: Seconds per token: a chunk of k tokens is written after k × token_delay (an engine decodes tokens).
         self.token_delay = 0.0
+        #: Chat streams open with this many ``reasoning_content`` deltas (a reasoning model) first.
+        self.reasoning = 0
         self.runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self.port = 0
+
+    # -- the same knobs as attributes (``up.restarts = True``): tests written against either spelling work --
+
+    @property
+    def trims_prefill(self) -> bool:
+        """The chat template strips the continued assistant message (``template == "trim"``)."""
+        return self.template == "trim"
+
+    @trims_prefill.setter
+    def trims_prefill(self, value: bool) -> None:
+        self.template = "trim" if value else "verbatim"
+
+    @property
+    def restarts(self) -> bool:
+        """Accepts a prefill, ignores it and answers from the start (``prefill == "restart"``)."""
+        return self.prefill == "restart"
+
+    @restarts.setter
+    def restarts(self, value: bool) -> None:
+        self.prefill = "restart" if value else "continue"
+
+    @property
+    def rejects_prefill(self) -> bool:
+        """Answers a prefill with 400 whatever its pool declares (``prefill == "reject"``)."""
+        return self.prefill == "reject"
+
+    @rejects_prefill.setter
+    def rejects_prefill(self, value: bool) -> None:
+        self.prefill = "reject" if value else "continue"
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        """The first chunk size; setting it makes every chunk that size."""
+        return self.chunking[0]
+
+    @tokens_per_chunk.setter
+    def tokens_per_chunk(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("tokens_per_chunk must be positive")
+        self.chunking = (value,)
 
     @property
     def url(self) -> str:
@@ -423,14 +469,11 @@ class FakeUpstream:
 
         options = body.get("stream_options") or {}
         continuous = bool(options.get("include_usage") and options.get("continuous_usage_stats"))
-        progress = [0]  # tokens generated so far, over all choices
+        progress = [0]  # tokens generated so far by each choice (they advance together)
 
         async def send(text: str | None, reason: str | None, tokens: int = 0) -> None:
-            parts = []
-            for i in range(plan.n):
-                progress[0] += tokens
-                parts.append(chunk(i, text, reason))
-            await resp.write(b"".join(parts))
+            progress[0] += tokens
+            await resp.write(b"".join(chunk(i, text, reason) for i in range(plan.n)))
 
         def record(sent: int) -> None:
             self.sent_tokens.extend([sent] * plan.n)
@@ -444,13 +487,21 @@ class FakeUpstream:
                         chunk(i, None, None, {"role": "assistant", "content": ""}) for i in range(plan.n)
                     )
                 )
+            for _ in range(self.reasoning):  # a reasoning model thinks before it answers
+                await resp.write(
+                    b"".join(chunk(i, None, None, {"reasoning_content": "hmm "}) for i in range(plan.n))
+                )
             pieces, total = plan.pieces, len(plan.pieces)
             faults = {
-                b[name]: name for name in STREAM_FAULTS if isinstance(b.get(name), int) and b[name] < total
+                b[name]: name
+                for name in STREAM_FAULTS
+                if isinstance(b.get(name), int) and 0 <= b[name] <= total
             }
+            # A fault after the last token comes before the finish, which then cannot ride on that token.
+            finish_last = self.finish_chunk == "last" and total not in faults
             sizes = itertools.cycle(self.chunking)
             pos = 0
-            while pos < total:
+            while True:
                 fault = faults.pop(pos, None)
                 if fault == "cut_after":
                     record(pos)
@@ -474,13 +525,15 @@ class FakeUpstream:
                     )
                     await resp.write_eof()
                     return
+                if pos >= total:
+                    break
                 end = min([pos + next(sizes), total, *(k for k in faults if k > pos)])
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay * (end - pos))
-                last = end == total and self.finish_chunk == "last"
+                last = end == total and finish_last
                 await send("".join(pieces[pos:end]), plan.reason if last else None, end - pos)
                 pos = end
-            if total == 0 or self.finish_chunk == "separate":
+            if total == 0 or not finish_last:
                 await send(None, plan.reason)
             record(total)
             if options.get("include_usage"):
