@@ -164,7 +164,7 @@ async def test_connections_that_hang_after_the_headers(started: list[FakeUpstrea
         ),
         (b'{"model": "m", "messages": [{"role": "user", "content": {"a": 1}}]}', 400, "content"),
         (
-            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}',
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 9000}',
             400,
             "context",
         ),

@@ -68,8 +68,9 @@ DEFAULT_CHUNKING: tuple[int, ...] = (1, 3, 2, 4)
 #: Faults placed after ``k`` tokens of a streamed response.
 STREAM_FAULTS = ("cut_after", "stall_after", "malformed_after", "no_finish_after", "error_after")
 
-#: A prompt longer than this many characters per allowed token is refused before it is tokenized.
-_MAX_CHARS_PER_TOKEN = 16
+#: A prompt longer than this many characters per allowed token is refused before it is tokenized (an
+#: engine bounds its tokenizer's work by the context; no tokenizer packs more than this into one token).
+_MAX_CHARS_PER_TOKEN = 1024
 
 _WORDS = re.compile(r"\S+\s*|\s+")
 
@@ -111,7 +112,7 @@ class FakeUpstream:
         template: str = "trim",
         chunking: Sequence[int] = DEFAULT_CHUNKING,
         finish_chunk: str = "last",
-        context_length: int = 4096,
+        context_length: int = 8192,
         model: str = "m",
     ) -> None:
         if prefill is None:
