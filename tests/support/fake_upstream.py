@@ -365,6 +365,10 @@ class FakeUpstream:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return " ".join(map(str, prompt)), ""  # token ids: one token each, no answer text to continue
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # a batch of one prompt (engines answer a batch with one choice per prompt)
+        elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            raise BadRequest("this fake answers one prompt per request, not a batch")
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string or a list of token ids")
         start = prompt.find("t0")
