@@ -62,10 +62,11 @@ async def test_broken_stream_is_continued_with_exact_text(make_gateway: MakeGate
     assert roles == ["assistant"]  # the continuation's opening chunk is not repeated
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == 10  # both parts counted
-    # the continuation asked the second backend to go on from the exact prefix
+    # the continuation asked the second backend to go on from the exact prefix (trailing space left out:
+    # chat templates trim it; the engine's own next token brings it back, and the relay drops it)
     cont = second.requests[-1]
     assert cont["continue_final_message"] is True and cont["add_generation_prompt"] is False
-    assert cont["messages"][-1] == {"role": "assistant", "content": expected_text(4)}
+    assert cont["messages"][-1] == {"role": "assistant", "content": expected_text(4).rstrip()}
     assert gw.gateway.proxy.metrics.rescued._value.get() == 1
 
 
@@ -74,7 +75,7 @@ async def test_completions_stream_is_continued_from_the_prompt(make_gateway: Mak
     gw = await pinned(make_gateway, first, second)
     chunks = await read_stream(gw, kind="completions")
     assert "".join(c.choices[0].text for c in chunks) == expected_text(8)
-    assert second.requests[-1]["prompt"] == "def f():" + expected_text(3)
+    assert second.requests[-1]["prompt"] == "def f():" + expected_text(3).rstrip()
 
 
 async def test_max_tokens_is_reduced_by_what_was_already_sent(make_gateway: MakeGateway) -> None:
@@ -134,7 +135,7 @@ async def test_second_break_is_continued_again(make_gateway: MakeGateway) -> Non
     gw.gateway.proxy.states["azure/r1/pool/0"].outstanding = 2000
     chunks = await read_stream(gw)
     assert chat_text(chunks) == expected_text(12)
-    assert c.requests[-1]["messages"][-1]["content"] == expected_text(6)
+    assert c.requests[-1]["messages"][-1]["content"] == expected_text(6).rstrip()
 
 
 async def test_in_band_upstream_error_event_is_rescued(make_gateway: MakeGateway) -> None:

@@ -10,6 +10,12 @@ Each request takes the next behaviour from ``script`` (then ``default``):
 ``{"status": 500}``, ``{"slow_first_token": s}``, ``{"cut_after": k}`` (drop the connection after k tokens),
 ``{"stall_after": k}``, ``{"malformed_after": k}``, ``{"no_finish_after": k}`` (end cleanly, no finish),
 ``"no_done"`` (finish but no ``[DONE]``), ``"context_length"``, ``"content_filter"``, ``{"delay": s}``.
+
+Like real engines, a prefix that does not end in whitespace is continued with a leading space
+(``"t0 t1"`` → ``" t2 t3 "``). Options for engines less kind than that: ``trims_prefill`` (the chat template
+strips the final assistant message's trailing whitespace), ``restarts`` (accepts a prefill, ignores it and
+answers from the start), ``rejects_prefill`` (400 to a prefill although the pool says it continues),
+``tokens_per_chunk``. ``stream_options.continuous_usage_stats`` puts the running usage in every chunk (vLLM).
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ class FakeUpstream:
         self.script: deque[Behaviour] = deque()
         self.requests: list[dict[str, Any]] = []
         self.token_delay = 0.0
+        self.trims_prefill = False
+        self.restarts = False
+        self.rejects_prefill = False
+        self.tokens_per_chunk = 1
         self.runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self.port = 0
@@ -143,17 +153,20 @@ class FakeUpstream:
                 status=400,
             )
         prefix = self._prefix(body, kind)
-        if prefix and not self.can_continue:
+        if prefix and (not self.can_continue or self.rejects_prefill):
             return web.json_response(
                 {"error": {"message": "assistant prefill is not supported", "type": "invalid_request_error"}},
                 status=400,
             )
-        start = len(re.findall(r"t\d+ ", prefix))
+        if self.restarts:
+            prefix = ""
+        start = len(re.findall(r"t\d+", prefix))
+        lead = " " if prefix and not prefix[-1].isspace() else ""
         limit = body.get("max_tokens") or self.tokens
         count = max(0, min(self.tokens - start, limit))
         prompt_tokens = 10 + start
         if not body.get("stream"):
-            text = "".join(token(start + i) for i in range(count))
+            text = lead + "".join(token(start + i) for i in range(count))
             reason = "stop" if start + count >= self.tokens else "length"
             choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
             if kind == "chat":
@@ -174,13 +187,14 @@ class FakeUpstream:
                     },
                 }
             )
-        return await self._stream(request, body, kind, b, start, count, prompt_tokens)
+        return await self._stream(request, body, kind, b, start, count, prompt_tokens, lead)
 
     def _prefix(self, body: dict[str, Any], kind: str) -> str:
         if kind == "chat":
             messages = body.get("messages") or []
             if messages and messages[-1].get("role") == "assistant" and body.get("continue_final_message"):
-                return str(messages[-1].get("content") or "")
+                content = str(messages[-1].get("content") or "")
+                return content.rstrip() if self.trims_prefill else content
             return ""
         prompt = body.get("prompt") or ""
         return prompt[prompt.find("t0 ") :] if "t0 " in prompt else ""
@@ -194,11 +208,15 @@ class FakeUpstream:
         start: int,
         count: int,
         prompt_tokens: int,
+        lead: str = "",
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         ident = f"{kind}-{self.name}-{len(self.requests)}"
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+        sent = 0
 
         def chunk(delta: dict[str, Any] | None, text: str | None, reason: str | None) -> bytes:
             choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
@@ -213,27 +231,37 @@ class FakeUpstream:
                 "model": body["model"],
                 "choices": [choice],
             }
+            if continuous:
+                data["usage"] = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": sent,
+                    "total_tokens": prompt_tokens + sent,
+                }
             return b"data: " + json.dumps(data).encode() + b"\n\n"
 
         if "slow_first_token" in b:
             await asyncio.sleep(b["slow_first_token"])
         if kind == "chat":
             await resp.write(chunk({"role": "assistant", "content": ""}, None, None))
-        for i in range(count):
-            if b.get("cut_after") == i:
+        per = max(1, self.tokens_per_chunk)
+        for i in range(0, count, per):
+            if b.get("cut_after") is not None and i >= b["cut_after"]:
                 assert request.transport is not None
                 request.transport.abort()
                 return resp
-            if b.get("stall_after") == i:
+            if b.get("stall_after") is not None and i >= b["stall_after"]:
                 await self._forever()
-            if b.get("malformed_after") == i:
+            if b.get("malformed_after") is not None and i >= b["malformed_after"]:
                 await resp.write(b"data: {not json\n\n")
-            if b.get("no_finish_after") == i:
+                b = {**b, "malformed_after": None}
+            if b.get("no_finish_after") is not None and i >= b["no_finish_after"]:
                 await resp.write_eof()
                 return resp
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
-            await resp.write(chunk(None, token(start + i), None))
+            text = "".join(token(start + j) for j in range(i, min(i + per, count)))
+            sent = min(i + per, count)
+            await resp.write(chunk(None, (lead if i == 0 else "") + text, None))
         reason = "stop" if start + count >= self.tokens else "length"
         await resp.write(chunk(None, None, reason))
         options = body.get("stream_options") or {}
