@@ -15,7 +15,9 @@ Like real engines, a prefix that does not end in whitespace is continued with a 
 (``"t0 t1"`` → ``" t2 t3 "``). Options for engines less kind than that: ``trims_prefill`` (the chat template
 strips the final assistant message's trailing whitespace), ``restarts`` (accepts a prefill, ignores it and
 answers from the start), ``rejects_prefill`` (400 to a prefill although the pool says it continues),
-``tokens_per_chunk``. ``stream_options.continuous_usage_stats`` puts the running usage in every chunk (vLLM).
+``tokens_per_chunk``, ``reasoning`` (that many ``reasoning_content`` deltas first); ``n`` choices are
+interleaved chunk by chunk. ``stream_options.continuous_usage_stats`` puts the running usage in every
+chunk (vLLM).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class FakeUpstream:
         self.restarts = False
         self.rejects_prefill = False
         self.tokens_per_chunk = 1
+        self.reasoning = 0
         self.runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self.port = 0
@@ -218,8 +221,10 @@ class FakeUpstream:
         continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
         sent = 0
 
-        def chunk(delta: dict[str, Any] | None, text: str | None, reason: str | None) -> bytes:
-            choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+        def chunk(
+            delta: dict[str, Any] | None, text: str | None, reason: str | None, index: int = 0
+        ) -> bytes:
+            choice: dict[str, Any] = {"index": index, "finish_reason": reason}
             if kind == "chat":
                 choice["delta"] = delta if delta is not None else ({"content": text} if text else {})
             else:
@@ -243,6 +248,9 @@ class FakeUpstream:
             await asyncio.sleep(b["slow_first_token"])
         if kind == "chat":
             await resp.write(chunk({"role": "assistant", "content": ""}, None, None))
+            for _ in range(self.reasoning):
+                await resp.write(chunk({"reasoning_content": "hmm "}, None, None))
+        choices = int(body.get("n") or 1)
         per = max(1, self.tokens_per_chunk)
         for i in range(0, count, per):
             if b.get("cut_after") is not None and i >= b["cut_after"]:
@@ -261,9 +269,15 @@ class FakeUpstream:
                 await asyncio.sleep(self.token_delay)
             text = "".join(token(start + j) for j in range(i, min(i + per, count)))
             sent = min(i + per, count)
-            await resp.write(chunk(None, (lead if i == 0 else "") + text, None))
+            for index in range(choices):
+                await resp.write(chunk(None, (lead if i == 0 else "") + text, None, index))
+        if b.get("cut_after") == count:  # every token sent, the finish never
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         reason = "stop" if start + count >= self.tokens else "length"
-        await resp.write(chunk(None, None, reason))
+        for index in range(choices):
+            await resp.write(chunk(None, None, reason, index))
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
             usage = {
