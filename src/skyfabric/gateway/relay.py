@@ -49,6 +49,28 @@ def normalized(text: str) -> str:
     return " ".join(text.split())
 
 
+def repeats_itself(text: str) -> bool:
+    """Whether ``text``'s words repeat with a period of at most half their number ("ha ha ha ha"), or
+    it is a single word.
+
+    Going on from such a text may look exactly like starting it again, so no check can tell a restart
+    from a continuation there: the relay lets it through.
+    """
+    words = text.split()
+    n = len(words)
+    if n < 2:
+        return True
+    border = [0] * n  # Knuth-Morris-Pratt: longest proper prefix of words[:i+1] that is also its suffix
+    k = 0
+    for i in range(1, n):
+        while k and words[i] != words[k]:
+            k = border[k - 1]
+        if words[i] == words[k]:
+            k += 1
+        border[i] = k
+    return n - border[-1] <= n // 2
+
+
 def restart_verdict(prefix: str, seen: str, *, final: bool) -> bool | None:
     """Whether a continuation that began with ``seen`` repeats ``prefix`` (both :func:`normalized`).
 
@@ -460,7 +482,8 @@ class StreamRelay:
             self._strip_usage = self._usage_added(state)
             self._ws_debt = content[len(prefix) :]
             self._prefix_norm = normalized(prefix)
-            self._checking, self._checked_text = ([], "") if prefix else (None, "")
+            check = bool(prefix) and not repeats_itself(prefix)
+            self._checking, self._checked_text = ([], "") if check else (None, "")
             self.backends.append(state.endpoint.id)
             ctx.rescued += 1
             router.metrics.rescued.inc()
