@@ -11,6 +11,8 @@ import openai
 import orjson
 import pytest
 
+from skyfabric.gateway.relay import normalized, repeats_itself, restart_verdict
+from skyfabric.gateway.selftest import judge, split_answer
 from tests.conftest import MakeGateway, RunningGateway
 from tests.support.fake_upstream import FakeUpstream, expected_text
 
@@ -436,3 +438,45 @@ async def test_limit_reached_exactly_at_the_break_finishes_with_length(make_gate
     assert all("usage" not in c or not c["usage"] for c in chunks)  # the client asked for no usage
     assert first.requests[0]["stream_options"]["include_usage"] is True  # the gateway did, to count tokens
     await idle(gw)
+
+
+async def test_selftest_runs_again_when_an_endpoint_is_readmitted(make_gateway: MakeGateway) -> None:
+    good, changes = FakeUpstream("good", tokens=10), FakeUpstream("changes", tokens=10)
+    gw = await make_gateway(
+        {"aws": [good], "gcp": [changes]},
+        timeouts=FAST,
+        health={"selftest": True, "probe_interval": 0.05, "base_ejection": 0.1},
+    )
+    await asyncio.wait_for(gw.gateway.selftests.wait(), 2.0)
+    proxy = gw.gateway.proxy
+    state = proxy.states["gcp/r1/pool/0"]
+    assert state.continues is True
+    changes.restarts = True  # redeployed with an engine that ignores prefills
+    proxy.eject_now(state, proxy.clock(), reason="probe: test")
+    started = time.monotonic()
+    while state.continues or state.needs_probe or gw.gateway.selftests.tasks:
+        assert time.monotonic() - started < 2.0, "not readmitted and re-tested"
+        await asyncio.sleep(0.02)
+    assert state.continues is False and state.available(proxy.clock())
+    await idle(gw)
+
+
+def test_restart_verdict_reads_text_not_whitespace() -> None:
+    prefix = normalized("The quick brown fox jumps over ")
+    assert restart_verdict(prefix, normalized("the lazy dog."), final=False) is False
+    assert restart_verdict(prefix, normalized("The quick"), final=False) is None  # could still be a restart
+    assert restart_verdict(prefix, normalized("The  quick\nbrown fox jumps"), final=False) is True
+    assert restart_verdict(prefix, normalized("The quick"), final=True) is True  # it ended repeating
+    resent_tail = normalized("brown fox jumps over the")
+    assert restart_verdict(prefix, resent_tail, final=False) is True
+    assert repeats_itself("ha ha ha ha") and repeats_itself("word") and not repeats_itself(prefix)
+
+
+def test_selftest_judges_by_text_not_spacing() -> None:
+    answer = "1 2 3 4 5 6 7 8"
+    prefix = split_answer(answer)
+    assert prefix == "1 2 3 4"
+    assert judge(answer, prefix, " 5 6 7") is True
+    assert judge(answer, prefix, "5 6 7") is True  # an engine that trims and re-spaces still continues
+    assert judge(answer, prefix, "1 2 3 4") is False
+    assert judge(answer, prefix, "Sure! Here") is None  # neither: the pool's claim stands
