@@ -414,6 +414,8 @@ async def test_token_limit_counts_tokens_not_chunks(make_gateway: MakeGateway) -
     assert chat_text(chunks) == expected_text(8)
     assert second.requests[-1]["max_tokens"] == 2
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    assert all(c.usage is None for c in chunks[:-1])  # the usage asked for in every chunk is not passed on
+    assert first.requests[0]["stream_options"]["continuous_usage_stats"] is True
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         "length"
     ]

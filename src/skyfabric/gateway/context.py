@@ -75,19 +75,18 @@ class RequestContext:
     def stream_options_for(self, endpoint: Endpoint) -> dict[str, Any] | None:
         """The ``stream_options`` to send upstream, or None when the client's own will do.
 
-        Usage is always asked for (the relay counts tokens by the backend's usage, never by chunks, and
-        strips what the client did not ask for); engines that can put it in every chunk are asked to
-        when a break would need the count.
+        When a break would need the count of tokens sent (see :meth:`counts_tokens`), engines that can put
+        the running usage in every chunk are asked to: the relay counts tokens by the backend's usage,
+        never by chunks, and strips from the client's stream what the client did not ask for. Other
+        backends get the client's options untouched (some reject options they do not know).
         """
+        if endpoint.engine not in CONTINUOUS_USAGE_ENGINES or not self.counts_tokens():
+            return None
         options = self.body.get("stream_options")
         client = options if isinstance(options, dict) else {}
-        continuous = endpoint.engine in CONTINUOUS_USAGE_ENGINES and self.counts_tokens()
-        if client.get("include_usage") and (client.get("continuous_usage_stats") or not continuous):
+        if client.get("include_usage") and client.get("continuous_usage_stats"):
             return None
-        wanted = {**client, "include_usage": True}
-        if continuous:
-            wanted["continuous_usage_stats"] = True
-        return wanted
+        return {**client, "include_usage": True, "continuous_usage_stats": True}
 
     def body_for(self, endpoint: Endpoint, requested: str) -> bytes:
         """The body to send to ``endpoint``; re-encoded only when the backend's model name differs.

@@ -132,9 +132,8 @@ class StreamRelay:
         self.backends = [state.endpoint.id]
 
     def _usage_added(self, state: EndpointState) -> bool:
-        return not self.include_usage or (
-            not self.continuous_usage and self.ctx.stream_options_for(state.endpoint) is not None
-        )
+        """Whether the relay asked ``state`` for usage the client did not ask for."""
+        return self.ctx.stream_options_for(state.endpoint) is not None
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -163,9 +162,10 @@ class StreamRelay:
                         if self.include_usage:
                             self.out.append(event + b"\n\n")
                         continue  # the usage chunk the client did not ask for
-                    del obj["usage"]
-                    self.out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
-                    continue
+                    if not self.continuous_usage:
+                        del obj["usage"]
+                        self.out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+                        continue
                 self.out.append(event + b"\n\n")
             elif self._checking is not None:
                 self._check(obj)
