@@ -353,7 +353,7 @@ async def test_template_that_trims_whitespace_does_not_double_it(make_gateway: M
     trims = FakeUpstream("trims", tokens=10)
     trims.trims_prefill = True  # "t0 t1 t2 t3 " reaches the model as "t0 t1 t2 t3", which goes on " t4 "
     gw = await pinned(make_gateway, first, trims)
-    chunks = await read_stream(gw)
+    chunks = await asyncio.wait_for(read_stream(gw), 1.0)  # the worst case, bounded
     unpin(gw)
     assert chat_text(chunks) == expected_text(10)
     await idle(gw)
@@ -398,7 +398,8 @@ async def test_reasoning_deltas_make_a_stream_uncontinuable(make_gateway: MakeGa
     first, second = FakeUpstream("first", tokens=10).then({"cut_after": 4}), FakeUpstream("second", tokens=10)
     first.reasoning = 2
     gw = await pinned(make_gateway, first, second)
-    events = await raw_stream(gw, "/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    messages = {"messages": [{"role": "user", "content": "x"}]}
+    events = await asyncio.wait_for(raw_stream(gw, "/chat/completions", messages), 1.0)
     unpin(gw)
     assert_interrupted(events, expected_text(4))
     assert second.requests == []
@@ -409,7 +410,7 @@ async def test_token_limit_counts_tokens_not_chunks(make_gateway: MakeGateway) -
     first, second = FakeUpstream("first", tokens=20).then({"cut_after": 6}), FakeUpstream("second", tokens=20)
     first.tokens_per_chunk = second.tokens_per_chunk = 3  # 6 tokens in 2 chunks, as real engines send them
     gw = await pinned(make_gateway, first, second)
-    chunks = await read_stream(gw, max_tokens=8, stream_options={"include_usage": True})
+    chunks = await asyncio.wait_for(read_stream(gw, max_tokens=8, stream_options={"include_usage": True}), 1.0)
     unpin(gw)
     assert chat_text(chunks) == expected_text(8)
     assert second.requests[-1]["max_tokens"] == 2
