@@ -410,7 +410,8 @@ async def test_token_limit_counts_tokens_not_chunks(make_gateway: MakeGateway) -
     first, second = FakeUpstream("first", tokens=20).then({"cut_after": 6}), FakeUpstream("second", tokens=20)
     first.tokens_per_chunk = second.tokens_per_chunk = 3  # 6 tokens in 2 chunks, as real engines send them
     gw = await pinned(make_gateway, first, second)
-    chunks = await asyncio.wait_for(read_stream(gw, max_tokens=8, stream_options={"include_usage": True}), 1.0)
+    usage = {"include_usage": True}
+    chunks = await asyncio.wait_for(read_stream(gw, max_tokens=8, stream_options=usage), 1.0)
     unpin(gw)
     assert chat_text(chunks) == expected_text(8)
     assert second.requests[-1]["max_tokens"] == 2
