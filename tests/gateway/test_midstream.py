@@ -11,8 +11,6 @@ import openai
 import orjson
 import pytest
 
-from skyfabric.gateway.relay import normalized, repeats_itself, restart_verdict
-from skyfabric.gateway.selftest import judge, split_answer
 from tests.conftest import MakeGateway, RunningGateway
 from tests.support.fake_upstream import FakeUpstream, expected_text
 
@@ -466,6 +464,8 @@ async def test_selftest_runs_again_when_an_endpoint_is_readmitted(make_gateway: 
 
 
 def test_restart_verdict_reads_text_not_whitespace() -> None:
+    from skyfabric.gateway.relay import normalized, repeats_itself, restart_verdict
+
     prefix = normalized("The quick brown fox jumps over ")
     assert restart_verdict(prefix, normalized("the lazy dog."), final=False) is False
     assert restart_verdict(prefix, normalized("The quick"), final=False) is None  # could still be a restart
@@ -477,6 +477,8 @@ def test_restart_verdict_reads_text_not_whitespace() -> None:
 
 
 def test_selftest_judges_by_text_not_spacing() -> None:
+    from skyfabric.gateway.selftest import judge, split_answer
+
     answer = "1 2 3 4 5 6 7 8"
     prefix = split_answer(answer)
     assert prefix == "1 2 3 4"
