@@ -72,6 +72,8 @@ def fleet_data(
             }
         )
     data.update(extra)
+    # The continuation self-test sends requests at start; tests that script upstreams opt in to it.
+    data["health"] = {"selftest": False, **data.get("health", {})}
     return data
 
 

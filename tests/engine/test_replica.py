@@ -135,6 +135,27 @@ async def test_chat_stream_async_with_usage(replica: ReplicaProcess, reference: 
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # really streamed
 
 
+async def test_chat_stream_continuous_usage(replica: ReplicaProcess) -> None:
+    """vLLM's ``continuous_usage_stats``: every chunk with text says how many tokens are done so far."""
+    client = async_client(replica)
+    stream = await client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+        extra_body=IGNORE_EOS,
+    )
+    chunks = [chunk async for chunk in stream]
+    await client.close()
+    counts = [
+        c.usage.completion_tokens for c in chunks if c.choices and c.choices[0].delta.content and c.usage
+    ]
+    assert len(counts) == sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    assert counts == sorted(counts) and counts[-1] == 12 and chunks[-1].usage.completion_tokens == 12
+
+
 def test_chat_stream_sync_equals_non_stream(replica: ReplicaProcess) -> None:
     client = sync_client(replica)
     kwargs = {"model": "tiny", "messages": [{"role": "user", "content": "Zürich"}], "max_tokens": 30}

@@ -14,6 +14,7 @@ The tree::
         ├── ConnectError            no connection (refused, unreachable, TLS): nothing was sent
         ├── UpstreamTimeout         a named phase (connect, first_byte, first_token, idle) ran out
         ├── RemoteProtocolError     the upstream broke HTTP or SSE (reset, malformed event, no [DONE])
+        │   └── ContinuationRefused the upstream cannot continue this answer (it restarted it)
         └── UpstreamStatus          the upstream answered with an error status; carries its body
 
 Upstream errors carry ``sent_any``: whether any byte of the answer already reached the client. That flag
@@ -103,6 +104,10 @@ class UpstreamTimeout(UpstreamError):
 
 class RemoteProtocolError(UpstreamError):
     """Raised when the upstream closes early, resets, or sends malformed HTTP or SSE."""
+
+
+class ContinuationRefused(RemoteProtocolError):
+    """Raised when a backend asked to continue an answer restarts it instead (repeats the prefix)."""
 
 
 class UpstreamStatus(UpstreamError):

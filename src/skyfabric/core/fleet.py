@@ -190,6 +190,9 @@ class Health(_Strict):
         0.5, gt=0, le=1, description="share of a region's/provider's endpoints failing that ejects it whole"
     )
     slow_start: float = Field(5.0, ge=0, description="seconds over which a readmitted endpoint ramps up")
+    selftest: bool = Field(
+        True, description="check that pools claiming `continuation` do continue (at start, on readmission)"
+    )
 
 
 class Admission(_Strict):

@@ -3,7 +3,8 @@
 Why: drills and their tests must exercise the gateway's failover (which only needs the wire format) in
 seconds, without loading a model. The stub honours what drills rely on — ``max_tokens`` with vLLM's
 ``min_tokens``/``ignore_eos`` (it always produces exactly ``max_tokens`` tokens), ``stream_options.
-include_usage``, and ``continue_final_message`` (it just goes on) — and nothing else.
+include_usage`` (and vLLM's ``continuous_usage_stats``: usage in every chunk), and
+``continue_final_message`` (it just goes on) — and nothing else.
 
 Run ``python -m skyfabric.drills.stub --port 9001 --port 9002`` and point a fleet file's pools at
 ``http://127.0.0.1:9001/v1`` (engine ``vllm``, so the gateway may continue streams there).
@@ -88,6 +89,8 @@ class Stub:
                 obj.update(extra)
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
+        options = body.get("stream_options")
+        continuous = isinstance(options, dict) and bool(options.get("continuous_usage_stats"))
         try:
             await asyncio.sleep(self.ttft)
             if kind == "chat":
@@ -100,7 +103,11 @@ class Stub:
                     choice["delta"] = {"content": " tok"}
                 else:
                     choice["text"] = " tok"
-                await send(choice)
+                if continuous:
+                    done = {"prompt_tokens": prompt_tokens, "completion_tokens": i + 1}
+                    await send(choice, {"usage": {**done, "total_tokens": prompt_tokens + i + 1}})
+                else:
+                    await send(choice)
             options = body.get("stream_options")
             if isinstance(options, dict) and options.get("include_usage"):
                 await send(None, {"usage": usage})

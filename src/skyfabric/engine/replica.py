@@ -149,6 +149,9 @@ class SamplingOptions:
     n: int
     stream: bool
     include_usage: bool
+    #: vLLM's ``stream_options.continuous_usage_stats``: the running usage in every chunk (a gateway
+    #: that continues a broken stream elsewhere counts the tokens sent by it).
+    continuous_usage: bool = False
 
 
 def parse_sampling(body: Mapping[str, Any], *, chat: bool) -> SamplingOptions:
@@ -190,12 +193,13 @@ def parse_sampling(body: Mapping[str, Any], *, chat: bool) -> SamplingOptions:
         raise _bad("'stop_token_ids' must be a list of integers", "stop_token_ids", "invalid_type")
 
     stream = bool(_opt_bool(body, "stream"))
-    include_usage = False
+    include_usage = continuous_usage = False
     stream_options = body.get("stream_options")
     if stream_options is not None:
         if not isinstance(stream_options, dict):
             raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
         include_usage = bool(_opt_bool(stream_options, "include_usage"))
+        continuous_usage = bool(_opt_bool(stream_options, "continuous_usage_stats"))
 
     for unsupported in ("logprobs", "top_logprobs", "echo", "best_of", "suffix"):
         value = body.get(unsupported)
@@ -217,6 +221,7 @@ def parse_sampling(body: Mapping[str, Any], *, chat: bool) -> SamplingOptions:
         n=n,
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
     )
 
 
@@ -674,7 +679,10 @@ class ReplicaApp:
                             break
                     completion_tokens += len(delta.token_ids)
                     if delta.text:
-                        await response.write(_sse(chunk([choice(index, delta.text, None)])))
+                        piece = chunk([choice(index, delta.text, None)])
+                        if opts.continuous_usage:
+                            piece["usage"] = _usage(len(requests[0].prompt_ids), completion_tokens)
+                        await response.write(_sse(piece))
                     if delta.finish_reason is not None:
                         await response.write(
                             _sse(chunk([choice(index, None if chat else "", delta.finish_reason)]))

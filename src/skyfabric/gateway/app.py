@@ -17,6 +17,7 @@ from skyfabric.gateway.admission import parse_priority
 from skyfabric.gateway.api_errors import client_error_response, error_response
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.proxy import Proxy
+from skyfabric.gateway.selftest import SelfTests
 from skyfabric.http.messages import Request, Response, StreamResponse
 
 _OK = Response(200, b'{"status":"ok"}')
@@ -30,6 +31,8 @@ class Gateway:
     ):
         self.fleet = fleet
         self.proxy = Proxy(fleet, endpoints, clock=clock)
+        #: The continuation self-tests (at start, and after each readmission by a probe).
+        self.selftests = SelfTests(self.proxy)
         self.keys = {k.key.encode() for k in fleet.api_keys}
         self._models_body = self.proxy.model_list()
         self._model_names = sorted(n for m in fleet.models for n in [m.name, *m.aliases])
@@ -47,7 +50,11 @@ class Gateway:
         """Start the background health loop (probes, load signals, stall watchdog)."""
         from skyfabric.gateway.health import HealthChecker
 
-        self._health = asyncio.get_running_loop().create_task(HealthChecker(self.proxy).run())
+        checker = HealthChecker(self.proxy)
+        if self.fleet.health.selftest:
+            checker.on_readmit = self.selftests.after_readmission
+            self.selftests.start()
+        self._health = asyncio.get_running_loop().create_task(checker.run())
 
     async def close(self) -> None:
         """Stop the health loop and close idle upstream connections."""
@@ -56,6 +63,7 @@ class Gateway:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.selftests.close()
         self.proxy.client.close()
 
     async def __call__(self, request: Request) -> Response | StreamResponse:

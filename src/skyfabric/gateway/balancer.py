@@ -40,6 +40,14 @@ class EndpointState:
     last_activity: float = 0.0
     #: Open upstream responses, aborted at once when the endpoint is found dead.
     inflight: set[Any] = field(default_factory=set)
+    #: Whether it continues an answer from a prefix: the pool's declaration until its continuation
+    #: self-test, or a restart caught at run time, says otherwise (``gateway/selftest.py``, ``relay.py``).
+    continues: bool = field(init=False)
+    #: When it last answered a probe: a stream it broke may come back to it only after that.
+    probed_ok: float = -1e9
+
+    def __post_init__(self) -> None:
+        self.continues = self.endpoint.can_continue
 
     def available(self, now: float) -> bool:
         """Not ejected at ``now`` (and, after an ejection, probed back in when probes are on)."""
@@ -158,7 +166,7 @@ class Cluster:
             eligible = [
                 s
                 for s in self.states
-                if s.endpoint.id not in avoid_e and (s.endpoint.can_continue or not need_continuation)
+                if s.endpoint.id not in avoid_e and (s.continues or not need_continuation)
             ]
             if not eligible:
                 return None

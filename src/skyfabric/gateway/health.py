@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from skyfabric.core.errors import ConnectError, UpstreamError
@@ -53,6 +54,8 @@ class HealthChecker:
         self.health = proxy.fleet.health
         self.tick = min(0.1, self.health.stall / 4)
         self._last_probe = -1e9
+        #: Called with an endpoint a probe has just readmitted (the continuation self-test hooks in here).
+        self.on_readmit: Callable[[EndpointState], None] | None = None
 
     async def run(self) -> None:
         """Watch until cancelled."""
@@ -133,9 +136,12 @@ class HealthChecker:
             elif record_failure(state, proxy.clock(), proxy.outlier, hard=isinstance(exc, ConnectError)):
                 proxy.after_ejection(state, f"probe: {exc}")
             return
+        state.probed_ok = now  # when it began: a probe begun before a failure says nothing after it
         if half_open and state.needs_probe:
             log.warning("%s answered its probe: readmitting with slow start", endpoint.id)
             readmit(state, proxy.clock())
+            if self.on_readmit is not None:
+                self.on_readmit(state)
         if self.health.load_signals and endpoint.engine in _VLLM_ENGINES:
             await self.read_load(state)
 

@@ -39,6 +39,7 @@ from skyfabric.gateway.balancer import (
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.hedge import TtftWindow, race
 from skyfabric.gateway.metrics import GatewayMetrics
+from skyfabric.gateway.relay import StreamRelay
 from skyfabric.gateway.retry import RetryBudget, backoff
 from skyfabric.http.client import HTTPClient, UpstreamResponse
 from skyfabric.http.messages import Response, StreamResponse
@@ -271,8 +272,6 @@ class Proxy:
                 record_success(state, self.clock())
                 self.metrics.attempt(endpoint.id, "ok")
                 return Response(200, data, self._backend_headers[endpoint.id])
-            from skyfabric.gateway.relay import StreamRelay
-
             relay = StreamRelay(self, ctx, state, resp)
             await relay.prime()
             handed_off = True

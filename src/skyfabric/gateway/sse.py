@@ -71,16 +71,28 @@ def parse_event(event: bytes) -> Any:
 
 @dataclass(slots=True)
 class StreamProgress:
-    """What the client has been sent of one stream: enough to continue it elsewhere."""
+    """What the client has been sent of one stream: enough to continue it elsewhere, or to know it can't.
+
+    Only choice 0's text is tracked. Anything the relay cannot reproduce in a continuation — another
+    choice (``n > 1``), tool-call or reasoning deltas, log-probabilities — sets :attr:`blocker`.
+    Tokens are counted from the backend's ``usage`` (sent in every chunk when the backend was asked for
+    ``continuous_usage_stats``), never from chunks: one chunk may carry several tokens.
+    """
 
     kind: str  # "chat" or "completions"
     id: str | None = None
     created: int | None = None
     text: list[str] = field(default_factory=list)
-    tokens: int = 0
+    #: Chunks with text, over all segments (for logs; not a token count).
+    chunks: int = 0
+    #: Of the current backend's part: chunks with text, and its completion tokens as its usage says.
+    seg_chunks: int = 0
+    seg_tokens: int | None = None
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     sent_role: bool = False
+    #: Why this stream cannot be continued exactly, when something seen in it says so.
+    blocker: str | None = None
 
     def observe(self, obj: dict[str, Any]) -> bool:
         """Record one chunk; returns True when it carries content or a finish (a 'token' event)."""
@@ -89,33 +101,61 @@ class StreamProgress:
             self.created = obj.get("created")
         usage = obj.get("usage")
         if usage:
+            if not isinstance(usage, dict):
+                raise MalformedEvent("upstream usage is not an object")
             self.usage = usage
+            completion = usage.get("completion_tokens")
+            if isinstance(completion, int):
+                self.seg_tokens = completion
         choices = obj.get("choices") or []
         if not choices:
             return False
-        choice = choices[0]
-        if not isinstance(choice, dict):
-            raise MalformedEvent("upstream chunk has a choice that is not an object")
-        piece: Any
-        if self.kind == "chat":
-            delta = choice.get("delta") or {}
-            if delta.get("role"):
-                self.sent_role = True
-            piece = delta.get("content")
-        else:
-            piece = choice.get("text")
         token = False
-        if piece:
-            if not isinstance(piece, str):
-                raise MalformedEvent("upstream chunk content is not a string")
-            self.text.append(piece)
-            self.tokens += 1
-            token = True
-        reason = choice.get("finish_reason")
-        if reason:
-            self.finish_reason = reason
-            token = True
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise MalformedEvent("upstream chunk has a choice that is not an object")
+            if choice.get("index", 0) != 0:
+                self.blocker = "several choices"
+                token = True
+                continue
+            piece: Any
+            if self.kind == "chat":
+                delta = choice.get("delta") or {}
+                if delta.get("role"):
+                    self.sent_role = True
+                piece = delta.get("content")
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    self.blocker, token = "tool calls", True
+                if delta.get("reasoning_content") or delta.get("reasoning"):
+                    self.blocker, token = "reasoning", True
+            else:
+                piece = choice.get("text")
+            if choice.get("logprobs"):
+                self.blocker = "logprobs"
+            if piece:
+                if not isinstance(piece, str):
+                    raise MalformedEvent("upstream chunk content is not a string")
+                self.text.append(piece)
+                self.chunks += 1
+                self.seg_chunks += 1
+                token = True
+            reason = choice.get("finish_reason")
+            if reason:
+                self.finish_reason = reason
+                token = True
         return token
+
+    def new_segment(self) -> None:
+        """Another backend takes over: its usage counts from zero."""
+        self.seg_chunks = 0
+        self.seg_tokens = None
+
+    @property
+    def segment_tokens(self) -> int | None:
+        """Completion tokens of the current backend's part, exactly, or None when not known."""
+        if self.seg_tokens is not None:
+            return self.seg_tokens
+        return 0 if self.seg_chunks == 0 else None
 
     @property
     def content(self) -> str:

@@ -1,0 +1,44 @@
+"""What the stream relay and the continuation self-test need from the router, as an interface.
+
+:class:`~skyfabric.gateway.proxy.Proxy` is the router: it owns the clusters, the upstream client and the
+policies. The relay (past the commit point) and the self-test (:mod:`skyfabric.gateway.selftest`) only use
+a handful of its parts; naming them here keeps the imports one way — ``proxy → relay → router`` — with no
+cycle, and lets each part be tested against anything that has these members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from skyfabric.core.fleet import Fleet, Timeouts
+from skyfabric.gateway.balancer import Cluster, EndpointState, OutlierPolicy
+from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway.metrics import GatewayMetrics
+from skyfabric.http.client import UpstreamResponse
+
+
+class Router(Protocol):
+    """The router's members that the relay and the self-test use (``Proxy`` has them all)."""
+
+    fleet: Fleet
+    clock: Callable[[], float]
+    clusters: dict[str, Cluster]
+    states: dict[str, EndpointState]
+    cooldowns: dict[str, float]
+    outlier: OutlierPolicy
+    timeouts: Timeouts
+    max_continuations: int
+    metrics: GatewayMetrics
+
+    async def open(
+        self, state: EndpointState, path: bytes, body: bytes, stream: bool, deadline: float
+    ) -> UpstreamResponse:
+        """Send to an endpoint and wait for a 2xx status; raises :class:`UpstreamStatus` otherwise."""
+        ...
+
+    def note_failure(
+        self, ctx: RequestContext, state: EndpointState, exc: Exception, *, hard: bool = False
+    ) -> None:
+        """Count a failed attempt against its endpoint (and maybe eject it)."""
+        ...
