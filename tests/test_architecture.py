@@ -15,6 +15,7 @@ ALLOWED = {
     "gateway": {"core", "http"},
     "control": {"core"},
     "drills": {"core", "control", "http", "gateway"},
+    "sim": {"core", "gateway", "control"},
 }
 
 

@@ -548,6 +548,21 @@ def render_table(result: Plan) -> str:
     return "\n".join(lines)
 
 
+def retry_budget_percent(result: Plan) -> float:
+    """The retry budget the fleet needs: more than the largest provider's share of the capacity.
+
+    When a provider goes, every request in flight on it must be retried at once — a share of all active
+    requests equal to that provider's share of the load. A budget below it (Envoy's default 20 %) turns
+    the loss the plan was built to survive into 5xx for the requests that did not fit in the budget;
+    ``skyfabric simulate`` shows exactly this. Five points of margin, never below the default 20.
+    """
+    total = result.capacity()
+    if total <= 0:
+        return 20.0
+    largest = max(total - result.capacity(without_provider=p) for p in result.providers()) / total
+    return float(min(100, max(20, math.ceil(100 * largest) + 5)))
+
+
 def to_fleet(result: Plan, model: str, endpoint_template: str) -> dict[str, Any]:
     """The fleet file (a mapping; dump as YAML) that serves the plan through one URL per pool.
 
@@ -579,7 +594,7 @@ def to_fleet(result: Plan, model: str, endpoint_template: str) -> dict[str, Any]
             {"name": p, "regions": [{"name": r, "pools": pools} for r, pools in regions.items()]}
             for p, regions in providers.items()
         ],
-        "retry": {"max_attempts": 3, "budget_percent": 20},
+        "retry": {"max_attempts": 3, "budget_percent": retry_budget_percent(result)},
     }
 
 
