@@ -21,6 +21,17 @@ from skyfabric.control.plan import Offer, Plan, service_name
 PORT = 8000
 
 
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML for people and kubectl: no ``&id001`` anchors where a mapping appears twice."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+def _dump(data: object) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Hardware:
     """How one replica of an accelerator kind is asked for, and how vLLM is run on it."""
@@ -189,9 +200,9 @@ def kubernetes_manifests(offer: Offer, replicas: int, hf_model: str, namespace: 
             "metadata": meta,
             "spec": {
                 "replicas": replicas,
-                "selector": {"matchLabels": selector},
+                "selector": {"matchLabels": dict(selector)},
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+                "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
             },
         },
         {
@@ -200,7 +211,7 @@ def kubernetes_manifests(offer: Offer, replicas: int, hf_model: str, namespace: 
             "metadata": meta,
             "spec": {
                 "type": "LoadBalancer",
-                "selector": selector,
+                "selector": dict(selector),
                 "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
             },
         },
@@ -241,14 +252,16 @@ def write_specs(
         gateway_regions.setdefault(offer.provider, offer.region)
         name = service_name(offer)
         sky = out / "skypilot" / f"{name}.yaml"
-        sky.write_text(yaml.safe_dump(skypilot_service(offer, count, hf_model), sort_keys=False))
+        sky.write_text(_dump(skypilot_service(offer, count, hf_model)))
         kube = out / "kubernetes" / f"{name}.yaml"
         kube.write_text(
-            yaml.safe_dump_all(kubernetes_manifests(offer, count, hf_model, namespace), sort_keys=False)
+            yaml.dump_all(
+                kubernetes_manifests(offer, count, hf_model, namespace), Dumper=_Dumper, sort_keys=False
+            )
         )
         written += [sky, kube]
     for provider, region in gateway_regions.items():
         path = out / "gateway" / f"gateway-{provider}.yaml"
-        path.write_text(yaml.safe_dump(gateway_task(provider, region, fleet_file), sort_keys=False))
+        path.write_text(_dump(gateway_task(provider, region, fleet_file)))
         written.append(path)
     return written

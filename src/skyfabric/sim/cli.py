@@ -16,7 +16,7 @@ from skyfabric.core.errors import ConfigError
     "--trace",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     default=None,
-    help="Azure-style trace: request sizes and the per-minute rate shape (rescaled to --rate)",
+    help="Azure-style trace: sizes and per-minute rate shape; mean scaled to --rate, else peak to the plan's",
 )
 @click.option("--duration", type=float, default=600.0, show_default=True, help="simulated seconds")
 @click.option("--lose", "lose", default=None, help="provider lost for a window, e.g. aws")
@@ -84,7 +84,7 @@ def simulate_command(
     else:
         default_rate = None
     workload = (
-        trace_workload(trace, rate if rate is not None else default_rate)
+        trace_workload(trace, rate, peak=default_rate)  # the trace's busiest minute = the plan's peak
         if trace
         else Workload(rate if rate is not None else float(default_rate or 1.0), [(700, 290)])
     )

@@ -232,8 +232,12 @@ class Workload:
         return self.rate * self.shape[int(t // self.shape_period) % len(self.shape)]
 
 
-def trace_workload(path: Path, rate: float | None) -> Workload:
-    """Sizes and the per-minute rate shape of an Azure-style trace; ``rate`` rescales its mean rate."""
+def trace_workload(path: Path, rate: float | None, peak: float | None = None) -> Workload:
+    """Sizes and the per-minute rate shape of an Azure-style trace.
+
+    ``rate`` rescales its mean rate; or ``peak`` rescales it so that its busiest minute is ``peak`` req/s
+    (a plan's peak demand). Neither: the trace's own rate.
+    """
     stamps: list[float] = []
     sizes: list[tuple[int, int]] = []
     from datetime import datetime
@@ -251,6 +255,8 @@ def trace_workload(path: Path, rate: float | None) -> Workload:
         counts[int(s // 60)] += 1
     mean = sum(counts) / minutes
     shape = [c / mean for c in counts]
+    if rate is None and peak is not None:
+        rate = peak / max(shape)
     return Workload(rate if rate is not None else mean / 60.0, sizes, shape, 60.0)
 
 
