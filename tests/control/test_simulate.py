@@ -94,3 +94,21 @@ def test_cli_simulate(tmp_path: Path) -> None:
     assert "during" in out.output and "× real time" in out.output
     bad = CliRunner().invoke(cli, ["simulate", str(tmp_path / "plan.yaml"), "--lose", "oracle"])
     assert bad.exit_code != 0 and "no such provider" in bad.output
+
+
+def test_simulator_agrees_with_the_committed_real_drill_within_stated_tolerances() -> None:
+    """bench/sim_vs_drill.py: calibrated on the drill's before phase, compared on during/after."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "sim_vs_drill.py")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "AGREES within the stated tolerances" in out.stdout

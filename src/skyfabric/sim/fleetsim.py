@@ -364,6 +364,7 @@ async def _run(
     fleet_overrides: dict[str, Any] | None,
     progress: Callable[[float], None] | None,
     group: int,
+    ttft0: float | None,
 ) -> Result:
     loop = asyncio.get_running_loop()
     rng = random.Random(seed)
@@ -392,9 +393,9 @@ async def _run(
         )
         rps *= members
         capacity += rps
-        ttft0 = profile.ttft_seconds if profile else 1.0
+        first = ttft0 if ttft0 is not None else (profile.ttft_seconds if profile else 1.0)
         slots = max(1, round(offer.concurrency * members / granularity))
-        replicas[e.id] = Replica(loop, slots, rps / granularity, ttft0, workload.mean_output)
+        replicas[e.id] = Replica(loop, slots, rps / granularity, first, workload.mean_output)
     transport = SimTransport(loop, replicas, loss.mode if loss else "refused")
     proxy.client = transport  # type: ignore[assignment]
     health = HealthChecker(proxy)
@@ -508,6 +509,7 @@ def simulate(
     *,
     granularity: int = 1,
     group: int = 1,
+    ttft0: float | None = None,
     seed: int = 0,
     fleet_overrides: dict[str, Any] | None = None,
     slo_ttft_p99: float = 5.0,
@@ -518,7 +520,19 @@ def simulate(
     loop = VirtualClockLoop()
     try:
         result = loop.run_until_complete(
-            _run(plan, model, workload, duration, loss, granularity, seed, fleet_overrides, progress, group)
+            _run(
+                plan,
+                model,
+                workload,
+                duration,
+                loss,
+                granularity,
+                seed,
+                fleet_overrides,
+                progress,
+                group,
+                ttft0,
+            )
         )
     finally:
         loop.close()
