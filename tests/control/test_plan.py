@@ -232,3 +232,16 @@ def test_cli_plan_prints_table_and_writes_files(tmp_path: Path) -> None:
     bad = runner.invoke(cli, ["plan", str(EXAMPLE), "--peak", "100000"])
     assert bad.exit_code != 0
     assert "short of" in bad.output
+
+
+def test_cli_plan_refuses_to_write_a_fleet_file_the_loader_would_refuse(tmp_path: Path) -> None:
+    offers = tmp_path / "offers.yaml"
+    offers.write_text(
+        'model: "bad name!"\ndemand: {peak: 10}\noffers:\n'
+        "  - {provider: aws, region: r, accelerator: nvidia-h100, price_per_hour: 1}\n"
+        "  - {provider: gcp, region: r, accelerator: nvidia-h100, price_per_hour: 1}\n"
+    )
+    out = CliRunner().invoke(cli, ["plan", str(offers), "--fleet-out", str(tmp_path / "fleet.yaml")])
+    assert out.exit_code != 0
+    assert "would not load" in out.output and "models[0].name" in out.output
+    assert not (tmp_path / "fleet.yaml").exists()

@@ -78,7 +78,10 @@ def plan_command(
     click.echo(f"solved {len(offer_list)} offers with HiGHS in {took:.3f}s (optimality gap 0)")
     if fleet_out is not None:
         data = to_fleet(result, meta["model"], endpoint_template)
-        parse_fleet(data, str(fleet_out))  # the loader's own check: never write a fleet it would refuse
+        try:
+            parse_fleet(data, str(fleet_out))  # the loader's own check: never write a fleet it would refuse
+        except ConfigError as exc:
+            raise click.ClickException(f"the fleet file for this plan would not load:\n{exc}") from None
         fleet_out.write_text(yaml.safe_dump(data, sort_keys=False))
         click.echo(f"fleet file: {fleet_out}")
     if plan_out is not None:
