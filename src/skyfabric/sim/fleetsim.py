@@ -182,6 +182,7 @@ class SimTransport:
         first_byte_timeout: float,
         endpoint: str = "",
         tracker: set[Any] | None = None,
+        **options: Any,  # the real client's other keywords (e.g. resend policy): nothing to do here
     ) -> _SimResponse:
         replica = self.replicas[endpoint]
         if not replica.up:
@@ -474,11 +475,14 @@ async def _run(
         await health_task
     except asyncio.CancelledError:
         pass
+    stop_probes = getattr(health, "stop_probes", None)  # probes that run as tasks of their own
+    if stop_probes is not None:
+        await stop_probes()
     wall = time.perf_counter() - started
     leftovers = {
         "outstanding": float(sum(s.outstanding for s in proxy.states.values())),
         "admission_inflight": float(sum(g.inflight for g in proxy.admission.gates.values())),
-        "admission_waiting": float(sum(len(g.queue) for g in proxy.admission.gates.values())),
+        "admission_waiting": float(proxy.admission.waiting(model)),
         "retry_budget_active_requests": float(proxy.budget.active_requests),
         "retry_budget_active_retries": float(proxy.budget.active_retries),
         "replica_running": float(sum(len(r.running) + len(r.waiting) for r in replicas.values())),
