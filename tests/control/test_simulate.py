@@ -96,6 +96,20 @@ def test_cli_simulate(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "no such provider" in bad.output
 
 
+def test_losing_one_region_takes_only_its_endpoints() -> None:
+    offers = [
+        Offer("aws", "east", "nvidia-h100", "vllm", 1.0, 84.2),
+        Offer("aws", "west", "nvidia-h100", "vllm", 1.0, 84.2),
+        Offer("gcp", "central", "nvidia-h100", "vllm", 1.0, 84.2),
+    ]
+    fleet_plan = Plan(offers, [1, 1, 1], Requirements(100.0), 0.0)
+    result = simulate(fleet_plan, "m", WORK, 60.0, Loss("aws/east", 20.0, 20.0), seed=2)
+    during = result.phases[1]
+    assert during.retries > 0 and during.errors == 0
+    assert result.held, result.verdict
+    assert all(value == 0 for value in result.leftovers.values()), result.leftovers
+
+
 def test_simulator_agrees_with_the_committed_real_drill_within_stated_tolerances() -> None:
     """bench/sim_vs_drill.py: calibrated on the drill's before phase, compared on during/after."""
     import subprocess

@@ -19,7 +19,9 @@ from skyfabric.core.errors import ConfigError
     help="Azure-style trace: sizes and per-minute rate shape; mean scaled to --rate, else peak to the plan's",
 )
 @click.option("--duration", type=float, default=600.0, show_default=True, help="simulated seconds")
-@click.option("--lose", "lose", default=None, help="provider lost for a window, e.g. aws")
+@click.option(
+    "--lose", "lose", default=None, help="provider (aws) or region (aws/us-east-1) lost for a window"
+)
 @click.option("--lose-at", type=float, default=None, help="when the loss starts (default: a third in)")
 @click.option("--lose-for", type=float, default=None, help="how long it lasts (default: a third)")
 @click.option(
@@ -73,8 +75,11 @@ def simulate_command(
         model, plan = load_plan(plan_file)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    if lose is not None and lose not in {o.provider for o in plan.offers}:
-        raise click.ClickException(f"--lose {lose!r}: the plan has no such provider")
+    domains = {o.provider for o in plan.offers} | {f"{o.provider}/{o.region}" for o in plan.offers}
+    if lose is not None and lose not in domains:
+        raise click.ClickException(
+            f"--lose {lose!r}: the plan has no such provider or region (it has: {', '.join(sorted(domains))})"
+        )
     if granularity < 1 or group < 1:
         raise click.ClickException("--granularity and --group must be ≥ 1")
     if plan.requirements.unit == "requests":

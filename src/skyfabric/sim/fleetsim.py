@@ -313,6 +313,8 @@ def sim_fleet(
 
 @dataclass(slots=True)
 class Loss:
+    """A failure domain lost for a window: a provider (``aws``) or one region of it (``aws/us-east-1``)."""
+
     provider: str
     at: float
     duration: float
@@ -438,9 +440,9 @@ async def _run(
         if req.started is not None:
             phase.queueing.append(req.started - req.arrival)
 
-    def lose(provider: str, up: bool) -> None:
+    def lose(domain: str, up: bool) -> None:
         for e in endpoints:
-            if e.provider == provider:
+            if domain in (e.provider, f"{e.provider}/{e.region}"):
                 replica = replicas[e.id]
                 replica.up = up
                 if not up:
