@@ -126,3 +126,12 @@ def test_simulator_agrees_with_the_committed_real_drill_within_stated_tolerances
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "AGREES within the stated tolerances" in out.stdout
+
+
+def test_blackhole_every_request_is_accounted_for_and_nothing_is_left_in_flight() -> None:
+    result_plan = plan(OFFERS, Requirements(150.0))
+    result = simulate(result_plan, "m", WORK, 60.0, Loss("gcp", 20.0, 20.0, "blackhole"), seed=3)
+    answered = sum(p.ok + p.errors + p.shed for p in result.phases)
+    assert answered == sum(p.requests for p in result.phases) == result.events
+    assert result.phases[1].requests > 1000
+    assert all(value == 0 for value in result.leftovers.values()), result.leftovers

@@ -21,9 +21,12 @@ Granularity: at fleet scale one simulated request stands for ``k`` client reques
 (``granularity``); replica slots, admission's queue limit and the retry budget's floor are divided by
 ``k`` so every ratio the policies act on is unchanged. ``k = 1`` simulates every request.
 
-Requests are sent non-streaming (the stream relay and mid-stream continuation are not simulated): a
-provider loss resets what is in flight there, and the router retries it from scratch. TTFT is measured
-at the replica, on the attempt that answered, from the client's arrival.
+Requests are sent non-streaming (the stream relay and mid-stream continuation are not simulated). A
+``refused`` loss resets what is in flight there; a ``blackhole`` freezes it (and new connections hang
+until the connect timeout) until the gateway gives up on it — its response timeout, or the health
+loop finding the endpoint dead and aborting its connections — and the router retries it from scratch.
+TTFT is measured at the replica, on the attempt that answered, from the client's arrival; "queueing" is
+the time from arrival to the first attempt a live replica accepted (admission, backoff, dead attempts).
 """
 
 from __future__ import annotations
@@ -132,6 +135,27 @@ class Replica:
         while self.waiting and len(self.running) < self.slots:
             self._start(self.waiting.pop(0))
 
+    def freeze(self) -> None:
+        """A blackhole: nothing in flight progresses and nothing new is answered; connections stay open."""
+        for job in self.running:
+            for h in job.handles:
+                h.cancel()
+            job.handles = []
+
+    def fail(self, future: asyncio.Future[None], endpoint: str, why: str) -> None:
+        """One connection is dropped (the gateway aborted it): its waiter gets a connection error."""
+        for jobs in (self.running, self.waiting):
+            for job in jobs:
+                if job.future is future:
+                    for h in job.handles:
+                        h.cancel()
+                    jobs.remove(job)
+                    if not future.done():
+                        future.set_exception(RemoteProtocolError(why, endpoint=endpoint))
+                    if jobs is self.running and self.up:
+                        self._finish_slot()
+                    return
+
     def fail_all(self, endpoint: str) -> None:
         """The host is gone: every connection to it is reset."""
         for job in [*self.running, *self.waiting]:
@@ -159,6 +183,20 @@ class _SimResponse:
 
     async def read(self, timeout: float) -> bytes:
         return self.body
+
+
+class _SimConnection:
+    """An open request as the gateway's ``EndpointState.inflight`` holds it: ``abort()`` drops it."""
+
+    __slots__ = ("endpoint", "future", "replica")
+
+    def __init__(self, replica: Replica, future: asyncio.Future[None], endpoint: str) -> None:
+        self.replica = replica
+        self.future = future
+        self.endpoint = endpoint
+
+    def abort(self) -> None:
+        self.replica.fail(self.future, self.endpoint, "aborted by the gateway (endpoint found dead)")
 
 
 class SimTransport:
@@ -205,11 +243,17 @@ class SimTransport:
             req.started = self.loop.time()
         req.first_token = None
         future = replica.submit(req)
+        conn = _SimConnection(replica, future, endpoint)
+        if tracker is not None:
+            tracker.add(conn)  # what the gateway aborts when it finds the endpoint dead (after_ejection)
         try:
             await asyncio.wait_for(asyncio.shield(future), first_byte_timeout)
         except TimeoutError:
             replica.abandon(future)
             raise UpstreamTimeout("response", first_byte_timeout, endpoint=endpoint) from None
+        finally:
+            if tracker is not None:
+                tracker.discard(conn)
         return _SimResponse(200, b"{}", endpoint)
 
 
@@ -441,12 +485,20 @@ async def _run(
             phase.queueing.append(req.started - req.arrival)
 
     def lose(domain: str, up: bool) -> None:
+        blackhole = loss is not None and loss.mode == "blackhole"
         for e in endpoints:
             if domain in (e.provider, f"{e.provider}/{e.region}"):
                 replica = replicas[e.id]
-                replica.up = up
-                if not up:
-                    replica.fail_all(e.id)
+                if not up and blackhole:
+                    replica.up = False
+                    replica.freeze()  # in flight: silence until the gateway gives up or aborts them
+                elif not up:
+                    replica.up = False
+                    replica.fail_all(e.id)  # refused: open connections are reset
+                else:
+                    if blackhole:
+                        replica.fail_all(e.id)  # the partition heals: frozen connections are closed
+                    replica.up = True
 
     if loss is not None:
         loop.call_at(loss.at, lose, loss.provider, False)
