@@ -21,6 +21,7 @@ ALLOWED = {
     "gateway": {"core", "http"},
     "control": {"core"},
     "drills": {"core", "control", "http", "gateway"},
+    "sim": {"core", "gateway", "control"},
 }
 
 

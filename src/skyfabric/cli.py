@@ -25,6 +25,9 @@ class LazyGroup(click.Group):
         "replica": "skyfabric.engine.replica:replica_command",
         "grow": "skyfabric.engine.grow:grow_command",
         "drill": "skyfabric.drills.cli:drill_command",
+        "plan": "skyfabric.control.cli:plan_command",
+        "launch-spec": "skyfabric.control.cli:launch_spec_command",
+        "simulate": "skyfabric.sim.cli:simulate_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -4,6 +4,7 @@ The tree::
 
     SkyfabricError
     ├── ConfigError                 a fleet file is wrong (names the file, the field, what was expected)
+    │   └── PlanInfeasible          no fleet plan meets demand and loss constraints (which one, by how much)
     ├── ClientError                 the caller sent something we must refuse (becomes a 4xx)
     │   ├── InvalidRequest          400: malformed JSON, missing or mistyped field
     │   ├── AuthenticationError     401: no or unknown API key
@@ -30,6 +31,10 @@ class SkyfabricError(Exception):
 
 class ConfigError(SkyfabricError):
     """Raised when a fleet file cannot be loaded: says which file, which field, and what was expected."""
+
+
+class PlanInfeasible(ConfigError):
+    """Raised when no replica counts meet the peak and the loss constraints; names the shortfall."""
 
 
 class ClientError(SkyfabricError):
