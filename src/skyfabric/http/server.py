@@ -50,6 +50,8 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _INF = float("inf")
+#: How long a refused client's leftover input is read and dropped before the connection closes.
+_LINGER = 2.0
 
 #: What the connection's parser is reading: nothing yet, a request head, or a request body.
 _IDLE, _HEAD, _BODY = 0, 1, 2
@@ -387,20 +389,30 @@ class _Connection(asyncio.Protocol):
         """Refuse what the client sent, after the answer in flight if there is one, and close."""
         self._broken = True
         self._read_deadline = _INF
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
         response = self._error(status, message)
         if self._busy:
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.pause_reading()
             self._pending.append(response)
         else:
             self._send_error(response)
 
     def _send_error(self, response: Response) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            closing = Request(b"", b"", b"", [], b"")
-            closing.keep_alive = False
-            self._write_whole(response, closing)
-        self._close()
+        """Answer, then close the way nginx's ``lingering_close`` does: shut the write side and read
+        (and drop) what the client still sends for a moment. Closing at once would make the kernel
+        answer the client's next bytes with a reset, which destroys the error before it is read."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        closing = Request(b"", b"", b"", [], b"")
+        closing.keep_alive = False
+        self._write_whole(response, closing)
+        if not transport.can_write_eof():
+            self._close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self._read_deadline = self._loop.time() + _LINGER
 
     def _close(self) -> None:
         self._read_deadline = _INF
@@ -416,7 +428,7 @@ class _Connection(asyncio.Protocol):
                 self._transport.abort()
             return
         if not self._busy and now >= self._read_deadline:
-            if self._phase == _IDLE:
+            if self._broken or self._phase == _IDLE:
                 self._close()
             else:
                 self._reject(408, "the request was not received in time")
