@@ -107,7 +107,9 @@ def assert_serves(port: int, path: bytes = b"/ok") -> None:
 
 
 async def echo(request: Request) -> Response:
-    return Response(200, request.method + b" " + request.path + b" " + request.body, content_type=b"text/plain")
+    return Response(
+        200, request.method + b" " + request.path + b" " + request.body, content_type=b"text/plain"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,9 @@ def parser_port() -> Iterator[tuple[LoopThread, int]]:
 
 
 token = st.binary(min_size=0, max_size=12)
-methods = st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT", b"PRI"]) | token
+methods = (
+    st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT", b"PRI"]) | token
+)
 targets = st.sampled_from([b"/", b"/v1/models", b"*", b"http://x/", b"/a?b=c"]) | st.binary(max_size=40)
 versions = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.10", b""]) | token
 header_names = st.sampled_from(
@@ -193,7 +197,9 @@ class EngineLikeUpstream(FakeUpstream):
                 assert isinstance(body.get("prompt"), str)
             assert body.get("stream_options") is None or isinstance(body["stream_options"], dict)
         except Exception:
-            return web.json_response({"error": {"message": "invalid request", "type": "BadRequestError"}}, status=400)
+            return web.json_response(
+                {"error": {"message": "invalid request", "type": "BadRequestError"}}, status=400
+            )
         return await super()._serve(request, kind)
 
 
@@ -214,7 +220,11 @@ def gateway_port() -> Iterator[tuple[LoopThread, int]]:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )

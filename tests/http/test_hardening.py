@@ -327,7 +327,9 @@ async def test_the_service_words_the_listeners_errors() -> None:
     listener = Listener(echo, error_body=teapot, max_body_bytes=1024)
     port = await listener.start("127.0.0.1", 0)
     data = await exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
-    assert b"content-type: application/x-teapot" in data and data.endswith(b"<413 request body over 1024 bytes>")
+    assert b"content-type: application/x-teapot" in data and data.endswith(
+        b"<413 request body over 1024 bytes>"
+    )
     await listener.stop(0.1)
 
 

@@ -24,8 +24,10 @@ without bound. ``HEAD`` is answered with the headers ``GET`` would have had and 
 The transport is protocol-neutral: the bodies of the errors it answers itself (400, 408, 413, 414, 417,
 431, 500) come from the service's ``error_body`` callable.
 
-Every timeout is checked by one sweep per listener (a few times per second) rather than a timer per
-request: a request costs a ``loop.time()`` and a store, not a timer handle created and cancelled.
+Every timeout is checked by one sweep per listener (eight times per shortest timeout, at most once a
+second) rather than by a timer per request, and deadlines are computed from the sweep's clock reading:
+a request costs two stores, not a timer handle created and cancelled. The price is precision: a timeout
+may fire up to one sweep period (1/8 of the shortest timeout) early or late.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class _Connection(asyncio.Protocol):
         "_max_body",
         "_messages",
         "_parser",
+        "_paused",
         "_pending",
         "_phase",
         "_read_deadline",
@@ -128,6 +131,7 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         self._broken = False
         self._eof = False
+        self._paused = False
         self._task: asyncio.Task[None] | None = None
         self._current: Request | None = None
         self._can_write: asyncio.Future[None] | None = None
@@ -150,7 +154,7 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         server.connections.add(self)
         # nginx's client_header_timeout runs from the accept: the first request must arrive within it.
-        self._read_deadline = self._loop.time() + server.header_timeout
+        self._read_deadline = server.now + server.header_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -190,7 +194,7 @@ class _Connection(asyncio.Protocol):
             return
         phase = self._phase
         if phase == _BODY:
-            self._read_deadline = self._loop.time() + self._server.body_timeout
+            self._read_deadline = self._server.now + self._server.body_timeout
         elif phase == _HEAD and head_before and messages == self._messages:
             # The whole piece belongs to an unfinished head: this also bounds a header line that never
             # ends, which the parser holds without a callback.
@@ -201,7 +205,7 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._can_write is None or self._can_write.done():
             self._can_write = self._loop.create_future()
-        self._write_deadline = self._loop.time() + self._server.write_timeout
+        self._write_deadline = self._server.now + self._server.write_timeout
 
     def resume_writing(self) -> None:
         self._write_deadline = _INF
@@ -219,7 +223,7 @@ class _Connection(asyncio.Protocol):
         self._head_raw = 0
         self._messages += 1
         self._phase = _HEAD
-        self._read_deadline = self._loop.time() + self._server.header_timeout
+        self._read_deadline = self._server.now + self._server.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -269,7 +273,8 @@ class _Connection(asyncio.Protocol):
         if self._busy:
             # Pipelined: it waits its turn, and nothing more is read until the queue drains.
             self._pending.append(request)
-            if self._transport is not None:
+            if self._transport is not None and not self._paused:
+                self._paused = True
                 self._transport.pause_reading()
         else:
             self._start(request)
@@ -321,10 +326,12 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         assert self._transport is not None
-        self._transport.resume_reading()
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
         if self._phase == _IDLE:
             timeout = self._server.keepalive_timeout
-            self._read_deadline = self._loop.time() + timeout if timeout > 0 else _INF
+            self._read_deadline = self._server.now + timeout if timeout > 0 else _INF
 
     def _head(self, response: Response | StreamResponse, request: Request, framing: bytes) -> list[bytes]:
         head = [_status_line(response.status), b"content-type: %s\r\n%s" % (response.content_type, framing)]
@@ -391,7 +398,8 @@ class _Connection(asyncio.Protocol):
         self._read_deadline = _INF
         response = self._error(status, message)
         if self._busy:
-            if self._transport is not None and not self._transport.is_closing():
+            if self._transport is not None and not self._transport.is_closing() and not self._paused:
+                self._paused = True
                 self._transport.pause_reading()
             self._pending.append(response)
         else:
@@ -411,8 +419,10 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         transport.write_eof()
-        transport.resume_reading()
-        self._read_deadline = self._loop.time() + _LINGER
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        self._read_deadline = self._server.now + _LINGER
 
     def _close(self) -> None:
         self._read_deadline = _INF
@@ -476,6 +486,8 @@ class Listener:
         self.closing = False
         self.refused = 0
         self.ssl: _ssl.SSLContext | None = None
+        #: The event loop's clock as of the last sweep: deadlines are computed from it.
+        self.now = 0.0
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._refuse_logged = -_INF
@@ -492,6 +504,7 @@ class Listener:
         """Start listening (TLS when ``ssl`` is given); returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         self.ssl = ssl
+        self.now = loop.time()
         handshake = self.header_timeout if ssl is not None else None
         if sock is not None:
             self._server = await loop.create_server(
@@ -523,7 +536,7 @@ class Listener:
         period = min(1.0, max(0.01, min(timeouts) / 8))
         while True:
             await asyncio.sleep(period)
-            now = loop.time()
+            now = self.now = loop.time()
             for conn in list(self.connections):
                 conn.check(now)
 
