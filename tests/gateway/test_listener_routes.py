@@ -1,4 +1,4 @@
-"""What clients probe before they start: `HEAD /`, HEAD wherever GET, 405 with `Allow`, errors in their shape."""
+"""What clients probe before they start: `HEAD /`, HEAD wherever GET, 405 with `Allow`, errors in shape."""
 
 from __future__ import annotations
 
