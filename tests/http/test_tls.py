@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -59,3 +63,41 @@ async def test_the_gateway_serves_https_with_the_fleets_certificate(tmp_path: Pa
         await listener.stop(0.5)
         await gateway.close()
         await up.stop()
+
+
+def test_skyfabric_serve_with_workers_terminates_tls_from_the_fleet_file(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        f"listener: {{port: {port}, tls_cert: {cert}, tls_key: {key}}}\n"
+        "models: [{name: m}]\n"
+        "providers: [{name: p, regions: [{name: r, pools: [{name: x, accelerator: cpu, engine: vllm,"
+        " model: m, endpoints: ['http://127.0.0.1:9/v1']}]}]}]\n"
+        "health: {probe_interval: 0}\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "skyfabric.cli", "serve", "--config", str(fleet), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    try:
+        deadline, status = time.monotonic() + 30, None
+        while time.monotonic() < deadline and status is None:
+            try:
+                status = httpx.head(f"https://127.0.0.1:{port}/", verify=trusted, timeout=1).status_code
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert status == 200
+        with pytest.raises(httpx.HTTPError):  # it is TLS, not plain HTTP
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        server.terminate()
+        server.wait(10)
