@@ -1,0 +1,83 @@
+"""Whether a prompt can fit a model's context, known from its size alone — before any upstream works on it.
+
+No tokenizer runs here (the gateway does not know the backends' tokenizers, and tokenizing a 30 MB prompt
+is exactly the work to avoid). Instead a *lower bound* on the prompt's tokens: no token of any tokenizer
+covers more than :data:`MAX_CHARS_PER_TOKEN` characters, so a prompt of ``n`` characters is at least
+``n / MAX_CHARS_PER_TOKEN`` tokens. The bound only ever rejects a prompt that cannot fit:
+
+* it counts characters (code points), never bytes, and only non-whitespace ones: a tokenizer may merge a
+  long run of spaces into one token, a normalizer may collapse it, a chat template may strip it;
+* it counts only what templates pass through verbatim: the text of system, developer, user and tool
+  messages (assistant turns are skipped — some templates drop earlier reasoning), the text parts of
+  multi-part content (an image's base64 is not text tokens), and a completions prompt; token-id prompts
+  count exactly;
+* the longest tokens in the vocabularies of common models (GPT-2, cl100k/o200k, Llama 3, Qwen 2,
+  Mistral, Gemma) are runs of punctuation or spaces of at most a few hundred characters; 1024 leaves a
+  wide margin above every vocabulary we know of.
+
+The bound costs nothing on ordinary requests: it is computed only when the raw body is larger than
+``MAX_CHARS_PER_TOKEN`` × the smallest known context of the models the request can reach (a body's byte
+count is never below its text's character count).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: An upper bound on the characters one token covers, in any tokenizer (see the module docstring).
+MAX_CHARS_PER_TOKEN = 1024
+
+#: Every character ``str.isspace`` accepts; counted one by one with ``str.count`` (a fast C scan).
+_ASCII_SPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "
+_OTHER_SPACE = "\x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+_VERBATIM_ROLES = frozenset({"system", "developer", "user", "tool", "function"})
+
+
+def _chars(text: str) -> int:
+    """Characters of ``text`` that are not whitespace (only called on the rare large prompt)."""
+    spaces = sum(map(text.count, _ASCII_SPACE))
+    if not text.isascii():
+        spaces += sum(map(text.count, _OTHER_SPACE))
+    return len(text) - spaces
+
+
+def _content_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return _chars(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text"):
+                text = part.get("text")
+                if isinstance(text, str):
+                    total += _chars(text)
+        return total
+    return 0
+
+
+def prompt_token_floor(kind: str, body: dict[str, Any]) -> int:
+    """A number of tokens the prompt certainly has at least, in any tokenizer (0 when unknown)."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return 0
+        chars = sum(
+            _content_chars(m.get("content"))
+            for m in messages
+            if isinstance(m, dict) and m.get("role") in _VERBATIM_ROLES
+        )
+        return chars // MAX_CHARS_PER_TOKEN
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return _chars(prompt) // MAX_CHARS_PER_TOKEN
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) for t in prompt):
+            return len(prompt)  # token ids: exact
+        # a batch: every prompt must fit on its own, so the largest one decides
+        floors = [
+            len(p) if isinstance(p, list) else _chars(p) // MAX_CHARS_PER_TOKEN
+            for p in prompt
+            if isinstance(p, list | str)
+        ]
+        return max(floors, default=0)
+    return 0
