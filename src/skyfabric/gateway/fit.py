@@ -41,6 +41,11 @@ def _chars(text: str) -> int:
     return len(text) - spaces
 
 
+def _tokens(chars: int) -> int:
+    """No fewer tokens than this can hold ``chars`` characters, ``MAX_CHARS_PER_TOKEN`` at most each."""
+    return -(-chars // MAX_CHARS_PER_TOKEN)
+
+
 def _content_chars(content: Any) -> int:
     if isinstance(content, str):
         return _chars(content)
@@ -66,16 +71,16 @@ def prompt_token_floor(kind: str, body: dict[str, Any]) -> int:
             for m in messages
             if isinstance(m, dict) and m.get("role") in _VERBATIM_ROLES
         )
-        return chars // MAX_CHARS_PER_TOKEN
+        return _tokens(chars)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return _chars(prompt) // MAX_CHARS_PER_TOKEN
+        return _tokens(_chars(prompt))
     if isinstance(prompt, list) and prompt:
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)  # token ids: exact
         # a batch: every prompt must fit on its own, so the largest one decides
         floors = [
-            len(p) if isinstance(p, list) else _chars(p) // MAX_CHARS_PER_TOKEN
+            len(p) if isinstance(p, list) else _tokens(_chars(p))
             for p in prompt
             if isinstance(p, list | str)
         ]
