@@ -26,6 +26,7 @@ import click
 import orjson
 from aiohttp import web
 
+from skyfabric.core.errors import PromptTooLong
 from skyfabric.engine import DEFAULT_MODEL_DIR
 from skyfabric.engine.architectures import pick_engine
 from skyfabric.engine.base import (
@@ -280,6 +281,17 @@ def build_requests(
     ]
 
 
+def _too_long(exc: PromptTooLong, max_model_len: int, what: str) -> APIError:
+    """vLLM's context-length 400 for a prompt refused by its size, before it was tokenized."""
+    return APIError(
+        400,
+        f"This model's maximum context length is {max_model_len} tokens. However, your {what} resulted in "
+        f"at least {exc.at_least} tokens. Please reduce the length of the {what}.",
+        param=what,
+        code="context_length_exceeded",
+    )
+
+
 def _message_text(content: Any, index: int) -> str:
     """Chat content as text: a string, or a list of text parts (other part types are refused)."""
     if content is None:
@@ -511,6 +523,8 @@ class ReplicaApp:
                 add_generation_prompt=add_generation_prompt is not False and not continue_final,
                 continue_final_message=continue_final,
             )
+        except PromptTooLong as exc:
+            raise _too_long(exc, self.engine.max_model_len, "messages") from None
         except ValueError as exc:
             raise _bad(str(exc), "messages") from exc
         requests = build_requests(
@@ -552,7 +566,10 @@ class ReplicaApp:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self.engine.tokenize(prompt)
+            try:
+                return self.engine.tokenize(prompt)
+            except PromptTooLong as exc:
+                raise _too_long(exc, self.engine.max_model_len, "prompt") from None
         if (
             isinstance(prompt, list)
             and prompt
@@ -795,8 +812,9 @@ async def serve_replica(
             log.exception("engine failed to start")
             stop_event.set()
             raise
+        chars = await asyncio.to_thread(lambda: engine.max_token_chars)  # read the vocabulary once, now
         replica.state = "ready"
-        log.info("replica %s ready", served_model_name)
+        log.info("replica %s ready (a token spells at most %d characters)", served_model_name, chars)
 
     starting = asyncio.create_task(start_engine())
     try:

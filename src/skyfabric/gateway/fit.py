@@ -24,38 +24,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from skyfabric.core.textsize import nonspace_chars, tokens_at_least
+
 #: An upper bound on the characters one token covers, in any tokenizer (see the module docstring).
 MAX_CHARS_PER_TOKEN = 1024
 
-#: Every character ``str.isspace`` accepts; counted one by one with ``str.count`` (a fast C scan).
-_ASCII_SPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "
-_OTHER_SPACE = "\x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 _VERBATIM_ROLES = frozenset({"system", "developer", "user", "tool", "function"})
 
 
-def _chars(text: str) -> int:
-    """Characters of ``text`` that are not whitespace (only called on the rare large prompt)."""
-    spaces = sum(map(text.count, _ASCII_SPACE))
-    if not text.isascii():
-        spaces += sum(map(text.count, _OTHER_SPACE))
-    return len(text) - spaces
-
-
 def _tokens(chars: int) -> int:
-    """No fewer tokens than this can hold ``chars`` characters, ``MAX_CHARS_PER_TOKEN`` at most each."""
-    return -(-chars // MAX_CHARS_PER_TOKEN)
+    return tokens_at_least(chars, MAX_CHARS_PER_TOKEN)
 
 
 def _content_chars(content: Any) -> int:
     if isinstance(content, str):
-        return _chars(content)
+        return nonspace_chars(content)
     if isinstance(content, list):
         total = 0
         for part in content:
             if isinstance(part, dict) and part.get("type") in ("text", "input_text"):
                 text = part.get("text")
                 if isinstance(text, str):
-                    total += _chars(text)
+                    total += nonspace_chars(text)
         return total
     return 0
 
@@ -74,13 +64,13 @@ def prompt_token_floor(kind: str, body: dict[str, Any]) -> int:
         return _tokens(chars)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return _tokens(_chars(prompt))
+        return _tokens(nonspace_chars(prompt))
     if isinstance(prompt, list) and prompt:
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)  # token ids: exact
         # a batch: every prompt must fit on its own, so the largest one decides
         floors = [
-            len(p) if isinstance(p, list) else _tokens(_chars(p))
+            len(p) if isinstance(p, list) else _tokens(nonspace_chars(p))
             for p in prompt
             if isinstance(p, list | str)
         ]

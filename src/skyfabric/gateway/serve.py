@@ -64,9 +64,7 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1) -> None:
             die_with_parent()
             try:
                 _install_uvloop()
-                asyncio.run(
-                    serve_fleet(fleet, host, port, reuse_port=True, worker=worker, workers=workers)
-                )
+                asyncio.run(serve_fleet(fleet, host, port, reuse_port=True, worker=worker, workers=workers))
             finally:
                 os._exit(0)
         children.append(pid)
