@@ -228,6 +228,10 @@ class Proxy:
                 out.append(candidate)
         return out
 
+    def stream_chain(self, ctx: RequestContext) -> list[str]:
+        """Models a broken stream of ``ctx`` may move to: its chain, less those it is known not to fit."""
+        return [m for m in self._reaches[ctx.model] if self.fits(m, ctx.needs_tokens)]
+
     def _in_rotation(self, model: str, now: float) -> bool:
         return any(s.available(now) for s in self.clusters[model].states)
 
@@ -250,6 +254,13 @@ class Proxy:
             return "connection lost"
         return None
 
+    def _settle(self, ctx: RequestContext, pending: list[tuple[EndpointState, UpstreamError]] | None) -> None:
+        """Count the failures held back as suspect: the request was not at fault after all."""
+        if pending:
+            for failed, error in pending:
+                self.note_failure(ctx, failed, error)
+            pending.clear()
+
     def _request_fault(self, last: UpstreamError, first: str, second: str, why: str) -> Response:
         """The answer to a request that failed the same way on two providers: not retried again."""
         log.warning("%s on %s and %s: the request's fault; not retried, none blamed", why, first, second)
@@ -268,18 +279,12 @@ class Proxy:
         self.budget.active_requests += 1
         retrying = False
         waited = False
-        refused: set[str] = set()  # models that said the request does not fit their context
+        refused: set[str] | None = None  # models that said the request does not fit their context
         #: Request-suspect failures seen so far: class → the provider it happened on first.
-        seen: dict[str, str] = {}
+        seen: dict[str, str] | None = None
         #: Failures on endpoints that were answering other requests meanwhile; counted against them only
         #: if the request turns out not to be at fault (it succeeds elsewhere or fails another way).
-        pending: list[tuple[EndpointState, UpstreamError]] = []
-
-        def settle() -> None:
-            for failed, error in pending:
-                self.note_failure(ctx, failed, error)
-            pending.clear()
-
+        pending: list[tuple[EndpointState, UpstreamError]] | None = None
         try:
             while True:
                 i = 0
@@ -290,7 +295,7 @@ class Proxy:
                     while ctx.attempts < self.max_attempts:
                         now = self.clock()
                         if now >= ctx.deadline:
-                            settle()
+                            self._settle(ctx, pending)
                             return error_response(
                                 504, "the request's deadline passed before any backend answered"
                             )
@@ -313,7 +318,7 @@ class Proxy:
                             break
                         if ctx.attempts > 0:
                             if not self.budget.allow():
-                                settle()
+                                self._settle(ctx, pending)
                                 return self._exhausted(last, "retry budget exhausted")
                             if state.endpoint.provider in ctx.failed_providers:
                                 pause = backoff(
@@ -334,33 +339,35 @@ class Proxy:
                             failed = self.states.get(exc.endpoint, state)
                             if isinstance(exc, UpstreamStatus) and not retryable_status(exc.status):
                                 if exc.status == 400 and is_context_length(exc):
+                                    refused = refused or set()
                                     refused.add(model)
                                     chain[i:] = self._after_overflow(ctx, model, chain[i:], refused)
                                     break
-                                settle()
+                                self._settle(ctx, pending)
                                 self.metrics.attempt(failed.endpoint.id, f"status_{exc.status}")
                                 return self._passthrough(exc)
                             why = self.failure_class(exc)
                             provider = failed.endpoint.provider
-                            if why is not None and seen.get(why, provider) != provider:
-                                # The same failure on a second provider: the request's fault, not theirs.
-                                pending.clear()
-                                return self._request_fault(exc, seen[why], provider, why)
                             if why is not None:
-                                seen.setdefault(why, provider)
+                                seen = seen or {}
+                                first = seen.setdefault(why, provider)
+                                if first != provider:
+                                    # The same failure on a second provider: the request's fault, not theirs.
+                                    return self._request_fault(exc, first, provider, why)
                             if why is not None and failed is state and state.successes > served_before:
                                 # It answered others while this one failed: suspect the request, judge later.
+                                pending = pending or []
                                 pending.append((failed, exc))
                                 ctx.failed_providers.add(provider)
                                 continue
-                            settle()
+                            self._settle(ctx, pending)
                             self.note_failure(ctx, failed, exc)
                         else:
-                            settle()  # another endpoint answered: the earlier failures were theirs
+                            self._settle(ctx, pending)  # another endpoint answered: they were at fault
                             return answer
                 if isinstance(last, UpstreamStatus) and last.status == 400 and refused:
                     return self._passthrough(last)  # no model left that the request might fit
-                settle()
+                self._settle(ctx, pending)
                 if not waited and not self.any_available(chain, self.clock()):
                     # Every endpoint failed this request and all are out now: one more round once one is back.
                     waited = True
@@ -579,7 +586,7 @@ class Proxy:
             return cached[1]
         states = self.clusters[model].states
         if not states:
-            return 1 << 30  # served only through fallbacks: nothing to protect here
+            return 0  # served only through its fallbacks: admission charges those
         total = sum(s.endpoint.concurrency for s in states if s.available(now))
         self._capacity[model] = (now, total)
         return total

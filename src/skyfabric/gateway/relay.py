@@ -211,7 +211,7 @@ class StreamRelay:
         self._let_go()
         self.resp.abort()
         proxy.note_failure(ctx, failed, exc, hard=True)
-        chain = [ctx.model, *proxy.fleet.model(ctx.model).fallbacks]
+        chain = proxy.stream_chain(ctx)
         waited = False
         while self.continuations < proxy.max_continuations and proxy.clock() < ctx.deadline:
             need = bool(self.progress.content)
