@@ -374,3 +374,18 @@ async def test_on_a_quiet_fleet_the_second_alike_failure_stops_the_request(make_
     # nothing showed the first endpoint was alive, so its timeout counted; the second is not blamed
     assert sum(s.ejections for s in gw.gateway.proxy.states.values()) <= 1
     assert_quiet(gw)
+
+
+def test_a_larger_context_that_is_not_larger_is_a_config_error() -> None:
+    from skyfabric.core.errors import ConfigError
+    from skyfabric.core.fleet import parse_fleet
+    from tests.conftest import fleet_data
+
+    up = FakeUpstream("a")
+    up.port = 9
+    models = [
+        {"name": "m", "context_length": 8192, "larger_context": "big"},
+        {"name": "big", "context_length": 4096},
+    ]
+    with pytest.raises(ConfigError, match="not larger than its own"):
+        parse_fleet(fleet_data({"aws": [up]}, models=models), "fleet.yaml")
