@@ -170,7 +170,7 @@ async def test_serve_workers_together_admit_the_fleets_capacity_not_n_times_it(t
         statuses = [r.status_code for r in results]
         assert set(statuses) <= {200, 429}
         assert up.peak <= 4, up.peak  # two workers each admitting the whole capacity: up to 8
-        assert 2 <= statuses.count(200) <= 4
+        assert statuses.count(200) >= 2 and 429 in statuses
     finally:
         if proc.returncode is None:
             proc.terminate()
