@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 
@@ -136,7 +136,7 @@ class Proxy:
             raise
         ctx.on_done = lambda: self.admission.release(charged, self.clock() - started)
         try:
-            result = await self._forward(ctx, list(chain))
+            result = await self._forward(ctx, chain)
         except BaseException:
             ctx.finish()
             raise
@@ -212,7 +212,7 @@ class Proxy:
         )
 
     def _after_overflow(
-        self, ctx: RequestContext, model: str, rest: list[str], refused: set[str]
+        self, ctx: RequestContext, model: str, rest: Sequence[str], refused: set[str]
     ) -> list[str]:
         """What to try after ``model`` said the request does not fit its context.
 
@@ -274,7 +274,7 @@ class Proxy:
             code="request_failed_on_two_providers",
         )
 
-    async def _forward(self, ctx: RequestContext, chain: list[str]) -> Response | StreamResponse:
+    async def _forward(self, ctx: RequestContext, chain: tuple[str, ...]) -> Response | StreamResponse:
         last: UpstreamError | None = None
         self.budget.active_requests += 1
         retrying = False
@@ -304,8 +304,10 @@ class Proxy:
                             waited = True
                             await self.wait_for_endpoint(chain, ctx.deadline)
                             continue
-                        if not self._in_rotation(model, now) and any(
-                            self._in_rotation(later, now) for later in chain[i:]
+                        if (
+                            i < len(chain)
+                            and not self._in_rotation(model, now)
+                            and any(self._in_rotation(later, now) for later in chain[i:])
                         ):
                             break  # all of this model is out but a later one is in: go there, no panic
                         state = cluster.pick(
@@ -341,7 +343,10 @@ class Proxy:
                                 if exc.status == 400 and is_context_length(exc):
                                     refused = refused or set()
                                     refused.add(model)
-                                    chain[i:] = self._after_overflow(ctx, model, chain[i:], refused)
+                                    chain = (
+                                        *chain[:i],
+                                        *self._after_overflow(ctx, model, chain[i:], refused),
+                                    )
                                     break
                                 self._settle(ctx, pending)
                                 self.metrics.attempt(failed.endpoint.id, f"status_{exc.status}")
@@ -549,7 +554,7 @@ class Proxy:
         detail = f"{why}; last error: {last}" if last else why
         return error_response(502 if last else 503, detail, code="upstream_unavailable")
 
-    def any_available(self, chain: list[str], now: float, need_continuation: bool = False) -> bool:
+    def any_available(self, chain: Sequence[str], now: float, need_continuation: bool = False) -> bool:
         """Whether any endpoint of these models (able to continue, if that is needed) is in rotation."""
         return any(
             s.available(now) and (s.endpoint.can_continue or not need_continuation)
@@ -558,7 +563,7 @@ class Proxy:
         )
 
     async def wait_for_endpoint(
-        self, chain: list[str], deadline: float, need_continuation: bool = False
+        self, chain: Sequence[str], deadline: float, need_continuation: bool = False
     ) -> bool:
         """When every endpoint of ``chain`` is out, wait (≤ ``retry.outage_wait``) for one to come back.
 
