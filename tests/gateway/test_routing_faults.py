@@ -389,3 +389,15 @@ def test_a_larger_context_that_is_not_larger_is_a_config_error() -> None:
     ]
     with pytest.raises(ConfigError, match="not larger than its own"):
         parse_fleet(fleet_data({"aws": [up]}, models=models), "fleet.yaml")
+
+
+def test_the_size_bound_judges_a_huge_prompt_by_its_first_megabytes() -> None:
+    from skyfabric.core.textsize import nonspace_chars
+
+    text = "héllo wörld " * 2_500_000  # 30 MB, 10 of every 12 characters not whitespace
+    assert nonspace_chars(text) == 25_000_000
+    capped = nonspace_chars(text, enough=3_000_000)
+    assert 3_000_000 < capped < 25_000_000  # stopped early, and still a true lower bound
+    body = {"messages": [{"role": "user", "content": text}]}
+    floor = prompt_token_floor("chat", body, enough=4096)
+    assert 4096 < floor <= prompt_token_floor("chat", body) == -(-25_000_000 // MAX_CHARS_PER_TOKEN)

@@ -36,41 +36,57 @@ def _tokens(chars: int) -> int:
     return tokens_at_least(chars, MAX_CHARS_PER_TOKEN)
 
 
-def _content_chars(content: Any) -> int:
+def _texts(content: Any) -> list[str]:
     if isinstance(content, str):
-        return nonspace_chars(content)
+        return [content]
     if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, dict) and part.get("type") in ("text", "input_text"):
-                text = part.get("text")
-                if isinstance(text, str):
-                    total += nonspace_chars(text)
-        return total
-    return 0
+        return [
+            part["text"]
+            for part in content
+            if isinstance(part, dict)
+            and part.get("type") in ("text", "input_text")
+            and isinstance(part.get("text"), str)
+        ]
+    return []
 
 
-def prompt_token_floor(kind: str, body: dict[str, Any]) -> int:
-    """A number of tokens the prompt certainly has at least, in any tokenizer (0 when unknown)."""
+def _floor(texts: list[str], enough: int | None) -> int:
+    """Tokens ``texts`` together certainly have at least; may stop counting past ``enough`` tokens."""
+    limit = None if enough is None else enough * MAX_CHARS_PER_TOKEN
+    chars = 0
+    for text in texts:
+        chars += nonspace_chars(text, None if limit is None else limit - chars)
+        if limit is not None and chars > limit:
+            break
+    return _tokens(chars)
+
+
+def prompt_token_floor(kind: str, body: dict[str, Any], enough: int | None = None) -> int:
+    """A number of tokens the prompt certainly has at least, in any tokenizer (0 when unknown).
+
+    With ``enough``, counting may stop once the floor passes it: a 30 MB prompt for a model of a few
+    thousand tokens is judged by its first megabytes, and the gateway's loop is not held for the rest.
+    """
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list):
             return 0
-        chars = sum(
-            _content_chars(m.get("content"))
+        texts = [
+            text
             for m in messages
             if isinstance(m, dict) and m.get("role") in _VERBATIM_ROLES
-        )
-        return _tokens(chars)
+            for text in _texts(m.get("content"))
+        ]
+        return _floor(texts, enough)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return _tokens(nonspace_chars(prompt))
+        return _floor([prompt], enough)
     if isinstance(prompt, list) and prompt:
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)  # token ids: exact
         # a batch: every prompt must fit on its own, so the largest one decides
         floors = [
-            len(p) if isinstance(p, list) else _tokens(nonspace_chars(p))
+            len(p) if isinstance(p, list) else _floor([p], enough)
             for p in prompt
             if isinstance(p, list | str)
         ]

@@ -110,6 +110,11 @@ class Proxy:
             * MAX_CHARS_PER_TOKEN
             for name, reach in self._reaches.items()
         }
+        #: The largest known context in each chain: past it, a prompt's size changes nothing.
+        self._known_context = {
+            name: max((self._models[m].context_length or 0 for m in reach), default=0)
+            for name, reach in self._reaches.items()
+        }
         self.metrics = GatewayMetrics(list(self.states.values()), clock)
         self.admission = Admission(
             self.capacity,
@@ -198,7 +203,8 @@ class Proxy:
         reach = self._reaches[ctx.model]
         if len(ctx.raw) <= self._bound_above[ctx.model]:
             return reach  # the common case: the body is too small for the size bound to exclude anything
-        ctx.needs_tokens = max(ctx.needs_tokens, prompt_token_floor(ctx.kind, ctx.body))
+        floor = prompt_token_floor(ctx.kind, ctx.body, enough=self._known_context[ctx.model])
+        ctx.needs_tokens = max(ctx.needs_tokens, floor)
         chain = tuple(m for m in reach if self.fits(m, ctx.needs_tokens))
         if chain:
             return chain
