@@ -278,6 +278,13 @@ class Fleet(_Strict):
             for other in [*model.fallbacks, *([model.larger_context] if model.larger_context else [])]:
                 if other not in names:
                     raise ValueError(f"model {model.name!r} falls back to {other!r}, which is not a model")
+            if model.larger_context is not None and model.context_length is not None:
+                larger = self.model(names[model.larger_context]).context_length
+                if larger is not None and larger <= model.context_length:
+                    raise ValueError(
+                        f"model {model.name!r} sends context-length overflows to {model.larger_context!r}, "
+                        f"whose context_length ({larger}) is not larger than its own ({model.context_length})"
+                    )
         seen: set[str] = set()
         for provider in self.providers:
             if provider.name in seen:

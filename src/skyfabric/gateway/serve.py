@@ -67,9 +67,19 @@ def _allow_open_files(max_connections: int) -> None:
             )
 
 
-async def serve_fleet(fleet: Fleet, host: str, port: int, *, reuse_port: bool = False) -> None:
-    """Serve until SIGINT/SIGTERM; finishes responses in flight before returning."""
+async def serve_fleet(
+    fleet: Fleet, host: str, port: int, *, reuse_port: bool = False, worker: int = 0, workers: int = 1
+) -> None:
+    """Serve until SIGINT/SIGTERM; finishes responses in flight before returning.
+
+    As worker ``worker`` of ``workers`` this process admits its share of each model's capacity: workers
+    do not see each other's requests, and each admitting the whole would admit N times what the fleet
+    carries. Dividing (rather than sharing a counter across processes) keeps admission two integer
+    operations with no cross-process lock on the hot path, and nothing leaks when a worker dies; the
+    kernel spreads connections over the workers (SO_REUSEPORT), so the shares fill about evenly.
+    """
     gateway = Gateway(fleet, fleet_endpoints(fleet))
+    gateway.proxy.admission.set_share(worker, workers)
     await gateway.start()
     listener = make_listener(gateway, fleet.listener)
     tls = fleet.listener.ssl_context()
@@ -92,13 +102,13 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1) -> None:
         asyncio.run(serve_fleet(fleet, host, port))
         return
     children: list[int] = []
-    for _ in range(workers):
+    for worker in range(workers):
         pid = os.fork()
         if pid == 0:  # child
             die_with_parent()
             try:
                 _install_uvloop()
-                asyncio.run(serve_fleet(fleet, host, port, reuse_port=True))
+                asyncio.run(serve_fleet(fleet, host, port, reuse_port=True, worker=worker, workers=workers))
             finally:
                 os._exit(0)
         children.append(pid)
