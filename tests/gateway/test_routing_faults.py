@@ -148,7 +148,7 @@ async def test_serve_workers_together_admit_the_fleets_capacity_not_n_times_it(t
         "models: [{name: m}]\n"
         "providers: [{name: p, regions: [{name: r, pools: [{name: x, accelerator: cpu, engine: vllm,"
         f" model: m, endpoints: ['{up.url}'], capacity: {{concurrency: 4}}}}]}}]}}]\n"
-        "health: {probe_interval: 0}\n"
+        "health: {probe_interval: 0, selftest: false}\n"  # its probes are not client requests
         "admission: {queue_timeout: 0, queue_limit: 0}\n"
     )
     port = free_port()
