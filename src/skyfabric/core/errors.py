@@ -14,6 +14,7 @@ The tree::
         ├── ConnectError            no connection (refused, unreachable, TLS): nothing was sent
         ├── UpstreamTimeout         a named phase (connect, first_byte, first_token, idle) ran out
         ├── RemoteProtocolError     the upstream broke HTTP or SSE (reset, malformed event, no [DONE])
+        │   └── EndpointAborted     the gateway itself dropped the connection: its endpoint was found dead
         └── UpstreamStatus          the upstream answered with an error status; carries its body
 
 Upstream errors carry ``sent_any``: whether any byte of the answer already reached the client. That flag
@@ -103,6 +104,14 @@ class UpstreamTimeout(UpstreamError):
 
 class RemoteProtocolError(UpstreamError):
     """Raised when the upstream closes early, resets, or sends malformed HTTP or SSE."""
+
+
+class EndpointAborted(RemoteProtocolError):
+    """Raised when the gateway aborted the connection because its endpoint was found dead (stall, probe).
+
+    Not a peer reset: the request is never resent to that endpoint (not even as a stale keep-alive
+    connection), and the failure is not counted against the endpoint a second time.
+    """
 
 
 class UpstreamStatus(UpstreamError):

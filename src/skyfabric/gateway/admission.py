@@ -52,6 +52,12 @@ class _ModelGate:
     service_time: float = 1.0
 
 
+def _handed(waiter: _Waiter) -> bool:
+    """Whether a dispatcher gave this waiter a slot (its future holds a result, not an error)."""
+    future = waiter.future
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 class Admission:
     """Per-model gates; ``capacity(model)`` is read on every admission and may change at any time."""
 
@@ -110,13 +116,19 @@ class Admission:
             async with asyncio.timeout(max(0.0, wait)):
                 await waiter.future
         except TimeoutError:
-            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+            if _handed(waiter):
                 return  # the slot was handed over just as the wait ran out: keep it
             self.shed += 1
             raise Overloaded(
                 f"{model} stayed over capacity for {wait:.1f}s",
                 retry_after=self.retry_after(gate, len(gate.queue), capacity),
             ) from None
+        except asyncio.CancelledError:
+            if _handed(waiter):
+                # The client went away just as the slot was handed to it: give the slot back, or it is
+                # lost for good (nobody would ever release it).
+                self.release(model, gate.service_time)  # (held for the average: the average stays)
+            raise
         finally:
             if waiter in gate.queue:
                 gate.queue.remove(waiter)
