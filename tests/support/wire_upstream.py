@@ -247,7 +247,9 @@ class WireUpstream:
             }
             return _chunk(b"data: " + json.dumps(data).encode() + b"\n\n")
 
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
         if kind == "chat":
             writer.write(event(None, None, role=True))
         for first in range(start, start + count, self.per_chunk):

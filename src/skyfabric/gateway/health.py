@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -107,7 +108,7 @@ class HealthChecker:
             if key not in self.probes:
                 task = loop.create_task(self.probe(state), name=f"probe {key}")
                 self.probes[key] = task
-                task.add_done_callback(lambda t, key=key: self._probe_done(key, t))
+                task.add_done_callback(functools.partial(self._probe_done, key))
 
     def _probe_done(self, key: str, task: asyncio.Task[None]) -> None:
         if self.probes.get(key) is task:
