@@ -146,6 +146,17 @@ async def test_our_own_abort_is_not_taken_for_a_stale_connection(
     assert not tracker
 
 
+async def test_a_request_whose_endpoint_is_ejected_while_connecting_is_not_sent(
+    server_factory: Callable[..., asyncio.Future[Server]],
+) -> None:
+    server = await server_factory(lambda conn, nth: "ok")
+    verdicts = iter([True, False])  # healthy when the request starts, ejected once connected
+    with pytest.raises(EndpointAborted):
+        await _get(HTTPClient(), server, resend=lambda: next(verdicts))
+    await asyncio.sleep(0.05)
+    assert server.requests == 0
+
+
 @pytest.mark.parametrize("ending", ["timeout", "cancel"])
 async def test_a_body_read_that_does_not_finish_closes_and_forgets_its_connection(
     server_factory: Callable[..., asyncio.Future[Server]], ending: str

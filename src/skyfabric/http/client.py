@@ -359,7 +359,8 @@ class HTTPClient:
         one once: that is a stale keep-alive connection, not a failed upstream — but only when ``resend``
         (if given) says the endpoint is still believed healthy, and never after the gateway aborted the
         connection itself (:class:`EndpointAborted`): a dead endpoint's kernel may still accept, and a
-        resend there would wait out the whole first-byte timeout.
+        resend there would wait out the whole first-byte timeout. For the same reason a request whose
+        endpoint was ejected while its fresh connection was being opened is not sent.
         """
         pool = self.pool(origin)
         head = [
@@ -380,7 +381,12 @@ class HTTPClient:
             except RemoteProtocolError:
                 if conn.got_bytes or conn.aborted or (resend is not None and not resend()):
                     raise
+        believed = resend is not None and resend()
         conn = await pool.connect(connect_timeout, endpoint)
+        if believed and resend is not None and not resend():
+            # Ejected while we connected (a blackhole's kernel accepts at once): send nothing there.
+            conn.close()
+            raise EndpointAborted("endpoint ejected while connecting to it", endpoint=endpoint)
         return await self._exchange(conn, payload, first_byte_timeout, endpoint, tracker)
 
     async def _exchange(
