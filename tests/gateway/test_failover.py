@@ -72,6 +72,7 @@ async def test_fault_before_first_token_is_retried_elsewhere(
     assert headers["x-skyfabric-backend"].startswith("gcp/")
     assert len(bad.requests) == 1 and len(good.requests) == 1
     assert time.monotonic() - started < 3.0  # abandoned within its phase timeout, not the 10 s deadline
+    await assert_released(gw.gateway.proxy)
 
 
 async def test_persistent_503_ejects_the_endpoint(make_gateway: MakeGateway) -> None:
@@ -183,6 +184,7 @@ async def test_total_deadline_is_never_exceeded(make_gateway: MakeGateway) -> No
     elapsed = time.monotonic() - started
     assert resp.status_code in (502, 504)
     assert elapsed < 1.2
+    await assert_released(gw.gateway.proxy)
 
 
 async def test_flapping_primary_is_readmitted_after_its_ejection(make_gateway: MakeGateway) -> None:
@@ -227,6 +229,8 @@ async def test_retry_budget_caps_retries_during_an_outage(make_gateway: MakeGate
     assert gw.gateway.proxy.budget.refused >= 12
     refused = next(r for r in results if r.status_code != 200)
     assert "retry budget exhausted" in refused.json()["error"]["message"]
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    await assert_released(gw.gateway.proxy)
 
 
 async def test_accounting_names_who_answered_and_bills_only_what_reached_the_client(

@@ -59,6 +59,8 @@ async def test_silent_provider_is_detected_in_under_a_second_and_its_streams_res
     assert slowest < 2.0, slowest  # the watchdog (0.4 s), not the 5 s idle timeout, moved them
     assert gw.gateway.proxy.metrics.rescued._value.get() == 6
     assert not gw.gateway.proxy.states["aws/r1/pool/0"].available(gw.gateway.proxy.clock())
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    await assert_released(gw.gateway.proxy)
 
 
 async def test_probe_keeps_a_dead_endpoint_out_and_readmits_it_when_back(make_gateway: MakeGateway) -> None:
@@ -161,6 +163,7 @@ async def test_probe_ejection_moves_requests_stuck_in_a_blackhole(make_gateway: 
     completion = await asyncio.wait_for(task, 5)
     assert completion.choices[0].message.content == expected_text(3)
     assert time.monotonic() - started < 3  # not the 30 s response timeout
+    await assert_released(proxy)
 
 
 async def test_fleet_wide_outage_holds_requests_until_an_endpoint_is_back(make_gateway: MakeGateway) -> None:
