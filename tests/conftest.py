@@ -62,7 +62,7 @@ def fleet_data(
                                 "name": "pool",
                                 "accelerator": "cpu",
                                 "engine": "vllm",
-                                "model": ups[0].model,
+                                "model": getattr(ups[0], "model", "m"),
                                 "endpoints": [u.url for u in ups],
                                 "continuation": all(u.can_continue for u in ups),
                             }

@@ -26,8 +26,9 @@ def held(proxy: Proxy) -> list[str]:
     for model, gate in proxy.admission.gates.items():
         if gate.inflight:
             out.append(f"admission {model}: {gate.inflight} slot(s) taken")
-        if gate.queue:
-            out.append(f"admission {model}: {len(gate.queue)} waiter(s) queued")
+    for chain, queue in proxy.admission.queues.items():
+        if queue:
+            out.append(f"admission {'/'.join(chain)}: {len(queue)} waiter(s) queued")
     if proxy.budget.active_requests:
         out.append(f"retry budget: active_requests={proxy.budget.active_requests}")
     if proxy.budget.active_retries:

@@ -455,7 +455,8 @@ class Proxy:
             handed_off = True
             self.ttft[model].add(self.clock() - started)
             self.metrics.attempt(endpoint.id, "ok")
-            return StreamResponse(200, relay.run(), self._backend_headers[endpoint.id], abandon=relay.abandon)
+            headers = self._backend_headers[endpoint.id]
+            return StreamResponse(200, relay.run(), headers, abandon=relay.abandon, heartbeat=b":\n\n")
         finally:
             if not handed_off:
                 state.outstanding -= 1

@@ -63,6 +63,11 @@ class StreamResponse:
     content_type: bytes = b"text/event-stream"
     #: Releases what the producer holds if the response is dropped before it is ever sent.
     abandon: Callable[[], None] | None = None
+    #: Bytes the body's format lets the listener insert between two pieces with no meaning to the client
+    #: (an SSE comment line). The listener sends them when the client shuts its write side mid-stream: a
+    #: client that has really gone away answers them with a reset, and the stream is cancelled at once
+    #: rather than at the producer's next piece. The transport itself knows no body format.
+    heartbeat: bytes = b""
 
 
 #: A service in Finagle's sense: an async function from request to response.

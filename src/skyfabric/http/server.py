@@ -51,6 +51,11 @@ log = logging.getLogger("skyfabric.http")
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Sent to a client that shut its write side before its answer began: an interim answer every HTTP/1.1
+#: client must accept (RFC 9110 §15.2), whose only purpose is to make a client that has really gone away
+#: answer with a reset, so that its request is cancelled instead of generating for nobody.
+_PROCESSING = b"HTTP/1.1 102 Processing\r\n\r\n"
+_TCP_CLOSE = 7  # tcpi_state once the peer has reset the connection (Linux's TCP_CLOSE)
 _INF = float("inf")
 #: How long a refused client's leftover input is read and dropped before the connection closes.
 _LINGER = 2.0
@@ -102,9 +107,12 @@ class _Connection(asyncio.Protocol):
         "_paused",
         "_pending",
         "_phase",
+        "_probing",
         "_read_deadline",
         "_server",
         "_service",
+        "_started",
+        "_streaming",
         "_task",
         "_transport",
         "_url",
@@ -131,6 +139,9 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         self._broken = False
         self._eof = False
+        self._probing = False
+        self._started = False
+        self._streaming: StreamResponse | None = None
         self._paused = False
         self._task: asyncio.Task[None] | None = None
         self._current: Request | None = None
@@ -167,9 +178,42 @@ class _Connection(asyncio.Protocol):
             self._can_write.cancel()
 
     def eof_received(self) -> bool:
-        # The client shut its write side. It may still read: answer what it asked, then close.
+        # The client shut its write side. It may still read (a half-close): answer what it asked, then
+        # close. Or it has gone for good, which TCP cannot tell apart until something is written: an
+        # HTTP/1.1 client whose answer has not begun gets an interim 102, which a closed socket answers
+        # with a reset; ``gone()`` then sees the connection closed and the request is cancelled.
         self._eof = True
-        return self._busy and self._transport is not None and self._server.ssl is None
+        keep = self._busy and self._transport is not None and self._server.ssl is None
+        current = self._current
+        if keep and current is not None and not current.http10 and not self._started:
+            assert self._transport is not None
+            self._transport.write(_PROCESSING)
+            self._probing = True
+        elif keep and self._streaming is not None and self._streaming.heartbeat:
+            assert self._transport is not None  # mid-stream: pieces are whole, so this lands between two
+            beat = self._streaming.heartbeat
+            http10 = current is not None and current.http10
+            self._transport.write(beat if http10 else b"%x\r\n%s\r\n" % (len(beat), beat))
+            self._probing = True
+        if self._probing:
+            for delay in (0.02, 0.1, 0.3):  # a reset comes back within a round trip; the sweep goes on
+                self._loop.call_later(delay, self.gone)
+        return keep
+
+    def gone(self) -> bool:
+        """Whether a half-closed client has really gone (its socket reset): then drop the connection."""
+        if not self._probing or self._closed or self._transport is None:
+            return False
+        sock = self._transport.get_extra_info("socket")
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] if sock is not None else 0
+        except (OSError, AttributeError, TypeError):
+            return False
+        if state != _TCP_CLOSE:
+            return False
+        self._probing = False
+        self._transport.abort()
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._broken:
@@ -283,6 +327,8 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, request: Request) -> None:
         self._busy = True
+        self._started = False
+        self._streaming = None
         self._current = request
         self._task = self._loop.create_task(self._run(request))
 
@@ -334,6 +380,10 @@ class _Connection(asyncio.Protocol):
             self._read_deadline = self._server.now + timeout if timeout > 0 else _INF
 
     def _head(self, response: Response | StreamResponse, request: Request, framing: bytes) -> list[bytes]:
+        self._started = True
+        self._probing = False
+        if isinstance(response, StreamResponse):
+            self._streaming = response
         head = [_status_line(response.status), b"content-type: %s\r\n%s" % (response.content_type, framing)]
         for key, value in response.headers:
             head.append(b"%s: %s\r\n" % (key, value))
@@ -379,6 +429,7 @@ class _Connection(asyncio.Protocol):
                     transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                     if self._can_write is not None and not self._can_write.done():
                         await self._can_write
+            self._streaming = None  # the body is complete: nothing may follow it now
             if chunked:
                 transport.write(b"0\r\n\r\n")
         finally:
@@ -431,6 +482,8 @@ class _Connection(asyncio.Protocol):
 
     def check(self, now: float) -> None:
         """Enforce the deadlines (called by the listener's sweep)."""
+        if self._probing and self.gone():
+            return
         if now >= self._write_deadline:
             log.info("a client read nothing for %.0f s: connection dropped", self._server.write_timeout)
             self._write_deadline = _INF
