@@ -25,9 +25,14 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve_fleet(fleet: Fleet, host: str, port: int, *, reuse_port: bool = False) -> None:
-    """Serve until SIGINT/SIGTERM; finishes responses in flight before returning."""
-    gateway = Gateway(fleet, fleet_endpoints(fleet))
+async def serve_fleet(
+    fleet: Fleet, host: str, port: int, *, reuse_port: bool = False, fleet_path: str | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM; finishes responses in flight before returning.
+
+    With ``fleet_path``, changes to the pools' endpoint lists in that file are applied while serving.
+    """
+    gateway = Gateway(fleet, fleet_endpoints(fleet), fleet_path=fleet_path)
     await gateway.start()
     listener = Listener(gateway, max_body_bytes=fleet.listener.max_body_bytes)
     bound = await listener.start(host, port, reuse_port=reuse_port)
@@ -41,11 +46,11 @@ async def serve_fleet(fleet: Fleet, host: str, port: int, *, reuse_port: bool = 
     await gateway.close()
 
 
-def run(fleet: Fleet, host: str, port: int, workers: int = 1) -> None:
+def run(fleet: Fleet, host: str, port: int, workers: int = 1, fleet_path: str | None = None) -> None:
     """Run ``workers`` gateway processes sharing ``host:port``; the parent supervises them."""
     if workers <= 1:
         _install_uvloop()
-        asyncio.run(serve_fleet(fleet, host, port))
+        asyncio.run(serve_fleet(fleet, host, port, fleet_path=fleet_path))
         return
     children: list[int] = []
     for _ in range(workers):
@@ -54,7 +59,7 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1) -> None:
             die_with_parent()
             try:
                 _install_uvloop()
-                asyncio.run(serve_fleet(fleet, host, port, reuse_port=True))
+                asyncio.run(serve_fleet(fleet, host, port, reuse_port=True, fleet_path=fleet_path))
             finally:
                 os._exit(0)
         children.append(pid)
