@@ -176,8 +176,12 @@ class KubernetesSource:
                 first_byte_timeout=spec.timeout,
                 endpoint="kubernetes-api",
             )
+        except UpstreamError as exc:
+            raise DiscoveryError(f"kubernetes API: {exc}") from None
+        try:
             data = await resp.read(spec.timeout)
         except UpstreamError as exc:
+            resp.abort()
             raise DiscoveryError(f"kubernetes API: {exc}") from None
         if resp.status != 200:
             try:
@@ -191,7 +195,10 @@ class KubernetesSource:
             body = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise DiscoveryError(f"kubernetes API sent something that is not JSON: {exc}") from None
-        version, pairs = ready_addresses(body, spec.port)
+        try:
+            version, pairs = ready_addresses(body, spec.port)
+        except (AttributeError, TypeError) as exc:
+            raise DiscoveryError(f"kubernetes API: not an EndpointSlice list as expected: {exc}") from None
         self.version = version
         return [f"{spec.scheme}://{_host_port(host, port)}{spec.path}" for host, port in pairs]
 
@@ -254,7 +261,11 @@ class SkyPilotSource:
             records = orjson.loads(out)
         except orjson.JSONDecodeError as exc:
             raise DiscoveryError(f"SkyPilot status is not JSON: {exc}") from None
-        return [url.rstrip("/") + spec.path for url in ready_replicas(records, spec.service)]
+        try:
+            urls = ready_replicas(records, spec.service)
+        except (AttributeError, TypeError) as exc:
+            raise DiscoveryError(f"SkyPilot status records not as expected: {exc}") from None
+        return [url.rstrip("/") + spec.path for url in urls]
 
     def close(self) -> None:
         pass
@@ -368,7 +379,10 @@ class Discovery:
         """Poll every source when due, apply the difference, reap drained endpoints; until cancelled."""
         try:
             while True:
-                await self.step()
+                try:
+                    await self.step()
+                except Exception:  # a bug here must not end discovery for good, nor the gateway
+                    log.exception("discovery round failed; trying again next round")
                 await asyncio.sleep(self.tick)
         finally:
             await self.close()
