@@ -55,18 +55,21 @@ class Gateway:
         self._paths = {path for _, path in self._routes}
 
     async def start(self) -> None:
-        """Start the background health loop (probes, load signals, stall watchdog)."""
+        """Start the background loops: health (probes, load signals, stall watchdog) and discovery."""
+        from skyfabric.gateway.discovery import Discovery
         from skyfabric.gateway.health import HealthChecker
 
         checker = HealthChecker(self.proxy)
+        discovery = None
+        pools = [p for provider in self.fleet.providers for r in provider.regions for p in r.pools]
+        if self.fleet_path is not None or any(p.discovery for p in pools):
+            # Built first: a discovery source that cannot work (ConfigError) stops the start cleanly.
+            discovery = Discovery(self.proxy, self.fleet, fleet_path=self.fleet_path, probe=checker.probe)
         if self.fleet.health.selftest:
             checker.on_readmit = self.selftests.after_readmission
             self.selftests.start()
         self._health = asyncio.get_running_loop().create_task(checker.run())
-        from skyfabric.gateway.discovery import Discovery
-
-        discovery = Discovery(self.proxy, self.fleet, fleet_path=self.fleet_path, probe=checker.probe)
-        if discovery.active:
+        if discovery is not None:
             await discovery.step()  # serve with the discovered endpoints from the first request on
             self._discovery = asyncio.get_running_loop().create_task(discovery.run())
 

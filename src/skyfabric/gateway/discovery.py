@@ -368,11 +368,6 @@ class Discovery:
             "skyfabric_fleet_reloads", "fleet file changes seen, by outcome", ["outcome"], registry=registry
         )
 
-    @property
-    def active(self) -> bool:
-        """Whether there is anything to watch."""
-        return self.fleet_path is not None or any(m.source for m in self.pools.values())
-
     # -- the loop -------------------------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -101,7 +101,7 @@ class HealthChecker:
 
     async def probe_all(self) -> None:
         """Probe every endpoint once, concurrently, each bounded by the probe timeout."""
-        states = list(self.proxy.states.values())
+        states = [s for s in self.proxy.states.values() if not s.draining]
         await asyncio.gather(*(self.probe(s) for s in states), return_exceptions=True)
 
     async def probe(self, state: EndpointState) -> None:

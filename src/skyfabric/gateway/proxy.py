@@ -456,6 +456,7 @@ class Proxy:
             ]
         if state not in cluster.states:
             cluster.states.append(state)
+        state.draining = False
         self._capacity.pop(endpoint.model, None)
         return state
 
@@ -467,6 +468,7 @@ class Proxy:
         cluster = self.clusters[state.endpoint.model]
         if state in cluster.states:
             cluster.states.remove(state)
+        state.draining = True
         self._capacity.pop(state.endpoint.model, None)
         return state
 
@@ -475,7 +477,7 @@ class Proxy:
         state = self.states.get(endpoint_id)
         if state is None:
             return True
-        if state in self.clusters[state.endpoint.model].states:
+        if not state.draining:
             return False  # back in rotation
         if not force and (state.outstanding or state.streaming or state.inflight):
             return False
