@@ -586,3 +586,19 @@ def test_fleet_schema_for_discovery() -> None:
         parse_fleet(_fleet({"engine": "local", "discovery": {"kind": "kubernetes", "service": "a"}}))
     with pytest.raises(ConfigError, match="`command` is for kind 'skypilot'"):
         parse_fleet(_fleet({"discovery": {"kind": "kubernetes", "service": "a", "command": ["x"]}}))
+
+
+def test_a_draining_endpoint_does_not_count_in_a_failing_domain() -> None:
+    """Pods scaled away and dying under their last streams must not take their healthy peers down."""
+    from skyfabric.core.endpoints import pool_endpoint
+    from skyfabric.gateway.balancer import EndpointState, OutlierPolicy, correlated_domain, eject
+
+    pool = parse_fleet(_fleet({"endpoints": ["http://a/v1"]})).providers[0].regions[0].pools[0]
+    states = [EndpointState(pool_endpoint("k8s", "r1", pool, i, f"http://10.0.0.{i}/v1")) for i in range(3)]
+    policy = OutlierPolicy(domain_threshold=0.5)
+    for state in states[:2]:
+        eject(state, 10.0, policy)
+    assert correlated_domain(states, states[0], 10.0, policy) == [states[2]]  # a real domain failure
+    for state in states[:2]:
+        state.draining = True
+    assert correlated_domain(states, states[0], 10.0, policy) == []

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -232,7 +233,7 @@ class SkyPilotSource:
 
     def __init__(self, spec: DiscoverySource) -> None:
         self.spec = spec
-        command = spec.command or ["python3", "-c", SKY_STATUS_SCRIPT, "{service}"]
+        command = spec.command or [sys.executable, "-c", SKY_STATUS_SCRIPT, "{service}"]
         self.argv = [arg.replace("{service}", spec.service) for arg in command]
 
     async def fetch(self) -> list[str]:
