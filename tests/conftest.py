@@ -11,6 +11,7 @@ import pytest
 from skyfabric.core.endpoints import fleet_endpoints
 from skyfabric.core.fleet import parse_fleet
 from skyfabric.gateway.app import Gateway
+from skyfabric.gateway.serve import make_listener
 from skyfabric.http.server import Listener
 from tests.support.fake_upstream import FakeUpstream
 
@@ -95,7 +96,7 @@ async def make_gateway() -> AsyncIterator[MakeGateway]:
         gateway = Gateway(fleet, fleet_endpoints(fleet))
         await gateway.start()
         gateways.append(gateway)
-        listener = Listener(gateway)
+        listener = make_listener(gateway, fleet.listener)
         port = await listener.start("127.0.0.1", 0)
         listeners.append(listener)
         return RunningGateway(gateway, listener, port)

@@ -12,6 +12,7 @@ The tree::
     │   ├── UnknownModel            404: no model or alias of that name
     │   ├── PayloadTooLarge         413
     │   └── Overloaded              429/503: shed by admission control, with an honest Retry-After
+    ├── PromptTooLong               (also a ValueError) a prompt certainly over the context, not tokenized
     └── UpstreamError               one attempt against one endpoint failed
         ├── ConnectError            no connection (refused, unreachable, TLS): nothing was sent
         ├── UpstreamTimeout         a named phase (connect, first_byte, first_token, idle) ran out
@@ -89,6 +90,14 @@ class Overloaded(ClientError):
         super().__init__(message, code="overloaded")
         self.retry_after = retry_after
         self.status = status
+
+
+class PromptTooLong(SkyfabricError, ValueError):
+    """Raised when a prompt is certainly longer than the model's context, known from its size alone."""
+
+    def __init__(self, at_least: int) -> None:
+        super().__init__(f"the prompt has at least {at_least} tokens")
+        self.at_least = at_least
 
 
 class UpstreamError(SkyfabricError):

@@ -7,6 +7,7 @@ reads them is usually an operator at 3 a.m. with the file open in another window
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -258,11 +259,44 @@ class Admission(_Strict):
 
 
 class Listener(_Strict):
-    """Where the gateway listens."""
+    """Where the gateway listens, and what it allows a client (the defaults are nginx's)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_request_line_bytes: int = Field(8192, ge=256, description="longer request target: 414")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="larger request head: 431")
+    max_headers: int = Field(100, ge=8, le=10_000, description="more request header fields: 431")
+    header_timeout: float = Field(60.0, gt=0, description="accept or first byte → whole head (else 408)")
+    body_timeout: float = Field(60.0, gt=0, description="longest pause between two reads of a body (408)")
+    write_timeout: float = Field(60.0, gt=0, description="a client that reads nothing this long is dropped")
+    keepalive_timeout: float = Field(75.0, ge=0, description="idle keep-alive connections close; 0: never")
+    max_connections: int = Field(4096, ge=1, description="open client connections; beyond, closed at once")
+    tls_cert: str | None = Field(None, description="PEM certificate chain: serve HTTPS (with tls_key)")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Listener:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no readable file at {path!r}")
+        if self.tls_cert is not None:
+            self.ssl_context()  # a key that does not match, or a file that is not PEM, fails here
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context for ``tls_cert``/``tls_key``, or None to serve plain HTTP."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"tls_cert/tls_key cannot be loaded: {exc}") from None
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
 
 class ApiKey(_Strict):
@@ -299,6 +333,13 @@ class Fleet(_Strict):
             for other in [*model.fallbacks, *([model.larger_context] if model.larger_context else [])]:
                 if other not in names:
                     raise ValueError(f"model {model.name!r} falls back to {other!r}, which is not a model")
+            if model.larger_context is not None and model.context_length is not None:
+                larger = self.model(names[model.larger_context]).context_length
+                if larger is not None and larger <= model.context_length:
+                    raise ValueError(
+                        f"model {model.name!r} sends context-length overflows to {model.larger_context!r}, "
+                        f"whose context_length ({larger}) is not larger than its own ({model.context_length})"
+                    )
         seen: set[str] = set()
         for provider in self.providers:
             if provider.name in seen:

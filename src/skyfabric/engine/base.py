@@ -149,6 +149,15 @@ class Engine(abc.ABC):
         """Token ids run 0..vocab_size-1; the HTTP layer refuses others (0: unknown, nothing checked)."""
         return 0
 
+    @property
+    def max_token_chars(self) -> int:
+        """Most characters one token of this engine's tokenizer can stand for (0: unknown).
+
+        With it the replica refuses a prompt that is certainly longer than ``max_model_len`` without
+        tokenizing it: a prompt of ``c`` non-space characters has at least ``c / max_token_chars`` tokens.
+        """
+        return 0
+
     @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt, with the special tokens the model expects (e.g. BOS)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ import click
 import orjson
 from aiohttp import web
 
+from skyfabric.core.errors import PromptTooLong
 from skyfabric.engine import DEFAULT_MODEL_DIR
 from skyfabric.engine.architectures import pick_engine
 from skyfabric.engine.base import (
@@ -51,6 +53,10 @@ log = logging.getLogger("skyfabric.replica")
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
+#: Prompts longer than this (characters) are tokenized in a worker thread: HF tokenizers release the GIL,
+#: so the event loop keeps serving health checks and streams meanwhile (4 s for 1.8 MB on the tiny model).
+OFF_LOOP_CHARS = 32_768
+
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -285,6 +291,17 @@ def build_requests(
     ]
 
 
+def _too_long(exc: PromptTooLong, max_model_len: int, what: str) -> APIError:
+    """vLLM's context-length 400 for a prompt refused by its size, before it was tokenized."""
+    return APIError(
+        400,
+        f"This model's maximum context length is {max_model_len} tokens. However, your {what} resulted in "
+        f"at least {exc.at_least} tokens. Please reduce the length of the {what}.",
+        param=what,
+        code="context_length_exceeded",
+    )
+
+
 def _message_text(content: Any, index: int) -> str:
     """Chat content as text: a string, or a list of text parts (other part types are refused)."""
     if content is None:
@@ -511,11 +528,16 @@ class ReplicaApp:
         continue_final = last_is_assistant and (bool(continue_flag) or add_generation_prompt is False)
         self._check_ready()
         try:
-            prompt_ids = self.engine.tokenize_chat(
+            render = functools.partial(
+                self.engine.tokenize_chat,
                 messages,
                 add_generation_prompt=add_generation_prompt is not False and not continue_final,
                 continue_final_message=continue_final,
             )
+            long = sum(len(m["content"]) for m in messages) > OFF_LOOP_CHARS
+            prompt_ids = await asyncio.to_thread(render) if long else render()
+        except PromptTooLong as exc:
+            raise _too_long(exc, self.engine.max_model_len, "messages") from None
         except ValueError as exc:
             raise _bad(str(exc), "messages") from exc
         requests = build_requests(
@@ -538,7 +560,7 @@ class ReplicaApp:
             raise _bad("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
         opts = parse_sampling(body, chat=False)
         self._check_ready()
-        prompt_ids = self._completion_prompt(body["prompt"])
+        prompt_ids = await self._completion_prompt(body["prompt"])
         requests = build_requests(
             prompt_ids,
             opts,
@@ -552,12 +574,17 @@ class ReplicaApp:
             return await self._stream(request, requests, opts, completion_id, chat=False)
         return await self._complete(requests, completion_id, chat=False)
 
-    def _completion_prompt(self, prompt: Any) -> list[int]:
+    async def _completion_prompt(self, prompt: Any) -> list[int]:
         """One prompt: a string, a list of token ids, or a one-element list of either."""
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self.engine.tokenize(prompt)
+            try:
+                if len(prompt) > OFF_LOOP_CHARS:
+                    return await asyncio.to_thread(self.engine.tokenize, prompt)
+                return self.engine.tokenize(prompt)
+            except PromptTooLong as exc:
+                raise _too_long(exc, self.engine.max_model_len, "prompt") from None
         if (
             isinstance(prompt, list)
             and prompt
@@ -803,8 +830,9 @@ async def serve_replica(
             log.exception("engine failed to start")
             stop_event.set()
             raise
+        chars = await asyncio.to_thread(lambda: engine.max_token_chars)  # read the vocabulary once, now
         replica.state = "ready"
-        log.info("replica %s ready", served_model_name)
+        log.info("replica %s ready (a token spells at most %d characters)", served_model_name, chars)
 
     starting = asyncio.create_task(start_engine())
     try:

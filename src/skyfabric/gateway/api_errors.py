@@ -33,6 +33,13 @@ def error_response(
     return Response(status, body, headers or [])
 
 
+def error_body(status: int, message: str) -> tuple[bytes, bytes]:
+    """The listener's own errors (400, 408, 413, 414, 417, 431, 500) in OpenAI's shape."""
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+    return b"application/json", body
+
+
 def client_error_response(exc: ClientError) -> Response:
     """The response for a refused request."""
     headers: list[tuple[bytes, bytes]] = []

@@ -22,6 +22,7 @@ from skyfabric.gateway.selftest import SelfTests
 from skyfabric.http.messages import Request, Response, StreamResponse
 
 _OK = Response(200, b'{"status":"ok"}')
+_ROOT = Response(200, b'{"service":"skyfabric","status":"ok"}')
 
 
 class Gateway:
@@ -51,8 +52,16 @@ class Gateway:
             (b"GET", b"/healthz"): self.healthz,
             (b"GET", b"/readyz"): self.readyz,
             (b"GET", b"/metrics"): self.metrics,
+            (b"GET", b"/"): self.root,
         }
-        self._paths = {path for _, path in self._routes}
+        # HEAD wherever GET (the listener drops the body); clients probe `HEAD /` before they start.
+        for method, path in list(self._routes):
+            if method == b"GET":
+                self._routes[(b"HEAD", path)] = self._routes[(method, path)]
+        allowed: dict[bytes, list[bytes]] = {}
+        for method, path in self._routes:
+            allowed.setdefault(path, []).append(method)
+        self._allow = {path: b", ".join(sorted(methods)) for path, methods in allowed.items()}
 
     async def start(self) -> None:
         """Start the background loops: health (probes, load signals, stall watchdog) and discovery."""
@@ -87,9 +96,12 @@ class Gateway:
     async def __call__(self, request: Request) -> Response | StreamResponse:
         handler = self._routes.get((request.method, request.path))
         if handler is None:
-            if request.path in self._paths:
+            allow = self._allow.get(request.path)
+            if allow is not None:
                 return error_response(
-                    405, f"method {request.method.decode()} not allowed on {request.path.decode()}"
+                    405,
+                    f"method {request.method.decode()} not allowed on {request.path.decode()}",
+                    headers=[(b"allow", allow)],
                 )
             return error_response(404, f"no route for {request.path.decode(errors='replace')}")
         try:
@@ -114,6 +126,9 @@ class Gateway:
 
     async def healthz(self, request: Request) -> Response:
         return _OK
+
+    async def root(self, request: Request) -> Response:
+        return _ROOT
 
     async def metrics(self, request: Request) -> Response:
         return Response(200, self.proxy.metrics.render(), content_type=b"text/plain; version=0.0.4")

@@ -30,6 +30,9 @@ class RequestContext:
     failed_providers: set[str] = field(default_factory=set)
     rescued: int = 0
     priority: int = 5
+    #: Tokens the request is known to need at least (its prompt's size bound, or a context just
+    #: exceeded): models whose known ``context_length`` is smaller are not tried.
+    needs_tokens: int = 0
     #: Called once when the request is over (stream finished or abandoned): frees its admission slot.
     on_done: Callable[[], None] | None = None
     #: Endpoint id → when it broke this stream (or failed to take it over): it gets the stream back only

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import (
     ConnectError,
+    InvalidRequest,
     Overloaded,
     RemoteProtocolError,
     UpstreamError,
@@ -37,6 +38,7 @@ from skyfabric.gateway.balancer import (
     record_success,
 )
 from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway.fit import MAX_CHARS_PER_TOKEN, prompt_token_floor
 from skyfabric.gateway.hedge import TtftWindow, race
 from skyfabric.gateway.metrics import GatewayMetrics
 from skyfabric.gateway.relay import StreamRelay
@@ -102,6 +104,18 @@ class Proxy:
         self.ttft = {m.name: TtftWindow() for m in fleet.models}
         self._capacity: dict[str, tuple[float, int]] = {}
         self._models = {m.name: m for m in fleet.models}
+        #: Each model's chain, and the body size above which a prompt might not fit some model of it.
+        self._reaches = {m.name: self._reach(m.name) for m in fleet.models}
+        self._bound_above = {
+            name: min((self._models[m].context_length or 1 << 40 for m in reach), default=1 << 40)
+            * MAX_CHARS_PER_TOKEN
+            for name, reach in self._reaches.items()
+        }
+        #: The largest known context in each chain: past it, a prompt's size changes nothing.
+        self._known_context = {
+            name: max((self._models[m].context_length or 0 for m in reach), default=0)
+            for name, reach in self._reaches.items()
+        }
         self.metrics = GatewayMetrics(list(self.states.values()), clock)
         self.admission = Admission(
             self.capacity,
@@ -119,16 +133,16 @@ class Proxy:
     async def forward(self, ctx: RequestContext) -> Response | StreamResponse:
         """Answer one inference request: pick, attempt, classify, retry or fall back, commit."""
         started = self.clock()
+        chain = self._chain(ctx)
         try:
-            await self.admission.acquire(ctx.model, ctx.priority, ctx.deadline)
+            charged = await self.admission.acquire(chain, ctx.priority, ctx.deadline)
         except Overloaded:
             self.metrics.shed.inc()
             self.metrics.request(ctx.model, "429")
             raise
-        model = ctx.model
-        ctx.on_done = lambda: self.admission.release(model, self.clock() - started)
+        ctx.on_done = lambda: self.admission.release(charged, self.clock() - started)
         try:
-            result = await self._forward(ctx)
+            result = await self._forward(ctx, chain)
         except BaseException:
             ctx.finish()
             raise
@@ -142,19 +156,153 @@ class Proxy:
             self.metrics.observe(self.metrics.latency, ctx.model, self.clock() - started)
         return result
 
-    async def _forward(self, ctx: RequestContext) -> Response | StreamResponse:
-        chain = [ctx.model, *self._models[ctx.model].fallbacks]
+    # -- chains: which models may serve a request, in which order ---------------------------------------
+
+    def _reach(self, model: str) -> tuple[str, ...]:
+        """The models a request for ``model`` can reach, in the router's order.
+
+        The model, then its ``fallbacks``, then the ``larger_context`` models of all of them (transitively).
+        A larger-context model can answer whatever the smaller one can, so it is the last resort when the
+        model and its fallbacks are all out; a context-length error goes to it first
+        (:meth:`_after_overflow`).
+        """
+        chain: list[str] = []
+        for name in [model, *self._models[model].fallbacks]:
+            canonical = self.fleet.canonical(name)
+            if canonical is not None and canonical not in chain:
+                chain.append(canonical)
+        for name in list(chain):
+            chain.extend(m for m in self._larger(name) if m not in chain)
+        return tuple(chain)
+
+    def _larger(self, model: str) -> list[str]:
+        """``model``'s ``larger_context``, that one's, and so on (canonical names, no cycles)."""
+        out: list[str] = []
+        bigger = self._models[model].larger_context
+        while bigger is not None:
+            canonical = self.fleet.canonical(bigger)
+            if canonical is None or canonical == model or canonical in out:
+                break
+            out.append(canonical)
+            bigger = self._models[canonical].larger_context
+        return out
+
+    def fits(self, model: str, tokens: int) -> bool:
+        """Whether a request known to need more than ``tokens - 1`` tokens may fit ``model``'s context.
+
+        A model whose ``context_length`` is not known is given the benefit of the doubt.
+        """
+        limit = self._models[model].context_length
+        return limit is None or tokens <= limit
+
+    def _chain(self, ctx: RequestContext) -> tuple[str, ...]:
+        """The request's chain, without the models its prompt certainly does not fit.
+
+        Raises a 400 ``context_length_exceeded`` (OpenAI's shape) when it fits none: the prompt is refused
+        before any upstream spends time and memory on it.
+        """
+        reach = self._reaches[ctx.model]
+        if len(ctx.raw) <= self._bound_above[ctx.model]:
+            return reach  # the common case: the body is too small for the size bound to exclude anything
+        floor = prompt_token_floor(ctx.kind, ctx.body, enough=self._known_context[ctx.model])
+        ctx.needs_tokens = max(ctx.needs_tokens, floor)
+        chain = tuple(m for m in reach if self.fits(m, ctx.needs_tokens))
+        if chain:
+            return chain
+        limit = max(self._models[m].context_length or 0 for m in reach)
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, your "
+            f"{'messages' if ctx.kind == 'chat' else 'prompt'} resulted in at least {ctx.needs_tokens} "
+            f"tokens. Please reduce the length of the {'messages' if ctx.kind == 'chat' else 'prompt'}.",
+            param="messages" if ctx.kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
+
+    def _after_overflow(
+        self, ctx: RequestContext, model: str, rest: Sequence[str], refused: set[str]
+    ) -> list[str]:
+        """What to try after ``model`` said the request does not fit its context.
+
+        Its ``larger_context`` models first, then the rest of the chain; never a model that already said
+        so, nor one whose known ``context_length`` is not larger than the one just exceeded.
+        """
+        limit = self._models[model].context_length
+        if limit is not None:
+            ctx.needs_tokens = max(ctx.needs_tokens, limit + 1)
+        out: list[str] = []
+        for candidate in [*self._larger(model), *rest]:
+            if candidate not in out and candidate not in refused and self.fits(candidate, ctx.needs_tokens):
+                out.append(candidate)
+        return out
+
+    def stream_chain(self, ctx: RequestContext) -> list[str]:
+        """Models a broken stream of ``ctx`` may move to: its chain, less those it is known not to fit."""
+        return [m for m in self._reaches[ctx.model] if self.fits(m, ctx.needs_tokens)]
+
+    def _in_rotation(self, model: str, now: float) -> bool:
+        return any(s.available(now) for s in self.clusters[model].states)
+
+    # -- the request's own fault ------------------------------------------------------------------------
+
+    @staticmethod
+    def failure_class(exc: UpstreamError) -> str | None:
+        """How an attempt failed, when that may be the request's own doing (else None).
+
+        A request that times out waiting for its answer, breaks the connection, or gets a 500/504 may have
+        done it itself (a prompt that takes minutes to tokenize, an input that crashes the engine). A
+        refused connection (the request never arrived), a 502/503 (a proxy or an overloaded server) and a
+        429 say nothing about the request.
+        """
+        if isinstance(exc, UpstreamTimeout):
+            return None if exc.phase == "connect" else f"timeout ({exc.phase})"
+        if isinstance(exc, UpstreamStatus):
+            return f"status {exc.status}" if exc.status >= 500 and exc.status not in (502, 503) else None
+        if isinstance(exc, RemoteProtocolError):
+            return "connection lost"
+        return None
+
+    def _settle(self, ctx: RequestContext, pending: list[tuple[EndpointState, UpstreamError]] | None) -> None:
+        """Count the failures held back as suspect: the request was not at fault after all."""
+        if pending:
+            for failed, error in pending:
+                self.note_failure(ctx, failed, error)
+            pending.clear()
+
+    def _request_fault(self, last: UpstreamError, first: str, second: str, why: str) -> Response:
+        """The answer to a request that failed the same way on two providers: not retried again."""
+        log.warning("%s on %s and %s: the request's fault; not retried, none blamed", why, first, second)
+        self.metrics.attempt(last.endpoint, "request_fault")
+        if isinstance(last, UpstreamStatus):
+            return self._passthrough(last)
+        return error_response(
+            504 if isinstance(last, UpstreamTimeout) else 502,
+            f"the request failed the same way ({why}) on two providers, {first} and {second}: it is most "
+            "likely the request itself (a prompt too long or too slow to process); not retried further",
+            code="request_failed_on_two_providers",
+        )
+
+    async def _forward(self, ctx: RequestContext, chain: tuple[str, ...]) -> Response | StreamResponse:
         last: UpstreamError | None = None
         self.budget.active_requests += 1
         retrying = False
         waited = False
+        refused: set[str] | None = None  # models that said the request does not fit their context
+        #: Request-suspect failures seen so far: class → the provider it happened on first.
+        seen: dict[str, str] | None = None
+        #: Failures on endpoints that were answering other requests meanwhile; counted against them only
+        #: if the request turns out not to be at fault (it succeeds elsewhere or fails another way).
+        pending: list[tuple[EndpointState, UpstreamError]] | None = None
         try:
             while True:
-                for model in chain:
+                i = 0
+                while i < len(chain):
+                    model = chain[i]
+                    i += 1
                     cluster = self.clusters[model]
                     while ctx.attempts < self.max_attempts:
                         now = self.clock()
                         if now >= ctx.deadline:
+                            self._settle(ctx, pending)
                             return error_response(
                                 504, "the request's deadline passed before any backend answered"
                             )
@@ -163,6 +311,12 @@ class Proxy:
                             waited = True
                             await self.wait_for_endpoint(chain, ctx.deadline)
                             continue
+                        if (
+                            i < len(chain)
+                            and not self._in_rotation(model, now)
+                            and any(self._in_rotation(later, now) for later in chain[i:])
+                        ):
+                            break  # all of this model is out but a later one is in: go there, no panic
                         state = cluster.pick(
                             now,
                             avoid_endpoints=ctx.tried,
@@ -173,6 +327,7 @@ class Proxy:
                             break
                         if ctx.attempts > 0:
                             if not self.budget.allow():
+                                self._settle(ctx, pending)
                                 return self._exhausted(last, "retry budget exhausted")
                             if state.endpoint.provider in ctx.failed_providers:
                                 pause = backoff(
@@ -185,24 +340,46 @@ class Proxy:
                             self.metrics.retries.inc()
                         ctx.attempts += 1
                         ctx.tried.add(state.endpoint.id)
+                        served_before = state.successes
                         try:
                             answer = await self._attempt_or_race(ctx, state, model)
-                            return answer
-                        except UpstreamStatus as exc:
-                            last = exc
-                            state = self.states.get(exc.endpoint, state)
-                            if not retryable_status(exc.status):
-                                if exc.status == 400 and is_context_length(exc):
-                                    bigger = self._models[model].larger_context
-                                    if bigger and bigger not in chain:
-                                        chain.append(bigger)
-                                        break
-                                self.metrics.attempt(state.endpoint.id, f"status_{exc.status}")
-                                return self._passthrough(exc)
-                            self.note_failure(ctx, state, exc)
                         except UpstreamError as exc:
                             last = exc
-                            self.note_failure(ctx, self.states.get(exc.endpoint, state), exc)
+                            failed = self.states.get(exc.endpoint, state)
+                            if isinstance(exc, UpstreamStatus) and not retryable_status(exc.status):
+                                if exc.status == 400 and is_context_length(exc):
+                                    refused = refused or set()
+                                    refused.add(model)
+                                    chain = (
+                                        *chain[:i],
+                                        *self._after_overflow(ctx, model, chain[i:], refused),
+                                    )
+                                    break
+                                self._settle(ctx, pending)
+                                self.metrics.attempt(failed.endpoint.id, f"status_{exc.status}")
+                                return self._passthrough(exc)
+                            why = self.failure_class(exc)
+                            provider = failed.endpoint.provider
+                            if why is not None:
+                                seen = seen or {}
+                                first = seen.setdefault(why, provider)
+                                if first != provider:
+                                    # The same failure on a second provider: the request's fault, not theirs.
+                                    return self._request_fault(exc, first, provider, why)
+                            if why is not None and failed is state and state.successes > served_before:
+                                # It answered others while this one failed: suspect the request, judge later.
+                                pending = pending or []
+                                pending.append((failed, exc))
+                                ctx.failed_providers.add(provider)
+                                continue
+                            self._settle(ctx, pending)
+                            self.note_failure(ctx, failed, exc)
+                        else:
+                            self._settle(ctx, pending)  # another endpoint answered: they were at fault
+                            return answer
+                if isinstance(last, UpstreamStatus) and last.status == 400 and refused:
+                    return self._passthrough(last)  # no model left that the request might fit
+                self._settle(ctx, pending)
                 if not waited and not self.any_available(chain, self.clock()):
                     # Every endpoint failed this request and all are out now: one more round once one is back.
                     waited = True
@@ -382,7 +559,7 @@ class Proxy:
         detail = f"{why}; last error: {last}" if last else why
         return error_response(502 if last else 503, detail, code="upstream_unavailable")
 
-    def any_available(self, chain: list[str], now: float, need_continuation: bool = False) -> bool:
+    def any_available(self, chain: Sequence[str], now: float, need_continuation: bool = False) -> bool:
         """Whether any endpoint of these models (able to continue, if that is needed) is in rotation."""
         return any(
             s.available(now) and (s.endpoint.can_continue or not need_continuation)
@@ -391,7 +568,7 @@ class Proxy:
         )
 
     async def wait_for_endpoint(
-        self, chain: list[str], deadline: float, need_continuation: bool = False
+        self, chain: Sequence[str], deadline: float, need_continuation: bool = False
     ) -> bool:
         """When every endpoint of ``chain`` is out, wait (≤ ``retry.outage_wait``) for one to come back.
 
@@ -419,7 +596,7 @@ class Proxy:
             return cached[1]
         states = self.clusters[model].states
         if not states:
-            return 1 << 30  # served only through fallbacks: nothing to protect here
+            return 0  # served only through its fallbacks: admission charges those
         total = sum(s.endpoint.concurrency for s in states if s.available(now))
         self._capacity[model] = (now, total)
         return total

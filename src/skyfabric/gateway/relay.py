@@ -437,7 +437,7 @@ class StreamRelay:
         content = self.progress.content
         prefix = content.rstrip()  # sent without trailing whitespace: templates trim it, or not
         need = bool(prefix)
-        chain = [ctx.model, *router.fleet.model(ctx.model).fallbacks]
+        chain = router.stream_chain(ctx)
         waited = False
         while self.continuations < router.max_continuations and router.clock() < ctx.deadline:
             state = self._pick(chain, need) if self._usable(chain, need) else None

@@ -37,6 +37,10 @@ class Router(Protocol):
         """Send to an endpoint and wait for a 2xx status; raises :class:`UpstreamStatus` otherwise."""
         ...
 
+    def stream_chain(self, ctx: RequestContext) -> list[str]:
+        """Models a broken stream of ``ctx`` may move to (its chain, less those it cannot fit)."""
+        ...
+
     def note_failure(
         self, ctx: RequestContext, state: EndpointState, exc: Exception, *, hard: bool = False
     ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -10,7 +11,9 @@ import sys
 
 from skyfabric.core.endpoints import fleet_endpoints
 from skyfabric.core.fleet import Fleet
+from skyfabric.core.fleet import Listener as ListenerSettings
 from skyfabric.core.lifetime import die_with_parent
+from skyfabric.gateway.api_errors import error_body
 from skyfabric.gateway.app import Gateway
 from skyfabric.http.server import Listener
 
@@ -25,18 +28,73 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def make_listener(gateway: Gateway, settings: ListenerSettings) -> Listener:
+    """The listener for the gateway, with every limit of the fleet file's ``listener`` section."""
+    _allow_open_files(settings.max_connections)
+    return Listener(
+        gateway,
+        error_body=error_body,
+        max_body_bytes=settings.max_body_bytes,
+        max_request_line_bytes=settings.max_request_line_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        write_timeout=settings.write_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        max_connections=settings.max_connections,
+    )
+
+
+def _allow_open_files(max_connections: int) -> None:
+    """Raise the soft open-file limit so that ``max_connections`` clients (and as many upstream
+    connections) fit; past the limit accept() fails with EMFILE instead of the cap refusing cleanly."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    want = 2 * max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < want:
+            log.warning(
+                "open-file limit %d is low for listener.max_connections %d (raise `ulimit -n`)",
+                target,
+                max_connections,
+            )
+
+
 async def serve_fleet(
-    fleet: Fleet, host: str, port: int, *, reuse_port: bool = False, fleet_path: str | None = None
+    fleet: Fleet,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    worker: int = 0,
+    workers: int = 1,
+    fleet_path: str | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; finishes responses in flight before returning.
+
+    As worker ``worker`` of ``workers`` this process admits its share of each model's capacity: workers
+    do not see each other's requests, and each admitting the whole would admit N times what the fleet
+    carries. Dividing (rather than sharing a counter across processes) keeps admission two integer
+    operations with no cross-process lock on the hot path, and nothing leaks when a worker dies; the
+    kernel spreads connections over the workers (SO_REUSEPORT), so the shares fill about evenly.
 
     With ``fleet_path``, changes to the pools' endpoint lists in that file are applied while serving.
     """
     gateway = Gateway(fleet, fleet_endpoints(fleet), fleet_path=fleet_path)
+    gateway.proxy.admission.set_share(worker, workers)
     await gateway.start()
-    listener = Listener(gateway, max_body_bytes=fleet.listener.max_body_bytes)
-    bound = await listener.start(host, port, reuse_port=reuse_port)
-    log.info("gateway listening on http://%s:%d (pid %d)", host, bound, os.getpid())
+    listener = make_listener(gateway, fleet.listener)
+    tls = fleet.listener.ssl_context()
+    bound = await listener.start(host, port, reuse_port=reuse_port, ssl=tls)
+    scheme = "https" if tls is not None else "http"
+    log.info("gateway listening on %s://%s:%d (pid %d)", scheme, host, bound, os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -53,13 +111,16 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1, fleet_path: str | 
         asyncio.run(serve_fleet(fleet, host, port, fleet_path=fleet_path))
         return
     children: list[int] = []
-    for _ in range(workers):
+    for worker in range(workers):
         pid = os.fork()
         if pid == 0:  # child
             die_with_parent()
             try:
                 _install_uvloop()
-                asyncio.run(serve_fleet(fleet, host, port, reuse_port=True, fleet_path=fleet_path))
+                serve = serve_fleet(
+                    fleet, host, port, reuse_port=True, worker=worker, workers=workers, fleet_path=fleet_path
+                )
+                asyncio.run(serve)
             finally:
                 os._exit(0)
         children.append(pid)

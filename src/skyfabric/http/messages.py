@@ -20,7 +20,7 @@ def find_header(headers: Headers, name: bytes) -> bytes | None:
 class Request:
     """One HTTP request, body read in full (LLM API bodies are small next to their answers)."""
 
-    __slots__ = ("body", "client_gone", "headers", "keep_alive", "method", "path", "query")
+    __slots__ = ("body", "client_gone", "headers", "http10", "keep_alive", "method", "path", "query")
 
     def __init__(self, method: bytes, path: bytes, query: bytes, headers: Headers, body: bytes) -> None:
         self.method = method
@@ -29,6 +29,8 @@ class Request:
         self.headers = headers
         self.body = body
         self.keep_alive = True
+        #: An HTTP/1.0 client: no chunked encoding; a streamed answer ends with the connection.
+        self.http10 = False
         #: Set by the listener when the client closed its connection; long work checks it.
         self.client_gone = False
 
