@@ -54,12 +54,13 @@ class FakeKubernetes:
         self.pods = dict(pods)
         self.version += 1
 
-    async def start(self) -> FakeKubernetes:
+    async def start(self, ssl_context: Any = None) -> FakeKubernetes:
         app = web.Application()
         app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", self.list)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.scheme = "https" if ssl_context is not None else "http"
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
@@ -71,7 +72,7 @@ class FakeKubernetes:
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def status(self, code: int, reason: str, message: str) -> web.Response:
         body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message}
@@ -370,6 +371,37 @@ async def test_an_empty_answer_repeated_empties_the_pool(
     await asyncio.sleep(0.8)
     assert gw.gateway.proxy.states == {}
     assert gw.gateway.proxy.clusters["m"].states == []
+
+
+async def test_kubernetes_api_over_tls_is_checked_against_the_cluster_ca(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca, other = trustme.CA(), trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    kube = await FakeKubernetes().start(ssl_context=server)
+    try:
+        kube.set({("10.1.2.3", 8000): True})
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+        other.cert_pem.write_to_path(str(tmp_path / "other.crt"))
+        spec = parse_fleet(_fleet(_k8s_pool(kube, tmp_path, ca_file=str(tmp_path / "ca.crt"))))
+        pool = spec.providers[0].regions[0].pools[0]
+        assert pool.discovery is not None and kube.api.startswith("https://")
+        source = KubernetesSource(pool.discovery)
+        assert await source.fetch() == ["http://10.1.2.3:8000/v1"]
+        source.close()
+        spec = parse_fleet(_fleet(_k8s_pool(kube, tmp_path, ca_file=str(tmp_path / "other.crt"))))
+        impostor = spec.providers[0].regions[0].pools[0].discovery
+        assert impostor is not None
+        source = KubernetesSource(impostor)
+        with pytest.raises(DiscoveryError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            await source.fetch()
+        source.close()
+        assert len(kube.queries) == 1  # the request never left a connection it could not trust
+    finally:
+        await kube.stop()
 
 
 def test_in_cluster_defaults_and_the_error_outside_a_cluster(tmp_path: Path) -> None:
