@@ -68,9 +68,13 @@ class Source(Protocol):
 
     spec: DiscoverySource
 
-    async def fetch(self) -> list[str]: ...
+    async def fetch(self) -> list[str]:
+        """The pool's base URLs now; raises :class:`DiscoveryError` when the source cannot say."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release connections."""
+        ...
 
 
 def _host_port(host: str, port: int) -> str:
@@ -158,6 +162,7 @@ class KubernetesSource:
         self.version = ""
 
     async def fetch(self) -> list[str]:
+        """List the Service's EndpointSlices; the base URLs of its ready endpoints."""
         spec = self.spec
         headers = [(b"accept", b"application/json")]
         if spec.token_file:
@@ -237,6 +242,7 @@ class SkyPilotSource:
         self.argv = [arg.replace("{service}", spec.service) for arg in command]
 
     async def fetch(self) -> list[str]:
+        """Run the status command (bounded by ``timeout``); the base URLs of the READY replicas."""
         spec = self.spec
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -385,6 +391,7 @@ class Discovery:
 
     @property
     def tick(self) -> float:
+        """How often the loop looks: a quarter of the shortest interval, so a poll is late by ≤ 25 %."""
         intervals = [m.source.spec.interval for m in self.pools.values() if m.source is not None]
         if self.fleet_path is not None:
             intervals.append(FILE_INTERVAL)
@@ -427,15 +434,13 @@ class Discovery:
         await self.apply(members)
 
     async def apply(self, members: _PoolMembers) -> None:
-        """Make the pool's endpoints in the proxy equal to what it should have: add new, drain gone."""
+        """Make the pool's endpoints in the proxy equal to what it should have: add new, drain gone.
+
+        Make before break: the new endpoints are added and probed before the gone ones are drained, so
+        replacing every endpoint of a pool leaves no moment with none in rotation.
+        """
         desired = members.desired()
-        gone = [url for url in members.active if url not in desired]
         added = []
-        for url in gone:
-            endpoint = members.active.pop(url)
-            if self.proxy.drain_endpoint(endpoint.id) is not None:
-                self.draining[endpoint.id] = self.proxy.clock()
-                log.warning("%s left %s: draining", endpoint.id, "/".join(members.key))
         for url in desired:
             if url not in members.active:
                 endpoint = members.endpoint(url)
@@ -448,6 +453,12 @@ class Discovery:
         if added and self.probe is not None:
             # Probed now rather than at the health loop's next round: a new endpoint is idle until then.
             await asyncio.gather(*(self.probe(s) for s in added if s.needs_probe), return_exceptions=True)
+        gone = [url for url in members.active if url not in desired]
+        for url in gone:
+            endpoint = members.active.pop(url)
+            if self.proxy.drain_endpoint(endpoint.id) is not None:
+                self.draining[endpoint.id] = self.proxy.clock()
+                log.warning("%s left %s: draining", endpoint.id, "/".join(members.key))
         if added or gone:
             self.proxy.admission.dispatch_all()
 
