@@ -634,3 +634,34 @@ def test_a_draining_endpoint_does_not_count_in_a_failing_domain() -> None:
     for state in states[:2]:
         state.draining = True
     assert correlated_domain(states, states[0], 10.0, policy) == []
+
+
+async def test_replacing_every_endpoint_of_a_pool_fails_no_request(
+    upstreams: list[FakeUpstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Any
+) -> None:
+    """Swapping a pool's only endpoint through the fleet file: every request answered, none slow."""
+    monkeypatch.setattr(discovery_mod, "FILE_INTERVAL", 0.1)
+    u0, u1, _ = upstreams
+    path = tmp_path / "fleet.yaml"
+    data = _fleet({"endpoints": [u0.url]})
+    data["retry"] = {"outage_wait": 0}  # a moment with no endpoint would fail a request, not hold it
+    path.write_text(yaml.safe_dump(data))
+    gw = await serve(data, fleet_path=path)
+    client = gw.client()
+    assert await _backends(gw, 1) == ["k8s/r1/pool/0"]  # the client is warm: timing below is the swap's
+    data["providers"][0]["regions"][0]["pools"][0]["endpoints"] = [u1.url]
+    path.write_text(yaml.safe_dump(data))
+    worst, backends = 0.0, []
+    for _ in range(40):
+        started = time.monotonic()
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+        raw.parse()  # raises on any error status
+        worst = max(worst, time.monotonic() - started)
+        backends.append(raw.headers["x-skyfabric-backend"])
+        await asyncio.sleep(0.01)
+    assert backends[-1] == "k8s/r1/pool/1" and "k8s/r1/pool/0" in backends
+    assert worst < 0.5, worst
+    assert sorted(gw.gateway.proxy.states) == ["k8s/r1/pool/1"]
+    _assert_idle(gw)
