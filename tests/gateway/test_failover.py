@@ -10,9 +10,12 @@ import httpx
 import openai
 import pytest
 
+from skyfabric.drills.faultproxy import FaultMode
 from skyfabric.gateway.health import HealthChecker
 from tests.conftest import MakeGateway, RunningGateway
+from tests.support.counters import assert_released
 from tests.support.fake_upstream import FakeUpstream, expected_text
+from tests.support.faulted import Proxied
 
 FAST = {"connect": 0.5, "first_byte": 0.5, "first_token": 0.5, "idle": 0.4, "response": 1.0, "total": 10}
 
@@ -90,6 +93,7 @@ async def test_fault_before_first_token_is_retried_elsewhere(
     assert time.monotonic() - started < 3.0  # abandoned within its phase timeout, not the 10 s deadline
     # what the request took is given back: nothing is left in flight on either endpoint, or in admission
     assert await in_flight(gw) == {"aws/r1/pool/0": (0, 0), "gcp/r1/pool/0": (0, 0), "admitted": 0}
+    await assert_released(gw.gateway.proxy)
 
 
 async def test_persistent_503_ejects_the_endpoint(make_gateway: MakeGateway) -> None:
@@ -202,6 +206,7 @@ async def test_total_deadline_is_never_exceeded(make_gateway: MakeGateway) -> No
     assert resp.status_code == 504  # the client's deadline ran out: a gateway timeout, not a bad gateway
     assert "deadline passed" in resp.json()["error"]["message"]
     assert elapsed < 1.2
+    await assert_released(gw.gateway.proxy)
 
 
 async def test_flapping_primary_is_readmitted_after_its_ejection(make_gateway: MakeGateway) -> None:
@@ -246,6 +251,8 @@ async def test_retry_budget_caps_retries_during_an_outage(make_gateway: MakeGate
     assert gw.gateway.proxy.budget.refused >= 12
     refused = next(r for r in results if r.status_code != 200)
     assert "retry budget exhausted" in refused.json()["error"]["message"]
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    await assert_released(gw.gateway.proxy)
 
 
 async def test_accounting_names_who_answered_and_bills_only_what_reached_the_client(
@@ -267,3 +274,55 @@ async def test_accounting_names_who_answered_and_bills_only_what_reached_the_cli
     assert 'skyfabric_requests_total{model="m",status="200"} 1.0' in text  # one request, not two
     assert 'skyfabric_attempts_total{endpoint="aws/r1/pool/0",outcome="status_500"} 1.0' in text
     assert 'skyfabric_attempts_total{endpoint="gcp/r1/pool/0",outcome="ok"} 1.0' in text
+
+
+async def test_requests_caught_in_a_blackhole_are_not_resent_into_it(make_gateway: MakeGateway) -> None:
+    # aws is blackholed (its kernel still accepts). Requests sent to it just after the outage, on pooled
+    # keep-alive connections, are aborted when the watchdog ejects it: they must go straight to gcp, not
+    # be resent to aws as if their connection were merely stale (then wait out first_byte, 4 s here).
+    aws = await Proxied.start(FakeUpstream("aws", tokens=100))
+    aws.upstream.token_delay = 0.03
+    gcp = FakeUpstream("gcp", tokens=100)
+    patient = {"connect": 1, "first_byte": 4, "first_token": 4, "idle": 4, "response": 4, "total": 20}
+    try:
+        gw = await make_gateway(
+            {"aws": [aws], "gcp": [gcp]}, timeouts=patient, health={"stall": 0.4, "probe_interval": 0}
+        )
+        proxy = gw.gateway.proxy
+        proxy.states["gcp/r1/pool/0"].outstanding += 1000  # aws takes every first attempt
+        aws.upstream.then(*[{"delay": 0.3}] * 8)
+        await asyncio.gather(*[chat(gw, stream=False) for _ in range(8)])  # 8 keep-alive connections
+        assert len(proxy.client.pool(proxy.states["aws/r1/pool/0"].endpoint.origin).idle) == 8
+        long = [asyncio.ensure_future(chat(gw, stream=True)) for _ in range(2)]
+        clients = [gw.client() for _ in range(6)]  # made before: making one blocks the loop for a while
+        while proxy.states["aws/r1/pool/0"].streaming < 2:
+            await asyncio.sleep(0.01)
+        await aws.fault(FaultMode(blackhole=True))
+
+        async def ttft(client: Any) -> tuple[float, str]:
+            started = time.monotonic()
+            first = None
+            async with client:
+                stream = await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "x"}], stream=True
+                )
+                text = ""
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.monotonic() - started
+                        text += chunk.choices[0].delta.content
+            assert first is not None
+            return first, text
+
+        results = await asyncio.gather(*[ttft(c) for c in clients])
+        assert all(text == expected_text(100) for _, text in results)
+        worst = max(first for first, _ in results)
+        assert worst < 1.5, worst  # the watchdog's stall (0.4 s) and a retry, far from first_byte (4 s)
+        assert [r[0] for r in await asyncio.gather(*long)] == [expected_text(100)] * 2
+        proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+        await assert_released(proxy)
+        await asyncio.sleep(0.1)
+        # 2 frozen streams + 6 requests held once each; a resend would have been held a second time
+        assert aws.proxy.counts()["hold"] == 8, aws.proxy.counts()
+    finally:
+        await aws.stop()

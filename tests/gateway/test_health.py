@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import json
+import socket
 import time
 
+from skyfabric.drills.faultproxy import FaultMode
 from skyfabric.gateway.balancer import EndpointState
 from skyfabric.gateway.health import HealthChecker, parse_load, stalled
-from tests.conftest import MakeGateway
+from tests.conftest import MakeGateway, RunningGateway
 from tests.gateway.test_balancer import endpoint
+from tests.support.counters import assert_released
 from tests.support.fake_upstream import FakeUpstream, expected_text
+from tests.support.faulted import Proxied
+from tests.support.wire_upstream import WireUpstream
 
 SLOW_IDLE = {"connect": 0.5, "first_byte": 5, "first_token": 5, "idle": 5, "response": 5, "total": 20}
 
@@ -51,6 +59,8 @@ async def test_silent_provider_is_detected_in_under_a_second_and_its_streams_res
     assert slowest < 2.0, slowest  # the watchdog (0.4 s), not the 5 s idle timeout, moved them
     assert gw.gateway.proxy.metrics.rescued._value.get() == 6
     assert not gw.gateway.proxy.states["aws/r1/pool/0"].available(gw.gateway.proxy.clock())
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    await assert_released(gw.gateway.proxy)
 
 
 async def test_probe_keeps_a_dead_endpoint_out_and_readmits_it_when_back(make_gateway: MakeGateway) -> None:
@@ -153,6 +163,7 @@ async def test_probe_ejection_moves_requests_stuck_in_a_blackhole(make_gateway: 
     completion = await asyncio.wait_for(task, 5)
     assert completion.choices[0].message.content == expected_text(3)
     assert time.monotonic() - started < 3  # not the 30 s response timeout
+    await assert_released(proxy)
 
 
 async def test_fleet_wide_outage_holds_requests_until_an_endpoint_is_back(make_gateway: MakeGateway) -> None:
@@ -171,3 +182,141 @@ async def test_fleet_wide_outage_holds_requests_until_an_endpoint_is_back(make_g
     assert completion.choices[0].message.content == expected_text(2)
     assert 0.3 < waited < 2.0  # held until the ejection ran out, then served; not failed, not sent blind
     assert len(a.requests) + len(b.requests) == 1
+
+
+async def _stream_with_gaps(gw: RunningGateway) -> tuple[str, float]:
+    """(text, longest silence between two content chunks as the client saw it) of one streamed chat."""
+    async with gw.client() as client:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        text, last, gap = "", time.monotonic(), 0.0
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                now = time.monotonic()
+                gap, last = max(gap, now - last), now
+                text += chunk.choices[0].delta.content
+        return text, gap
+
+
+async def test_slow_probes_of_a_blackholed_provider_do_not_delay_the_stall_watchdog(
+    make_gateway: MakeGateway,
+) -> None:
+    # A blackhole freezes streams and makes every probe time out (1 s here). The watchdog must still
+    # find the silence within `stall` (0.5 s): probes run beside it, and their wait is not its lag.
+    aws = await Proxied.start(FakeUpstream("aws", tokens=40))
+    gcp = FakeUpstream("gcp", tokens=40)
+    for up in (aws.upstream, gcp):
+        up.token_delay = 0.03
+    try:
+        gw = await make_gateway(
+            {"aws": [aws], "gcp": [gcp]},
+            timeouts=SLOW_IDLE,
+            health={"stall": 0.5, "probe_interval": 0.3, "probe_timeout": 1.0},
+        )
+        proxy = gw.gateway.proxy
+        proxy.states["gcp/r1/pool/0"].outstanding += 1000  # every stream starts on aws
+        streams = [asyncio.ensure_future(_stream_with_gaps(gw)) for _ in range(4)]
+        while proxy.states["aws/r1/pool/0"].streaming < 4:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+        await aws.fault(FaultMode(blackhole=True))
+        results = await asyncio.gather(*streams)
+        assert all(text == expected_text(40) for text, _ in results)
+        worst = max(gap for _, gap in results)
+        assert worst < 1.2, worst  # stall 0.5 s + a tick + the continuation; not ~3 probe timeouts
+        assert proxy.metrics.rescued._value.get() == 4
+        await assert_released(proxy)
+    finally:
+        await aws.stop()
+
+
+async def test_probes_run_in_tasks_of_their_own_bounded_and_cancelled_when_the_loop_stops(
+    make_gateway: MakeGateway,
+) -> None:
+    hole = await Proxied.start(FakeUpstream("hole"))
+    try:
+        gw = await make_gateway(
+            {"aws": [hole], "gcp": [FakeUpstream("ok")]},
+            health={"probe_interval": 3600, "probe_timeout": 0.3},
+        )
+        proxy = gw.gateway.proxy
+        await hole.fault(FaultMode(blackhole=True))
+        checker = HealthChecker(proxy)
+        state = proxy.states["aws/r1/pool/0"]
+        failures = state.failures
+        started = time.monotonic()
+        await checker.probe(state)  # the whole probe is bounded by probe_timeout
+        assert 0.25 < time.monotonic() - started < 0.6
+        assert state.failures > failures  # and counted as a failure
+        loop = asyncio.get_running_loop()
+        ticks: list[float] = []
+        checker.watch_stalls = lambda now: ticks.append(loop.time())  # type: ignore[method-assign]
+        checker.health = checker.health.model_copy(update={"probe_timeout": 30.0})
+        running = loop.create_task(checker.run())
+        await asyncio.sleep(0.5)
+        # the probe of the blackhole hangs (30 s) while the loop keeps ticking every 0.1 s
+        assert "aws/r1/pool/0" in checker.probes and not checker.probes["aws/r1/pool/0"].done()
+        assert len(ticks) >= 4 and max(b - a for a, b in itertools.pairwise(ticks)) < 0.3
+        probe = checker.probes["aws/r1/pool/0"]
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        assert probe.cancelled() and not checker.probes  # no probe outlives its checker
+    finally:
+        await hole.stop()
+
+
+async def test_a_client_that_stops_reading_does_not_get_a_healthy_endpoint_ejected(
+    make_gateway: MakeGateway,
+) -> None:
+    # 16 KB chunks as fast as the gateway takes them; the client reads the first bytes, then nothing
+    aws = WireUpstream("aws", tokens=100_000, per_chunk=4, pad=4000)
+    gcp = WireUpstream("gcp", tokens=3)
+    gw = await make_gateway(
+        {"aws": [aws], "gcp": [gcp]}, timeouts=SLOW_IDLE, health={"stall": 0.3, "probe_interval": 0}
+    )
+    proxy = gw.gateway.proxy
+    state = proxy.states["aws/r1/pool/0"]
+    proxy.states["gcp/r1/pool/0"].outstanding += 1000
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    await loop.sock_sendall(
+        sock,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body.encode()),
+    )
+    first = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+    assert first.startswith(b"HTTP/1.1 200")
+    try:
+        seen, give_up = aws.requests[0], time.monotonic() + 10
+        while seen.gone_at is None and time.monotonic() < give_up:
+            if seen.blocked_since is not None and time.monotonic() - seen.blocked_since > 1.0:
+                break  # the upstream has been unable to write for 1 s (3 × stall) …
+            await asyncio.sleep(0.05)
+        assert seen.gone_at is None, "the gateway dropped the upstream request for its client's slowness"
+        assert seen.blocked_since is not None, "the upstream was never held up: the test proves nothing"
+        assert state.streaming == 1
+        assert state.available(proxy.clock()), "ejected for its client's back-pressure"
+        assert proxy.metrics.rescued._value.get() == 0 and seen.gone_at is None
+        assert not any(s.ejections for s in proxy.states.values())
+    finally:
+        sock.close()  # … then the client is dropped (what the listener's write timeout does)
+    dropped = time.monotonic()
+    gone = await aws.wait_gone(aws.requests[0], 2.0)
+    assert gone is not None and gone - dropped < 0.5  # the upstream request is stopped with it
+    proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    await assert_released(proxy)
+    proxy.states["gcp/r1/pool/0"].outstanding += 1000
+    async with gw.client() as client:  # and the endpoint still serves
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+    proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    assert raw.headers["x-skyfabric-backend"] == "aws/r1/pool/0"
+    assert raw.parse().choices[0].message.content == aws.text(2)

@@ -18,6 +18,7 @@ The tree::
         ├── UpstreamTimeout         a named phase (connect, first_byte, first_token, idle) ran out
         ├── RemoteProtocolError     the upstream broke HTTP or SSE (reset, malformed event, no [DONE])
         │   └── ContinuationRefused the upstream cannot continue this answer (it restarted it)
+        │   └── EndpointAborted     the gateway itself dropped the connection: its endpoint was found dead
         └── UpstreamStatus          the upstream answered with an error status; carries its body
 
 Upstream errors carry ``sent_any``: whether any byte of the answer already reached the client. That flag
@@ -127,6 +128,14 @@ class RemoteProtocolError(UpstreamError):
 
 class ContinuationRefused(RemoteProtocolError):
     """Raised when a backend asked to continue an answer restarts it instead (repeats the prefix)."""
+
+
+class EndpointAborted(RemoteProtocolError):
+    """Raised when the gateway aborted the connection because its endpoint was found dead (stall, probe).
+
+    Not a peer reset: the request is never resent to that endpoint (not even as a stale keep-alive
+    connection), and the failure is not counted against the endpoint a second time.
+    """
 
 
 class UpstreamStatus(UpstreamError):

@@ -77,6 +77,12 @@ class _ModelGate:
     service_time: float = 1.0
 
 
+def _handed(waiter: _Waiter) -> bool:
+    """Whether a dispatcher gave this waiter a slot (its future holds a result, not an error)."""
+    future = waiter.future
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 class Admission:
     """Per-model slots and per-chain queues; ``capacity(model)`` is read on every admission."""
 
@@ -178,7 +184,7 @@ class Admission:
             async with asyncio.timeout(max(0.0, wait)):
                 return await waiter.future
         except TimeoutError:
-            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+            if _handed(waiter):
                 return waiter.future.result()  # the slot was handed over just as the wait ran out: keep it
             self.shed += 1
             raise Overloaded(
@@ -187,8 +193,9 @@ class Admission:
             ) from None
         except asyncio.CancelledError:
             # The client went away. A slot handed over in the same turn is nobody's now: give it back.
-            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                self.release(waiter.future.result(), 0.0)
+            if _handed(waiter):
+                model = waiter.future.result()
+                self.release(model, self.gates[model].service_time)  # held for the average: it stays
             raise
         finally:
             if waiter in queue:

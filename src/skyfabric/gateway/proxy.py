@@ -17,6 +17,7 @@ import orjson
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import (
     ConnectError,
+    EndpointAborted,
     InvalidRequest,
     Overloaded,
     RemoteProtocolError,
@@ -485,6 +486,8 @@ class Proxy:
             first_byte_timeout=min(first_byte, remaining),
             endpoint=endpoint.id,
             tracker=state.inflight,
+            # a stale keep-alive connection is replaced only while the endpoint is not serving an ejection
+            resend=lambda: self.clock() >= state.ejected_until,
         )
         if resp.status >= 300:
             try:
@@ -508,6 +511,8 @@ class Proxy:
         outcome = f"status_{exc.status}" if isinstance(exc, UpstreamStatus) else type(exc).__name__
         self.metrics.attempt(state.endpoint.id, outcome)
         ctx.failed_providers.add(state.endpoint.provider)
+        if isinstance(exc, EndpointAborted):
+            return  # we aborted it ourselves when its endpoint was ejected: nothing new to count
         if isinstance(exc, UpstreamStatus) and exc.status == 429:
             wait = parse_retry_after(exc.header(b"retry-after"), time.time())
             if wait is not None:

@@ -473,6 +473,9 @@ class StreamRelay:
                 router.note_failure(ctx, state, err, hard=True)
                 log.warning("continuation on %s failed: %s", state.endpoint.id, err)
                 continue
+            except BaseException:  # the client went away while the continuation was being opened
+                state.outstanding -= 1
+                raise
             self.resp = resp
             self._hold(state)
             self.splitter = EventSplitter()

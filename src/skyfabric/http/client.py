@@ -11,11 +11,12 @@ import asyncio
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import httptools
 
-from skyfabric.core.errors import ConnectError, RemoteProtocolError, UpstreamTimeout
+from skyfabric.core.errors import ConnectError, EndpointAborted, RemoteProtocolError, UpstreamTimeout
 from skyfabric.http.messages import Headers, find_header
 
 _READ_HIGH_WATER = 1 << 20
@@ -42,6 +43,11 @@ class _UpstreamConnection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         self.reused = False
+        #: Dropped by the gateway because its endpoint was found dead (``abort``), not by the peer.
+        self.aborted = False
+        #: A committed stream waits for this upstream's next bytes right now. The stall watchdog counts an
+        #: endpoint's silence only then: a stream held up by its own slow client is not the endpoint's fault.
+        self.awaited = False
         #: The set this connection is registered in while a request is on it (see ``HTTPClient.request``).
         self.tracker: set[Any] | None = None
 
@@ -52,7 +58,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.message_done:
+        if not self.message_done and self.error is None:  # keep the first cause (e.g. our own abort)
             self.error = exc or ConnectionResetError("upstream closed the connection")
         self._wake()
 
@@ -112,9 +118,10 @@ class _UpstreamConnection(asyncio.Protocol):
     async def wait(self, timeout: float, phase: str, endpoint: str, sent_any: bool) -> None:
         """Wait for the next parser event, or raise the phase's timeout / the connection's error."""
         if self.error is not None:
-            raise _translate(self.error, endpoint, sent_any)
+            raise _translate(self, endpoint, sent_any)
         waiter = self.loop.create_future()
         self.waiter = waiter
+        self.awaited = sent_any
         handle = self.loop.call_later(timeout, _expire, waiter)
         try:
             await waiter
@@ -124,8 +131,9 @@ class _UpstreamConnection(asyncio.Protocol):
         finally:
             handle.cancel()
             self.waiter = None
+            self.awaited = False
         if self.error is not None and not self.message_done:
-            raise _translate(self.error, endpoint, sent_any)
+            raise _translate(self, endpoint, sent_any)
 
     def take(self) -> bytes:
         data = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
@@ -142,7 +150,9 @@ class _UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        """Drop the connection now; whoever waits on it gets a connection-lost error at once."""
+        """Drop the connection now: its endpoint was found dead. Whoever waits on it gets
+        :class:`EndpointAborted` at once, and the request is not resent to that endpoint."""
+        self.aborted = True
         self.close()
         if self.error is None and not self.message_done:
             self.error = ConnectionAbortedError("aborted by the gateway (endpoint found dead)")
@@ -159,7 +169,10 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError())
 
 
-def _translate(exc: BaseException, endpoint: str, sent_any: bool) -> Exception:
+def _translate(conn: _UpstreamConnection, endpoint: str, sent_any: bool) -> Exception:
+    exc = conn.error
+    if conn.aborted:
+        return EndpointAborted(f"upstream connection lost: {exc}", endpoint=endpoint, sent_any=sent_any)
     if isinstance(exc, httptools.HttpParserError):
         return RemoteProtocolError(
             f"malformed HTTP from upstream: {exc}", endpoint=endpoint, sent_any=sent_any
@@ -190,20 +203,31 @@ class UpstreamResponse:
         return find_header(self.headers, name)
 
     async def read(self, timeout: float) -> bytes:
-        """The whole body; ``timeout`` bounds each silence between pieces (phase ``idle``)."""
+        """The whole body; ``timeout`` bounds each silence between pieces (phase ``idle``).
+
+        However the read ends — error, timeout, cancellation — the connection is released (closed if the
+        body was not read to its end), so the upstream stops and the endpoint's in-flight set forgets it.
+        """
         conn = self._conn
         parts: list[bytes] = []
-        while True:
-            if conn.chunks:
-                parts.append(conn.take())
-            if conn.message_done:
-                break
-            await conn.wait(timeout, "idle", self.endpoint, False)
+        try:
+            while True:
+                if conn.chunks:
+                    parts.append(conn.take())
+                if conn.message_done:
+                    break
+                await conn.wait(timeout, "idle", self.endpoint, False)
+        except BaseException:
+            self.abort()
+            raise
         self.release()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def next(self, timeout: float, phase: str = "idle", sent_any: bool = False) -> bytes | None:
-        """The next piece of the body (whatever has arrived), or None at its end."""
+        """The next piece of the body (whatever has arrived), or None at its end.
+
+        A failed or cancelled wait closes the connection: a half-read response cannot be reused.
+        """
         conn = self._conn
         while True:
             if conn.chunks:
@@ -211,7 +235,11 @@ class UpstreamResponse:
             if conn.message_done:
                 self.release()
                 return None
-            await conn.wait(timeout, phase, self.endpoint, sent_any)
+            try:
+                await conn.wait(timeout, phase, self.endpoint, sent_any)
+            except BaseException:
+                self.abort()
+                raise
 
     @property
     def released(self) -> bool:
@@ -323,11 +351,16 @@ class HTTPClient:
         first_byte_timeout: float,
         endpoint: str = "",
         tracker: set[Any] | None = None,
+        resend: Callable[[], bool] | None = None,
     ) -> UpstreamResponse:
         """Send a request; return when the status and headers have arrived.
 
         A pooled connection that turns out to be dead before any byte came back is replaced by a fresh
-        one once: that is a stale keep-alive connection, not a failed upstream.
+        one once: that is a stale keep-alive connection, not a failed upstream — but only when ``resend``
+        (if given) says the endpoint is still believed healthy, and never after the gateway aborted the
+        connection itself (:class:`EndpointAborted`): a dead endpoint's kernel may still accept, and a
+        resend there would wait out the whole first-byte timeout. For the same reason a request whose
+        endpoint was ejected while its fresh connection was being opened is not sent.
         """
         pool = self.pool(origin)
         head = [
@@ -346,9 +379,14 @@ class HTTPClient:
             try:
                 return await self._exchange(conn, payload, first_byte_timeout, endpoint, tracker)
             except RemoteProtocolError:
-                if conn.got_bytes or isinstance(conn.error, ConnectionAbortedError):
+                if conn.got_bytes or conn.aborted or (resend is not None and not resend()):
                     raise
+        believed = resend is not None and resend()
         conn = await pool.connect(connect_timeout, endpoint)
+        if believed and resend is not None and not resend():
+            # Ejected while we connected (a blackhole's kernel accepts at once): send nothing there.
+            conn.close()
+            raise EndpointAborted("endpoint ejected while connecting to it", endpoint=endpoint)
         return await self._exchange(conn, payload, first_byte_timeout, endpoint, tracker)
 
     async def _exchange(
