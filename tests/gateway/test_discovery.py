@@ -211,11 +211,22 @@ async def _backends(gw: RunningGateway, n: int, **kwargs: Any) -> list[str]:
     return out
 
 
-def _assert_idle(gw: RunningGateway) -> None:
+async def _assert_idle(gw: RunningGateway, within: float = 1.0) -> None:
+    """Every in-flight counter back to zero (releases run a moment after the client saw the end)."""
     proxy = gw.gateway.proxy
-    for state in proxy.states.values():
-        assert (state.outstanding, state.streaming, len(state.inflight)) == (0, 0, 0), state.endpoint.id
-    assert all(g.inflight == 0 for g in proxy.admission.gates.values())
+
+    def held() -> list[str]:
+        out = [
+            s.endpoint.id
+            for s in proxy.states.values()
+            if (s.outstanding, s.streaming, len(s.inflight)) != (0, 0, 0)
+        ]
+        return out + [m for m, g in proxy.admission.gates.items() if g.inflight]
+
+    deadline = time.monotonic() + within
+    while held() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert held() == []
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------------
@@ -265,7 +276,7 @@ async def test_kubernetes_scale_up_reaches_the_new_pod_within_the_interval(
     # Later lists ask for nothing older than what was seen (the API server may answer from its cache).
     assert kube.queries[-1]["resourceVersionMatch"] == "NotOlderThan"
     assert kube.queries[-1]["resourceVersion"] == str(kube.version)
-    _assert_idle(gw)
+    await _assert_idle(gw)
 
 
 async def test_kubernetes_scale_down_drains_the_pod_and_its_stream_completes(
@@ -312,7 +323,7 @@ async def test_kubernetes_scale_down_drains_the_pod_and_its_stream_completes(
     metrics = (await _get(gw, "/metrics")).decode()
     assert victim_id not in metrics
     assert _id(other) in metrics
-    _assert_idle(gw)
+    await _assert_idle(gw)
 
 
 async def _get(gw: RunningGateway, path: str) -> bytes:
@@ -358,7 +369,7 @@ async def test_kubernetes_api_outage_keeps_the_last_known_endpoints(
         assert 'skyfabric_discovery_errors_total{kind="kubernetes",pool="k8s/r1/pool"}' in metrics
         line = next(x for x in metrics.splitlines() if x.startswith("skyfabric_discovery_errors_total{"))
         assert float(line.split()[-1]) >= 2
-    _assert_idle(gw)
+    await _assert_idle(gw)
 
 
 async def test_an_empty_answer_repeated_empties_the_pool(
@@ -548,7 +559,7 @@ async def test_skypilot_ready_replicas_join_and_a_failing_status_keeps_them(
     metrics = (await _get(gw, "/metrics")).decode()
     assert 'skyfabric_discovery_errors_total{kind="skypilot",pool="k8s/r1/pool"}' in metrics
     assert u2.requests == []
-    _assert_idle(gw)
+    await _assert_idle(gw)
 
 
 def test_skypilot_record_parsing() -> None:
@@ -606,7 +617,7 @@ async def test_fleet_file_endpoint_changes_apply_without_a_restart(
     await asyncio.sleep(0.5)
     assert sorted(proxy.states) == ["k8s/r1/pool/1"]
     assert "not valid" in caplog.text
-    _assert_idle(gw)
+    await _assert_idle(gw)
 
 
 def test_fleet_schema_for_discovery() -> None:
@@ -664,4 +675,4 @@ async def test_replacing_every_endpoint_of_a_pool_fails_no_request(
     assert backends[-1] == "k8s/r1/pool/1" and "k8s/r1/pool/0" in backends
     assert worst < 0.5, worst
     assert sorted(gw.gateway.proxy.states) == ["k8s/r1/pool/1"]
-    _assert_idle(gw)
+    await _assert_idle(gw)
