@@ -85,7 +85,8 @@ def serve(config: Path, host: str | None, port: int | None, workers: int) -> Non
         fleet_endpoints(fleet)
     except ConfigError as exc:
         raise click.ClickException(f"{config}: {exc}") from None
-    run(fleet, host or fleet.listener.host, port if port is not None else fleet.listener.port, workers)
+    port = port if port is not None else fleet.listener.port
+    run(fleet, host or fleet.listener.host, port, workers, fleet_path=str(config))
 
 
 def main() -> None:

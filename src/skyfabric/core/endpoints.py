@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from skyfabric.core.errors import ConfigError
-from skyfabric.core.fleet import Fleet
+from skyfabric.core.fleet import Fleet, Pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,10 @@ class Endpoint:
     concurrency: int
     price_per_hour: float
     api_key: str | None = field(default=None, repr=False)
-    #: ``provider/region/pool/index``: the name in logs, metrics and ``x-skyfabric-backend``.
+    #: The last part of the id, when not the index: a discovered endpoint is named by its address, so
+    #: its id stays the same however the set around it changes.
+    key: str = ""
+    #: ``provider/region/pool/index`` (or ``.../key``): the name in logs, metrics and ``x-skyfabric-backend``.
     id: str = field(init=False)
     #: (scheme, host, port) for the connection pool.
     origin: tuple[str, str, int] = field(init=False)
@@ -38,7 +41,8 @@ class Endpoint:
         # Computed once: the request path reads these on every attempt.
         parts = urlsplit(self.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        object.__setattr__(self, "id", f"{self.provider}/{self.region}/{self.pool}/{self.index}")
+        last = self.key or str(self.index)
+        object.__setattr__(self, "id", f"{self.provider}/{self.region}/{self.pool}/{last}")
         object.__setattr__(self, "origin", (parts.scheme, parts.hostname or "127.0.0.1", port))
         object.__setattr__(self, "base_path", parts.path.rstrip("/"))
 
@@ -63,23 +67,26 @@ def fleet_endpoints(fleet: Fleet) -> list[Endpoint]:
                         f"pool {provider.name}/{region.name}/{pool.name} uses engine 'local' and has no "
                         "endpoints: start the fleet with `skyfabric up`, which starts its replicas"
                     )
-                api_key = os.environ.get(pool.api_key_env) if pool.api_key_env else None
                 for index, url in enumerate(pool.endpoints):
-                    out.append(
-                        Endpoint(
-                            provider=provider.name,
-                            region=region.name,
-                            pool=pool.name,
-                            index=index,
-                            url=url,
-                            model=pool.model,
-                            upstream_model=pool.upstream_model or pool.model,
-                            engine=pool.engine,
-                            accelerator=pool.accelerator,
-                            can_continue=pool.can_continue,
-                            concurrency=pool.capacity.concurrency,
-                            price_per_hour=pool.price_per_hour,
-                            api_key=api_key,
-                        )
-                    )
+                    out.append(pool_endpoint(provider.name, region.name, pool, index, url))
     return out
+
+
+def pool_endpoint(provider: str, region: str, pool: Pool, index: int, url: str, key: str = "") -> Endpoint:
+    """One endpoint of ``pool`` at ``url`` (discovery makes them at run time, the fleet file at start)."""
+    return Endpoint(
+        provider=provider,
+        region=region,
+        pool=pool.name,
+        index=index,
+        url=url,
+        model=pool.model,
+        upstream_model=pool.upstream_model or pool.model,
+        engine=pool.engine,
+        accelerator=pool.accelerator,
+        can_continue=pool.can_continue,
+        concurrency=pool.capacity.concurrency,
+        price_per_hour=pool.price_per_hour,
+        api_key=os.environ.get(pool.api_key_env) if pool.api_key_env else None,
+        key=key,
+    )

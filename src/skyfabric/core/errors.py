@@ -5,6 +5,7 @@ The tree::
     SkyfabricError
     ├── ConfigError                 a fleet file is wrong (names the file, the field, what was expected)
     │   └── PlanInfeasible          no fleet plan meets demand and loss constraints (which one, by how much)
+    ├── DiscoveryError              a discovery source (Kubernetes, SkyPilot) did not answer usably
     ├── ClientError                 the caller sent something we must refuse (becomes a 4xx)
     │   ├── InvalidRequest          400: malformed JSON, missing or mistyped field
     │   ├── AuthenticationError     401: no or unknown API key
@@ -37,6 +38,10 @@ class ConfigError(SkyfabricError):
 
 class PlanInfeasible(ConfigError):
     """Raised when no replica counts meet the peak and the loss constraints; names the shortfall."""
+
+
+class DiscoveryError(SkyfabricError):
+    """Raised when a discovery source fails (API down, 403, timeout, bad answer): the last set is kept."""
 
 
 class ClientError(SkyfabricError):

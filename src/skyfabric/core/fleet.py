@@ -68,6 +68,56 @@ class Capacity(_Strict):
     tokens_per_second: float | None = Field(None, gt=0, description="decode tokens/s of one endpoint")
 
 
+#: Where an in-cluster pod finds its service account's credentials (Kubernetes' own paths).
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+SERVICE_ACCOUNT_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+class DiscoverySource(_Strict):
+    """Where a pool's endpoints are learned at run time, besides its static ``endpoints``.
+
+    ``kubernetes``: the ready addresses of a Service's EndpointSlices; ``skypilot``: the READY replicas of
+    a SkyServe service. Membership is polled every ``interval`` seconds and applied without a restart.
+    """
+
+    kind: Literal["kubernetes", "skypilot"]
+    service: Name = Field(description="the Kubernetes Service or the SkyServe service name")
+    interval: float = Field(5.0, ge=0.05, description="seconds between polls")
+    timeout: float = Field(5.0, gt=0, description="longest one poll may take; a late poll is a failure")
+    path: str = Field("/v1", description="URL path of the OpenAI API on each discovered address")
+    # kubernetes
+    namespace: Name = "default"
+    port: int | Name | None = Field(
+        None, description="kubernetes: EndpointSlice port name, or a number; default: the slice's only port"
+    )
+    scheme: Literal["http", "https"] = Field("http", description="kubernetes: how to reach the pods")
+    api: str | None = Field(
+        None, description="kubernetes API base URL; default in-cluster (KUBERNETES_SERVICE_HOST/PORT)"
+    )
+    token_file: str | None = Field(SERVICE_ACCOUNT_TOKEN, description="bearer token, re-read each poll")
+    ca_file: str | None = Field(None, description="CA for the API; default the service account's, if any")
+    # skypilot
+    command: list[str] | None = Field(
+        None,
+        description="skypilot: command printing the status records as JSON; `{service}` is replaced. "
+        "Default: SkyPilot's Python SDK, sky.serve.status",
+    )
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DiscoverySource:
+        if self.kind == "skypilot":
+            k8s_only = {"namespace", "port", "scheme", "api", "token_file", "ca_file"} & self.model_fields_set
+            if k8s_only:
+                raise ValueError(f"kind 'skypilot' takes no {', '.join(sorted(k8s_only))}")
+        elif self.command is not None:
+            raise ValueError("`command` is for kind 'skypilot'")
+        if self.api is not None and not self.api.startswith(("http://", "https://")):
+            raise ValueError(f"api {self.api!r} must be an http:// or https:// URL")
+        if self.path and not self.path.startswith("/"):
+            raise ValueError(f"path {self.path!r} must start with /")
+        return self
+
+
 class Pool(_Strict):
     """Identical endpoints of one accelerator kind and engine, serving one model."""
 
@@ -85,6 +135,9 @@ class Pool(_Strict):
     continuation: bool | None = Field(
         None, description="can continue a final assistant message; default from the engine kind"
     )
+    discovery: DiscoverySource | None = Field(
+        None, description="learn endpoints at run time (Kubernetes EndpointSlices, SkyPilot service status)"
+    )
 
     @field_validator("endpoints")
     @classmethod
@@ -96,8 +149,10 @@ class Pool(_Strict):
 
     @model_validator(mode="after")
     def _endpoints_or_replicas(self) -> Pool:
-        if self.engine != "local" and not self.endpoints:
-            raise ValueError(f"engine {self.engine!r} needs at least one URL in `endpoints`")
+        if self.engine == "local" and self.discovery is not None:
+            raise ValueError("engine 'local' starts its own replicas: `discovery` is for remote engines")
+        if self.engine != "local" and not self.endpoints and self.discovery is None:
+            raise ValueError(f"engine {self.engine!r} needs at least one URL in `endpoints`, or `discovery`")
         return self
 
     @property

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,9 +29,16 @@ class Gateway:
     """The whole data plane as one service (an async function from request to response)."""
 
     def __init__(
-        self, fleet: Fleet, endpoints: list[Endpoint], *, clock: Callable[[], float] = time.monotonic
+        self,
+        fleet: Fleet,
+        endpoints: list[Endpoint],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        fleet_path: str | Path | None = None,
     ):
         self.fleet = fleet
+        #: The fleet file to watch for endpoint changes (discovery), when the gateway was started from one.
+        self.fleet_path = fleet_path
         self.proxy = Proxy(fleet, endpoints, clock=clock)
         #: The continuation self-tests (at start, and after each readmission by a probe).
         self.selftests = SelfTests(self.proxy)
@@ -56,22 +64,32 @@ class Gateway:
         self._allow = {path: b", ".join(sorted(methods)) for path, methods in allowed.items()}
 
     async def start(self) -> None:
-        """Start the background health loop (probes, load signals, stall watchdog)."""
+        """Start the background loops: health (probes, load signals, stall watchdog) and discovery."""
+        from skyfabric.gateway.discovery import Discovery
         from skyfabric.gateway.health import HealthChecker
 
         checker = HealthChecker(self.proxy)
+        discovery = None
+        pools = [p for provider in self.fleet.providers for r in provider.regions for p in r.pools]
+        if self.fleet_path is not None or any(p.discovery for p in pools):
+            # Built first: a discovery source that cannot work (ConfigError) stops the start cleanly.
+            discovery = Discovery(self.proxy, self.fleet, fleet_path=self.fleet_path, probe=checker.probe)
         if self.fleet.health.selftest:
             checker.on_readmit = self.selftests.after_readmission
             self.selftests.start()
         self._health = asyncio.get_running_loop().create_task(checker.run())
+        if discovery is not None:
+            await discovery.step()  # serve with the discovered endpoints from the first request on
+            self._discovery = asyncio.get_running_loop().create_task(discovery.run())
 
     async def close(self) -> None:
-        """Stop the health loop and close idle upstream connections."""
-        task = getattr(self, "_health", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop the health and discovery loops and close idle upstream connections."""
+        for name in ("_discovery", "_health"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.selftests.close()
         self.proxy.client.close()
 

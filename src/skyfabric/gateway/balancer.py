@@ -45,6 +45,8 @@ class EndpointState:
     continues: bool = field(init=False)
     #: When it last answered a probe: a stream it broke may come back to it only after that.
     probed_ok: float = -1e9
+    #: Removed by discovery, finishing what is in flight: not picked, not probed, not counted in a domain.
+    draining: bool = False
 
     def __post_init__(self) -> None:
         self.continues = self.endpoint.can_continue
@@ -130,7 +132,7 @@ def correlated_domain(
     failed *yet* are about to: ejecting them now saves one failed attempt per endpoint.
     """
     for domain in failed.endpoint.domains[:2]:  # provider, then region
-        members = [s for s in states if domain in s.endpoint.domains]
+        members = [s for s in states if domain in s.endpoint.domains and not s.draining]
         if len(members) < 2:
             continue
         down = [s for s in members if not s.available(now)]

@@ -108,7 +108,7 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         for state in self.proxy.states.values():
             key = state.endpoint.id
-            if key not in self.probes:
+            if key not in self.probes and not state.draining:  # a drained endpoint is going away
                 task = loop.create_task(self.probe(state), name=f"probe {key}")
                 self.probes[key] = task
                 task.add_done_callback(functools.partial(self._probe_done, key))

@@ -6,6 +6,7 @@ time from the balancer's state, so keeping them costs nothing per request.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -79,6 +80,8 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        #: The endpoints the gauges cover (discovery adds and drops them at run time).
+        self.endpoint_states = states
         r.register(_EndpointCollector(states, clock))
 
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
@@ -106,3 +109,13 @@ class GatewayMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        """Drop an endpoint's labelled series once discovery has removed it (no stale series remain)."""
+        for key in [k for k in self._children if k[1] and k[1][0] == endpoint]:
+            metric = self.attempts if key[0] == self.attempts._name else None
+            if metric is not None:
+                metric.remove(*key[1])
+                del self._children[key]
+        with contextlib.suppress(KeyError):
+            self.ejections.remove(endpoint)

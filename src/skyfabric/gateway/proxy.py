@@ -614,3 +614,65 @@ class Proxy:
             for name in [model.name, *model.aliases]:
                 data.append({"id": name, "object": "model", "created": 0, "owned_by": model.owned_by})
         return orjson.dumps({"object": "list", "data": data})
+
+    # -- membership at run time (gateway/discovery.py) --------------------------------------------------
+
+    def add_endpoint(self, endpoint: Endpoint) -> EndpointState:
+        """Put a discovered endpoint into rotation: probed first (when probes are on), then slow start.
+
+        An endpoint still draining under the same id (it left and came back) is simply taken back.
+        """
+        now = self.clock()
+        cluster = self.clusters[endpoint.model]
+        state = self.states.get(endpoint.id)
+        if state is None:
+            state = EndpointState(endpoint)
+            state.last_activity = now
+            # A host nobody has talked to yet is treated like one coming back from an ejection.
+            state.needs_probe = self.outlier.probes
+            state.readmitted_at = now
+            self.states[endpoint.id] = state
+            self.metrics.endpoint_states.append(state)
+            self._backend_headers[endpoint.id] = [
+                (b"x-skyfabric-backend", endpoint.id.encode()),
+                (b"x-skyfabric-model", endpoint.model.encode()),
+            ]
+        if state not in cluster.states:
+            cluster.states.append(state)
+        state.draining = False
+        self._capacity.pop(endpoint.model, None)
+        return state
+
+    def drain_endpoint(self, endpoint_id: str) -> EndpointState | None:
+        """Take an endpoint out of rotation; what is in flight on it finishes (``drop_if_idle`` reaps it)."""
+        state = self.states.get(endpoint_id)
+        if state is None:
+            return None
+        cluster = self.clusters[state.endpoint.model]
+        if state in cluster.states:
+            cluster.states.remove(state)
+        state.draining = True
+        self._capacity.pop(state.endpoint.model, None)
+        return state
+
+    def drop_if_idle(self, endpoint_id: str, *, force: bool = False) -> bool:
+        """Forget a drained endpoint once nothing is in flight on it (or ``force``): states, metrics."""
+        state = self.states.get(endpoint_id)
+        if state is None:
+            return True
+        if not state.draining:
+            return False  # back in rotation
+        if not force and (state.outstanding or state.streaming or state.inflight):
+            return False
+        for conn in list(state.inflight):
+            conn.abort()
+        del self.states[endpoint_id]
+        self.metrics.endpoint_states.remove(state)
+        self.metrics.forget_endpoint(endpoint_id)
+        self._backend_headers.pop(endpoint_id, None)
+        origin = state.endpoint.origin
+        if not any(s.endpoint.origin == origin for s in self.states.values()):
+            pool = self.client.pools.pop(origin, None)
+            if pool is not None:
+                pool.close()
+        return True

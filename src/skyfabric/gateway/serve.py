@@ -68,7 +68,14 @@ def _allow_open_files(max_connections: int) -> None:
 
 
 async def serve_fleet(
-    fleet: Fleet, host: str, port: int, *, reuse_port: bool = False, worker: int = 0, workers: int = 1
+    fleet: Fleet,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    worker: int = 0,
+    workers: int = 1,
+    fleet_path: str | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; finishes responses in flight before returning.
 
@@ -77,8 +84,10 @@ async def serve_fleet(
     carries. Dividing (rather than sharing a counter across processes) keeps admission two integer
     operations with no cross-process lock on the hot path, and nothing leaks when a worker dies; the
     kernel spreads connections over the workers (SO_REUSEPORT), so the shares fill about evenly.
+
+    With ``fleet_path``, changes to the pools' endpoint lists in that file are applied while serving.
     """
-    gateway = Gateway(fleet, fleet_endpoints(fleet))
+    gateway = Gateway(fleet, fleet_endpoints(fleet), fleet_path=fleet_path)
     gateway.proxy.admission.set_share(worker, workers)
     await gateway.start()
     listener = make_listener(gateway, fleet.listener)
@@ -95,11 +104,11 @@ async def serve_fleet(
     await gateway.close()
 
 
-def run(fleet: Fleet, host: str, port: int, workers: int = 1) -> None:
+def run(fleet: Fleet, host: str, port: int, workers: int = 1, fleet_path: str | None = None) -> None:
     """Run ``workers`` gateway processes sharing ``host:port``; the parent supervises them."""
     if workers <= 1:
         _install_uvloop()
-        asyncio.run(serve_fleet(fleet, host, port))
+        asyncio.run(serve_fleet(fleet, host, port, fleet_path=fleet_path))
         return
     children: list[int] = []
     for worker in range(workers):
@@ -108,7 +117,10 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1) -> None:
             die_with_parent()
             try:
                 _install_uvloop()
-                asyncio.run(serve_fleet(fleet, host, port, reuse_port=True, worker=worker, workers=workers))
+                serve = serve_fleet(
+                    fleet, host, port, reuse_port=True, worker=worker, workers=workers, fleet_path=fleet_path
+                )
+                asyncio.run(serve)
             finally:
                 os._exit(0)
         children.append(pid)
