@@ -357,7 +357,10 @@ async def test_a_request_failing_alike_on_two_busy_providers_stops_there_and_eje
     assert elapsed < 2 * FAST["response"] + 0.8, elapsed
     proxy = gw.gateway.proxy
     now = proxy.clock()
-    assert all(s.available(now) and s.ejections == 0 and s.failures == 0 for s in proxy.states.values())
+    assert all(s.available(now) and s.ejections == 0 for s in proxy.states.values())
+    # The first provider's failure is held back only if that endpoint finished other requests while this
+    # one waited: a fast 500 on a loaded machine may beat them, and then it is counted (once, no ejection).
+    assert sum(s.failures for s in proxy.states.values()) <= 1
     assert latencies and max(latencies) < 1.0, max(latencies)
     assert_quiet(gw)
 
