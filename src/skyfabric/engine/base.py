@@ -110,6 +110,9 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     forward_passes_total: int = 0
+    #: Prompt tokens looked up in the prefix cache, and those found there (vLLM counts both in tokens).
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
     finished_total: Mapping[str, int] = field(default_factory=dict)
 
 

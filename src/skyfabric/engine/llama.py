@@ -7,7 +7,12 @@ ops where the transformers modules need several hundred. Weights still come from
 checkpoint layout and tied embeddings), then are repacked once.
 
 The KV cache holds ``num_slots`` sequences of up to ``max_len`` tokens each. Running sequences occupy slots
-``0..B-1`` (the scheduler keeps them compact), so the decode step reads the cache through plain views.
+``0..B-1`` (the scheduler keeps them compact), so the decode step reads the cache through plain views; one
+more slot is scratch space that the decode's padding rows write to. A long prompt is prefilled in chunks
+(:meth:`LlamaFamilyModel.prefill_chunk`) into a slot of its own. Beside the slots, an optional block pool
+(``prefix_blocks`` blocks of ``block_size`` tokens) keeps prompt prefixes for reuse: blocks are copied out of
+a slot once computed and copied into a new sequence's slot on a hit (:mod:`skyfabric.engine.prefix_cache`
+decides which).
 """
 
 from __future__ import annotations
@@ -51,8 +56,13 @@ class LlamaFamilyModel:
         dtype: torch.dtype,
         device: torch.device,
         config: Any = None,
+        prefix_blocks: int = 0,
+        block_size: int = 16,
     ) -> None:
-        """``config``: the checkpoint's HF config when the caller has already read it (else read here)."""
+        """``config``: the checkpoint's HF config when the caller has already read it (else read here).
+
+        ``prefix_blocks``: size of the prefix-cache block pool (0: none), blocks of ``block_size`` tokens.
+        """
         from transformers import AutoModelForCausalLM
         from transformers.activations import ACT2FN
 
@@ -117,12 +127,24 @@ class LlamaFamilyModel:
         self.cos = cos[0].to(device=device, dtype=dtype).contiguous()  # [max_len, D]
         self.sin = sin[0].to(device=device, dtype=dtype).contiguous()
         del hf, inner
+        # A prefill token's matmul work in units of one context position of attention (the batcher's cost
+        # model): per layer q/k/v/o and MLP weights against 2 * heads * head_dim multiply-adds per position.
+        layer0 = self.layers[0]
+        per_layer = sum(w.numel() for w in (layer0.qkv, layer0.o, layer0.gate_up, layer0.down))
+        self.linear_units = per_layer / (2 * self.num_heads * self.head_dim)
 
         self.cache_dtype = cache_dtype(dtype, device)
-        shape = (num_slots, self.num_kv_heads, max_len, self.head_dim)
+        # Slot ``num_slots`` is scratch: the decode's padding rows write there, never into a real slot (a
+        # sequence being prefilled in chunks sits in a slot the padding would otherwise reach).
+        shape = (num_slots + 1, self.num_kv_heads, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=device) for _ in self.layers]
         self._positions = torch.arange(max_len, device=device)
+        self.block_size = block_size
+        self.prefix_blocks = prefix_blocks
+        pool = (prefix_blocks, self.num_kv_heads, block_size, self.head_dim)
+        self.k_pool = [torch.zeros(pool, dtype=self.cache_dtype, device=device) for _ in self.layers]
+        self.v_pool = [torch.zeros(pool, dtype=self.cache_dtype, device=device) for _ in self.layers]
 
     # ---------------------------------------------------------------------------------------------- pieces
 
@@ -225,6 +247,7 @@ class LlamaFamilyModel:
             tokens = torch.cat((tokens, tokens.new_zeros(batch - real)))
             positions = torch.cat((positions, positions.new_zeros(batch - real)))
         rows = torch.arange(batch, device=self.device)
+        rows[real:] = self.num_slots  # padding writes to the scratch slot
         span = self._positions[:longest]
         allowed = span[None, :] <= positions[:, None]
         if self.window is not None:
@@ -248,6 +271,65 @@ class LlamaFamilyModel:
             h = h + self._linear(out.reshape(batch, -1), layer.o, layer.o_bias)
             h = h + self._mlp(layer, h)
         return self._logits(h[:real])
+
+    @torch.inference_mode()
+    def prefill_chunk(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
+        """Run ``tokens`` at positions ``start..`` of ``slot``, whose cache holds positions ``0..start-1``.
+
+        Fills the slot's cache for those positions and returns the logits of the last token ([1, vocab]). Each
+        query attends to the slot's cache up to itself, so a prompt run in any split of chunks sees exactly
+        the keys it would see in one pass.
+        """
+        n = len(tokens)
+        end = start + n
+        padded = bucket(n)
+        ids = torch.tensor(tokens + [0] * (padded - n), dtype=torch.long, device=self.device)
+        pos = self._positions[start:end]
+        if padded > n:  # padding rows sit at the last real position; their keys are never written
+            pos = torch.cat((pos, pos[-1:].expand(padded - n)))
+        span = self._positions[:end]
+        allowed = span[None, :] <= pos[:, None]
+        if self.window is not None:
+            allowed &= span[None, :] > pos[:, None] - self.window
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        h = self.embed[ids]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            k_cache[slot, :, start:end] = k[:n].transpose(0, 1).to(self.cache_dtype)
+            v_cache[slot, :, start:end] = v[:n].transpose(0, 1).to(self.cache_dtype)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).to(self.cache_dtype),
+                k_cache[slot, :, :end],
+                v_cache[slot, :, :end],
+                attn_mask=allowed,
+                scale=self.scale,
+                enable_gqa=True,
+            ).to(self.dtype)
+            h = h + self._linear(out.transpose(0, 1).reshape(padded, -1), layer.o, layer.o_bias)
+            h = h + self._mlp(layer, h)
+        return self._logits(h[n - 1 : n])
+
+    def save_blocks(self, slot: int, token_blocks: list[int], pool_blocks: list[int]) -> None:
+        """Copy the slot's token blocks ``token_blocks`` (block ``j``: positions ``j*bs..``) to the pool."""
+        if not pool_blocks:
+            return
+        bs = self.block_size
+        span = (max(token_blocks) + 1) * bs
+        src = torch.tensor(token_blocks, dtype=torch.long, device=self.device)
+        dst = torch.tensor(pool_blocks, dtype=torch.long, device=self.device)
+        for cache, pool in zip(self.k_cache + self.v_cache, self.k_pool + self.v_pool, strict=True):
+            part = cache[slot, :, :span].unflatten(1, (span // bs, bs)).index_select(1, src)  # [KV, n, bs, D]
+            pool.index_copy_(0, dst, part.transpose(0, 1))
+
+    def load_blocks(self, slot: int, blocks: list[int]) -> None:
+        """Copy the pool's ``blocks`` into the slot's first ``len(blocks)`` token blocks (a prefix hit)."""
+        if not blocks:
+            return
+        length = len(blocks) * self.block_size
+        index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for cache, pool in zip(self.k_cache + self.v_cache, self.k_pool + self.v_pool, strict=True):
+            cache[slot, :, :length] = pool.index_select(0, index).transpose(0, 1).flatten(1, 2)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache to another slot (the scheduler compacts running sequences)."""

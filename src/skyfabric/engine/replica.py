@@ -743,6 +743,14 @@ def render_metrics(engine: Engine, model_name: str) -> str:
         "vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
         stats.generation_tokens_total,
     )  # fmt: skip
+    metric(
+        "vllm:prefix_cache_queries_total", "counter",
+        "Prefix cache queries, in terms of number of queried tokens.", stats.prefix_cache_queries_total,
+    )  # fmt: skip
+    metric(
+        "vllm:prefix_cache_hits_total", "counter",
+        "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits_total,
+    )  # fmt: skip
     lines.append("# HELP vllm:request_success_total Count of finished requests by finish reason.")
     lines.append("# TYPE vllm:request_success_total counter")
     for reason, count in sorted(stats.finished_total.items()):
@@ -844,6 +852,8 @@ def run_replica(
     seed: int | None = None,
     drain_timeout: float = 5.0,
     core_cpus: frozenset[int] | None = None,
+    max_num_batched_tokens: int | None = None,
+    enable_prefix_caching: bool = True,
 ) -> None:
     """Run a replica in this process until SIGTERM/SIGINT; then drain, stop the engine's threads, return."""
     model_dir = Path(model_dir)
@@ -860,6 +870,13 @@ def run_replica(
         if engine != "native":
             raise click.UsageError(f"--core-cpus is for the native engine, not {engine}")
         options["core_cpus"] = sorted(core_cpus)
+    if engine == "native":
+        options["max_num_batched_tokens"] = max_num_batched_tokens
+        options["enable_prefix_caching"] = enable_prefix_caching
+    elif max_num_batched_tokens is not None or not enable_prefix_caching:
+        raise click.UsageError(
+            f"--max-num-batched-tokens and --no-enable-prefix-caching are for the native engine, not {engine}"
+        )
     engine_obj = create_engine(
         engine,
         model_dir=model_dir,
@@ -1030,6 +1047,20 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
     "host. vLLM-CPU binds its engine this way by default (VLLM_CPU_OMP_THREADS_BIND).",
 )
 @click.option(
+    "--max-num-batched-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="native engine: prefill tokens per step (longer prompts are prefilled in chunks between decode "
+    "steps, which are also limited to about the decode pass's time while streams run) [default: 512].",
+)
+@click.option(
+    "--enable-prefix-caching/--no-enable-prefix-caching",
+    default=True,
+    show_default=True,
+    help="native engine: reuse the KV blocks of prompt prefixes seen before (a quarter of --kv-cache-mib, "
+    "plus what the slots leave over, evicted least recently used first).",
+)
+@click.option(
     "--drain-timeout",
     type=click.FloatRange(0),
     default=5.0,
@@ -1059,6 +1090,8 @@ def replica_command(
     dtype: str,
     seed: int | None,
     core_cpus: frozenset[int] | None,
+    max_num_batched_tokens: int | None,
+    enable_prefix_caching: bool,
     drain_timeout: float,
     log_level: str,
 ) -> None:
@@ -1112,6 +1145,8 @@ def replica_command(
         seed=seed,
         drain_timeout=drain_timeout,
         core_cpus=core_cpus,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=enable_prefix_caching,
     )
 
 
