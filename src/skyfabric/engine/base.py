@@ -161,8 +161,9 @@ class Engine(abc.ABC):
         *,
         add_generation_prompt: bool,
         continue_final_message: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        """Render ``messages`` with the model's chat template and tokenize the result.
+        """Render ``messages`` (and the request's ``tools`` definitions) with the chat template, tokenize.
 
         Raises :class:`ValueError` when the messages cannot be rendered (the replica answers 400).
         """

@@ -136,8 +136,8 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         kv_cache_mib=slot_mib,
         requested_len=requested,
     )
-    # The pool gets the rest of the budget: the slots (plus the decode's scratch slot) come first.
-    left = kv_mib * 2**20 - (slots + 1) * max_len * bytes_per_token
+    # The pool gets the rest of the budget: the slots come first.
+    left = kv_mib * 2**20 - slots * max_len * bytes_per_token
     prefix_blocks = max(0, left // (BLOCK_SIZE * bytes_per_token)) if prefix_caching else 0
     if requested and max_len < min(int(requested), model_len):
         raise ValueError(
@@ -180,7 +180,7 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
             f"model={model_dir} engine=native arch={text.model_type} device={device} "
             f"dtype={str(dtype).removeprefix('torch.')} packed_weights={model._packed} "
             f"max_num_seqs={batcher.max_running} max_model_len={max_len} "
-            f"kv_cache_mib={(slots + 1) * max_len * bytes_per_token / 2**20:.1f} "
+            f"kv_cache_mib={slots * max_len * bytes_per_token / 2**20:.1f} "
             f"prefix_cache_blocks={prefix_blocks}x{BLOCK_SIZE} "
             f"max_num_batched_tokens={batcher.max_num_batched_tokens} threads={threads}"
         ),

@@ -7,16 +7,18 @@ ops where the transformers modules need several hundred. Weights still come from
 checkpoint layout and tied embeddings), then are repacked once.
 
 The KV cache holds ``num_slots`` sequences of up to ``max_len`` tokens each. Running sequences occupy slots
-``0..B-1`` (the scheduler keeps them compact), so the decode step reads the cache through plain views; one
-more slot is scratch space that the decode's padding rows write to. A long prompt is prefilled in chunks
-(:meth:`LlamaFamilyModel.prefill_chunk`) into a slot of its own. Beside the slots, an optional block pool
-(``prefix_blocks`` blocks of ``block_size`` tokens) keeps prompt prefixes for reuse: blocks are copied out of
-a slot once computed and copied into a new sequence's slot on a hit (:mod:`skyfabric.engine.prefix_cache`
-decides which).
+``0..B-1`` (the scheduler keeps them compact), so the decode step reads the cache through plain views; the
+decode's padding rows write to the last position of their slots, which no sequence uses. A long prompt is
+prefilled in chunks (:meth:`LlamaFamilyModel.prefill_chunk`) into a slot of its own. Beside the slots, an
+optional block pool (``prefix_blocks`` blocks of ``block_size`` tokens) keeps prompt prefixes for reuse:
+blocks are copied out of a slot once computed and into a new sequence's slot on a hit
+(:mod:`skyfabric.engine.prefix_cache` decides which).
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -134,17 +136,15 @@ class LlamaFamilyModel:
         self.linear_units = per_layer / (2 * self.num_heads * self.head_dim)
 
         self.cache_dtype = cache_dtype(dtype, device)
-        # Slot ``num_slots`` is scratch: the decode's padding rows write there, never into a real slot (a
-        # sequence being prefilled in chunks sits in a slot the padding would otherwise reach).
-        shape = (num_slots + 1, self.num_kv_heads, max_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=device) for _ in self.layers]
+        shape = (num_slots, self.num_kv_heads, max_len, self.head_dim)
+        self.k_cache = [lazy_zeros(shape, self.cache_dtype, device) for _ in self.layers]
+        self.v_cache = [lazy_zeros(shape, self.cache_dtype, device) for _ in self.layers]
         self._positions = torch.arange(max_len, device=device)
         self.block_size = block_size
         self.prefix_blocks = prefix_blocks
         pool = (prefix_blocks, self.num_kv_heads, block_size, self.head_dim)
-        self.k_pool = [torch.zeros(pool, dtype=self.cache_dtype, device=device) for _ in self.layers]
-        self.v_pool = [torch.zeros(pool, dtype=self.cache_dtype, device=device) for _ in self.layers]
+        self.k_pool = [lazy_zeros(pool, self.cache_dtype, device) for _ in self.layers]
+        self.v_pool = [lazy_zeros(pool, self.cache_dtype, device) for _ in self.layers]
 
     # ---------------------------------------------------------------------------------------------- pieces
 
@@ -238,16 +238,16 @@ class LlamaFamilyModel:
         """One token for each of the sequences in slots ``0..B-1``; ``longest`` = max(positions) + 1.
 
         ``tokens`` and ``positions`` are [B] long tensors (the position is where the token is written). The
-        batch is padded to a :func:`bucket` with rows that write position 0 of free slots (a free slot's cache
-        is overwritten by its next prefill) and whose logits are dropped.
+        batch is padded to a :func:`bucket` with rows that write the last position of the slots above (no
+        sequence ever holds it: one ends when its next token would go there; a prompt being prefilled in
+        chunks may sit in one of those slots) and whose logits are dropped.
         """
         real = tokens.shape[0]
         batch = min(bucket(real), self.num_slots)
         if batch > real:
             tokens = torch.cat((tokens, tokens.new_zeros(batch - real)))
-            positions = torch.cat((positions, positions.new_zeros(batch - real)))
+            positions = torch.cat((positions, positions.new_full((batch - real,), self.max_len - 1)))
         rows = torch.arange(batch, device=self.device)
-        rows[real:] = self.num_slots  # padding writes to the scratch slot
         span = self._positions[:longest]
         allowed = span[None, :] <= positions[:, None]
         if self.window is not None:
@@ -336,6 +336,20 @@ class LlamaFamilyModel:
         for k_cache, v_cache in zip(self.k_cache, self.v_cache, strict=True):
             k_cache[dst, :, :length] = k_cache[src, :, :length]
             v_cache[dst, :, :length] = v_cache[src, :, :length]
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros that take memory only where written: on CPU, an anonymous mapping (the kernel's zero pages).
+
+    ``torch.zeros`` writes every page, so a replica's KV cache was resident in full from the start; slots
+    sized for a 32k context would cost their whole budget before the first long prompt. Mapped lazily, the
+    resident size follows the longest sequences each slot has held, never more than the budget.
+    """
+    count = math.prod(shape)
+    if device.type != "cpu" or count == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    buffer = mmap.mmap(-1, count * dtype.itemsize)  # the tensor keeps the mapping alive
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
 
 
 def _can_pack(dtype: torch.dtype) -> bool:

@@ -300,6 +300,16 @@ def _message_text(content: Any, index: int) -> str:
     raise _bad(f"messages[{index}].content must be a string or a list of parts", "messages", "invalid_type")
 
 
+def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The request's tool definitions for the chat template (the model sees them; it does not call them)."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _bad("'tools' must be a list of objects", "tools", "invalid_type")
+    return tools
+
+
 def parse_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Validate ``messages`` and normalize them for the template (text content, ``developer`` → system)."""
     if "messages" not in body or body["messages"] is None:
@@ -510,6 +520,7 @@ class ReplicaApp:
                 messages,
                 add_generation_prompt=add_generation_prompt is not False and not continue_final,
                 continue_final_message=continue_final,
+                tools=_tools(body),
             )
         except ValueError as exc:
             raise _bad(str(exc), "messages") from exc
@@ -1012,13 +1023,18 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
     "--max-model-len",
     type=click.IntRange(16),
     default=None,
+    envvar="SKYFABRIC_MAX_MODEL_LEN",
+    show_envvar=True,
     help="Cap on prompt + completion tokens [default: the model's, if the KV cache fits it].",
 )
 @click.option(
     "--kv-cache-mib",
     type=click.IntRange(1),
     default=None,
-    help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU].",
+    envvar="SKYFABRIC_KV_CACHE_MIB",
+    show_envvar=True,
+    help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU]. The native engine maps it lazily on "
+    "CPU: memory grows with the tokens held, up to the budget.",
 )
 @click.option(
     "--device",
