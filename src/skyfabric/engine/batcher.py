@@ -7,9 +7,12 @@ and long requests never wait for each other.
 
 **Chunked prefill.** A step prefills at most ``max_num_batched_tokens`` tokens (decode tokens count too, as in
 vLLM). While sequences are decoding, the prefill is also held to about ``prefill_share`` times the time of
-the decode pass (measured as it runs), so running streams keep at least ``1 / (1 + prefill_share)`` of their
+the decode pass (measured as it runs), so running streams keep about ``1 / (1 + prefill_share)`` of their
 quiet pace: on a CPU, attention over a long prompt costs far more per token than the token budget says
-(a chunk's cost grows with the context before it), so a token budget alone would stall them. Prompts that fit
+(a chunk's cost grows with the context before it), so a token budget alone would stall them. A step always
+prefills at least one token, so where a single token after a long context costs more than a decode pass (a
+small model, whose KV per token is large next to its weights) the streams slow down by that token's cost.
+Prompts that fit
 the allowance whole are packed into one pass; the first that does not is prefilled in chunks in a slot of
 its own (the top one), one chunk per step, and joins the batch when its last chunk is done.
 
@@ -92,7 +95,7 @@ class Batcher:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int = 512,
-        prefill_share: float = 1.0,
+        prefill_share: float = 0.75,
         prefix_cache: PrefixCache | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:

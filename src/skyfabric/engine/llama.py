@@ -292,20 +292,33 @@ class LlamaFamilyModel:
         if self.window is not None:
             allowed &= span[None, :] > pos[:, None] - self.window
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        # A short chunk after a long context: two grouped matmuls (as in decode) beat SDPA's CPU kernels by up
+        # to 8x (measured: 1 token after 19k, 2.5 ms vs 19 ms a layer); a long chunk: SDPA (flash, no scores).
+        groups = self.num_heads // self.num_kv_heads
+        small = padded * end * self.num_heads <= 1 << 24
+        bias = None
+        if small:
+            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
+            bias.masked_fill_(~allowed, float("-inf"))
         h = self.embed[ids]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             k_cache[slot, :, start:end] = k[:n].transpose(0, 1).to(self.cache_dtype)
             v_cache[slot, :, start:end] = v[:n].transpose(0, 1).to(self.cache_dtype)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).to(self.cache_dtype),
-                k_cache[slot, :, :end],
-                v_cache[slot, :, :end],
-                attn_mask=allowed,
-                scale=self.scale,
-                enable_gqa=True,
-            ).to(self.dtype)
+            keys, values = k_cache[slot, :, :end], v_cache[slot, :, :end]
+            q = q.transpose(0, 1).to(self.cache_dtype)  # [H, padded, D], head h reads kv h // groups
+            if bias is not None:
+                grouped = q.reshape(self.num_kv_heads, groups * padded, self.head_dim)
+                scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(self.scale)
+                scores = scores.view(self.num_kv_heads, groups, padded, end).add_(bias)
+                probs = torch.softmax(scores, dim=-1).to(self.cache_dtype)
+                out = torch.matmul(probs.view(self.num_kv_heads, groups * padded, end), values)
+                out = out.view(self.num_heads, padded, self.head_dim).to(self.dtype)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=allowed, scale=self.scale, enable_gqa=True
+                ).to(self.dtype)
             h = h + self._linear(out.transpose(0, 1).reshape(padded, -1), layer.o, layer.o_bias)
             h = h + self._mlp(layer, h)
         return self._logits(h[n - 1 : n])

@@ -65,6 +65,7 @@ class NativeEngine(HFTokenizing, Engine):
         seed: int | None = None,
         core_cpus: Sequence[int] | None = None,
         max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         on_core_exit: Callable[[], None] | None = None,
         **_ignored: Any,
@@ -82,6 +83,7 @@ class NativeEngine(HFTokenizing, Engine):
             "seed": seed,
             "core_cpus": sorted(core_cpus) if core_cpus else None,
             "max_num_batched_tokens": max_num_batched_tokens,
+            "enable_chunked_prefill": enable_chunked_prefill,
             "enable_prefix_caching": enable_prefix_caching,
         }
         self._on_core_exit = on_core_exit or _stop_this_process

@@ -864,6 +864,7 @@ def run_replica(
     drain_timeout: float = 5.0,
     core_cpus: frozenset[int] | None = None,
     max_num_batched_tokens: int | None = None,
+    enable_chunked_prefill: bool = True,
     enable_prefix_caching: bool = True,
 ) -> None:
     """Run a replica in this process until SIGTERM/SIGINT; then drain, stop the engine's threads, return."""
@@ -883,10 +884,12 @@ def run_replica(
         options["core_cpus"] = sorted(core_cpus)
     if engine == "native":
         options["max_num_batched_tokens"] = max_num_batched_tokens
+        options["enable_chunked_prefill"] = enable_chunked_prefill
         options["enable_prefix_caching"] = enable_prefix_caching
-    elif max_num_batched_tokens is not None or not enable_prefix_caching:
+    elif max_num_batched_tokens is not None or not (enable_prefix_caching and enable_chunked_prefill):
         raise click.UsageError(
-            f"--max-num-batched-tokens and --no-enable-prefix-caching are for the native engine, not {engine}"
+            "--max-num-batched-tokens, --no-enable-chunked-prefill and --no-enable-prefix-caching are for "
+            f"the native engine, not {engine}"
         )
     engine_obj = create_engine(
         engine,
@@ -1070,6 +1073,13 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
     "steps, which are also limited to about the decode pass's time while streams run) [default: 512].",
 )
 @click.option(
+    "--enable-chunked-prefill/--no-enable-chunked-prefill",
+    default=True,
+    show_default=True,
+    help="native engine: prefill long prompts in chunks between decode steps; off, a prompt is prefilled "
+    "whole in one step (running streams wait for it).",
+)
+@click.option(
     "--enable-prefix-caching/--no-enable-prefix-caching",
     default=True,
     show_default=True,
@@ -1107,6 +1117,7 @@ def replica_command(
     seed: int | None,
     core_cpus: frozenset[int] | None,
     max_num_batched_tokens: int | None,
+    enable_chunked_prefill: bool,
     enable_prefix_caching: bool,
     drain_timeout: float,
     log_level: str,
@@ -1162,6 +1173,7 @@ def replica_command(
         drain_timeout=drain_timeout,
         core_cpus=core_cpus,
         max_num_batched_tokens=max_num_batched_tokens,
+        enable_chunked_prefill=enable_chunked_prefill,
         enable_prefix_caching=enable_prefix_caching,
     )
 
