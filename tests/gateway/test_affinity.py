@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import time
 
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.gateway.affinity import BOUND, prefix_key, rendezvous
 from skyfabric.gateway.balancer import Cluster, EndpointState, OutlierPolicy, record_failure
+from tests.conftest import MakeGateway
+from tests.support.fake_upstream import FakeUpstream
 
 SYSTEM = {"role": "system", "content": "You are a coding agent. " * 200}
 
@@ -107,3 +110,38 @@ def test_without_a_key_the_balancer_is_least_loaded() -> None:
     c.states[2].outstanding = 2
     assert c.pick(100.0) is c.states[1]
     assert c.pick(100.0, affinity=None) is c.states[1]
+
+
+async def test_gateway_sends_a_conversation_back_to_its_replica_and_past_a_failure(
+    make_gateway: MakeGateway,
+) -> None:
+    """Through the gateway (OpenAI SDK): 9 conversations x 3 turns each stay on one upstream; when one's
+    upstream dies, its next turns all go to one other upstream; nothing stays counted in flight."""
+    ups = [FakeUpstream(f"u{i}", tokens=2) for i in range(3)]
+    gw = await make_gateway(
+        {"aws": ups[:1], "gcp": ups[1:2], "azure": ups[2:]}, models=[{"name": "m", "affinity": True}]
+    )
+    client = gw.client()
+
+    async def turn(i: int, t: int) -> str:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m",
+            messages=conversation(i, t)["messages"],  # type: ignore[arg-type]
+        )
+        return str(raw.headers["x-skyfabric-backend"])
+
+    homes: dict[int, set[str]] = {i: set() for i in range(9)}
+    for t in range(3):
+        for i in range(9):
+            homes[i].add(await turn(i, t))
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert len({next(iter(h)) for h in homes.values()}) >= 2  # conversations spread over the upstreams
+    # Conversation 0's upstream dies: the next turns are answered elsewhere, all by the same one.
+    home = next(iter(homes[0]))
+    dead = next(up for up, name in zip(ups, ("aws", "gcp", "azure"), strict=True) if home.startswith(name))
+    await dead.stop()
+    started = time.monotonic()
+    after = {await turn(0, 3 + k) for k in range(4)}
+    assert len(after) == 1 and after != {home}
+    assert time.monotonic() - started < 5.0  # the worst case: one refused connection, then a retry
+    assert all(s.outstanding == 0 and s.streaming == 0 for s in gw.gateway.proxy.states.values())
