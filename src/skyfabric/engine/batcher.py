@@ -79,8 +79,12 @@ class Sequence:
     slot: int = -1  # while prefilled in chunks
 
 
-#: A step may always prefill the work of this many tokens at context 0 (see :meth:`Batcher._work_allowance`).
+#: Whole prompts up to the work of this many tokens at context 0 are admitted past the work allowance.
 MIN_PREFILL_TOKENS = 32
+
+#: Prefill passes of fewer tokens only give the first estimate of a work unit's cost, then are not used: a
+#: pass's fixed cost (a few dozen ops) dominates them, and learning from them shrank chunks to one token.
+MEASURE_TOKENS = 8
 
 #: One step's result for one sequence: (request id, new token, finish reason or None).
 Output = tuple[int, int, str | None]
@@ -206,9 +210,7 @@ class Batcher:
         """Prefill work units this step may spend: unbounded when nothing decodes or nothing is measured."""
         if not self.running or self.prefill_share <= 0 or self._decode_s is None or self._unit_s is None:
             return float("inf")
-        # At least the work of MIN_PREFILL_TOKENS fresh tokens (about a decode pass of as many rows), so that
-        # short prompts are admitted whole however small the running batch is.
-        return max(self.prefill_share * self._decode_s / self._unit_s, self._cost(MIN_PREFILL_TOKENS, 0))
+        return self.prefill_share * self._decode_s / self._unit_s
 
     def _chunk_size(self, start: int, tokens_left: int, work_left: float) -> int:
         """The most tokens after ``start`` that fit both the token and the work allowance."""
@@ -232,6 +234,7 @@ class Batcher:
         """Admit waiting prompts that fit the allowance whole; start chunking the first that does not."""
         admitted: list[Sequence] = []
         capacity = min(self.max_running, self.model.num_slots)
+        work_allowed = work_left
         while self.waiting:
             busy = len(self.running) + len(admitted) + (self.partial is not None)
             if busy >= capacity:
@@ -240,7 +243,10 @@ class Batcher:
             cached = self._match(seq)
             need = len(seq.prompt) - cached * self._block_size
             cost = self._cost(need, len(seq.prompt) - need)
-            if need <= tokens_left and cost <= work_left:
+            # A short prompt goes in whole even past the work allowance (up to the work of MIN_PREFILL_TOKENS
+            # fresh tokens in all, about a decode pass of as many rows): chunking it would only add passes.
+            spent = 0.0 if work_left == float("inf") else work_allowed - work_left
+            if need <= tokens_left and cost <= max(work_left, self._cost(MIN_PREFILL_TOKENS, 0) - spent):
                 self.waiting.popleft()
                 self._take(seq, cached)
                 admitted.append(seq)
@@ -341,7 +347,9 @@ class Batcher:
                 rows[i] = self.model.prefill_chunk(seq.prompt[start:], slots[i], start)
                 self.forward_passes += 1
                 work += self._cost(len(seq.prompt) - start, start)
-        self._measure("_unit_s", self.clock() - started, max(work, 1.0))
+        fresh_tokens = sum(len(seq.prompt) - len(seq.blocks) * self._block_size for seq in admitted)
+        if fresh_tokens >= MEASURE_TOKENS or self._unit_s is None:
+            self._measure("_unit_s", self.clock() - started, max(work, 1.0))
         for seq, slot in zip(admitted, slots, strict=True):
             seq.length = len(seq.prompt)
             self._store(seq, slot, seq.length)
@@ -365,7 +373,9 @@ class Batcher:
         size = min(size, len(seq.prompt) - start)
         began = self.clock()
         logits = self.model.prefill_chunk(seq.prompt[start : start + size], top, start)
-        self._measure("_unit_s", self.clock() - began, self._cost(size, start))
+        elapsed = self.clock() - began
+        if size >= MEASURE_TOKENS or self._unit_s is None:
+            self._measure("_unit_s", elapsed, self._cost(size, start))
         self.forward_passes += 1
         self.prefill_chunks += 1
         seq.length = start + size
