@@ -117,9 +117,19 @@ class TimedModel:
     def _prefill_time(self, n: int, start: int) -> float:
         return 2e-7 * n * (start + n / 2 + self.linear_units) + 1e-3
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        longest: int,
+        chunk: tuple[list[int], int, int] | None = None,
+    ) -> torch.Tensor:
         self.clock.now += 0.010
-        return self.model.decode(tokens, positions, longest)
+        if chunk is not None:  # in the same pass: the chunk's work, without a pass's fixed cost
+            seconds = self._prefill_time(len(chunk[0]), chunk[2]) - 1e-3
+            self.clock.now += seconds
+            self.prefill_seconds.append(seconds)
+        return self.model.decode(tokens, positions, longest, chunk)
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         seconds = sum(self._prefill_time(len(p), 0) for p in prompts)
@@ -227,7 +237,7 @@ def test_eviction_under_pressure_stays_within_the_pool(tiny_checkpoint: Path, re
     cache = PrefixCache(10, 16)
     batcher = Batcher(load(tiny_checkpoint, prefix_blocks=10), max_num_seqs=2, prefix_cache=cache)
     prompts = [long_prompt(ref, 100, seed=10 + i) for i in range(8)]
-    got = run(batcher, {2 * i: [(i, p, 3)] for i, p in enumerate(prompts)})
+    got = run(batcher, {40 * i: [(i, p, 3)] for i, p in enumerate(prompts)})  # one after another
     for i, p in enumerate(prompts):
         assert got[i] == ref.greedy(p, 3)
     assert cache.evictions > 0 and cache.cached <= 10 and cache.held == 0

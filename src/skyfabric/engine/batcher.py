@@ -49,7 +49,13 @@ class Model(Protocol):
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor: ...
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor: ...
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        longest: int,
+        chunk: tuple[list[int], int, int] | None = None,
+    ) -> torch.Tensor: ...
 
     def move_slot(self, src: int, dst: int, length: int) -> None: ...
 
@@ -182,11 +188,16 @@ class Batcher:
         admitted, tokens_left, work_left = self._admit(tokens_left, work_left)
         outputs: list[Output] = []
         if self.running:
-            outputs.extend(self._decode())
+            # A chunk of the partial prompt rides in the decode pass (it shares the matmuls: a separate pass
+            # cost about half a decode pass in fixed overhead, whatever the chunk's size).
+            size = 0
+            if self.partial is not None:
+                size = self._plan_chunk(tokens_left, work_left, progress=True)
+            outputs.extend(self._decode(size))
         if admitted:
             outputs.extend(self._prefill(admitted))
             self.running.extend(admitted)
-        if self.partial is not None:
+        if self.partial is not None and not self.running:
             outputs.extend(self._prefill_partial(tokens_left, work_left, progress=not admitted))
         self._retire({rid for rid, _, reason in outputs if reason is not None})
         return outputs
@@ -313,18 +324,33 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------------------- passes
 
-    def _decode(self) -> list[Output]:
-        running = self.running
+    def _decode(self, chunk_size: int = 0) -> list[Output]:
+        """One decode pass for the running batch, with ``chunk_size`` tokens of the partial prompt in it."""
+        running = list(self.running)
         device = self.model.device
         tokens = torch.tensor([seq.last_token for seq in running], dtype=torch.long, device=device)
         positions = torch.tensor([seq.length for seq in running], dtype=torch.long, device=device)
+        longest = max(seq.length for seq in running) + 1
+        partial = self.partial if chunk_size > 0 else None
         started = self.clock()
-        logits = self.model.decode(tokens, positions, max(seq.length for seq in running) + 1)
-        self._measure("_decode_s", self.clock() - started)
+        if partial is None:
+            logits = self.model.decode(tokens, positions, longest)
+            self._measure("_decode_s", self.clock() - started)
+        else:
+            start = partial.length
+            chunk = (partial.prompt[start : start + chunk_size], self.model.num_slots - 1, start)
+            logits = self.model.decode(tokens, positions, longest, chunk)
+            # The chunk's share of the pass: what it took beyond a decode pass (not a decode sample).
+            extra = max(0.0, self.clock() - started - (self._decode_s or 0.0))
+            self._measure("_unit_s", extra, max(self._cost(chunk_size, start), 1.0))
+            self.prefill_chunks += 1
         self.forward_passes += 1
         for seq in running:
             seq.length += 1
-        return self._sample(running, logits)
+        outputs = self._sample(running, logits[: len(running)])
+        if partial is not None:
+            outputs.extend(self._chunk_done(partial, chunk_size, logits[len(running) :]))
+        return outputs
 
     def _prefill(self, admitted: list[Sequence]) -> list[Output]:
         """Whole prompts: those with no cached prefix packed into one pass, the others each from its hit."""
@@ -355,30 +381,41 @@ class Batcher:
             self._store(seq, slot, seq.length)
         return self._sample(admitted, torch.cat([rows[i] for i in range(len(admitted))]))
 
-    def _prefill_partial(self, tokens_left: int, work_left: float, *, progress: bool) -> list[Output]:
-        """One chunk of the partial prompt; when it is the last, the sequence joins the running batch."""
+    def _plan_chunk(self, tokens_left: int, work_left: float, *, progress: bool) -> int:
+        """Tokens of the partial prompt to run this step (placing it in the top slot the first time)."""
         seq = self.partial
         assert seq is not None
-        top = self.model.num_slots - 1
         if seq.slot < 0:
-            seq.slot = top
+            seq.slot = self.model.num_slots - 1
             seq.length = len(seq.blocks) * self._block_size
-            self.model.load_blocks(top, seq.blocks)
-        start = seq.length
-        size = self._chunk_size(start, tokens_left, work_left)
+            self.model.load_blocks(seq.slot, seq.blocks)
+        size = self._chunk_size(seq.length, tokens_left, work_left)
         if size <= 0:
             if not progress:
-                return []
+                return 0
             size = 1  # nothing else prefilled this step: always move on
-        size = min(size, len(seq.prompt) - start)
+        return min(size, len(seq.prompt) - seq.length)
+
+    def _prefill_partial(self, tokens_left: int, work_left: float, *, progress: bool) -> list[Output]:
+        """One chunk of the partial prompt in a pass of its own (nothing decodes)."""
+        seq = self.partial
+        assert seq is not None
+        size = self._plan_chunk(tokens_left, work_left, progress=progress)
+        if size <= 0:
+            return []
+        start = seq.length
         began = self.clock()
-        logits = self.model.prefill_chunk(seq.prompt[start : start + size], top, start)
-        elapsed = self.clock() - began
+        logits = self.model.prefill_chunk(seq.prompt[start : start + size], seq.slot, start)
         if size >= MEASURE_TOKENS or self._unit_s is None:
-            self._measure("_unit_s", elapsed, self._cost(size, start))
+            self._measure("_unit_s", self.clock() - began, self._cost(size, start))
         self.forward_passes += 1
         self.prefill_chunks += 1
-        seq.length = start + size
+        return self._chunk_done(seq, size, logits)
+
+    def _chunk_done(self, seq: Sequence, size: int, logits: torch.Tensor) -> list[Output]:
+        """After a chunk: cache its blocks; after the last, move the sequence into the running batch."""
+        top = seq.slot
+        seq.length += size
         self._store(seq, top, seq.length)
         if seq.length < len(seq.prompt):
             return []
