@@ -14,7 +14,8 @@ prefills at least one token, so where a single token after a long context costs 
 small model, whose KV per token is large next to its weights) the streams slow down by that token's cost.
 Prompts that fit
 the allowance whole are packed into one pass; the first that does not is prefilled in chunks in a slot of
-its own (the top one), one chunk per step, and joins the batch when its last chunk is done.
+its own (the top one), one chunk per step, riding in the decode pass when streams run (its rows share the
+matmuls), and joins the batch when its last chunk is done.
 
 **Prefix caching** (with a :class:`~skyfabric.engine.prefix_cache.PrefixCache`): on admission a prompt's
 cached prefix blocks are copied into its slot and only the rest is computed; computed full prompt blocks are
