@@ -112,7 +112,7 @@ def test_bad_input_gets_clear_errors_and_the_fleet_stays_up(fleet: EmbeddedFleet
         client(fleet).chat.completions.create(model="gpt-5", messages=PROMPT)
     resp = httpx.post(f"http://127.0.0.1:{fleet.port}/v1/chat/completions", content=b"{oops")
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
-    long_prompt = [{"role": "user", "content": "x = 1\n" * 400}]
+    long_prompt = [{"role": "user", "content": "x = 1\n" * 9000}]  # ~36k tokens: past the 32k context
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client(fleet).chat.completions.create(model="code", messages=long_prompt, max_tokens=8)
     assert client(fleet).chat.completions.create(model="code", messages=PROMPT, max_tokens=4).choices

@@ -32,6 +32,15 @@ log = logging.getLogger("skyfabric.up")
 #: on the batch, and in float32 a stream continued on another replica after a failover reads exactly like the
 #: uninterrupted answer, which the fleet's tests and drills check.
 REPLICA_ENV = {"SKYFABRIC_DTYPE": os.environ.get("SKYFABRIC_DTYPE", "float32")}
+#: Coding clients send 20k-token prompts: replicas take the shipped model's 32k context, 16 sequences at once
+#: (16 slots x 128 MiB in float32) and a prefix cache of ~170k tokens. Mapped lazily, so a replica's memory
+#: follows the tokens it holds (bounded by this budget), not the budget.
+REPLICA_ENV.update(
+    {
+        "SKYFABRIC_MAX_MODEL_LEN": os.environ.get("SKYFABRIC_MAX_MODEL_LEN", "32768"),
+        "SKYFABRIC_KV_CACHE_MIB": os.environ.get("SKYFABRIC_KV_CACHE_MIB", "2752"),
+    }
+)
 
 
 @dataclass

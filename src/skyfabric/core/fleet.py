@@ -198,6 +198,11 @@ class Model(_Strict):
     larger_context: Name | None = Field(None, description="model to send context-length overflows to")
     owned_by: str = "skyfabric"
     hedge: Hedge | None = Field(None, description="hedge streaming requests whose first token is late")
+    affinity: bool = Field(
+        False,
+        description="send requests sharing a prefix (system prompt and first user message) to the same "
+        "endpoint while its load allows, for the engines' prefix caches",
+    )
 
 
 class Timeouts(_Strict):

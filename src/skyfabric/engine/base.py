@@ -112,6 +112,9 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     forward_passes_total: int = 0
+    #: Prompt tokens looked up in the prefix cache, and those found there (vLLM counts both in tokens).
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
     finished_total: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -169,8 +172,9 @@ class Engine(abc.ABC):
         *,
         add_generation_prompt: bool,
         continue_final_message: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        """Render ``messages`` with the model's chat template and tokenize the result.
+        """Render ``messages`` (and the request's ``tools`` definitions) with the chat template, tokenize.
 
         Raises :class:`ValueError` when the messages cannot be rendered (the replica answers 400).
         """

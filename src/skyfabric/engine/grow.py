@@ -44,12 +44,27 @@ ROLES = ("user", "assistant", "system")
 SPECIAL_TOKENS = (BOS, EOS, PAD, "<|user|>", "<|assistant|>", "<|system|>", END)
 
 #: ``<|role|>\n{content}<|end|>\n`` per message. The content is emitted verbatim (no trim filter) so that
-#: HF's ``continue_final_message=True`` can find the final message and cut the text right after it.
+#: HF's ``continue_final_message=True`` can find the final message and cut the text right after it. Tool
+#: definitions (``tools=``) come first, one JSON object a line in a system block, as coding clients send
+#: them; content given as a list of parts renders its text parts; an assistant's tool calls follow its content
+#: as ``<tool_call>{json}</tool_call>`` lines. Without tools and with string content it renders exactly what
+#: :func:`render_chat` does (the training format).
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>\n# Tools\n' }}{% for tool in tools %}"
+    "{{ (tool.function if tool.function is defined else tool) | tojson }}{{ '\n' }}"
+    "{% endfor %}{{ '<|end|>\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '\n<tool_call>' }}{{ (call.function if call.function is defined else call) | tojson }}"
+    "{{ '</tool_call>' }}{% endfor %}{% endif %}"
+    "{{ '<|end|>\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
 #: Directory names skipped when walking a corpus: vendored packages, test suites (huge, repetitive, full
@@ -740,6 +755,67 @@ def grow(params: GrowParams) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------------------- long context
+
+LONG_CONTEXT_SECTION = "## Long context"
+
+
+def extend_context(model_dir: Path, context: int) -> dict[str, Any]:
+    """Let a checkpoint take ``context`` tokens: Llama-3 RoPE scaling from its training window, no retraining.
+
+    Llama 3.1's scheme (``rope_type: llama3``, which transformers, vLLM and the native engine all read):
+    RoPE dimensions whose wavelength fits in a quarter of the training window keep their frequency (local
+    order is unchanged), those longer than the window are slowed by ``context / window`` so that positions up
+    to ``context`` stay within the angles seen in training, with a smooth ramp between. Also writes the
+    tokenizer's ``model_max_length`` and the current chat template, and the card's long-context section.
+    Returns the new ``rope_parameters``.
+    """
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    rope = dict(config.get("rope_parameters") or {})
+    window = int(rope.get("original_max_position_embeddings") or config["max_position_embeddings"])
+    if context < window:
+        raise click.UsageError(f"--extend-context {context} is below the training window {window}")
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": float(rope.get("rope_theta", 10000.0)),
+        "factor": context / window,
+        "original_max_position_embeddings": window,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    }
+    config["rope_parameters"] = rope
+    config["max_position_embeddings"] = context
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    tok_path = model_dir / "tokenizer_config.json"
+    tok = json.loads(tok_path.read_text())
+    tok["model_max_length"] = context
+    tok["chat_template"] = CHAT_TEMPLATE
+    tok_path.write_text(json.dumps(tok, indent=2) + "\n")
+    card = model_dir / "MODEL_CARD.md"
+    if card.exists():
+        text = card.read_text()
+        if LONG_CONTEXT_SECTION in text:
+            head, _, rest = text.partition(LONG_CONTEXT_SECTION)
+            tail = rest.split("\n## ", 1)
+            text = head + (("## " + tail[1]) if len(tail) > 1 else "")
+        section = (
+            f"{LONG_CONTEXT_SECTION}\n\n"
+            f"Trained on {window}-token windows; extended to {context:,} tokens without retraining by "
+            f"`skyfabric grow --no-train --extend-context {context}`: RoPE scaling `llama3` (factor "
+            f"{context / window:g}, low/high frequency factors 1/4, original window {window}) in "
+            "config.json, read alike by transformers, vLLM and the native engine. Beyond "
+            f"{window} tokens the model has seen no training text: it answers a long prompt (a coding "
+            "client's system prompt and tools), mostly with nonsense. The chat template renders `tools` "
+            "as a `# Tools` system block (one JSON definition a line), list-of-parts content, and "
+            "assistant tool calls.\n\n"
+        )
+        marker = "## Chat format"
+        text = text.replace(marker, section + marker) if marker in text else text + "\n" + section
+        card.write_text(text)
+    return rope
+
+
 @click.command("grow")
 @click.option(
     "--size",
@@ -805,6 +881,18 @@ def grow(params: GrowParams) -> Path:
     show_default=True,
     help="Storage dtype of the weights (bfloat16 falls back to float32 if it raises val loss).",
 )
+@click.option(
+    "--extend-context",
+    "extend_to",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Then let the model take this many tokens by RoPE scaling (llama3) from its training window.",
+)
+@click.option(
+    "--no-train",
+    is_flag=True,
+    help="Do not train: only apply --extend-context to the checkpoint already in --out.",
+)
 def grow_command(
     size: str,
     context: int,
@@ -817,8 +905,15 @@ def grow_command(
     batch_size: int,
     lr: float | None,
     dtype: str,
+    extend_to: int | None,
+    no_train: bool,
 ) -> None:
     """Train skyfabric's embedded code model from scratch on CPU and save it for the local engine."""
+    if no_train:
+        if extend_to is None:
+            raise click.UsageError("--no-train needs --extend-context")
+        click.echo(f"rope_parameters: {extend_context(out, extend_to)}")
+        return
     params = GrowParams(
         size=size,
         context=context,
@@ -834,6 +929,8 @@ def grow_command(
     )
     click.echo(f"$ {params.command_line()}", err=True)
     path = grow(params)
+    if extend_to is not None:
+        extend_context(path, extend_to)
     click.echo(f"grown: {path}")
 
 

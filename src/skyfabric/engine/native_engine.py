@@ -63,6 +63,9 @@ class NativeEngine(HFTokenizing, Engine):
         kv_cache_mib: int | None = None,
         seed: int | None = None,
         core_cpus: Sequence[int] | None = None,
+        max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
         on_core_exit: Callable[[], None] | None = None,
         **_ignored: Any,
     ) -> None:
@@ -78,6 +81,9 @@ class NativeEngine(HFTokenizing, Engine):
             "kv_cache_mib": kv_cache_mib,
             "seed": seed,
             "core_cpus": sorted(core_cpus) if core_cpus else None,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "enable_chunked_prefill": enable_chunked_prefill,
+            "enable_prefix_caching": enable_prefix_caching,
         }
         self._on_core_exit = on_core_exit or _stop_this_process
         self._tokenizer: Any = None
@@ -104,6 +110,8 @@ class NativeEngine(HFTokenizing, Engine):
         self._kv_usage = 0.0
         self._forward_passes = 0
         self._forward_base = 0
+        self._prefix_queries = self._prefix_hits = 0
+        self._prefix_base = (0, 0)
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._finished: dict[str, int] = {"stop": 0, "length": 0, "abort": 0}
@@ -157,6 +165,7 @@ class NativeEngine(HFTokenizing, Engine):
                 pass
         self._prompt_tokens = self._generation_tokens = 0
         self._forward_base = self._forward_passes
+        self._prefix_base = (self._prefix_queries, self._prefix_hits)
         self._finished = {"stop": 0, "length": 0, "abort": 0}
         self.load_seconds = time.monotonic() - started
         log.info("engine ready in %.1fs: %s", self.load_seconds, self.describe())
@@ -247,8 +256,9 @@ class NativeEngine(HFTokenizing, Engine):
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "out":
-            _, outputs, (running, _waiting, kv_usage, passes) = message
+            _, outputs, (running, _waiting, kv_usage, passes, queries, hits) = message
             self._core_running, self._kv_usage, self._forward_passes = running, kv_usage, passes
+            self._prefix_queries, self._prefix_hits = queries, hits
             queues = self._queues
             for rid, token, finish in outputs:
                 queue = queues.get(rid)
@@ -360,6 +370,8 @@ class NativeEngine(HFTokenizing, Engine):
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generation_tokens,
             forward_passes_total=self._forward_passes - self._forward_base,
+            prefix_cache_queries_total=self._prefix_queries - self._prefix_base[0],
+            prefix_cache_hits_total=self._prefix_hits - self._prefix_base[1],
             finished_total=dict(self._finished),
         )
 

@@ -322,6 +322,16 @@ def _message_text(content: Any, index: int) -> str:
     raise _bad(f"messages[{index}].content must be a string or a list of parts", "messages", "invalid_type")
 
 
+def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The request's tool definitions for the chat template (the model sees them; it does not call them)."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _bad("'tools' must be a list of objects", "tools", "invalid_type")
+    return tools
+
+
 def parse_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Validate ``messages`` and normalize them for the template (text content, ``developer`` → system)."""
     if "messages" not in body or body["messages"] is None:
@@ -533,6 +543,7 @@ class ReplicaApp:
                 messages,
                 add_generation_prompt=add_generation_prompt is not False and not continue_final,
                 continue_final_message=continue_final,
+                tools=_tools(body),
             )
             long = sum(len(m["content"]) for m in messages) > OFF_LOOP_CHARS
             prompt_ids = await asyncio.to_thread(render) if long else render()
@@ -778,6 +789,14 @@ def render_metrics(engine: Engine, model_name: str) -> str:
         "vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
         stats.generation_tokens_total,
     )  # fmt: skip
+    metric(
+        "vllm:prefix_cache_queries_total", "counter",
+        "Prefix cache queries, in terms of number of queried tokens.", stats.prefix_cache_queries_total,
+    )  # fmt: skip
+    metric(
+        "vllm:prefix_cache_hits_total", "counter",
+        "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits_total,
+    )  # fmt: skip
     lines.append("# HELP vllm:request_success_total Count of finished requests by finish reason.")
     lines.append("# TYPE vllm:request_success_total counter")
     for reason, count in sorted(stats.finished_total.items()):
@@ -880,6 +899,9 @@ def run_replica(
     seed: int | None = None,
     drain_timeout: float = 5.0,
     core_cpus: frozenset[int] | None = None,
+    max_num_batched_tokens: int | None = None,
+    enable_chunked_prefill: bool = True,
+    enable_prefix_caching: bool = True,
 ) -> None:
     """Run a replica in this process until SIGTERM/SIGINT; then drain, stop the engine's threads, return."""
     model_dir = Path(model_dir)
@@ -896,6 +918,15 @@ def run_replica(
         if engine != "native":
             raise click.UsageError(f"--core-cpus is for the native engine, not {engine}")
         options["core_cpus"] = sorted(core_cpus)
+    if engine == "native":
+        options["max_num_batched_tokens"] = max_num_batched_tokens
+        options["enable_chunked_prefill"] = enable_chunked_prefill
+        options["enable_prefix_caching"] = enable_prefix_caching
+    elif max_num_batched_tokens is not None or not (enable_prefix_caching and enable_chunked_prefill):
+        raise click.UsageError(
+            "--max-num-batched-tokens, --no-enable-chunked-prefill and --no-enable-prefix-caching are for "
+            f"the native engine, not {engine}"
+        )
     engine_obj = create_engine(
         engine,
         model_dir=model_dir,
@@ -1031,13 +1062,18 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
     "--max-model-len",
     type=click.IntRange(16),
     default=None,
+    envvar="SKYFABRIC_MAX_MODEL_LEN",
+    show_envvar=True,
     help="Cap on prompt + completion tokens [default: the model's, if the KV cache fits it].",
 )
 @click.option(
     "--kv-cache-mib",
     type=click.IntRange(1),
     default=None,
-    help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU].",
+    envvar="SKYFABRIC_KV_CACHE_MIB",
+    show_envvar=True,
+    help="KV cache budget in MiB [default: 128 on CPU, 4096 on GPU]. The native engine maps it lazily on "
+    "CPU: memory grows with the tokens held, up to the budget.",
 )
 @click.option(
     "--device",
@@ -1064,6 +1100,27 @@ def _exec_server_engine(engine_name: str, spec: ServerSpec) -> None:
     help="native engine: bind its core process (the forward passes) to these CPUs, e.g. 0 or 0-3,8; this "
     "process (HTTP) then keeps off them. Default: unbound, since `skyfabric up` runs several replicas per "
     "host. vLLM-CPU binds its engine this way by default (VLLM_CPU_OMP_THREADS_BIND).",
+)
+@click.option(
+    "--max-num-batched-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="native engine: prefill tokens per step (longer prompts are prefilled in chunks between decode "
+    "steps, which are also limited to about the decode pass's time while streams run) [default: 512].",
+)
+@click.option(
+    "--enable-chunked-prefill/--no-enable-chunked-prefill",
+    default=True,
+    show_default=True,
+    help="native engine: prefill long prompts in chunks between decode steps; off, a prompt is prefilled "
+    "whole in one step (running streams wait for it).",
+)
+@click.option(
+    "--enable-prefix-caching/--no-enable-prefix-caching",
+    default=True,
+    show_default=True,
+    help="native engine: reuse the KV blocks of prompt prefixes seen before (a quarter of --kv-cache-mib, "
+    "plus what the slots leave over, evicted least recently used first).",
 )
 @click.option(
     "--drain-timeout",
@@ -1095,6 +1152,9 @@ def replica_command(
     dtype: str,
     seed: int | None,
     core_cpus: frozenset[int] | None,
+    max_num_batched_tokens: int | None,
+    enable_chunked_prefill: bool,
+    enable_prefix_caching: bool,
     drain_timeout: float,
     log_level: str,
 ) -> None:
@@ -1148,6 +1208,9 @@ def replica_command(
         seed=seed,
         drain_timeout=drain_timeout,
         core_cpus=core_cpus,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_chunked_prefill=enable_chunked_prefill,
+        enable_prefix_caching=enable_prefix_caching,
     )
 
 

@@ -190,6 +190,7 @@ class HFTokenizing:
         *,
         add_generation_prompt: bool,
         continue_final_message: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Render ``messages`` with the model's chat template and tokenize; ValueError when it cannot."""
         tokenizer = self._tokenizer
@@ -201,6 +202,7 @@ class HFTokenizing:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
+                tools=[dict(t) for t in tools] if tools else None,
             )
         except ValueError:
             raise

@@ -27,6 +27,7 @@ from skyfabric.core.errors import (
 )
 from skyfabric.core.fleet import Fleet
 from skyfabric.gateway.admission import Admission
+from skyfabric.gateway.affinity import prefix_key
 from skyfabric.gateway.api_errors import error_response
 from skyfabric.gateway.balancer import (
     Cluster,
@@ -283,6 +284,7 @@ class Proxy:
         )
 
     async def _forward(self, ctx: RequestContext, chain: tuple[str, ...]) -> Response | StreamResponse:
+        prefix = prefix_key(ctx.body) if any(self._models[m].affinity for m in chain) else None
         last: UpstreamError | None = None
         self.budget.active_requests += 1
         retrying = False
@@ -323,6 +325,7 @@ class Proxy:
                             avoid_endpoints=ctx.tried,
                             avoid_providers=ctx.failed_providers,
                             cooldowns=self.cooldowns,
+                            affinity=prefix if self._models[model].affinity else None,
                         )
                         if state is None:
                             break
