@@ -214,6 +214,13 @@ class ApiKey(_Strict):
     name: str = "default"
 
 
+class Observability(_Strict):
+    """What the gateway shows of itself: the live dashboard, metrics, traces and logs."""
+
+    dashboard: bool = Field(True, description="serve the live dashboard at /dashboard (API keys guard it)")
+    dashboard_interval: float = Field(1.0, gt=0, le=60, description="seconds between dashboard updates")
+
+
 class Fleet(_Strict):
     """A whole fleet file."""
 
@@ -226,6 +233,7 @@ class Fleet(_Strict):
     health: Health = Health()
     admission: Admission = Admission()
     api_keys: list[ApiKey] = Field(default_factory=list, description="empty: no authentication")
+    observability: Observability = Observability()
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Fleet:

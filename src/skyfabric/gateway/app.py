@@ -17,6 +17,7 @@ from skyfabric.gateway.admission import parse_priority
 from skyfabric.gateway.api_errors import client_error_response, error_response
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.proxy import Proxy
+from skyfabric.gateway.telemetry import install
 from skyfabric.http.messages import Request, Response, StreamResponse
 
 _OK = Response(200, b'{"status":"ok"}')
@@ -42,6 +43,7 @@ class Gateway:
             (b"GET", b"/metrics"): self.metrics,
         }
         self._paths = {path for _, path in self._routes}
+        self.dashboard = install(self.proxy, self.keys)
 
     async def start(self) -> None:
         """Start the background health loop (probes, load signals, stall watchdog)."""
@@ -56,11 +58,15 @@ class Gateway:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.dashboard is not None:
+            await self.dashboard.hub.close()
         self.proxy.client.close()
 
     async def __call__(self, request: Request) -> Response | StreamResponse:
         handler = self._routes.get((request.method, request.path))
         if handler is None:
+            if self.dashboard is not None and request.path.startswith(b"/dashboard"):
+                return await self.dashboard.handle(request)
             if request.path in self._paths:
                 return error_response(
                     405, f"method {request.method.decode()} not allowed on {request.path.decode()}"

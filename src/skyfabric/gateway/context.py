@@ -28,6 +28,8 @@ class RequestContext:
     priority: int = 5
     #: Called once when the request is over (stream finished or abandoned): frees its admission slot.
     on_done: Callable[[], None] | None = None
+    #: Telemetry's per-request scratch (see ``gateway/observe.py``); None unless an observer is on.
+    observed: dict[str, Any] | None = None
 
     def finish(self) -> None:
         """Run ``on_done`` once."""

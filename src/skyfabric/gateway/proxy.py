@@ -39,6 +39,7 @@ from skyfabric.gateway.balancer import (
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.hedge import TtftWindow, race
 from skyfabric.gateway.metrics import GatewayMetrics
+from skyfabric.gateway.observe import ATTEMPT, HEDGE, Observer
 from skyfabric.gateway.retry import RetryBudget, backoff
 from skyfabric.http.client import HTTPClient, UpstreamResponse
 from skyfabric.http.messages import Response, StreamResponse
@@ -108,6 +109,8 @@ class Proxy:
             queue_limit=fleet.admission.queue_limit,
             clock=clock,
         )
+        #: Telemetry's hooks (dashboard, GenAI metrics, traces); the no-op observer when all are off.
+        self.observer: Observer = Observer()
         self._backend_headers = {
             e.id: [(b"x-skyfabric-backend", e.id.encode()), (b"x-skyfabric-model", e.model.encode())]
             for e in endpoints
@@ -126,10 +129,12 @@ class Proxy:
             raise
         model = ctx.model
         ctx.on_done = lambda: self.admission.release(model, self.clock() - started)
+        self.observer.request_start(ctx)
         try:
             result = await self._forward(ctx)
         except BaseException:
             ctx.finish()
+            self.observer.request_end(ctx, 499, self.clock() - started)
             raise
         if not isinstance(result, StreamResponse):
             ctx.finish()  # a stream's relay frees the slot when the stream ends
@@ -139,6 +144,7 @@ class Proxy:
             self.metrics.observe(self.metrics.ttft, ctx.model, self.clock() - started)
         else:
             self.metrics.observe(self.metrics.latency, ctx.model, self.clock() - started)
+        self.observer.request_end(ctx, result.status, self.clock() - started)
         return result
 
     async def _forward(self, ctx: RequestContext) -> Response | StreamResponse:
@@ -197,6 +203,7 @@ class Proxy:
                                         chain.append(bigger)
                                         break
                                 self.metrics.attempt(state.endpoint.id, f"status_{exc.status}")
+                                self.observer.attempt_end(ctx, state, f"status_{exc.status}")
                                 return self._passthrough(exc)
                             self.note_failure(ctx, state, exc)
                         except UpstreamError as exc:
@@ -243,7 +250,7 @@ class Proxy:
             ctx.attempts += 1
             ctx.tried.add(other.endpoint.id)
             self.metrics.hedges.inc()
-            return lambda: self.attempt(ctx, other, model)
+            return lambda: self.attempt(ctx, other, model, HEDGE)
 
         return await race(
             lambda: self.attempt(ctx, state, model),
@@ -255,7 +262,7 @@ class Proxy:
         )
 
     async def attempt(
-        self, ctx: RequestContext, state: EndpointState, model: str
+        self, ctx: RequestContext, state: EndpointState, model: str, kind: str = ATTEMPT
     ) -> Response | StreamResponse:
         """One attempt on one endpoint, up to the commit point; raises :class:`UpstreamError`."""
         endpoint = state.endpoint
@@ -263,6 +270,7 @@ class Proxy:
         state.outstanding += 1
         handed_off = False
         started = self.clock()
+        self.observer.attempt_start(ctx, state, kind)
         try:
             resp = await self.open(state, ctx.path, body, ctx.stream, ctx.deadline)
             if not ctx.stream:
@@ -270,6 +278,7 @@ class Proxy:
                 data = await resp.read(min(self.timeouts.idle, remaining))
                 record_success(state, self.clock())
                 self.metrics.attempt(endpoint.id, "ok")
+                self.observer.attempt_end(ctx, state, "ok", self.clock() - started, data)
                 return Response(200, data, self._backend_headers[endpoint.id])
             from skyfabric.gateway.relay import StreamRelay
 
@@ -278,6 +287,7 @@ class Proxy:
             handed_off = True
             self.ttft[model].add(self.clock() - started)
             self.metrics.attempt(endpoint.id, "ok")
+            self.observer.attempt_end(ctx, state, "ok", self.clock() - started)
             return StreamResponse(200, relay.run(), self._backend_headers[endpoint.id], abandon=relay.abandon)
         finally:
             if not handed_off:
@@ -331,6 +341,7 @@ class Proxy:
         )
         outcome = f"status_{exc.status}" if isinstance(exc, UpstreamStatus) else type(exc).__name__
         self.metrics.attempt(state.endpoint.id, outcome)
+        self.observer.attempt_end(ctx, state, outcome)
         ctx.failed_providers.add(state.endpoint.provider)
         if isinstance(exc, UpstreamStatus) and exc.status == 429:
             wait = parse_retry_after(exc.header(b"retry-after"), time.time())
@@ -352,10 +363,12 @@ class Proxy:
         now = self.clock()
         ejected = [state]
         self.metrics.ejections.labels(state.endpoint.id).inc()
+        self.observer.ejected(state, reason)
         log.warning("ejected %s: %s", state.endpoint.id, reason)
         for peer in correlated_domain(list(self.states.values()), state, now, self.outlier):
             eject(peer, now, self.outlier)
             self.metrics.ejections.labels(peer.endpoint.id).inc()
+            self.observer.ejected(peer, f"its failing domain (with {state.endpoint.id})")
             log.warning("ejected %s with its failing domain", peer.endpoint.id)
             ejected.append(peer)
         # Ejected by the health loop (silence, failed probes) or with its domain: what is in flight

@@ -193,6 +193,7 @@ class StreamRelay:
             else:
                 self.resp.abort()
             self._let_go()
+            self.proxy.observer.stream_end(self.ctx, self.state, self.progress.tokens, completed)
             self.ctx.finish()
 
     async def _drain(self) -> None:
@@ -247,6 +248,7 @@ class StreamRelay:
                 self._finish_locally("length")
                 return True
             state.outstanding += 1
+            proxy.observer.attempt_start(ctx, state, "continuation")
             try:
                 resp = await proxy.open(state, ctx.path, body, True, ctx.deadline)
             except UpstreamError as err:
@@ -262,6 +264,7 @@ class StreamRelay:
             self.backends.append(state.endpoint.id)
             ctx.rescued += 1
             proxy.metrics.rescued.inc()
+            proxy.observer.continued(ctx, failed, state, tokens)
             return True
         return False
 

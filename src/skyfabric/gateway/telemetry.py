@@ -1,0 +1,28 @@
+"""Assembles the gateway's telemetry from the fleet file's ``observability`` section, in one place.
+
+Each kind — the dashboard's recorder, and later metrics and traces — is an observer of the router; this
+function builds the ones that are on and hands the router their combination (the no-op observer when
+all are off, so that off costs nothing beyond a method call per hook).
+"""
+
+from __future__ import annotations
+
+from skyfabric.gateway.dashboard import Dashboard
+from skyfabric.gateway.observe import Observer, combine
+from skyfabric.gateway.proxy import Proxy
+
+
+def install(proxy: Proxy, keys: set[bytes]) -> Dashboard | None:
+    """Attach the observers the fleet file turns on to ``proxy``; returns the dashboard when it is on.
+
+    ``keys`` are the credentials that open the dashboard (the fleet's API keys until an admin credential
+    exists).
+    """
+    config = proxy.fleet.observability
+    observers: list[Observer] = []
+    dashboard = None
+    if config.dashboard:
+        dashboard = Dashboard(proxy, keys, interval=config.dashboard_interval)
+        observers.append(dashboard.recorder)
+    proxy.observer = combine(observers)
+    return dashboard
