@@ -86,13 +86,20 @@ function renderTree(topology) {
 
 const METRICS = [
   { label: "requests/s", values: [(p) => p[2] / p[1]], unit: "" },
-  { label: "error rate", values: [(p) => (p[2] ? p[3] / p[2] : 0)], unit: "%" },
+  { label: "error rate", values: [(p) => (p[2] ? p[3] / p[2] : null)], unit: "%" },
   { label: "TTFT p50 / p99", values: [(p) => p[4], (p) => p[5]], unit: "ms" },
   { label: "tokens/s", values: [(p) => p[6] / p[1]], unit: "" },
 ];
 const COLORS = ["--c1", "--c2", "--c3", "--c4", "--c5", "--c6"];
 
-function chart(points, metric, color, now) {
+function span(now) {
+  // The time axis grows with the data, up to HISTORY seconds.
+  let first = now;
+  for (const points of Object.values(series)) if (points.length && points[0][0] < first) first = points[0][0];
+  return Math.min(HISTORY, Math.max(20, now - first));
+}
+
+function chart(points, metric, color, now, window) {
   const box = el("div", "chart");
   const latest = points.length ? points[points.length - 1] : null;
   const label = el("div", "label");
@@ -105,7 +112,8 @@ function chart(points, metric, color, now) {
   for (const p of points) for (const f of metric.values) { const v = f(p); if (v !== null && v > max) max = v; }
   if (metric.unit === "%" && max > 0.05) max = Math.min(1, max);
   max *= 1.1;
-  const x = (t) => W - ((now - t) / HISTORY) * W;
+  const x = (t) => W - ((now - t) / window) * W;
+  s.append(svg("line", { x1: 0, x2: W, y1: H - 1.5, y2: H - 1.5, class: "base" }));
   const y = (v) => H - 2 - (v / max) * (H - 4);
   metric.values.forEach((f, n) => {
     const coords = points.filter((p) => f(p) !== null).map((p) => `${x(p[0]).toFixed(1)},${y(f(p)).toFixed(1)}`);
@@ -128,6 +136,8 @@ function renderCharts() {
   const root = $("charts");
   const now = lastState ? lastState.time : Date.now() / 1000;
   const frag = document.createDocumentFragment();
+  const window = span(now);
+  $("span").textContent = window >= 60 ? "last " + Math.round(window / 60) + " min" : "last " + Math.round(window) + " s";
   Object.keys(series).sort().forEach((provider, n) => {
     const points = series[provider];
     const row = el("div", "prow");
@@ -147,7 +157,7 @@ function renderCharts() {
     }
     row.append(title);
     const grid = el("div", "grid4");
-    for (const metric of METRICS) grid.append(chart(points, metric, COLORS[n % COLORS.length], now));
+    for (const metric of METRICS) grid.append(chart(points, metric, COLORS[n % COLORS.length], now, window));
     row.append(grid);
     frag.append(row);
   });
