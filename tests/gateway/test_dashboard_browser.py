@@ -22,6 +22,7 @@ from tests.support.fake_upstream import FakeUpstream
 
 KEY = "sk-test-key-0001"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+FEED_KINDS = "return [...document.querySelectorAll('#feed li')].map(e => e.dataset.kind);"
 
 
 def browser() -> Any:
@@ -56,7 +57,8 @@ def wait_for(driver: Any, provider: str, health: str, timeout: float) -> float:
         if health_of(driver, provider) == health:
             return time.monotonic() - start
         time.sleep(0.02)
-    raise AssertionError(f"{provider} not shown {health} within {timeout}s (shows {health_of(driver, provider)})")
+    shown = health_of(driver, provider)
+    raise AssertionError(f"{provider} not shown {health} within {timeout}s (shows {shown})")
 
 
 async def test_browser_shows_a_provider_down_within_two_seconds_and_back(
@@ -110,23 +112,20 @@ async def test_browser_shows_a_provider_down_within_two_seconds_and_back(
         )
         assert len(causes) == 2 and all(c.startswith("ejected: ") for c in causes), causes
         assert health_of(driver, "gcp") == "up" and health_of(driver, "azure") == "up"
-        await asyncio.sleep(4.0 if os.environ.get("SKYFABRIC_SCREENSHOT") else 2.0)  # the outage on the charts
-        feed = await asyncio.to_thread(
-            driver.execute_script, "return [...document.querySelectorAll('#feed li')].map(e => e.dataset.kind);"
-        )
+        # Let the feed and the charts show the outage.
+        await asyncio.sleep(4.0 if os.environ.get("SKYFABRIC_SCREENSHOT") else 2.0)
+        feed = await asyncio.to_thread(driver.execute_script, FEED_KINDS)
         assert "ejection" in feed
         shot = os.environ.get("SKYFABRIC_SCREENSHOT") or str(tmp_path / "dashboard.png")
         await asyncio.to_thread(driver.save_screenshot, shot)
-        assert Path(shot).stat().st_size > 10_000
+        assert (await asyncio.to_thread(os.path.getsize, shot)) > 10_000
 
         for up in aws:
             await up.start()
         # Back: the ejection (1 s, then longer for a repeat) runs out and a probe (every 0.25 s) readmits.
         back_after = await asyncio.to_thread(wait_for, driver, "aws", "up", 8.0)
         assert back_after < 8.0
-        feed = await asyncio.to_thread(
-            driver.execute_script, "return [...document.querySelectorAll('#feed li')].map(e => e.dataset.kind);"
-        )
+        feed = await asyncio.to_thread(driver.execute_script, FEED_KINDS)
         assert "recovery" in feed
     finally:
         for task in load:
