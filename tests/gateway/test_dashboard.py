@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import orjson
 
+from skyfabric.gateway.observe import Observer
 from tests.conftest import MakeGateway
 from tests.support.fake_upstream import FakeUpstream
 
@@ -142,7 +143,10 @@ async def test_closed_dashboards_stop_the_ticker(make_gateway: MakeGateway) -> N
 
 
 async def test_dashboard_can_be_turned_off(make_gateway: MakeGateway) -> None:
-    gw = await make_gateway({"aws": [FakeUpstream("a")]}, observability={"dashboard": False})
+    gw = await make_gateway(
+        {"aws": [FakeUpstream("a")]}, observability={"dashboard": False, "metrics": False}
+    )
     async with httpx.AsyncClient(base_url=gw.root) as http:
         assert (await http.get("/dashboard")).status_code == 404
-    assert type(gw.gateway.proxy.observer).__name__ == "Observer"
+        assert "gen_ai_client" not in (await http.get("/metrics")).text
+    assert type(gw.gateway.proxy.observer) is Observer  # all off: the no-op observer

@@ -219,6 +219,7 @@ class Observability(_Strict):
 
     dashboard: bool = Field(True, description="serve the live dashboard at /dashboard (API keys guard it)")
     dashboard_interval: float = Field(1.0, gt=0, le=60, description="seconds between dashboard updates")
+    metrics: bool = Field(True, description="OpenTelemetry GenAI metrics and skyfabric's own on /metrics")
 
 
 class Fleet(_Strict):

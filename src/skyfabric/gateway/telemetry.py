@@ -8,6 +8,7 @@ all are off, so that off costs nothing beyond a method call per hook).
 from __future__ import annotations
 
 from skyfabric.gateway.dashboard import Dashboard
+from skyfabric.gateway.genai_metrics import GenAIMetrics
 from skyfabric.gateway.observe import Observer, combine
 from skyfabric.gateway.proxy import Proxy
 
@@ -24,5 +25,9 @@ def install(proxy: Proxy, keys: set[bytes]) -> Dashboard | None:
     if config.dashboard:
         dashboard = Dashboard(proxy, keys, interval=config.dashboard_interval)
         observers.append(dashboard.recorder)
+    if config.metrics:
+        metrics = GenAIMetrics(proxy)
+        proxy.metrics.registry.register(metrics)
+        observers.append(metrics)
     proxy.observer = combine(observers)
     return dashboard
