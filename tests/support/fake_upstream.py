@@ -47,6 +47,8 @@ class FakeUpstream:
         self.can_continue = can_continue
         self.script: deque[Behaviour] = deque()
         self.requests: list[dict[str, Any]] = []
+        #: The headers of each request, in order (lower-case names).
+        self.headers: list[dict[str, str]] = []
         self.token_delay = 0.0
         self.runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
@@ -103,6 +105,7 @@ class FakeUpstream:
     async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
         behaviour = self._next()
         b = behaviour if isinstance(behaviour, dict) else {behaviour: True}
         if b.get("reset"):

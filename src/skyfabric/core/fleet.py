@@ -214,12 +214,24 @@ class ApiKey(_Strict):
     name: str = "default"
 
 
+class Tracing(_Strict):
+    """OpenTelemetry traces: a span per request, a child per attempt and continuation."""
+
+    enabled: bool = Field(False, description="off: no spans, no cost")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces (needs skyfabric[otlp])"
+    )
+    service_name: str = "skyfabric-gateway"
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of new traces kept (parent-based)")
+
+
 class Observability(_Strict):
     """What the gateway shows of itself: the live dashboard, metrics, traces and logs."""
 
     dashboard: bool = Field(True, description="serve the live dashboard at /dashboard (API keys guard it)")
     dashboard_interval: float = Field(1.0, gt=0, le=60, description="seconds between dashboard updates")
     metrics: bool = Field(True, description="OpenTelemetry GenAI metrics and skyfabric's own on /metrics")
+    tracing: Tracing = Tracing()
 
 
 class Fleet(_Strict):

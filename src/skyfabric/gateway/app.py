@@ -44,6 +44,7 @@ class Gateway:
         }
         self._paths = {path for _, path in self._routes}
         self.dashboard = install(self.proxy, self.keys)
+        self._traceparent = fleet.observability.tracing.enabled
 
     async def start(self) -> None:
         """Start the background health loop (probes, load signals, stall watchdog)."""
@@ -165,6 +166,8 @@ class Gateway:
             if total <= 0:
                 raise InvalidRequest("x-skyfabric-deadline must be positive")
         ctx = RequestContext(kind, body, request.body, canonical, stream, self.proxy.clock() + total)
+        if self._traceparent:
+            ctx.traceparent = request.header(b"traceparent")
         priority = request.header(b"x-skyfabric-priority")
         if priority is not None:
             ctx.priority = parse_priority(priority)

@@ -30,6 +30,8 @@ class RequestContext:
     on_done: Callable[[], None] | None = None
     #: Telemetry's per-request scratch (see ``gateway/observe.py``); None unless an observer is on.
     observed: dict[str, Any] | None = None
+    #: The client's W3C ``traceparent`` (kept only while tracing is on).
+    traceparent: bytes | None = None
 
     def finish(self) -> None:
         """Run ``on_done`` once."""

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from skyfabric.gateway.balancer import EndpointState
     from skyfabric.gateway.context import RequestContext
 
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
+
 #: Kinds of attempt: the first try or a retry before the commit point, a hedge racing it, or a
 #: continuation of a stream past the commit point.
 ATTEMPT, HEDGE, CONTINUATION = "attempt", "hedge", "continuation"
@@ -35,6 +37,10 @@ class Observer:
 
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
         """An attempt (``ATTEMPT``, ``HEDGE`` or ``CONTINUATION``) is being sent to ``state``'s endpoint."""
+
+    def upstream_headers(self, ctx: RequestContext, state: EndpointState) -> list[tuple[bytes, bytes]]:
+        """Headers to add to the attempt just started on ``state`` (a tracer's ``traceparent``)."""
+        return _NO_HEADERS
 
     def attempt_end(
         self,
@@ -78,6 +84,12 @@ class Observers(Observer):
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
         for o in self.observers:
             o.attempt_start(ctx, state, kind)
+
+    def upstream_headers(self, ctx: RequestContext, state: EndpointState) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        for o in self.observers:
+            out.extend(o.upstream_headers(ctx, state))
+        return out
 
     def attempt_end(
         self,

@@ -272,7 +272,8 @@ class Proxy:
         started = self.clock()
         self.observer.attempt_start(ctx, state, kind)
         try:
-            resp = await self.open(state, ctx.path, body, ctx.stream, ctx.deadline)
+            extra = self.observer.upstream_headers(ctx, state)
+            resp = await self.open(state, ctx.path, body, ctx.stream, ctx.deadline, extra)
             if not ctx.stream:
                 remaining = max(0.001, ctx.deadline - self.clock())
                 data = await resp.read(min(self.timeouts.idle, remaining))
@@ -300,7 +301,13 @@ class Proxy:
         return []
 
     async def open(
-        self, state: EndpointState, path: bytes, body: bytes, stream: bool, deadline: float
+        self,
+        state: EndpointState,
+        path: bytes,
+        body: bytes,
+        stream: bool,
+        deadline: float,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> UpstreamResponse:
         """Send to an endpoint and wait for a 2xx status; errors carry the upstream's answer."""
         endpoint = state.endpoint
@@ -308,6 +315,8 @@ class Proxy:
         headers = _SSE if stream else _JSON
         if endpoint.api_key:
             headers = [*headers, *self.auth_headers(endpoint)]
+        if extra:
+            headers = [*headers, *extra]
         first_byte = self.timeouts.first_byte if stream else self.timeouts.response
         resp = await self.client.request(
             endpoint.origin,

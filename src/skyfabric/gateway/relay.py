@@ -250,7 +250,8 @@ class StreamRelay:
             state.outstanding += 1
             proxy.observer.attempt_start(ctx, state, "continuation")
             try:
-                resp = await proxy.open(state, ctx.path, body, True, ctx.deadline)
+                extra = proxy.observer.upstream_headers(ctx, state)
+                resp = await proxy.open(state, ctx.path, body, True, ctx.deadline, extra)
             except UpstreamError as err:
                 state.outstanding -= 1
                 proxy.note_failure(ctx, state, err, hard=True)

@@ -29,5 +29,9 @@ def install(proxy: Proxy, keys: set[bytes]) -> Dashboard | None:
         metrics = GenAIMetrics(proxy)
         proxy.metrics.registry.register(metrics)
         observers.append(metrics)
+    if config.tracing.enabled:
+        from skyfabric.gateway.tracing import Tracer, tracer_provider
+
+        observers.append(Tracer(proxy, tracer_provider(config.tracing)))
     proxy.observer = combine(observers)
     return dashboard
