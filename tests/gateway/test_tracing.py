@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
+import orjson
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from skyfabric.gateway.decisions import JsonFormatter
 from tests.conftest import MakeGateway
 from tests.support.fake_upstream import FakeUpstream, expected_text
 
@@ -104,3 +109,29 @@ async def test_tracing_off_by_default_sends_no_traceparent(make_gateway: MakeGat
     )
     assert EXPORTER.get_finished_spans() == ()
     assert "traceparent" not in up.headers[-1]
+
+
+async def test_json_decision_logs_carry_request_and_trace_ids(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    EXPORTER.clear()
+    aws = FakeUpstream("a", tokens=4).then({"status": 503})
+    gcp = FakeUpstream("b", tokens=4)
+    gw = await make_gateway(
+        {"aws": [aws], "gcp": [gcp]},
+        health={"probe_interval": 0},
+        observability={"tracing": {"enabled": True}, "logs": {"decisions": True}},
+    )
+    gw.gateway.proxy.states["gcp/r1/pool/0"].reported_waiting = 1
+    with caplog.at_level(logging.INFO, logger="skyfabric.decisions"):
+        await gw.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], extra_headers={"traceparent": TRACEPARENT}
+        )
+    records = [r for r in caplog.records if r.name == "skyfabric.decisions"]
+    lines = [orjson.loads(JsonFormatter().format(r)) for r in records]
+    assert [line["event"] for line in lines] == ["attempt", "attempt_failed", "retry", "answered"]
+    assert len({line["request_id"] for line in lines}) == 1
+    assert {line["trace_id"] for line in lines} == {CLIENT_TRACE}
+    assert lines[0]["endpoint"] == "aws/r1/pool/0" and lines[1]["outcome"] == "status_503"
+    assert lines[2]["endpoint"] == "gcp/r1/pool/0" and lines[3]["status"] == 200
+    assert lines[3]["level"] == "info" and lines[3]["logger"] == "skyfabric.decisions"

@@ -225,6 +225,13 @@ class Tracing(_Strict):
     sample_ratio: float = Field(1.0, ge=0, le=1, description="share of new traces kept (parent-based)")
 
 
+class Logs(_Strict):
+    """How the gateway writes its logs."""
+
+    format: Literal["text", "json"] = Field("text", description="json: one JSON object a line")
+    decisions: bool = Field(False, description="log each routing decision with the request (and trace) id")
+
+
 class Observability(_Strict):
     """What the gateway shows of itself: the live dashboard, metrics, traces and logs."""
 
@@ -232,6 +239,7 @@ class Observability(_Strict):
     dashboard_interval: float = Field(1.0, gt=0, le=60, description="seconds between dashboard updates")
     metrics: bool = Field(True, description="OpenTelemetry GenAI metrics and skyfabric's own on /metrics")
     tracing: Tracing = Tracing()
+    logs: Logs = Logs()
 
 
 class Fleet(_Strict):

@@ -8,6 +8,7 @@ all are off, so that off costs nothing beyond a method call per hook).
 from __future__ import annotations
 
 from skyfabric.gateway.dashboard import Dashboard
+from skyfabric.gateway.decisions import DecisionLog, use_json_logs
 from skyfabric.gateway.genai_metrics import GenAIMetrics
 from skyfabric.gateway.observe import Observer, combine
 from skyfabric.gateway.proxy import Proxy
@@ -33,5 +34,9 @@ def install(proxy: Proxy, keys: set[bytes]) -> Dashboard | None:
         from skyfabric.gateway.tracing import Tracer, tracer_provider
 
         observers.append(Tracer(proxy, tracer_provider(config.tracing)))
+    if config.logs.format == "json":
+        use_json_logs()
+    if config.logs.decisions:
+        observers.append(DecisionLog())  # after the tracer: it reads the request's trace id
     proxy.observer = combine(observers)
     return dashboard
