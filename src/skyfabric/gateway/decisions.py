@@ -60,6 +60,9 @@ def use_json_logs() -> None:
 class DecisionLog(Observer):
     """Logs each routing decision with the request id (and trace id when a tracer runs before it)."""
 
+    def __init__(self) -> None:
+        log.setLevel(logging.INFO)  # asked for in the fleet file: shown whatever the process's log level
+
     def request_start(self, ctx: RequestContext) -> None:
         observed = ctx.observed
         if observed is None:

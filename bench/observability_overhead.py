@@ -1,0 +1,93 @@
+"""CPU per request of the gateway with its telemetry off and on, side by side (method of ``layers.py``).
+
+Variants, each the real ``skyfabric serve`` on the same fleet but its ``observability`` section:
+
+- ``off``: no dashboard recorder, no GenAI metrics, no tracing (the Prometheus counters the gateway
+  always had stay: that is the gateway before this work);
+- ``metrics``: the GenAI and skyfabric metrics on ``/metrics``;
+- ``default``: what a fleet file gets without an ``observability`` section (metrics + dashboard recorder);
+- ``traced``: default plus tracing, every request sampled, spans exported over OTLP/HTTP to a local sink
+  (the export thread's CPU counts: it is in the gateway's process);
+- ``traced+logs``: traced plus JSON decision logs (to /dev/null).
+
+Rounds are interleaved (off, metrics, …, off, metrics, …) so that drift in a shared machine's load hits
+every variant alike.
+
+    .venv/bin/python bench/observability_overhead.py [--seconds 8] [--conns 32] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from layers import cpu_seconds
+from procs import HERE, MOCK_PY, SHARED, start, stop, wrk
+
+MOCK_PORT, GATEWAY_PORT, SINK_PORT = 9140, 9341, 9142
+
+VARIANTS = {
+    "off": "observability: {dashboard: false, metrics: false}\n",
+    "metrics": "observability: {dashboard: false, metrics: true}\n",
+    "default": "",
+    "traced": "observability: {tracing: {enabled: true, otlp_endpoint: 'http://127.0.0.1:%d/v1/traces'}}\n"
+    % SINK_PORT,
+    "traced+logs": "observability: {tracing: {enabled: true, otlp_endpoint: 'http://127.0.0.1:%d/v1/traces'}, "
+    "logs: {format: json, decisions: true}}\n" % SINK_PORT,
+}
+
+SINK = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get('content-length', 0)))
+        self.send_response(200); self.send_header('content-length', '0'); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+    base = (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT)).replace("9300", str(GATEWAY_PORT))
+    mock = start([MOCK_PY, str(SHARED / "mock_upstream.py"), str(MOCK_PORT)], 1, MOCK_PORT)
+    sink = start([sys.executable, "-c", SINK, str(SINK_PORT)], 1, SINK_PORT)
+    results: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(a.rounds):
+                for name, extra in VARIANTS.items():
+                    path = Path(tmp) / f"{name}.yaml"
+                    path.write_text(base + extra)
+                    cmd = [sys.executable, "-m", "skyfabric.cli", "serve", "--config", str(path)]
+                    proc = start(cmd, 0, GATEWAY_PORT)
+                    try:
+                        wrk(GATEWAY_PORT, 2, a.conns)
+                        before = cpu_seconds(proc.pid)
+                        result = wrk(GATEWAY_PORT, a.seconds, a.conns)
+                        used = cpu_seconds(proc.pid) - before
+                        results[name].append((used / result["requests"] * 1e6, result["rps"]))
+                    finally:
+                        stop(proc)
+                        time.sleep(0.5)
+    finally:
+        stop(sink)
+        stop(mock)
+    off = sum(x for x, _ in results["off"]) / len(results["off"])
+    print(f"{'variant':12} {'CPU µs/req (each round)':>28} {'mean':>7} {'vs off':>7} {'req/s':>7}")
+    for name, rows in results.items():
+        mean = sum(x for x, _ in rows) / len(rows)
+        each = " ".join(f"{x:6.1f}" for x, _ in rows)
+        rps = sum(r for _, r in rows) / len(rows)
+        print(f"{name:12} {each:>28} {mean:7.1f} {mean / off - 1:+7.1%} {rps:7.0f}")
+
+
+if __name__ == "__main__":
+    main()
