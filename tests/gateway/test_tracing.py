@@ -90,7 +90,9 @@ async def test_span_tree_of_a_stream_rescued_mid_answer(make_gateway: MakeGatewa
 
 async def test_a_request_without_traceparent_starts_a_trace(make_gateway: MakeGateway) -> None:
     EXPORTER.clear()
-    gw = await make_gateway({"aws": [FakeUpstream("a")]}, observability={"tracing": {"enabled": True}})
+    gw = await make_gateway(
+        {"aws": [FakeUpstream("a")]}, observability={"tracing": {"enabled": True, "sample_ratio": 1.0}}
+    )
     await gw.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     spans = EXPORTER.get_finished_spans()
     [root] = [s for s in spans if s.kind == SpanKind.SERVER]
@@ -128,10 +130,34 @@ async def test_json_decision_logs_carry_request_and_trace_ids(
             model="m", messages=[{"role": "user", "content": "x"}], extra_headers={"traceparent": TRACEPARENT}
         )
     records = [r for r in caplog.records if r.name == "skyfabric.decisions"]
-    lines = [orjson.loads(JsonFormatter().format(r)) for r in records]
-    assert [line["event"] for line in lines] == ["attempt", "attempt_failed", "retry", "answered"]
-    assert len({line["request_id"] for line in lines}) == 1
-    assert {line["trace_id"] for line in lines} == {CLIENT_TRACE}
-    assert lines[0]["endpoint"] == "aws/r1/pool/0" and lines[1]["outcome"] == "status_503"
-    assert lines[2]["endpoint"] == "gcp/r1/pool/0" and lines[3]["status"] == 200
-    assert lines[3]["level"] == "info" and lines[3]["logger"] == "skyfabric.decisions"
+    [line] = [orjson.loads(JsonFormatter().format(r)) for r in records]
+    assert line["event"] == "request" and line["status"] == 200 and line["level"] == "info"
+    assert line["trace_id"] == CLIENT_TRACE and len(line["request_id"]) == 16
+    assert line["decisions"] == [
+        {"decision": "attempt", "endpoint": "aws/r1/pool/0", "attempt": 1},
+        {"decision": "failed", "endpoint": "aws/r1/pool/0", "outcome": "status_503"},
+        {"decision": "retry", "endpoint": "gcp/r1/pool/0", "attempt": 2},
+    ]
+    assert line["logger"] == "skyfabric.decisions" and line["message"] == "200 m after 2 attempts"
+
+
+async def test_unsampled_requests_make_no_spans_and_pass_the_client_traceparent_on(
+    make_gateway: MakeGateway,
+) -> None:
+    EXPORTER.clear()
+    up = FakeUpstream("a")
+    gw = await make_gateway({"aws": [up]}, observability={"tracing": {"enabled": True, "sample_ratio": 0.0}})
+    client = gw.client()
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert "traceparent" not in up.headers[-1]
+    unsampled = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-00"  # the client decided: not sampled
+    await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], extra_headers={"traceparent": unsampled}
+    )
+    assert up.headers[-1]["traceparent"] == unsampled
+    assert EXPORTER.get_finished_spans() == ()
+    # A sampled client trace is always traced, whatever the ratio.
+    await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], extra_headers={"traceparent": TRACEPARENT}
+    )
+    assert len(EXPORTER.get_finished_spans()) == 2

@@ -222,7 +222,9 @@ class Tracing(_Strict):
         None, description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces (needs skyfabric[otlp])"
     )
     service_name: str = "skyfabric-gateway"
-    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of new traces kept (parent-based)")
+    sample_ratio: float = Field(
+        0.01, ge=0, le=1, description="share of requests traced when the client sent no sampling decision"
+    )
 
 
 class Logs(_Strict):

@@ -2,9 +2,10 @@
 
 Three parts, each with one job:
 
-* :class:`FleetRecorder` is an :class:`~skyfabric.gateway.observe.Observer`: on the request path it adds
-  to the current second's counters of the provider an attempt went to (a few dict lookups and adds), and
-  appends failovers, continuations and ejections to a bounded feed.
+* :class:`FleetRecorder` turns the counters :class:`~skyfabric.gateway.genai_metrics.GenAIMetrics` keeps
+  anyway into one chart point per provider per tick (differences; nothing more per request), and as an
+  :class:`~skyfabric.gateway.observe.Observer` appends the rare events — failovers, continuations,
+  hedges, ejections — to a bounded feed.
 * :class:`DashboardHub` turns that into one JSON snapshot per tick — the tree providers → regions → pools
   → endpoints with health and the cause of each ejection, the newest chart point per provider, the feed
   items since the last tick — and broadcasts the *same bytes* to every open dashboard over server-sent
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -34,7 +34,8 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from skyfabric.gateway.observe import CONTINUATION, HEDGE, Observer, usage_tokens
+from skyfabric.gateway.genai_metrics import SECONDS_BUCKETS, GenAIMetrics
+from skyfabric.gateway.observe import CONTINUATION, HEDGE, Observer
 from skyfabric.http.messages import Request, Response, StreamResponse
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 HISTORY = 300
 #: Feed items kept (and sent to a freshly opened dashboard).
 FEED = 200
-_TTFT_SAMPLES = 512  # per provider per second; beyond it the quantiles come from a uniform subsample
 
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (
@@ -71,33 +71,45 @@ def cookie_token(key: bytes) -> bytes:
     return hashlib.sha256(b"skyfabric-dashboard\x00" + key).hexdigest().encode()
 
 
-def quantile(values: list[float], q: float) -> float | None:
-    """The ``q`` quantile (nearest rank) of ``values``, or None when there are none."""
-    if not values:
+def bucket_quantile(counts: list[int], q: float) -> float | None:
+    """The ``q`` quantile of a histogram's bucket counts, interpolated within its bucket (as Prometheus'
+    ``histogram_quantile`` does); None when the histogram is empty."""
+    total = sum(counts)
+    if not total:
         return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    rank, seen = q * total, 0
+    for i, count in enumerate(counts):
+        if count and seen + count >= rank:
+            lower = SECONDS_BUCKETS[i - 1] if i > 0 else 0.0
+            upper = SECONDS_BUCKETS[i] if i < len(SECONDS_BUCKETS) else SECONDS_BUCKETS[-1]
+            return round(lower + (upper - lower) * (rank - seen) / count, 4)
+        seen += count
+    return SECONDS_BUCKETS[-1]
 
 
 @dataclass(slots=True)
-class _Second:
-    """One provider's counters for the second being recorded."""
+class _Totals:
+    """One provider's cumulative counts, as last read from the metrics."""
 
     attempts: int = 0
     errors: int = 0
     tokens: int = 0
-    ttft: list[float] = field(default_factory=list)
-    seen: int = 0
+    ttft: list[int] = field(default_factory=lambda: [0] * (len(SECONDS_BUCKETS) + 1))
 
 
 class FleetRecorder(Observer):
-    """Per-provider counters by the second, and the feed of incidents, fed by the router's hooks."""
+    """Per-provider chart points and the feed of incidents.
 
-    def __init__(self, proxy: Proxy, *, wall: Callable[[], float] = time.time) -> None:
+    The points are differences, tick to tick, of the counters :class:`GenAIMetrics` keeps anyway (so
+    the dashboard adds nothing per request); the hooks here only see the rare events of the feed.
+    """
+
+    def __init__(self, proxy: Proxy, metrics: GenAIMetrics, *, wall: Callable[[], float] = time.time) -> None:
         self.proxy = proxy
+        self.metrics = metrics
         self.wall = wall
         self.providers = sorted({s.endpoint.provider for s in proxy.states.values()})
-        self.current = {p: _Second() for p in self.providers}
+        self._totals = self._read()
         self.series: dict[str, deque[list[Any]]] = {p: deque(maxlen=HISTORY) for p in self.providers}
         self.feed: deque[dict[str, Any]] = deque(maxlen=FEED)
         self.seq = 0
@@ -111,7 +123,6 @@ class FleetRecorder(Observer):
     # -- the hooks --------------------------------------------------------------------------------------
 
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
-        self.current[state.endpoint.provider].attempts += 1
         if kind == HEDGE:
             self._note("hedge", f"hedged on {state.endpoint.id}", state.endpoint.id, ctx.model)
         elif kind != CONTINUATION and ctx.attempts > 1:
@@ -121,33 +132,6 @@ class FleetRecorder(Observer):
                 state.endpoint.id,
                 ctx.model,
             )
-
-    def attempt_end(
-        self,
-        ctx: RequestContext,
-        state: EndpointState,
-        outcome: str,
-        seconds: float | None = None,
-        body: bytes | None = None,
-    ) -> None:
-        bucket = self.current[state.endpoint.provider]
-        if outcome != "ok":
-            bucket.errors += 1
-            return
-        if body is not None:
-            bucket.tokens += usage_tokens(body)
-        elif seconds is not None:
-            bucket.seen += 1
-            if len(bucket.ttft) < _TTFT_SAMPLES:
-                bucket.ttft.append(seconds)
-            else:  # reservoir sampling keeps the quantiles honest under load
-                j = int(self.proxy.clock() * 1e6) % bucket.seen
-                if j < _TTFT_SAMPLES:
-                    bucket.ttft[j] = seconds
-
-    def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
-        # The tokens of a continued stream are counted on the provider that finished it.
-        self.current[state.endpoint.provider].tokens += tokens
 
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
@@ -178,29 +162,48 @@ class FleetRecorder(Observer):
 
     # -- what the hub reads -----------------------------------------------------------------------------
 
+    def _read(self) -> dict[str, _Totals]:
+        """Every provider's cumulative attempts, failed attempts, output tokens and TTFT buckets now."""
+        totals = {p: _Totals() for p in self.providers}
+        metrics = self.metrics
+        for state in self.proxy.states.values():
+            counts = metrics.attempts[state.endpoint.id]
+            t = totals[state.endpoint.provider]
+            n = sum(counts.values())
+            t.attempts += n
+            t.errors += n - counts.get("ok", 0) - counts.get("continued", 0)
+        for series in metrics.series.values():
+            t = totals[series.labels[2]]
+            t.tokens += series.output_tokens
+            for i, count in enumerate(series.ttfc.counts):
+                t.ttft[i] += count
+        return totals
+
     def roll(self, elapsed: float) -> dict[str, list[Any]]:
-        """Close the current bucket (``elapsed`` seconds long) into one chart point per provider.
+        """Close the last ``elapsed`` seconds into one chart point per provider.
 
         A point is ``[wall time, seconds, attempts, failed attempts, ttft p50, ttft p99, tokens]`` — counts,
-        not rates, so that nothing is lost to rounding; the page divides. The TTFTs are None in a bucket
-        without a committed stream.
+        not rates, so that nothing is lost to rounding; the page divides. The TTFTs (client's time to first
+        token of the streams whose first token this provider sent) are None when there was none.
         """
         now = self.wall()
+        totals = self._read()
         points: dict[str, list[Any]] = {}
         for provider in self.providers:
-            b = self.current[provider]
-            self.current[provider] = _Second()
+            new, old = totals[provider], self._totals[provider]
+            ttft = [a - b for a, b in zip(new.ttft, old.ttft, strict=True)]
             point = [
                 round(now, 3),
                 round(max(elapsed, 1e-3), 3),
-                b.attempts,
-                b.errors,
-                quantile(b.ttft, 0.5),
-                quantile(b.ttft, 0.99),
-                b.tokens,
+                new.attempts - old.attempts,
+                new.errors - old.errors,
+                bucket_quantile(ttft, 0.5),
+                bucket_quantile(ttft, 0.99),
+                new.tokens - old.tokens,
             ]
             self.series[provider].append(point)
             points[provider] = point
+        self._totals = totals
         return points
 
     def readmissions(self, now: float) -> None:
@@ -361,8 +364,10 @@ class DashboardHub:
 class Dashboard:
     """The routes under ``/dashboard``; authenticated by the fleet's API keys (none: open)."""
 
-    def __init__(self, proxy: Proxy, keys: set[bytes], *, interval: float = 1.0) -> None:
-        self.recorder = FleetRecorder(proxy)
+    def __init__(
+        self, proxy: Proxy, metrics: GenAIMetrics, keys: set[bytes], *, interval: float = 1.0
+    ) -> None:
+        self.recorder = FleetRecorder(proxy, metrics)
         self.hub = DashboardHub(self.recorder, interval)
         self.keys = keys
         self.tokens = {cookie_token(k) for k in keys}

@@ -2,10 +2,10 @@
 
 With ``observability.logs.format: json`` every record of the process (the gateway's warnings included)
 is written as a JSON object: time, level, logger, message, and the fields a record carries. With
-``observability.logs.decisions: true`` the :class:`DecisionLog` observer writes one record per decision
-the router takes — an attempt sent (first try, retry, hedge, continuation) and where, an attempt's
-failure, a stream continued elsewhere, an endpoint ejected, the answer's status — each with the
-request's id and, when tracing is on, its trace id, so that a log line leads to the trace.
+``observability.logs.decisions: true`` the :class:`DecisionLog` observer writes one record per request
+listing the decisions the router took — each attempt sent (first try, retry, hedge, continuation) and
+where, each failure and its outcome, each continuation — with the answer's status, the request's id
+and, when tracing is on, its trace id, so that a log line leads to the trace; and one per ejection.
 """
 
 from __future__ import annotations
@@ -58,7 +58,12 @@ def use_json_logs() -> None:
 
 
 class DecisionLog(Observer):
-    """Logs each routing decision with the request id (and trace id when a tracer runs before it)."""
+    """One record per request listing the router's decisions, with the request id and trace id.
+
+    Decisions are collected on the request (a list append each) and written once when the request is
+    over — its answer, or the end of its stream — so the happy path costs one log record. Ejections,
+    which belong to no request, are records of their own.
+    """
 
     def __init__(self) -> None:
         log.setLevel(logging.INFO)  # asked for in the fleet file: shown whatever the process's log level
@@ -67,28 +72,22 @@ class DecisionLog(Observer):
         observed = ctx.observed
         if observed is None:
             observed = ctx.observed = {}
-        fields: dict[str, Any] = {"request_id": os.urandom(8).hex(), "model": ctx.model}
+        fields: dict[str, Any] = {"request_id": os.urandom(8).hex(), "model": ctx.model, "decisions": []}
         span = observed.get("span")
         if span is not None:
             fields["trace_id"] = f"{span.get_span_context().trace_id:032x}"
         observed["log"] = fields
 
-    def _emit(self, ctx: RequestContext, event: str, message: str, **fields: Any) -> None:
-        base = (ctx.observed or {}).get("log") or {}
-        log.info(message, extra={**base, "event": event, **fields})
+    @staticmethod
+    def _decide(ctx: RequestContext, decision: dict[str, Any]) -> None:
+        fields = (ctx.observed or {}).get("log")
+        if fields is not None:
+            fields["decisions"].append(decision)
 
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
         if kind == ATTEMPT and ctx.attempts > 1:
             kind = "retry"
-        e = state.endpoint
-        self._emit(
-            ctx,
-            kind,
-            f"{kind} #{ctx.attempts} → {e.id}",
-            endpoint=e.id,
-            provider=e.provider,
-            attempt=ctx.attempts,
-        )
+        self._decide(ctx, {"decision": kind, "endpoint": state.endpoint.id, "attempt": ctx.attempts})
 
     def attempt_end(
         self,
@@ -99,43 +98,55 @@ class DecisionLog(Observer):
         body: bytes | None = None,
     ) -> None:
         if outcome != "ok":
-            e = state.endpoint
-            self._emit(ctx, "attempt_failed", f"{e.id} failed: {outcome}", endpoint=e.id, outcome=outcome)
+            self._decide(ctx, {"decision": "failed", "endpoint": state.endpoint.id, "outcome": outcome})
 
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
     ) -> None:
-        self._emit(
+        self._decide(
             ctx,
-            "continued",
-            f"stream continued on {state.endpoint.id} after {tokens} tokens from {failed.endpoint.id}",
-            endpoint=state.endpoint.id,
-            failed=failed.endpoint.id,
-            tokens_before=tokens,
+            {
+                "decision": "continued",
+                "endpoint": state.endpoint.id,
+                "from": failed.endpoint.id,
+                "tokens": tokens,
+            },
         )
 
     def ejected(self, state: EndpointState, reason: str) -> None:
         log.info(
-            f"{state.endpoint.id} ejected: {reason}",
+            "%s ejected: %s",
+            state.endpoint.id,
+            reason,
             extra={"event": "ejected", "endpoint": state.endpoint.id},
         )
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
-        self._emit(
-            ctx,
-            "answered",
-            f"status {status} after {seconds * 1000:.1f} ms",
-            status=status,
-            attempts=ctx.attempts,
-        )
+        fields = (ctx.observed or {}).get("log")
+        if fields is None:
+            return
+        fields["status"] = status
+        fields["seconds"] = round(seconds, 6)
+        if not ctx.stream or status >= 400:
+            log.info(
+                "%s %s after %d attempts",
+                status,
+                ctx.model,
+                ctx.attempts,
+                extra={"event": "request", **fields},
+            )
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
-        self._emit(
-            ctx,
-            "stream_end",
-            f"stream {'completed' if completed else 'interrupted'} after {tokens} tokens "
-            f"on {state.endpoint.id}",
-            endpoint=state.endpoint.id,
-            tokens=tokens,
-            completed=completed,
+        fields = (ctx.observed or {}).get("log")
+        if fields is None:
+            return
+        fields["tokens"] = tokens
+        fields["completed"] = completed
+        fields["endpoint"] = state.endpoint.id
+        log.info(
+            "stream %s: %d tokens, %d continuations",
+            "completed" if completed else "interrupted",
+            tokens,
+            ctx.rescued,
+            extra={"event": "request", **fields},
         )

@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from skyfabric.gateway.observe import ATTEMPT, Observer
+from skyfabric.gateway.observe import ATTEMPT, Observer, usage_counts
 
 if TYPE_CHECKING:
+    from skyfabric.core.endpoints import Endpoint
     from skyfabric.gateway.balancer import EndpointState
     from skyfabric.gateway.context import RequestContext
     from skyfabric.gateway.proxy import Proxy
@@ -106,37 +107,67 @@ def ejection_cause(reason: str, last_outcome: str | None) -> str:
     return last_outcome or "unknown"
 
 
+class _Series:
+    """Everything recorded for one (operation, model, backend endpoint): found once per request."""
+
+    __slots__ = ("duration", "input_tokens", "labels", "output_tokens", "tpoc", "ttfc")
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.duration = _Histogram()
+        self.ttfc = _Histogram()
+        self.tpoc = _Histogram()
+        self.output_tokens = 0
+        self.input_tokens = 0
+
+
 class GenAIMetrics(Observer, Collector):
     """Records the router's events and renders them as Prometheus metric families."""
 
     def __init__(self, proxy: Proxy, protocol: str = "openai") -> None:
         self.proxy = proxy
         self.protocol = protocol
-        self.duration: dict[tuple[str, ...], _Histogram] = {}
-        self.ttfc: dict[tuple[str, ...], _Histogram] = {}
-        self.tpoc: dict[tuple[str, ...], _Histogram] = {}
-        self.output_tokens: dict[tuple[str, ...], float] = {}
-        self.input_tokens: dict[tuple[str, ...], float] = {}
+        self.series: dict[tuple[str, str, str], _Series] = {}
+        #: Durations and counts of requests that ended in an error, by labels + error type.
+        self.error_duration: dict[tuple[str, ...], _Histogram] = {}
         self.errors: dict[tuple[str, ...], float] = {}
-        self.attempts: dict[tuple[str, ...], float] = {}
+        #: Endpoint id → outcome → attempts.
+        self.attempts: dict[str, dict[str, int]] = {i: {} for i in proxy.states}
         self.failovers: dict[tuple[str, ...], float] = {}
         self.ejections: dict[tuple[str, ...], float] = {}
         self._last_outcome: dict[str, str] = {}
-        self._backend: dict[str, tuple[str, str, str, str]] = {
-            e.id: (e.provider, e.region, e.pool, e.accelerator)
-            for e in (s.endpoint for s in proxy.states.values())
-        }
+
+    def _series(self, ctx: RequestContext, endpoint: Endpoint) -> _Series:
+        key = (ctx.kind, ctx.model, endpoint.id)
+        found = self.series.get(key)
+        if found is None:
+            e = endpoint
+            labels = (
+                OPERATIONS[ctx.kind],
+                ctx.model,
+                e.provider,
+                e.region,
+                e.pool,
+                e.accelerator,
+                self.protocol,
+            )
+            found = self.series[key] = _Series(labels)
+        return found
+
+    def _error(self, ctx: RequestContext, series: _Series | None, error: str, seconds: float | None) -> None:
+        labels = series.labels if series else (OPERATIONS[ctx.kind], ctx.model, *_NO_BACKEND, self.protocol)
+        key = (*labels, error)
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if seconds is not None:
+            _get(self.error_duration, key).observe(seconds)
 
     # -- the hooks --------------------------------------------------------------------------------------
 
     def request_start(self, ctx: RequestContext) -> None:
         if ctx.observed is None:
-            ctx.observed = {}
-        ctx.observed["started"] = self.proxy.clock()
-        ctx.observed["backend"] = None
-
-    def _labels(self, ctx: RequestContext, backend: tuple[str, str, str, str] | None) -> tuple[str, ...]:
-        return (OPERATIONS[ctx.kind], ctx.model, *(backend or _NO_BACKEND), self.protocol)
+            ctx.observed = {"started": self.proxy.clock()}
+        else:
+            ctx.observed["started"] = self.proxy.clock()
 
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
         if kind == ATTEMPT and ctx.attempts > 1:
@@ -152,118 +183,93 @@ class GenAIMetrics(Observer, Collector):
         body: bytes | None = None,
     ) -> None:
         e = state.endpoint
-        key = (ctx.model, e.provider, e.region, e.pool, outcome)
-        self.attempts[key] = self.attempts.get(key, 0) + 1
+        counts = self.attempts[e.id]
+        counts[outcome] = counts.get(outcome, 0) + 1
         if outcome != "ok":
             self._last_outcome[e.id] = outcome
             return
-        observed = ctx.observed
-        if observed is not None:
-            observed["backend"] = self._backend[e.id]
-            if body is not None:
-                observed["body"] = body
+        series = self._series(ctx, e)
+        if ctx.observed is not None:
+            ctx.observed["series"] = series
+        if body is not None:
+            prompt, completion = usage_counts(body)
+            series.input_tokens += prompt
+            series.output_tokens += completion
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
-        observed = ctx.observed or {}
-        labels = self._labels(ctx, observed.get("backend"))
-        if status >= 400 or observed.get("backend") is None:
-            key = (*labels, str(status))
-            self.errors[key] = self.errors.get(key, 0) + 1
-            _get(self.duration, key).observe(seconds)
-            return
-        if not ctx.stream:
-            _get(self.duration, (*labels, "")).observe(seconds)
-            body = observed.pop("body", None)
-            if body is not None:
-                self._usage(labels, body)
-            return
-        _get(self.ttfc, labels).observe(seconds)
-        observed["ttfc"] = seconds
-        observed["labels"] = labels
+        observed = ctx.observed
+        series: _Series | None = observed.get("series") if observed is not None else None
+        if status >= 400 or series is None:
+            self._error(ctx, series, str(status), seconds)
+        elif not ctx.stream:
+            series.duration.observe(seconds)
+        else:
+            series.ttfc.observe(seconds)
+            observed["ttfc"] = seconds  # type: ignore[index]
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
         observed = ctx.observed
-        if observed is None or "labels" not in observed:
+        if observed is None or "ttfc" not in observed:
             return
-        started = observed.get("started")
-        labels = self._labels(ctx, self._backend[state.endpoint.id])
-        error = "" if completed else "stream_interrupted"
-        seconds = self.proxy.clock() - started if started is not None else None
-        if seconds is not None:
-            _get(self.duration, (*labels, error)).observe(seconds)
-            gap_total = seconds - observed["ttfc"]
-            if tokens > 1 and gap_total > 0:
-                _get(self.tpoc, labels).observe(gap_total / (tokens - 1), tokens - 1)
-        key = (*labels, "unknown")
-        self.output_tokens[key] = self.output_tokens.get(key, 0) + tokens
-        if error:
-            ekey = (*labels, error)
-            self.errors[ekey] = self.errors.get(ekey, 0) + 1
+        series = self._series(ctx, state.endpoint)  # the backend that finished the stream
+        seconds = self.proxy.clock() - observed["started"]
+        series.output_tokens += tokens
+        if not completed:
+            self._error(ctx, series, "stream_interrupted", seconds)
+            return
+        series.duration.observe(seconds)
+        gaps = seconds - observed["ttfc"]
+        if tokens > 1 and gaps > 0:
+            series.tpoc.observe(gaps / (tokens - 1), tokens - 1)
 
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
     ) -> None:
         key = (ctx.model, "after_first_token")
         self.failovers[key] = self.failovers.get(key, 0) + 1
-        e = state.endpoint
-        attempt = (ctx.model, e.provider, e.region, e.pool, "continued")
-        self.attempts[attempt] = self.attempts.get(attempt, 0) + 1
+        counts = self.attempts[state.endpoint.id]
+        counts["continued"] = counts.get("continued", 0) + 1
 
     def ejected(self, state: EndpointState, reason: str) -> None:
         e = state.endpoint
         key = (e.provider, e.region, e.pool, ejection_cause(reason, self._last_outcome.get(e.id)))
         self.ejections[key] = self.ejections.get(key, 0) + 1
 
-    def _usage(self, labels: tuple[str, ...], body: bytes) -> None:
-        import orjson
-
-        try:
-            usage = orjson.loads(body).get("usage") or {}
-        except (orjson.JSONDecodeError, AttributeError):
-            return
-        for field, counter in (
-            ("prompt_tokens", self.input_tokens),
-            ("completion_tokens", self.output_tokens),
-        ):
-            value = usage.get(field)
-            if isinstance(value, int):
-                key = (*labels, "unknown")
-                counter[key] = counter.get(key, 0) + value
-
     # -- the scrape -------------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Any]:
         with_error = (*OPERATION_LABELS, "error_type")
         with_modality = (*OPERATION_LABELS, "gen_ai_token_modality")
+        ok = {(*x.labels, ""): x.duration for x in self.series.values() if x.duration.count}
         yield _histogram_family(
             "gen_ai_client_inference_duration_seconds",
             "GenAI operation duration: client request to its last byte (gen_ai.client.inference.duration)",
             with_error,
-            self.duration,
+            {**ok, **self.error_duration},
         )
         yield _histogram_family(
             "gen_ai_client_inference_time_to_first_chunk_seconds",
             "Streams: client request to the first content chunk (.time_to_first_chunk)",
             OPERATION_LABELS,
-            self.ttfc,
+            {x.labels: x.ttfc for x in self.series.values() if x.ttfc.count},
         )
         yield _histogram_family(
             "gen_ai_client_inference_time_per_output_chunk_seconds",
             "Streams: mean time between output chunks, weighted by chunks (.time_per_output_chunk)",
             OPERATION_LABELS,
-            self.tpoc,
+            {x.labels: x.tpoc for x in self.series.values() if x.tpoc.count},
         )
         yield _counter_family(
             "gen_ai_client_inference_usage_output_tokens",
             "Output tokens sent to clients (gen_ai.client.inference.usage.output_tokens)",
             with_modality,
-            self.output_tokens,
+            {(*x.labels, "unknown"): x.output_tokens for x in self.series.values() if x.output_tokens},
         )
         yield _counter_family(
             "gen_ai_client_inference_usage_input_tokens",
             "Input tokens reported by backends, non-streaming answers (.usage.input_tokens)",
             with_modality,
-            self.input_tokens,
+            {(*x.labels, "unknown"): x.input_tokens for x in self.series.values() if x.input_tokens},
         )
         yield _counter_family(
             "skyfabric_operation_errors",
@@ -276,7 +282,11 @@ class GenAIMetrics(Observer, Collector):
             "skyfabric_upstream_attempts",
             "upstream attempts (first tries, retries, hedges, continuations) by outcome",
             ("gen_ai_request_model", *backend, "outcome"),
-            self.attempts,
+            {
+                (e.model, e.provider, e.region, e.pool, outcome): n
+                for e in (s.endpoint for s in self.proxy.states.values())
+                for outcome, n in self.attempts[e.id].items()
+            },
         )
         yield _counter_family(
             "skyfabric_failovers",

@@ -13,6 +13,7 @@ that only an enabled observer ever creates.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -126,14 +127,17 @@ def combine(observers: list[Observer]) -> Observer:
     return Observers(observers)
 
 
-def usage_tokens(body: bytes) -> int:
-    """``usage.completion_tokens`` of a non-streaming answer without parsing the whole body; 0 if absent."""
-    at = body.rfind(b'"completion_tokens"')
-    if at < 0:
-        return 0
-    at = body.find(b":", at) + 1
-    end = at
-    while end < len(body) and body[end] in b" 0123456789":
-        end += 1
-    digits = body[at:end].strip()
-    return int(digits) if digits.isdigit() else 0
+_NUMBER = re.compile(rb"\s*:\s*(\d+)")
+
+
+def usage_counts(body: bytes) -> tuple[int, int]:
+    """``usage``'s (prompt_tokens, completion_tokens) of a non-streaming answer, without parsing the body.
+
+    Both are 0 when the answer reports no usage. Searched from the end, where servers put ``usage``.
+    """
+    out = []
+    for key in (b'"prompt_tokens"', b'"completion_tokens"'):
+        at = body.rfind(key)
+        found = _NUMBER.match(body, at + len(key)) if at >= 0 else None
+        out.append(int(found.group(1)) if found else 0)
+    return out[0], out[1]

@@ -23,17 +23,18 @@ def install(proxy: Proxy, keys: set[bytes]) -> Dashboard | None:
     config = proxy.fleet.observability
     observers: list[Observer] = []
     dashboard = None
-    if config.dashboard:
-        dashboard = Dashboard(proxy, keys, interval=config.dashboard_interval)
-        observers.append(dashboard.recorder)
-    if config.metrics:
-        metrics = GenAIMetrics(proxy)
-        proxy.metrics.registry.register(metrics)
+    if config.metrics or config.dashboard:
+        metrics = GenAIMetrics(proxy)  # the dashboard's charts are read from these counters too
         observers.append(metrics)
+        if config.metrics:
+            proxy.metrics.registry.register(metrics)
+        if config.dashboard:
+            dashboard = Dashboard(proxy, metrics, keys, interval=config.dashboard_interval)
+            observers.append(dashboard.recorder)
     if config.tracing.enabled:
         from skyfabric.gateway.tracing import Tracer, tracer_provider
 
-        observers.append(Tracer(proxy, tracer_provider(config.tracing)))
+        observers.append(Tracer(proxy, tracer_provider(config.tracing), config.tracing.sample_ratio))
     if config.logs.format == "json":
         use_json_logs()
     if config.logs.decisions:

@@ -15,6 +15,7 @@ one, to the process's global tracer provider (an application embedding the gatew
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -49,12 +50,8 @@ def tracer_provider(config: Tracing) -> Any:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": config.service_name}),
-        sampler=ParentBasedTraceIdRatio(config.sample_ratio),
-    )
+    provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint)))
     return provider
 
@@ -62,20 +59,36 @@ def tracer_provider(config: Tracing) -> Any:
 class Tracer(Observer):
     """Turns the router's events into spans; per-request state lives in ``ctx.observed``."""
 
-    def __init__(self, proxy: Proxy, provider: Any) -> None:
+    def __init__(self, proxy: Proxy, provider: Any, sample_ratio: float = 1.0) -> None:
         self.proxy = proxy
         self.provider = provider
         self.tracer = provider.get_tracer("skyfabric.gateway")
+        self.sample_ratio = sample_ratio
 
     # -- the request ------------------------------------------------------------------------------------
 
     def request_start(self, ctx: RequestContext) -> None:
-        observed = ctx.observed
-        if observed is None:
-            observed = ctx.observed = {}
+        # Head sampling before any span exists: the client's decision when it sent a valid traceparent
+        # (parent-based), else ``sample_ratio``. An unsampled request costs a random() and passes the
+        # client's traceparent on unchanged, as a proxy outside the trace should.
         parent = None
+        sampled = None
         if ctx.traceparent:
             parent = _PROPAGATOR.extract({"traceparent": ctx.traceparent.decode("latin-1")})
+            client = trace.get_current_span(parent).get_span_context()
+            if client.is_valid:
+                sampled = client.trace_flags.sampled
+        if sampled is None:
+            sampled = random.random() < self.sample_ratio
+        observed = ctx.observed
+        if not sampled:
+            if ctx.traceparent:
+                if observed is None:
+                    observed = ctx.observed = {}
+                observed["traceparent"] = [(b"traceparent", ctx.traceparent)]
+            return
+        if observed is None:
+            observed = ctx.observed = {}
         operation = OPERATIONS[ctx.kind]
         span = self.tracer.start_span(
             f"{operation} {ctx.model}",
@@ -159,7 +172,10 @@ class Tracer(Observer):
         observed = ctx.observed
         if observed is None:
             return _NONE
-        span = observed.get("attempt_spans", {}).get(state.endpoint.id)
+        if "span" not in observed:
+            passthrough: list[tuple[bytes, bytes]] = observed.get("traceparent", _NONE)
+            return passthrough
+        span = observed["attempt_spans"].get(state.endpoint.id)
         if span is None:
             return _NONE
         carrier: dict[str, str] = {}
