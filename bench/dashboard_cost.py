@@ -23,7 +23,9 @@ MOCK_PORT, GATEWAY_PORT = 9140, 9341
 
 
 def fleet_file(directory: Path) -> Path:
-    text = (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT)).replace("9300", str(GATEWAY_PORT))
+    text = (
+        (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT)).replace("9300", str(GATEWAY_PORT))
+    )
     path = directory / "fleet.yaml"
     path.write_text(text)
     return path
@@ -47,14 +49,14 @@ def main() -> None:
     ap.add_argument("--dashboards", type=int, default=10)
     ap.add_argument("--conns", type=int, default=32)
     a = ap.parse_args()
-    from procs import SHARED, MOCK_PY
+    from procs import MOCK_PY, SHARED
 
     mock = start([MOCK_PY, str(SHARED / "mock_upstream.py"), str(MOCK_PORT)], 1, MOCK_PORT)
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            gw = start([sys.executable, "-m", "skyfabric.cli", "serve", "--config", str(fleet_file(Path(tmp)))],
-                       0, GATEWAY_PORT)  # fmt: skip
+            config = str(fleet_file(Path(tmp)))
+            gw = start([sys.executable, "-m", "skyfabric.cli", "serve", "--config", config], 0, GATEWAY_PORT)
             try:
                 wrk(GATEWAY_PORT, 2, a.conns)  # warm-up
                 for open_ in (0, a.dashboards):
@@ -67,7 +69,9 @@ def main() -> None:
                         before = cpu_seconds(gw.pid)
                         result = wrk(GATEWAY_PORT, a.seconds, a.conns)
                         busy = cpu_seconds(gw.pid) - before
-                        rows.append((open_, idle, busy / a.seconds, busy / result["requests"] * 1e6, result["rps"]))
+                        rows.append(
+                            (open_, idle, busy / a.seconds, busy / result["requests"] * 1e6, result["rps"])
+                        )
                     finally:
                         for v in viewers:
                             v.terminate()

@@ -6,9 +6,10 @@ Variants, each the real ``skyfabric serve`` on the same fleet but its ``observab
   always had stay: that is the gateway before this work);
 - ``metrics``: the GenAI and skyfabric metrics on ``/metrics``;
 - ``default``: what a fleet file gets without an ``observability`` section (metrics + dashboard recorder);
-- ``traced``: default plus tracing, every request sampled, spans exported over OTLP/HTTP to a local sink
-  (the export thread's CPU counts: it is in the gateway's process);
-- ``traced+logs``: traced plus JSON decision logs (to /dev/null).
+- ``traced``: default plus tracing at its default sampling (1 % of requests without a client decision),
+  spans exported over OTLP/HTTP to a local sink (the export thread's CPU counts: it is in the process);
+- ``traced-all``: the same with every request traced (``sample_ratio: 1.0``);
+- ``traced+logs``: traced plus JSON decision logs, one record per request (to /dev/null).
 
 Rounds are interleaved (off, metrics, …, off, metrics, …) so that drift in a shared machine's load hits
 every variant alike.
@@ -29,14 +30,15 @@ from procs import HERE, MOCK_PY, SHARED, start, stop, wrk
 
 MOCK_PORT, GATEWAY_PORT, SINK_PORT = 9140, 9341, 9142
 
+_OTLP = f"otlp_endpoint: 'http://127.0.0.1:{SINK_PORT}/v1/traces'"
+_LOGS = "logs: {format: json, decisions: true}"
 VARIANTS = {
     "off": "observability: {dashboard: false, metrics: false}\n",
     "metrics": "observability: {dashboard: false, metrics: true}\n",
     "default": "",
-    "traced": "observability: {tracing: {enabled: true, otlp_endpoint: 'http://127.0.0.1:%d/v1/traces'}}\n"
-    % SINK_PORT,
-    "traced+logs": "observability: {tracing: {enabled: true, otlp_endpoint: 'http://127.0.0.1:%d/v1/traces'}, "
-    "logs: {format: json, decisions: true}}\n" % SINK_PORT,
+    "traced": f"observability: {{tracing: {{enabled: true, {_OTLP}}}}}\n",
+    "traced-all": f"observability: {{tracing: {{enabled: true, sample_ratio: 1.0, {_OTLP}}}}}\n",
+    "traced+logs": f"observability: {{tracing: {{enabled: true, {_OTLP}}}, {_LOGS}}}\n",
 }
 
 SINK = """
@@ -56,7 +58,9 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    base = (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT)).replace("9300", str(GATEWAY_PORT))
+    base = (
+        (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT)).replace("9300", str(GATEWAY_PORT))
+    )
     mock = start([MOCK_PY, str(SHARED / "mock_upstream.py"), str(MOCK_PORT)], 1, MOCK_PORT)
     sink = start([sys.executable, "-c", SINK, str(SINK_PORT)], 1, SINK_PORT)
     results: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}

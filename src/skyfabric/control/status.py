@@ -96,7 +96,7 @@ def render(state: dict[str, Any], source: str) -> Group:
                     p.add(line)
 
     figures = Table(title="last 10 s", title_justify="left", expand=False, box=None, padding=(0, 2))
-    for column in ("provider", "requests/s", "errors", "TTFT (worst s)", "tokens/s"):
+    for column in ("provider", "requests/s", "errors", "TTFT p50 (max)", "tokens/s"):
         figures.add_column(column, justify="right" if column != "provider" else "left")
     for provider, points in sorted(state.get("series", {}).items()):
         f = recent(points)
