@@ -14,12 +14,15 @@ Variants, each the real ``skyfabric serve`` on the same fleet but its ``observab
 Rounds are interleaved (off, metrics, …, off, metrics, …) so that drift in a shared machine's load hits
 every variant alike.
 
-    .venv/bin/python bench/observability_overhead.py [--seconds 8] [--conns 32] [--rounds 2]
+    .venv/bin/python bench/observability_overhead.py [--seconds 8] [--conns 32] [--rounds 2] [--only a,b]
+
+The traced variants need the OTLP exporter: ``pip install 'skyfabric[otlp]'``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -57,17 +60,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants (off is always run)")
     a = ap.parse_args()
     base = (
         (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT)).replace("9300", str(GATEWAY_PORT))
     )
     mock = start([MOCK_PY, str(SHARED / "mock_upstream.py"), str(MOCK_PORT)], 1, MOCK_PORT)
     sink = start([sys.executable, "-c", SINK, str(SINK_PORT)], 1, SINK_PORT)
-    results: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    chosen = ["off", *(v for v in a.only.split(",") if v != "off")]
+    results: dict[str, list[tuple[float, float]]] = {v: [] for v in chosen}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(a.rounds):
-                for name, extra in VARIANTS.items():
+                for name in chosen:
+                    extra = VARIANTS[name]
                     path = Path(tmp) / f"{name}.yaml"
                     path.write_text(base + extra)
                     cmd = [sys.executable, "-m", "skyfabric.cli", "serve", "--config", str(path)]
@@ -84,13 +90,14 @@ def main() -> None:
     finally:
         stop(sink)
         stop(mock)
-    off = sum(x for x, _ in results["off"]) / len(results["off"])
-    print(f"{'variant':12} {'CPU µs/req (each round)':>28} {'mean':>7} {'vs off':>7} {'req/s':>7}")
+    off = statistics.median(x for x, _ in results["off"])
+    print(f"{'variant':12} {'median':>7} {'vs off':>7} {'min':>7} {'req/s':>7}  CPU µs/req of each round")
     for name, rows in results.items():
-        mean = sum(x for x, _ in rows) / len(rows)
-        each = " ".join(f"{x:6.1f}" for x, _ in rows)
-        rps = sum(r for _, r in rows) / len(rows)
-        print(f"{name:12} {each:>28} {mean:7.1f} {mean / off - 1:+7.1%} {rps:7.0f}")
+        median = statistics.median(x for x, _ in rows)
+        each = " ".join(f"{x:.1f}" for x, _ in rows)
+        rps = statistics.median(r for _, r in rows)
+        low = min(x for x, _ in rows)
+        print(f"{name:12} {median:7.1f} {median / off - 1:+7.1%} {low:7.1f} {rps:7.0f}  {each}")
 
 
 if __name__ == "__main__":
