@@ -112,3 +112,14 @@ async def test_cost_appears_only_when_the_fleet_prices_its_pools(make_gateway: M
     gw = await make_gateway({"aws": [FakeUpstream("a")]})
     async with httpx.AsyncClient() as http:
         assert "skyfabric_pool_cost_usd_per_hour" not in (await http.get(f"{gw.root}/metrics")).text
+
+
+def test_usage_is_read_from_the_end_of_an_answer_without_parsing_it() -> None:
+    from skyfabric.gateway.observe import usage_counts
+
+    body = (
+        b'{"choices":[{"message":{"content":"\\"completion_tokens\\": 99"}}],"usage":{"prompt_tokens": 12,'
+        b'"completion_tokens":7,"total_tokens":19,"prompt_tokens_details":{"cached_tokens":3}}}'
+    )
+    assert usage_counts(body) == (12, 7)
+    assert usage_counts(b'{"choices":[]}') == (0, 0)

@@ -164,9 +164,10 @@ class GenAIMetrics(Observer, Collector):
     # -- the hooks --------------------------------------------------------------------------------------
 
     def request_start(self, ctx: RequestContext) -> None:
+        # Only a stream needs its start: its duration is measured here, when it ends.
         if ctx.observed is None:
-            ctx.observed = {"started": self.proxy.clock()}
-        else:
+            ctx.observed = {"started": self.proxy.clock()} if ctx.stream else {}
+        elif ctx.stream:
             ctx.observed["started"] = self.proxy.clock()
 
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:

@@ -14,7 +14,7 @@ that only an enabled observer ever creates.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from skyfabric.gateway.balancer import EndpointState
@@ -69,27 +69,47 @@ class Observer:
 
 
 class Observers(Observer):
-    """Several observers as one: each call goes to each, in order."""
+    """Several observers as one: each call goes, in order, to those that override that hook."""
 
     def __init__(self, observers: list[Observer]) -> None:
         self.observers = list(observers)
 
+        def hook(name: str) -> tuple[Any, ...]:
+            # Only the observers that do something at this point: a no-op inherited hook costs nothing.
+            return tuple(
+                getattr(o, name) for o in observers if getattr(type(o), name) is not getattr(Observer, name)
+            )
+
+        self._request_start = hook("request_start")
+        self._request_end = hook("request_end")
+        self._attempt_start = hook("attempt_start")
+        self._upstream_headers = hook("upstream_headers")
+        self._attempt_end = hook("attempt_end")
+        self._stream_end = hook("stream_end")
+        self._continued = hook("continued")
+        self._ejected = hook("ejected")
+
     def request_start(self, ctx: RequestContext) -> None:
-        for o in self.observers:
-            o.request_start(ctx)
+        for f in self._request_start:
+            f(ctx)
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
-        for o in self.observers:
-            o.request_end(ctx, status, seconds)
+        for f in self._request_end:
+            f(ctx, status, seconds)
 
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
-        for o in self.observers:
-            o.attempt_start(ctx, state, kind)
+        for f in self._attempt_start:
+            f(ctx, state, kind)
 
     def upstream_headers(self, ctx: RequestContext, state: EndpointState) -> list[tuple[bytes, bytes]]:
+        if not self._upstream_headers:
+            return _NO_HEADERS
+        if len(self._upstream_headers) == 1:
+            only: list[tuple[bytes, bytes]] = self._upstream_headers[0](ctx, state)
+            return only
         out: list[tuple[bytes, bytes]] = []
-        for o in self.observers:
-            out.extend(o.upstream_headers(ctx, state))
+        for f in self._upstream_headers:
+            out.extend(f(ctx, state))
         return out
 
     def attempt_end(
@@ -100,22 +120,22 @@ class Observers(Observer):
         seconds: float | None = None,
         body: bytes | None = None,
     ) -> None:
-        for o in self.observers:
-            o.attempt_end(ctx, state, outcome, seconds, body)
+        for f in self._attempt_end:
+            f(ctx, state, outcome, seconds, body)
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
-        for o in self.observers:
-            o.stream_end(ctx, state, tokens, completed)
+        for f in self._stream_end:
+            f(ctx, state, tokens, completed)
 
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
     ) -> None:
-        for o in self.observers:
-            o.continued(ctx, failed, state, tokens)
+        for f in self._continued:
+            f(ctx, failed, state, tokens)
 
     def ejected(self, state: EndpointState, reason: str) -> None:
-        for o in self.observers:
-            o.ejected(state, reason)
+        for f in self._ejected:
+            f(state, reason)
 
 
 def combine(observers: list[Observer]) -> Observer:
@@ -133,11 +153,14 @@ _NUMBER = re.compile(rb"\s*:\s*(\d+)")
 def usage_counts(body: bytes) -> tuple[int, int]:
     """``usage``'s (prompt_tokens, completion_tokens) of a non-streaming answer, without parsing the body.
 
-    Both are 0 when the answer reports no usage. Searched from the end, where servers put ``usage``.
+    Both are 0 when the answer reports no usage. Searched from the end, where servers put ``usage``; the
+    closing quote in each key keeps ``prompt_tokens_details`` from matching.
     """
-    out = []
-    for key in (b'"prompt_tokens"', b'"completion_tokens"'):
-        at = body.rfind(key)
-        found = _NUMBER.match(body, at + len(key)) if at >= 0 else None
-        out.append(int(found.group(1)) if found else 0)
-    return out[0], out[1]
+    at = body.rfind(b'"completion_tokens"')
+    if at < 0:
+        return 0, 0
+    found = _NUMBER.match(body, at + 19)
+    completion = int(found.group(1)) if found else 0
+    at = body.rfind(b'"prompt_tokens"')
+    found = _NUMBER.match(body, at + 15) if at >= 0 else None
+    return (int(found.group(1)) if found else 0), completion
