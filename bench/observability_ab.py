@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--ratio", type=float, default=0.01)
+    ap.add_argument("--no-tracing", action="store_true", help="on = metrics and dashboard only")
+    ap.add_argument("--no-otlp", action="store_true", help="tracing into the no-op global provider (no SDK)")
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
@@ -74,7 +76,9 @@ def main() -> None:
     otlp = f"http://127.0.0.1:{SINK_PORT}/v1/traces"
     text = (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT))
     text = text.replace("9300", str(GATEWAY_PORT))
-    tracing = f"{{enabled: true, sample_ratio: {a.ratio}, otlp_endpoint: '{otlp}'}}"
+    enabled = "false" if a.no_tracing else "true"
+    endpoint = "" if a.no_otlp else f", otlp_endpoint: '{otlp}'"
+    tracing = f"{{enabled: {enabled}, sample_ratio: {a.ratio}{endpoint}}}"
     text += f"observability: {{tracing: {tracing}}}\n"
     mock = start([MOCK_PY, str(SHARED / "mock_upstream.py"), str(MOCK_PORT)], 1, MOCK_PORT)
     sink = start([sys.executable, "-c", SINK, str(SINK_PORT)], 1, SINK_PORT)
