@@ -89,6 +89,20 @@ def serve(config: Path, host: str | None, port: int | None, workers: int) -> Non
     run(fleet, host or fleet.listener.host, port, workers, fleet_path=str(config))
 
 
+@cli.command()
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="the gateway")
+@click.option(
+    "--key", envvar="SKYFABRIC_API_KEY", default=None, help="an API key of the fleet (or $SKYFABRIC_API_KEY)"
+)
+@click.option("--interval", default=1.0, show_default=True, help="seconds between refreshes")
+@click.option("--once", is_flag=True, help="print one picture and exit")
+def status(url: str, key: str | None, interval: float, once: bool) -> None:
+    """The fleet as the gateway sees it, refreshing: health, ejection causes, figures, incidents."""
+    from skyfabric.control.status import run as run_status
+
+    sys.exit(run_status(url, key, interval, once))
+
+
 def main() -> None:
     """Entry point of the ``skyfabric`` script."""
     cli()

@@ -142,6 +142,8 @@ class FakeUpstream:
         #: Tokens actually written per generated response (per choice), in order: what a client really got.
         self.sent_tokens: list[int] = []
         #: Seconds per token: a chunk of k tokens is written after k × token_delay (an engine decodes tokens).
+        #: The headers of each request, in order (lower-case names).
+        self.headers: list[dict[str, str]] = []
         self.token_delay = 0.0
         #: Chat streams open with this many ``reasoning_content`` deltas (a reasoning model) first.
         self.reasoning = 0
@@ -254,6 +256,7 @@ class FakeUpstream:
         except ValueError:
             body = None
         self.requests.append(body if isinstance(body, dict) else {"_invalid": raw[:200]})
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
         behaviour = self._next()
         b = behaviour if isinstance(behaviour, dict) else {behaviour: True}
         if b.get("reset"):

@@ -311,6 +311,36 @@ class ApiKey(_Strict):
     name: str = "default"
 
 
+class Tracing(_Strict):
+    """OpenTelemetry traces: a span per request, a child per attempt and continuation."""
+
+    enabled: bool = Field(False, description="off: no spans, no cost")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces (needs skyfabric[otlp])"
+    )
+    service_name: str = "skyfabric-gateway"
+    sample_ratio: float = Field(
+        0.01, ge=0, le=1, description="share of requests traced when the client sent no sampling decision"
+    )
+
+
+class Logs(_Strict):
+    """How the gateway writes its logs."""
+
+    format: Literal["text", "json"] = Field("text", description="json: one JSON object a line")
+    decisions: bool = Field(False, description="log each routing decision with the request (and trace) id")
+
+
+class Observability(_Strict):
+    """What the gateway shows of itself: the live dashboard, metrics, traces and logs."""
+
+    dashboard: bool = Field(True, description="serve the live dashboard at /dashboard (API keys guard it)")
+    dashboard_interval: float = Field(1.0, gt=0, le=60, description="seconds between dashboard updates")
+    metrics: bool = Field(True, description="OpenTelemetry GenAI metrics and skyfabric's own on /metrics")
+    tracing: Tracing = Tracing()
+    logs: Logs = Logs()
+
+
 class Fleet(_Strict):
     """A whole fleet file."""
 
@@ -323,6 +353,7 @@ class Fleet(_Strict):
     health: Health = Health()
     admission: Admission = Admission()
     api_keys: list[ApiKey] = Field(default_factory=list, description="empty: no authentication")
+    observability: Observability = Observability()
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Fleet:

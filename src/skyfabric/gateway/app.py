@@ -19,6 +19,7 @@ from skyfabric.gateway.api_errors import client_error_response, error_response
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.proxy import Proxy
 from skyfabric.gateway.selftest import SelfTests
+from skyfabric.gateway.telemetry import install
 from skyfabric.http.messages import Request, Response, StreamResponse
 
 _OK = Response(200, b'{"status":"ok"}')
@@ -62,6 +63,8 @@ class Gateway:
         for method, path in self._routes:
             allowed.setdefault(path, []).append(method)
         self._allow = {path: b", ".join(sorted(methods)) for path, methods in allowed.items()}
+        self.dashboard = install(self.proxy, self.keys)
+        self._traceparent = fleet.observability.tracing.enabled
 
     async def start(self) -> None:
         """Start the background loops: health (probes, load signals, stall watchdog) and discovery."""
@@ -91,11 +94,15 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.selftests.close()
+        if self.dashboard is not None:
+            await self.dashboard.hub.close()
         self.proxy.client.close()
 
     async def __call__(self, request: Request) -> Response | StreamResponse:
         handler = self._routes.get((request.method, request.path))
         if handler is None:
+            if self.dashboard is not None and request.path.startswith(b"/dashboard"):
+                return await self.dashboard.handle(request)
             allow = self._allow.get(request.path)
             if allow is not None:
                 return error_response(
@@ -203,4 +210,6 @@ class Gateway:
         priority = request.header(b"x-skyfabric-priority")
         if priority is not None:
             ctx.priority = parse_priority(priority)
+        if self._traceparent:
+            ctx.traceparent = request.header(b"traceparent")
         return ctx

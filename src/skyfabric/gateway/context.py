@@ -41,6 +41,12 @@ class RequestContext:
     #: Endpoints that cannot continue this request (refused the prefix with a 4xx, or restarted the
     #: answer): never asked again for it, and not counted against their health.
     refused: set[str] = field(default_factory=set)
+    #: Telemetry reports tokens: ask backends that can for the final usage (see ``stream_options_for``).
+    wants_usage: bool = False
+    #: Telemetry's per-request scratch (see ``gateway/observe.py``); None unless an observer is on.
+    observed: dict[str, Any] | None = None
+    #: The client's W3C ``traceparent`` (kept only while tracing is on).
+    traceparent: bytes | None = None
 
     def finish(self) -> None:
         """Run ``on_done`` once."""
@@ -83,10 +89,15 @@ class RequestContext:
         never by chunks, and strips from the client's stream what the client did not ask for. Other
         backends get the client's options untouched (some reject options they do not know).
         """
-        if endpoint.engine not in CONTINUOUS_USAGE_ENGINES or not self.counts_tokens():
+        if endpoint.engine not in CONTINUOUS_USAGE_ENGINES:
             return None
         options = self.body.get("stream_options")
         client = options if isinstance(options, dict) else {}
+        if not self.counts_tokens():
+            # Telemetry only needs the total: the final usage chunk, no usage in every chunk.
+            if not self.wants_usage or client.get("include_usage"):
+                return None
+            return {**client, "include_usage": True}
         if client.get("include_usage") and client.get("continuous_usage_stats"):
             return None
         return {**client, "include_usage": True, "continuous_usage_stats": True}

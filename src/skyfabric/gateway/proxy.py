@@ -43,6 +43,7 @@ from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.fit import MAX_CHARS_PER_TOKEN, prompt_token_floor
 from skyfabric.gateway.hedge import TtftWindow, race
 from skyfabric.gateway.metrics import GatewayMetrics
+from skyfabric.gateway.observe import ATTEMPT, HEDGE, Observer
 from skyfabric.gateway.relay import StreamRelay
 from skyfabric.gateway.retry import RetryBudget, backoff
 from skyfabric.http.client import HTTPClient, UpstreamResponse
@@ -125,6 +126,8 @@ class Proxy:
             queue_limit=fleet.admission.queue_limit,
             clock=clock,
         )
+        #: Telemetry's hooks (dashboard, GenAI metrics, traces); the no-op observer when all are off.
+        self.observer: Observer = Observer()
         self._backend_headers = {
             e.id: [(b"x-skyfabric-backend", e.id.encode()), (b"x-skyfabric-model", e.model.encode())]
             for e in endpoints
@@ -143,10 +146,13 @@ class Proxy:
             self.metrics.request(ctx.model, "429")
             raise
         ctx.on_done = lambda: self.admission.release(charged, self.clock() - started)
+        ctx.wants_usage = self.observer.counts_tokens
+        self.observer.request_start(ctx)
         try:
             result = await self._forward(ctx, chain)
         except BaseException:
             ctx.finish()
+            self.observer.request_end(ctx, 499, self.clock() - started)
             raise
         if not isinstance(result, StreamResponse):
             ctx.finish()  # a stream's relay frees the slot when the stream ends
@@ -156,6 +162,7 @@ class Proxy:
             self.metrics.observe(self.metrics.ttft, ctx.model, self.clock() - started)
         else:
             self.metrics.observe(self.metrics.latency, ctx.model, self.clock() - started)
+        self.observer.request_end(ctx, result.status, self.clock() - started)
         return result
 
     # -- chains: which models may serve a request, in which order ---------------------------------------
@@ -361,6 +368,7 @@ class Proxy:
                                     break
                                 self._settle(ctx, pending)
                                 self.metrics.attempt(failed.endpoint.id, f"status_{exc.status}")
+                                self.observer.attempt_end(ctx, failed, f"status_{exc.status}")
                                 return self._passthrough(exc)
                             why = self.failure_class(exc)
                             provider = failed.endpoint.provider
@@ -425,7 +433,7 @@ class Proxy:
             ctx.attempts += 1
             ctx.tried.add(other.endpoint.id)
             self.metrics.hedges.inc()
-            return lambda: self.attempt(ctx, other, model)
+            return lambda: self.attempt(ctx, other, model, HEDGE)
 
         return await race(
             lambda: self.attempt(ctx, state, model),
@@ -437,7 +445,7 @@ class Proxy:
         )
 
     async def attempt(
-        self, ctx: RequestContext, state: EndpointState, model: str
+        self, ctx: RequestContext, state: EndpointState, model: str, kind: str = ATTEMPT
     ) -> Response | StreamResponse:
         """One attempt on one endpoint, up to the commit point; raises :class:`UpstreamError`."""
         endpoint = state.endpoint
@@ -445,19 +453,23 @@ class Proxy:
         state.outstanding += 1
         handed_off = False
         started = self.clock()
+        self.observer.attempt_start(ctx, state, kind)
         try:
-            resp = await self.open(state, ctx.path, body, ctx.stream, ctx.deadline)
+            extra = self.observer.upstream_headers(ctx, state)
+            resp = await self.open(state, ctx.path, body, ctx.stream, ctx.deadline, extra)
             if not ctx.stream:
                 remaining = max(0.001, ctx.deadline - self.clock())
                 data = await resp.read(min(self.timeouts.idle, remaining))
                 record_success(state, self.clock())
                 self.metrics.attempt(endpoint.id, "ok")
+                self.observer.attempt_end(ctx, state, "ok", self.clock() - started, data)
                 return Response(200, data, self._backend_headers[endpoint.id])
             relay = StreamRelay(self, ctx, state, resp)
             await relay.prime()
             handed_off = True
             self.ttft[model].add(self.clock() - started)
             self.metrics.attempt(endpoint.id, "ok")
+            self.observer.attempt_end(ctx, state, "ok", self.clock() - started)
             headers = self._backend_headers[endpoint.id]
             return StreamResponse(200, relay.run(), headers, abandon=relay.abandon, heartbeat=b":\n\n")
         finally:
@@ -471,7 +483,13 @@ class Proxy:
         return []
 
     async def open(
-        self, state: EndpointState, path: bytes, body: bytes, stream: bool, deadline: float
+        self,
+        state: EndpointState,
+        path: bytes,
+        body: bytes,
+        stream: bool,
+        deadline: float,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> UpstreamResponse:
         """Send to an endpoint and wait for a 2xx status; errors carry the upstream's answer."""
         endpoint = state.endpoint
@@ -479,6 +497,8 @@ class Proxy:
         headers = _SSE if stream else _JSON
         if endpoint.api_key:
             headers = [*headers, *self.auth_headers(endpoint)]
+        if extra:
+            headers = [*headers, *extra]
         first_byte = self.timeouts.first_byte if stream else self.timeouts.response
         resp = await self.client.request(
             endpoint.origin,
@@ -514,6 +534,7 @@ class Proxy:
         )
         outcome = f"status_{exc.status}" if isinstance(exc, UpstreamStatus) else type(exc).__name__
         self.metrics.attempt(state.endpoint.id, outcome)
+        self.observer.attempt_end(ctx, state, outcome)
         ctx.failed_providers.add(state.endpoint.provider)
         if isinstance(exc, EndpointAborted):
             return  # we aborted it ourselves when its endpoint was ejected: nothing new to count
@@ -537,10 +558,12 @@ class Proxy:
         now = self.clock()
         ejected = [state]
         self.metrics.ejections.labels(state.endpoint.id).inc()
+        self.observer.ejected(state, reason)
         log.warning("ejected %s: %s", state.endpoint.id, reason)
         for peer in correlated_domain(list(self.states.values()), state, now, self.outlier):
             eject(peer, now, self.outlier)
             self.metrics.ejections.labels(peer.endpoint.id).inc()
+            self.observer.ejected(peer, f"its failing domain (with {state.endpoint.id})")
             log.warning("ejected %s with its failing domain", peer.endpoint.id)
             ejected.append(peer)
         # Ejected by the health loop (silence, failed probes) or with its domain: what is in flight

@@ -30,6 +30,7 @@ from skyfabric.core.errors import ContinuationRefused, RemoteProtocolError, Upst
 from skyfabric.gateway.api_errors import error_event
 from skyfabric.gateway.balancer import EndpointState, record_success
 from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway.observe import CONTINUATION
 from skyfabric.gateway.router import Router
 from skyfabric.gateway.sse import DONE, EventSplitter, MalformedEvent, StreamProgress, parse_event
 from skyfabric.http.client import UpstreamResponse
@@ -342,6 +343,11 @@ class StreamRelay:
             else:
                 self.resp.abort()
             self._let_go()
+            # Tokens by the backends' usage; where none reported it, the chunks (at least one token each).
+            sent = self._tokens_sent()
+            self.router.observer.stream_end(
+                self.ctx, self.state, sent if sent is not None else self.progress.chunks, completed
+            )
             self.ctx.finish()
 
     async def _drain(self) -> None:
@@ -454,8 +460,10 @@ class StreamRelay:
             ctx.attempts += 1
             ctx.tried.add(state.endpoint.id)
             state.outstanding += 1
+            router.observer.attempt_start(ctx, state, CONTINUATION)
             try:
-                resp = await router.open(state, ctx.path, body, True, ctx.deadline)
+                extra = router.observer.upstream_headers(ctx, state)
+                resp = await router.open(state, ctx.path, body, True, ctx.deadline, extra)
             except UpstreamStatus as err:
                 state.outstanding -= 1
                 if 400 <= err.status < 500 and err.status != 429:
@@ -490,6 +498,8 @@ class StreamRelay:
             self.backends.append(state.endpoint.id)
             ctx.rescued += 1
             router.metrics.rescued.inc()
+            sent = tokens if tokens is not None else self.progress.chunks
+            router.observer.continued(ctx, failed, state, sent)
             return None
         return "no backend could continue it"
 

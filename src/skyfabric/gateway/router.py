@@ -15,6 +15,7 @@ from skyfabric.core.fleet import Fleet, Timeouts
 from skyfabric.gateway.balancer import Cluster, EndpointState, OutlierPolicy
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.metrics import GatewayMetrics
+from skyfabric.gateway.observe import Observer
 from skyfabric.http.client import UpstreamResponse
 
 
@@ -30,9 +31,16 @@ class Router(Protocol):
     timeouts: Timeouts
     max_continuations: int
     metrics: GatewayMetrics
+    observer: Observer
 
     async def open(
-        self, state: EndpointState, path: bytes, body: bytes, stream: bool, deadline: float
+        self,
+        state: EndpointState,
+        path: bytes,
+        body: bytes,
+        stream: bool,
+        deadline: float,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> UpstreamResponse:
         """Send to an endpoint and wait for a 2xx status; raises :class:`UpstreamStatus` otherwise."""
         ...

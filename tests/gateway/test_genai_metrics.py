@@ -1,0 +1,131 @@
+"""``/metrics`` after known traffic: the GenAI conventions' series and skyfabric's own, exact values."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MakeGateway
+from tests.support.fake_upstream import FakeUpstream
+
+BACKEND = ("skyfabric_accelerator", "cpu"), ("skyfabric_client_protocol", "openai")
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def op(operation: str, provider: str, **extra: str) -> frozenset[tuple[str, str]]:
+    labels = {
+        "gen_ai_operation_name": operation,
+        "gen_ai_request_model": "m",
+        "gen_ai_provider_name": provider,
+        "skyfabric_region": "r1",
+        "skyfabric_pool": "pool",
+        "skyfabric_accelerator": "cpu",
+        "skyfabric_client_protocol": "openai",
+        **extra,
+    }
+    return frozenset(labels.items())
+
+
+async def test_metrics_after_known_traffic(make_gateway: MakeGateway) -> None:
+    aws = FakeUpstream("a", tokens=5).then("ok", {"status": 503}, {"cut_after": 2})
+    gcp = FakeUpstream("b", tokens=5)
+    gw = await make_gateway({"aws": [aws], "gcp": [gcp]}, health={"probe_interval": 0})
+    # gcp looks busier, so aws gets each request unless it failed it: the traffic below is deterministic.
+    gw.gateway.proxy.states["gcp/r1/pool/0"].reported_waiting = 1
+    client = gw.client()
+    messages = [{"role": "user", "content": "hi"}]
+    whole = await client.chat.completions.create(model="m", messages=messages)  # aws, non-streaming
+    assert whole.usage is not None
+    for _ in range(2):  # aws 503 → retried on gcp; then aws cut after 2 tokens → continued on gcp
+        # With usage asked for, the gateway asks the backend for its running count: a stream broken
+        # mid-answer is then counted exactly across the break (without it, the part before the break is
+        # counted by chunks, a lower bound: docs/observability.md).
+        stream = await client.chat.completions.create(
+            model="m", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == (
+            "t0 t1 t2 t3 t4 "
+        )
+    stream = await client.completions.create(model="m", prompt="x", stream=True)  # aws is out: gcp
+    async for _ in stream:
+        pass
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{gw.root}/metrics")).text
+    got = samples(text)
+
+    def value(name: str, labels: frozenset[tuple[str, str]]) -> float:
+        return got.get((name, labels), 0.0)
+
+    # The GenAI conventions' series, attributed to the backend that answered.
+    duration = "gen_ai_client_inference_duration_seconds_count"
+    assert value(duration, op("chat", "aws", error_type="")) == 1  # the non-streaming answer
+    assert value(duration, op("chat", "gcp", error_type="")) == 2  # both streams ended on gcp
+    assert value(duration, op("text_completion", "gcp", error_type="")) == 1
+    ttfc = "gen_ai_client_inference_time_to_first_chunk_seconds_count"
+    assert value(ttfc, op("chat", "gcp")) == 1 and value(ttfc, op("chat", "aws")) == 1
+    assert value(ttfc, op("text_completion", "gcp")) == 1
+    tokens = "gen_ai_client_inference_usage_output_tokens_total"
+    assert value(tokens, op("chat", "aws", gen_ai_token_modality="unknown")) == 5
+    assert value(tokens, op("chat", "gcp", gen_ai_token_modality="unknown")) == 10
+    assert value(tokens, op("text_completion", "gcp", gen_ai_token_modality="unknown")) == 5
+    inputs = "gen_ai_client_inference_usage_input_tokens_total"
+    assert value(inputs, op("chat", "aws", gen_ai_token_modality="unknown")) == whole.usage.prompt_tokens
+    # Chunk gaps of the two chat streams that ended on gcp: 4 + 4 (5 tokens each).
+    tpoc = "gen_ai_client_inference_time_per_output_chunk_seconds_count"
+    assert value(tpoc, op("chat", "gcp")) == 8 and value(tpoc, op("text_completion", "gcp")) == 4
+    bucket = "gen_ai_client_inference_duration_seconds_bucket"
+    assert value(bucket, op("chat", "gcp", error_type="", le="+Inf")) == 2
+
+    # skyfabric's own.
+    def attempts(provider: str, outcome: str) -> float:
+        labels = {"gen_ai_request_model": "m", "gen_ai_provider_name": provider, "skyfabric_region": "r1",
+                  "skyfabric_pool": "pool", "outcome": outcome}  # fmt: skip
+        return value("skyfabric_upstream_attempts_total", frozenset(labels.items()))
+
+    assert attempts("aws", "ok") == 2 and attempts("aws", "status_503") == 1
+    assert attempts("aws", "RemoteProtocolError") == 1
+    assert attempts("gcp", "ok") == 2 and attempts("gcp", "continued") == 1
+    failovers = "skyfabric_failovers_total"
+    phase = lambda p: frozenset({"gen_ai_request_model": "m", "phase": p}.items())  # noqa: E731
+    assert value(failovers, phase("before_first_token")) == 1
+    assert value(failovers, phase("after_first_token")) == 1
+    ejected = frozenset(
+        {"gen_ai_provider_name": "aws", "skyfabric_region": "r1", "skyfabric_pool": "pool",
+         "cause": "RemoteProtocolError"}.items()
+    )  # fmt: skip
+    assert value("skyfabric_endpoint_ejections_total", ejected) == 1
+    assert value("skyfabric_admission_queued", frozenset({"gen_ai_request_model": "m"}.items())) == 0
+    assert value("skyfabric_retry_budget_active_requests", frozenset()) == 0
+    assert value("skyfabric_retry_budget_limit", frozenset()) == 10
+    # The names tests and drills already read are still there.
+    assert 'skyfabric_requests_total{model="m",status="200"} 4.0' in text
+    assert "skyfabric_rescued_streams_total 1.0" in text
+    # Bounded cardinality: no label carries a key, a prompt or a request id.
+    assert "sk-test" not in text and '"hi"' not in text and "chatcmpl" not in text
+    for state in gw.gateway.proxy.states.values():
+        assert state.outstanding == 0 and state.streaming == 0
+
+
+async def test_cost_appears_only_when_the_fleet_prices_its_pools(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"aws": [FakeUpstream("a")]})
+    async with httpx.AsyncClient() as http:
+        assert "skyfabric_pool_cost_usd_per_hour" not in (await http.get(f"{gw.root}/metrics")).text
+
+
+def test_usage_is_read_from_the_end_of_an_answer_without_parsing_it() -> None:
+    from skyfabric.gateway.observe import usage_counts
+
+    body = (
+        b'{"choices":[{"message":{"content":"\\"completion_tokens\\": 99"}}],"usage":{"prompt_tokens": 12,'
+        b'"completion_tokens":7,"total_tokens":19,"prompt_tokens_details":{"cached_tokens":3}}}'
+    )
+    assert usage_counts(body) == (12, 7)
+    assert usage_counts(b'{"choices":[]}') == (0, 0)
