@@ -19,7 +19,7 @@ async def test_status_shows_a_down_provider_with_its_cause(make_gateway: MakeGat
     gw = await make_gateway(
         {"aws": [FakeUpstream("a", default="reset")], "gcp": [FakeUpstream("b", tokens=4)]},
         api_keys=[{"key": KEY}],
-        health={"probe_interval": 0},
+        health={"probe_interval": 0, "base_ejection": 30},  # still out when the status is read
         observability={"dashboard_interval": 0.1},
     )
     client = gw.client()

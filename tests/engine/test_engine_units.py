@@ -114,6 +114,7 @@ class EchoEngine(Engine):
         *,
         add_generation_prompt: bool,
         continue_final_message: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         return self.tokenize("".join(str(m["content"]) for m in messages))
 

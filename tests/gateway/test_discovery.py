@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import stat
 import sys
 import time
@@ -586,6 +587,7 @@ async def test_fleet_file_endpoint_changes_apply_without_a_restart(
     upstreams: list[FakeUpstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any, serve: Any
 ) -> None:
     monkeypatch.setattr(discovery_mod, "FILE_INTERVAL", 0.1)
+    caplog.set_level(logging.WARNING, logger="skyfabric")  # whatever an earlier test left the levels at
     u0, u1, _ = upstreams
     path = tmp_path / "fleet.yaml"
     data = _fleet({"endpoints": [u0.url]})

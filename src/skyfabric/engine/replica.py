@@ -538,12 +538,16 @@ class ReplicaApp:
         continue_final = last_is_assistant and (bool(continue_flag) or add_generation_prompt is False)
         self._check_ready()
         try:
+            tools = _tools(body)
+            # ``tools`` only when the request has some: an engine plug-in written before the argument
+            # existed still serves every request without tools.
+            extra = {"tools": tools} if tools else {}
             render = functools.partial(
                 self.engine.tokenize_chat,
                 messages,
                 add_generation_prompt=add_generation_prompt is not False and not continue_final,
                 continue_final_message=continue_final,
-                tools=_tools(body),
+                **extra,
             )
             long = sum(len(m["content"]) for m in messages) > OFF_LOOP_CHARS
             prompt_ids = await asyncio.to_thread(render) if long else render()
