@@ -320,3 +320,39 @@ async def test_a_client_that_stops_reading_does_not_get_a_healthy_endpoint_eject
     proxy.states["gcp/r1/pool/0"].outstanding -= 1000
     assert raw.headers["x-skyfabric-backend"] == "aws/r1/pool/0"
     assert raw.parse().choices[0].message.content == aws.text(2)
+
+
+async def test_whole_answers_stuck_on_an_endpoint_that_fails_its_probe_are_moved(
+    make_gateway: MakeGateway,
+) -> None:
+    # Found by `skyfabric simulate`: aws is ejected for another request's failure (not by the health loop),
+    # then blackholed. A non-streaming request already in flight there is seen by no stall watchdog; before,
+    # it waited out its response timeout (30 s here, 120 s by default). The failed half-open probe moves it.
+    aws = await Proxied.start(FakeUpstream("a", tokens=3, default={"delay": 0.5}))
+    gcp = FakeUpstream("b", tokens=3)
+    gw = await make_gateway(
+        {"aws": [aws], "gcp": [gcp]},
+        timeouts={"connect": 0.5, "first_byte": 30, "first_token": 30, "idle": 30, "response": 30, "total": 60},  # noqa: E501
+        health={"probe_interval": 0.2, "probe_timeout": 0.3, "base_ejection": 0.3, "load_signals": False},
+    )
+    proxy = gw.gateway.proxy
+    proxy.states["gcp/r1/pool/0"].outstanding = 1000  # the request goes to aws
+    started = time.monotonic()
+    task = asyncio.ensure_future(
+        gw.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    )
+    await asyncio.sleep(0.2)
+    proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    await aws.fault(FaultMode(blackhole=True))
+    state = proxy.states["aws/r1/pool/0"]
+    assert state.inflight  # the whole answer is on its way from aws
+    from skyfabric.gateway.balancer import eject
+
+    eject(state, proxy.clock(), proxy.outlier)  # what another request's connect error does
+    proxy.after_ejection(state, "connect refused")  # a single failure: its neighbours are left alone
+    completion = await asyncio.wait_for(task, 10)
+    took = time.monotonic() - started
+    assert completion.choices[0].message.content == expected_text(3)
+    assert took < 3.0, took  # the probe's ejection time and timeout, not the 30 s response timeout
+    assert len(gcp.requests) == 1
+    await assert_released(proxy)

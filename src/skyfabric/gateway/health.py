@@ -167,6 +167,17 @@ class HealthChecker:
         except UpstreamError as exc:
             if half_open:
                 eject(state, proxy.clock(), proxy.outlier)  # still down: wait longer
+                if isinstance(exc, ConnectError | UpstreamTimeout) and state.inflight:
+                    # Ejected for one request's failure, it now answers no probe either: what is still in
+                    # flight there (a whole answer, which no stall watchdog sees) is stuck in a blackhole.
+                    # Move it now rather than after its response timeout (minutes).
+                    log.warning(
+                        "%s answers no probe: moving its %d requests in flight",
+                        endpoint.id,
+                        len(state.inflight),
+                    )
+                    for conn in list(state.inflight):
+                        conn.abort()
             elif record_failure(state, proxy.clock(), proxy.outlier, hard=isinstance(exc, ConnectError)):
                 proxy.after_ejection(state, f"probe: {exc}")
             return
