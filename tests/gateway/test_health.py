@@ -332,7 +332,14 @@ async def test_whole_answers_stuck_on_an_endpoint_that_fails_its_probe_are_moved
     gcp = FakeUpstream("b", tokens=3)
     gw = await make_gateway(
         {"aws": [aws], "gcp": [gcp]},
-        timeouts={"connect": 0.5, "first_byte": 30, "first_token": 30, "idle": 30, "response": 30, "total": 60},  # noqa: E501
+        timeouts={
+            "connect": 0.5,
+            "first_byte": 30,
+            "first_token": 30,
+            "idle": 30,
+            "response": 30,
+            "total": 60,
+        },  # noqa: E501
         health={"probe_interval": 0.2, "probe_timeout": 0.3, "base_ejection": 0.3, "load_signals": False},
     )
     proxy = gw.gateway.proxy
