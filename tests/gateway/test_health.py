@@ -339,7 +339,7 @@ async def test_whole_answers_stuck_on_an_endpoint_that_fails_its_probe_are_moved
             "idle": 30,
             "response": 30,
             "total": 60,
-        },  # noqa: E501
+        },
         health={"probe_interval": 0.2, "probe_timeout": 0.3, "base_ejection": 0.3, "load_signals": False},
     )
     proxy = gw.gateway.proxy
