@@ -587,7 +587,7 @@ async def test_fleet_file_endpoint_changes_apply_without_a_restart(
     upstreams: list[FakeUpstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any, serve: Any
 ) -> None:
     monkeypatch.setattr(discovery_mod, "FILE_INTERVAL", 0.1)
-    caplog.set_level(logging.WARNING, logger="skyfabric")  # whatever an earlier test left the levels at
+    caplog.set_level(logging.WARNING, logger="skyfabric.gateway.discovery")  # whatever earlier tests set
     u0, u1, _ = upstreams
     path = tmp_path / "fleet.yaml"
     data = _fleet({"endpoints": [u0.url]})
