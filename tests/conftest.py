@@ -75,6 +75,8 @@ def fleet_data(
     data.update(extra)
     # The continuation self-test sends requests at start; tests that script upstreams opt in to it.
     data["health"] = {"selftest": False, **data.get("health", {})}
+    # The suite runs with the dashboard and the GenAI metrics on (they are off by default for speed).
+    data["observability"] = {"dashboard": True, "metrics": True, **data.get("observability", {})}
     return data
 
 

@@ -93,3 +93,13 @@ def test_local_pool_needs_up_to_get_endpoints() -> None:
     fleet = parse_fleet(minimal(engine="local", endpoints=[], replicas=2))
     with pytest.raises(ConfigError, match="skyfabric up"):
         fleet_endpoints(fleet)
+
+
+def test_telemetry_is_opt_in_and_the_embedded_fleet_opts_in() -> None:
+    from importlib.resources import files
+
+    embedded = load_fleet(files("skyfabric") / "control" / "fleets" / "embedded.yaml")
+    bare = parse_fleet(embedded.model_dump(exclude={"observability"}))
+    assert not bare.observability.dashboard and not bare.observability.metrics
+    assert not bare.observability.tracing.enabled
+    assert embedded.observability.dashboard and embedded.observability.metrics

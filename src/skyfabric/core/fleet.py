@@ -334,9 +334,11 @@ class Logs(_Strict):
 class Observability(_Strict):
     """What the gateway shows of itself: the live dashboard, metrics, traces and logs."""
 
-    dashboard: bool = Field(True, description="serve the live dashboard at /dashboard (API keys guard it)")
+    # Off by default: together they measured ~10-17 µs of gateway CPU per request (bench/layers.py-style
+    # A/B, 2026-12-01), more than their 5 % budget; `skyfabric up`'s embedded fleet turns them on.
+    dashboard: bool = Field(False, description="serve the live dashboard at /dashboard (API keys guard it)")
     dashboard_interval: float = Field(1.0, gt=0, le=60, description="seconds between dashboard updates")
-    metrics: bool = Field(True, description="OpenTelemetry GenAI metrics and skyfabric's own on /metrics")
+    metrics: bool = Field(False, description="OpenTelemetry GenAI metrics and skyfabric's own on /metrics")
     tracing: Tracing = Tracing()
     logs: Logs = Logs()
 
