@@ -101,3 +101,28 @@ def test_skyfabric_serve_with_workers_terminates_tls_from_the_fleet_file(tmp_pat
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_skyfabric_up_checks_and_announces_a_tls_gateway_over_https(tmp_path: Path) -> None:
+    import asyncio
+
+    from skyfabric.control.supervisor import healthy, ready_banner
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("gateway.example.com")  # names the public host, not the loopback address
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    up = await FakeUpstream("a", tokens=2).start()
+    fleet = parse_fleet(fleet_data({"aws": [up]}, listener={"tls_cert": str(cert), "tls_key": str(key)}))
+    gateway = Gateway(fleet, fleet_endpoints(fleet))
+    listener = make_listener(gateway, fleet.listener)
+    port = await listener.start("127.0.0.1", 0, ssl=fleet.listener.ssl_context())
+    try:
+        assert await asyncio.to_thread(healthy, f"https://127.0.0.1:{port}/readyz")
+        assert not await asyncio.to_thread(healthy, f"http://127.0.0.1:{port}/readyz")  # it speaks TLS only
+        assert f"https://127.0.0.1:{port}/v1" in ready_banner(fleet, "127.0.0.1", port, 1.0, tmp_path)
+    finally:
+        await listener.stop(0.1)
+        await gateway.close()
+        await up.stop()

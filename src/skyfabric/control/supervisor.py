@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -82,10 +83,20 @@ class Child:
             self.proc.wait()
 
 
+def _own_child_tls() -> ssl.SSLContext:
+    """For readiness checks of our own gateway on loopback: its certificate names the public host, not
+    127.0.0.1, and may be issued by a CA this machine does not hold; the check is about liveness only."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def healthy(url: str, timeout: float = 1.0) -> bool:
-    """GET ``url`` answers 200."""
+    """GET ``url`` answers 200 (over TLS too: the gateway's listener may terminate it)."""
+    context = _own_child_tls() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -160,8 +171,9 @@ class EmbeddedFleet:
             "--workers",
             str(self.workers),
         ]
+        scheme = "https" if resolved["listener"].get("tls_cert") else "http"
         self.gateway = Child(
-            "gateway", argv, f"http://{self.host}:{self.port}/readyz", self.run_dir / "gateway.log"
+            "gateway", argv, f"{scheme}://{self.host}:{self.port}/readyz", self.run_dir / "gateway.log"
         )
         self.gateway.start()
         self._wait([self.gateway], timeout)
@@ -245,7 +257,7 @@ def ready_banner(fleet: Fleet, host: str, port: int, seconds: float, run_dir: Pa
     """What a person needs to start calling the fleet."""
     model = fleet.models[0].name
     key = fleet.api_keys[0].key if fleet.api_keys else "none"
-    base = f"http://{host}:{port}/v1"
+    base = f"{'https' if fleet.listener.tls_cert else 'http'}://{host}:{port}/v1"
     pools = [
         f"  {p.name}/{r.name}/{pool.name}: {pool.replicas if pool.engine == 'local' else len(pool.endpoints)}"
         f" × {pool.engine} on {pool.accelerator}"
