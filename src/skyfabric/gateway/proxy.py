@@ -46,6 +46,7 @@ from skyfabric.gateway.metrics import GatewayMetrics
 from skyfabric.gateway.observe import ATTEMPT, HEDGE, Observer
 from skyfabric.gateway.relay import StreamRelay
 from skyfabric.gateway.retry import RetryBudget, backoff
+from skyfabric.gateway.router import hold
 from skyfabric.http.client import HTTPClient, UpstreamResponse
 from skyfabric.http.messages import Response, StreamResponse
 
@@ -591,30 +592,14 @@ class Proxy:
         detail = f"{why}; last error: {last}" if last else why
         return error_response(502 if last else 503, detail, code="upstream_unavailable")
 
-    def any_available(self, chain: Sequence[str], now: float, need_continuation: bool = False) -> bool:
-        """Whether any endpoint of these models (able to continue, if that is needed) is in rotation."""
-        return any(
-            s.available(now) and (s.endpoint.can_continue or not need_continuation)
-            for model in chain
-            for s in self.clusters[model].states
-        )
+    def any_available(self, chain: Sequence[str], now: float) -> bool:
+        """Whether any endpoint of these models is in rotation."""
+        return any(s.available(now) for model in chain for s in self.clusters[model].states)
 
-    async def wait_for_endpoint(
-        self, chain: Sequence[str], deadline: float, need_continuation: bool = False
-    ) -> bool:
-        """When every endpoint of ``chain`` is out, wait (≤ ``retry.outage_wait``) for one to come back.
-
-        A fleet-wide outage seen from the gateway is usually its own network blinking; a request with
-        time left is better held for a few seconds than failed, or sent into a blackhole.
-        """
-        limit = min(deadline, self.clock() + self.fleet.retry.outage_wait)
-        for _ in range(int(self.fleet.retry.outage_wait / 0.05)):  # bounded even under a frozen test clock
-            if self.any_available(chain, self.clock(), need_continuation):
-                return True
-            if self.clock() >= limit:
-                break
-            await asyncio.sleep(0.05)
-        return self.any_available(chain, self.clock(), need_continuation)
+    async def wait_for_endpoint(self, chain: Sequence[str], deadline: float) -> bool:
+        """When every endpoint of ``chain`` is out, wait (≤ ``retry.outage_wait``) for one to come back."""
+        wait = self.fleet.retry.outage_wait
+        return await hold(lambda: self.any_available(chain, self.clock()), self.clock, deadline, wait)
 
     def capacity(self, model: str) -> int:
         """Requests the available endpoints of ``model`` serve well, together (recomputed every 50 ms).

@@ -18,7 +18,6 @@ receive the same text twice.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -31,7 +30,7 @@ from skyfabric.gateway.api_errors import error_event
 from skyfabric.gateway.balancer import EndpointState, record_success
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.observe import CONTINUATION
-from skyfabric.gateway.router import Router
+from skyfabric.gateway.router import Router, hold
 from skyfabric.gateway.sse import DONE, EventSplitter, MalformedEvent, StreamProgress, parse_event
 from skyfabric.http.client import UpstreamResponse
 
@@ -395,13 +394,10 @@ class StreamRelay:
 
     async def _wait(self, chain: list[str], need: bool) -> bool:
         """Hold the stream (≤ ``retry.outage_wait``) for an endpoint it may go to to come back."""
-        wait = self.router.fleet.retry.outage_wait
-        limit = min(self.ctx.deadline, self.router.clock() + wait)
-        for _ in range(int(wait / 0.05)):  # bounded even under a frozen test clock
-            if self._usable(chain, need) or self.router.clock() >= limit:
-                break
-            await asyncio.sleep(0.05)
-        return self._usable(chain, need)
+        router = self.router
+        return await hold(
+            lambda: self._usable(chain, need), router.clock, self.ctx.deadline, router.fleet.retry.outage_wait
+        )
 
     def _pick(self, chain: list[str], need: bool) -> EndpointState | None:
         router, excluded = self.router, self._excluded()

@@ -8,6 +8,7 @@ cycle, and lets each part be tested against anything that has these members.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,6 +18,21 @@ from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.metrics import GatewayMetrics
 from skyfabric.gateway.observe import Observer
 from skyfabric.http.client import UpstreamResponse
+
+
+async def hold(ready: Callable[[], bool], clock: Callable[[], float], deadline: float, wait: float) -> bool:
+    """Wait (≤ ``wait`` seconds, never past ``deadline``) until ``ready()``; returns its last answer.
+
+    A fleet-wide outage seen from the gateway is usually its own network blinking: a request, or a stream
+    to be continued, with time left is better held for a few seconds than failed or sent into a blackhole.
+    Polled every 50 ms, a bounded number of times even under a frozen test clock.
+    """
+    limit = min(deadline, clock() + wait)
+    for _ in range(int(wait / 0.05)):
+        if ready() or clock() >= limit:
+            break
+        await asyncio.sleep(0.05)
+    return ready()
 
 
 class Router(Protocol):
