@@ -222,7 +222,7 @@ class GenAIMetrics(Observer, Collector):
             return
         series.duration.observe(seconds)
         gaps = seconds - observed["ttfc"]
-        if tokens > 1 and gaps > 0:
+        if tokens > 1 and gaps >= 0:  # chunks that arrived with the first one: gaps of 0, still gaps
             series.tpoc.observe(gaps / (tokens - 1), tokens - 1)
 
     def continued(
