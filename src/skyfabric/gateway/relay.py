@@ -449,7 +449,10 @@ class StreamRelay:
                     if await self._wait(chain, need):
                         continue
                 break
-            body = ctx.continuation_body(state.endpoint, prefix, tokens)
+            # skyfabric's own replicas keep a continued prefix verbatim: send it whole there, since a
+            # stripped one is re-tokenized differently and a token limit then ends the text elsewhere.
+            given = content if state.endpoint.engine == "local" else prefix
+            body = ctx.continuation_body(state.endpoint, given, tokens)
             if body is None:
                 break
             self.continuations += 1
@@ -487,9 +490,9 @@ class StreamRelay:
             self.base_tokens = tokens
             self.progress.new_segment()
             self._strip_usage = self._usage_added(state)
-            self._ws_debt = content[len(prefix) :]
-            self._prefix_norm = normalized(prefix)
-            check = bool(prefix) and not repeats_itself(prefix)
+            self._ws_debt = content[len(given) :]
+            self._prefix_norm = normalized(given)
+            check = bool(given.strip()) and not repeats_itself(given)
             self._checking, self._checked_text = ([], "") if check else (None, "")
             self.backends.append(state.endpoint.id)
             ctx.rescued += 1
