@@ -160,3 +160,7 @@ class UpstreamStatus(UpstreamError):
             if key == name:
                 return value
         return None
+
+
+class MalformedEvent(ValueError):
+    """Raised when an upstream's stream event is not its protocol (bad SSE, JSON, or event order)."""

@@ -12,11 +12,9 @@ from typing import Any
 
 import orjson
 
+from skyfabric.core.errors import MalformedEvent
+
 DONE = object()
-
-
-class MalformedEvent(ValueError):
-    """Raised when an upstream event is not valid SSE + JSON."""
 
 
 class EventSplitter:

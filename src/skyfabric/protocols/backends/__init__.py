@@ -1,0 +1,1 @@
+"""Wire protocols: build upstream requests, decode answers, classify errors, continue answers."""

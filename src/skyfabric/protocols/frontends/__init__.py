@@ -1,0 +1,1 @@
+"""Client protocols: parse requests, encode answers and errors (OpenAI, Anthropic)."""
