@@ -18,6 +18,7 @@ words (OpenAI ``stop`` / ``length`` / ``tool_calls`` / ``content_filter``; Anthr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -110,6 +111,17 @@ class CanonicalRequest:
     #: The client's body as parsed, and as sent (the pass-through path forwards these bytes).
     body: dict[str, Any] = field(default_factory=dict)
     raw: bytes = b""
+    #: Fills ``messages``, ``system``, ``tools`` (and the like) from ``body`` on first need. A frontend
+    #: may leave that work undone: the pass-through path never needs it, and it costs microseconds a
+    #: request. Backends that build their own body call :meth:`lower` first.
+    pending: Callable[[CanonicalRequest], None] | None = field(default=None, repr=False)
+
+    def lower(self) -> CanonicalRequest:
+        """Complete the fields a frontend left to be filled lazily; returns ``self``."""
+        fill, self.pending = self.pending, None
+        if fill is not None:
+            fill(self)
+        return self
 
 
 # -- events -----------------------------------------------------------------------------------------------
