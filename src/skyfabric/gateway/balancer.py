@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skyfabric.core.endpoints import Endpoint
+from skyfabric.core.retry_after import parse_retry_after as parse_retry_after
 from skyfabric.gateway.affinity import prefer
 
 
@@ -201,20 +202,3 @@ class Cluster:
         best = min(loads)
         ties = [s for s, load in zip(fresh, loads, strict=True) if load == best]
         return ties[0] if len(ties) == 1 else random.choice(ties)
-
-
-def parse_retry_after(value: bytes | None, now_epoch: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    text = value.decode("latin-1").strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    from email.utils import parsedate_to_datetime
-
-    try:
-        return max(0.0, parsedate_to_datetime(text).timestamp() - now_epoch)
-    except (TypeError, ValueError):
-        return None

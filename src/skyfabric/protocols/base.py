@@ -38,6 +38,10 @@ class Capabilities:
     continuous_usage: bool = False
     #: Takes ``anthropic-beta`` flags (Anthropic's own API does; an OpenAI-compatible server does not).
     betas: bool = False
+    #: Keeps a prefilled turn's trailing whitespace (skyfabric's own replicas). Others trim it (chat
+    #: templates strip it; Anthropic refuses it): the relay then sends the prefix without it and drops
+    #: that whitespace from the continuation's start, so the client's text stays exact.
+    verbatim_prefix: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,10 @@ class Backend(Protocol):
 
     def capabilities(self, endpoint: Endpoint) -> Capabilities:
         """What ``endpoint``'s engine can do."""
+        ...
+
+    def auth(self, endpoint: Endpoint) -> Headers:
+        """The headers that carry ``endpoint``'s credentials (also used by health probes)."""
         ...
 
     def build(self, request: CanonicalRequest, endpoint: Endpoint, *, usage: bool = False) -> UpstreamCall:

@@ -8,9 +8,12 @@ uses them.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from typing import Any
 
+from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import ConfigError
+from skyfabric.core.fleet import Fleet
 
 #: Engine kind (the fleet file's ``engine``) → backend adapter class.
 BACKENDS: dict[str, str] = {
@@ -45,3 +48,26 @@ def backend(engine: str) -> Any:
         known = ", ".join(sorted(BACKENDS))
         raise ConfigError(f"engine {engine!r} has no protocol adapter (adapters exist for: {known})")
     return resolve(target)(engine)
+
+
+def backends_for(fleet: Fleet, endpoints: Iterable[Endpoint] = ()) -> dict[str, Any]:
+    """One adapter per engine kind the fleet's pools (and ``endpoints``) use; :class:`ConfigError` if any
+    kind has none, naming the pool."""
+    out: dict[str, Any] = {}
+    for provider in fleet.providers:
+        for region in provider.regions:
+            for pool in region.pools:
+                if pool.engine not in out:
+                    try:
+                        out[pool.engine] = backend(pool.engine)
+                    except ConfigError as exc:
+                        raise ConfigError(f"pool {provider.name}/{region.name}/{pool.name}: {exc}") from None
+    for endpoint in endpoints:
+        if endpoint.engine not in out:
+            out[endpoint.engine] = backend(endpoint.engine)
+    return out
+
+
+def frontend(name: str) -> Any:
+    """A new frontend for client protocol ``name`` (``openai``, ``anthropic``)."""
+    return resolve(FRONTENDS[name])()
