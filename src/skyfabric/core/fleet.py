@@ -35,6 +35,9 @@ Accelerator = Literal[
 ]
 
 #: How a pool's endpoints are served. All but ``local`` are reached over HTTP at the pool's endpoints.
+#: Every kind here has a protocol adapter (``protocols/registry.py``; ``tests/protocols`` checks it):
+#: a kind nothing speaks is not accepted. The managed clouds (Bedrock, Vertex AI, Azure OpenAI) join
+#: with their adapters.
 EngineKind = Literal[
     "local",
     "vllm",
@@ -44,10 +47,7 @@ EngineKind = Literal[
     "tgi",
     "llama-cpp",
     "openai",
-    "azure-openai",
     "anthropic",
-    "bedrock",
-    "vertex",
 ]
 
 #: Engines known to continue a final assistant message (vLLM's ``continue_final_message``) or a

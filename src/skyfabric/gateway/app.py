@@ -12,15 +12,17 @@ from typing import Any
 import orjson
 
 from skyfabric.core.endpoints import Endpoint
-from skyfabric.core.errors import AuthenticationError, ClientError, InvalidRequest, UnknownModel
+from skyfabric.core.errors import ClientError
 from skyfabric.core.fleet import Fleet
-from skyfabric.gateway.admission import parse_priority
-from skyfabric.gateway.api_errors import client_error_response, error_response
-from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway import pipeline
+from skyfabric.gateway.api_errors import client_error_response, error_response, frontend_client_error
+from skyfabric.gateway.counting import count_tokens
 from skyfabric.gateway.proxy import Proxy
 from skyfabric.gateway.selftest import SelfTests
 from skyfabric.gateway.telemetry import install
 from skyfabric.http.messages import Request, Response, StreamResponse
+from skyfabric.protocols.frontends.anthropic import AnthropicFrontend, models_body
+from skyfabric.protocols.frontends.openai import OpenAIFrontend
 
 _OK = Response(200, b'{"status":"ok"}')
 _ROOT = Response(200, b'{"service":"skyfabric","status":"ok"}')
@@ -44,11 +46,19 @@ class Gateway:
         #: The continuation self-tests (at start, and after each readmission by a probe).
         self.selftests = SelfTests(self.proxy)
         self.keys = {k.key.encode() for k in fleet.api_keys}
+        #: The client protocols' frontends.
+        self.openai = OpenAIFrontend()
+        self.anthropic = AnthropicFrontend()
+        #: Steps between parsing and admission (keys and limits plug in here; see ``gateway/pipeline.py``).
+        self.filters: list[pipeline.Filter] = []
         self._models_body = self.proxy.model_list()
-        self._model_names = sorted(n for m in fleet.models for n in [m.name, *m.aliases])
+        self.model_names = sorted(n for m in fleet.models for n in [m.name, *m.aliases])
+        self._anthropic_models = models_body(self.model_names)
         self._routes: dict[tuple[bytes, bytes], Callable[[Request], Any]] = {
             (b"POST", b"/v1/chat/completions"): self.chat_completions,
             (b"POST", b"/v1/completions"): self.completions,
+            (b"POST", b"/v1/messages"): self.messages,
+            (b"POST", b"/v1/messages/count_tokens"): self.count_tokens,
             (b"GET", b"/v1/models"): self.models,
             (b"GET", b"/healthz"): self.healthz,
             (b"GET", b"/readyz"): self.readyz,
@@ -64,7 +74,7 @@ class Gateway:
             allowed.setdefault(path, []).append(method)
         self._allow = {path: b", ".join(sorted(methods)) for path, methods in allowed.items()}
         self.dashboard = install(self.proxy, self.keys)
-        self._traceparent = fleet.observability.tracing.enabled
+        self.traceparent = fleet.observability.tracing.enabled
 
     async def start(self) -> None:
         """Start the background loops: health (probes, load signals, stall watchdog) and discovery."""
@@ -120,16 +130,31 @@ class Gateway:
     # -- routes -----------------------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response | StreamResponse:
-        ctx = self._context(request, "chat")
-        return await self.proxy.forward(ctx)
+        return await pipeline.inference(self, request, self.openai)
 
     async def completions(self, request: Request) -> Response | StreamResponse:
-        ctx = self._context(request, "completions")
-        return await self.proxy.forward(ctx)
+        return await pipeline.inference(self, request, self.openai)
+
+    async def messages(self, request: Request) -> Response | StreamResponse:
+        return await pipeline.inference(self, request, self.anthropic)
+
+    async def count_tokens(self, request: Request) -> Response:
+        try:
+            pipeline.authenticate(self, request)
+            parsed = self.anthropic.parse_count_tokens(request.body, request.headers)
+            model = pipeline.resolve_model(self, parsed)
+            return await count_tokens(self.proxy, parsed, model, pipeline.deadline(self, request))
+        except ClientError as exc:
+            return frontend_client_error(self.anthropic, exc)
 
     async def models(self, request: Request) -> Response:
-        self._authenticate(request)
-        return Response(200, self._models_body)
+        """Both shapes: Anthropic's for its clients (they send ``anthropic-version``), else OpenAI's."""
+        anthropic = request.header(b"anthropic-version") is not None
+        try:
+            pipeline.authenticate(self, request)
+        except ClientError as exc:
+            return frontend_client_error(self.anthropic if anthropic else self.openai, exc)
+        return Response(200, self._anthropic_models if anthropic else self._models_body)
 
     async def healthz(self, request: Request) -> Response:
         return _OK
@@ -148,68 +173,3 @@ class Gateway:
         }
         body = orjson.dumps({"ready": any(ready.values()), "endpoints_available": ready})
         return Response(200 if any(ready.values()) else 503, body)
-
-    # -- parsing ----------------------------------------------------------------------------------------
-
-    def _authenticate(self, request: Request) -> None:
-        if not self.keys:
-            return
-        value = request.header(b"authorization")
-        key = value[7:].strip() if value and value[:7].lower() == b"bearer " else request.header(b"x-api-key")
-        if key is None:
-            raise AuthenticationError("no API key: send `Authorization: Bearer <key>`")
-        if key not in self.keys:
-            raise AuthenticationError("the API key is not valid", code="invalid_api_key")
-
-    def _context(self, request: Request, kind: str) -> RequestContext:
-        self._authenticate(request)
-        try:
-            body = orjson.loads(request.body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("you must provide a model parameter", param="model")
-        if kind == "chat":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise InvalidRequest("`messages` must be a non-empty array of messages", param="messages")
-            for i, message in enumerate(messages):
-                if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                    raise InvalidRequest(
-                        f"messages[{i}] must be an object with a `role`", param=f"messages.{i}"
-                    )
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str | list):
-                raise InvalidRequest("`prompt` must be a string or an array", param="prompt")
-        stream = body.get("stream", False)
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            raise InvalidRequest("`stream` must be a boolean", param="stream")
-        canonical = self.fleet.canonical(model)
-        if canonical is None:
-            raise UnknownModel(
-                f"The model `{model}` does not exist here. Models: {', '.join(self._model_names)}",
-                param="model",
-                code="model_not_found",
-            )
-        total = self.fleet.timeouts.total
-        asked = request.header(b"x-skyfabric-deadline")
-        if asked is not None:
-            try:
-                total = min(total, float(asked))
-            except ValueError:
-                raise InvalidRequest("x-skyfabric-deadline must be a number of seconds") from None
-            if total <= 0:
-                raise InvalidRequest("x-skyfabric-deadline must be positive")
-        ctx = RequestContext(kind, body, request.body, canonical, stream, self.proxy.clock() + total)
-        priority = request.header(b"x-skyfabric-priority")
-        if priority is not None:
-            ctx.priority = parse_priority(priority)
-        if self._traceparent:
-            ctx.traceparent = request.header(b"traceparent")
-        return ctx

@@ -6,25 +6,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
-from skyfabric.core.endpoints import Endpoint
-
-#: Engines that put the running ``usage`` in every chunk when asked (``continuous_usage_stats``): at a
-#: break mid-stream, the relay then knows exactly how many tokens the client has been sent.
-CONTINUOUS_USAGE_ENGINES: frozenset[str] = frozenset({"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang"})
+from skyfabric.gateway.api_errors import frontend_error
+from skyfabric.http.messages import Response
+from skyfabric.protocols.base import Frontend
+from skyfabric.protocols.canonical import CanonicalRequest, Usage
 
 
 @dataclass(slots=True)
 class RequestContext:
     """A validated inference request and the bookkeeping of its attempts."""
 
-    kind: str  # "chat" or "completions"
+    kind: str  # "chat" or "completions" (an Anthropic Messages request is a chat)
     body: dict[str, Any]
     raw: bytes
     model: str  # canonical fleet model name
     stream: bool
     deadline: float
+    #: The request as the protocol seam sees it, and the client protocol's frontend that answers it.
+    request: CanonicalRequest
+    frontend: Frontend
     attempts: int = 0
     tried: set[str] = field(default_factory=set)
     failed_providers: set[str] = field(default_factory=set)
@@ -45,6 +45,8 @@ class RequestContext:
     wants_usage: bool = False
     #: Telemetry's per-request scratch (see ``gateway/observe.py``); None unless an observer is on.
     observed: dict[str, Any] | None = None
+    #: Each backend's own usage of a streamed answer, in order (what every part cost: the ledger's).
+    usage_parts: list[Usage] = field(default_factory=list)
     #: The client's W3C ``traceparent`` (kept only while tracing is on).
     traceparent: bytes | None = None
 
@@ -54,126 +56,52 @@ class RequestContext:
         if callback is not None:
             callback()
 
-    @property
-    def path(self) -> bytes:
-        return b"/chat/completions" if self.kind == "chat" else b"/completions"
+    def error(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        code: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> Response:
+        """An error answer in the client's protocol."""
+        return frontend_error(self.frontend, status, message, error_type=error_type, code=code, headers=headers)
 
     def token_limit(self) -> int | None:
-        """The client's cap on completion tokens, if it set one."""
-        for key in ("max_tokens", "max_completion_tokens"):
-            limit = self.body.get(key)
-            if isinstance(limit, int) and not isinstance(limit, bool):
-                return limit
-        return None
-
-    def client_usage(self) -> tuple[bool, bool]:
-        """What usage the client asked to stream: (final usage chunk, usage in every chunk)."""
-        options = self.body.get("stream_options")
-        if not isinstance(options, dict):
-            return False, False
-        return bool(options.get("include_usage")), bool(options.get("continuous_usage_stats"))
+        """The client's cap on output tokens, if it set one."""
+        return self.request.max_tokens
 
     def counts_tokens(self) -> bool:
         """Whether a break mid-stream needs the exact count of tokens sent: a limit, or usage to report."""
-        return (
-            self.token_limit() is not None
-            or isinstance(self.body.get("min_tokens"), int)
-            or self.client_usage()[0]
-        )
-
-    def stream_options_for(self, endpoint: Endpoint) -> dict[str, Any] | None:
-        """The ``stream_options`` to send upstream, or None when the client's own will do.
-
-        When a break would need the count of tokens sent (see :meth:`counts_tokens`), engines that can put
-        the running usage in every chunk are asked to: the relay counts tokens by the backend's usage,
-        never by chunks, and strips from the client's stream what the client did not ask for. Other
-        backends get the client's options untouched (some reject options they do not know).
-        """
-        if endpoint.engine not in CONTINUOUS_USAGE_ENGINES:
-            return None
-        options = self.body.get("stream_options")
-        client = options if isinstance(options, dict) else {}
-        if not self.counts_tokens():
-            # Telemetry only needs the total: the final usage chunk, no usage in every chunk.
-            if not self.wants_usage or client.get("include_usage"):
-                return None
-            return {**client, "include_usage": True}
-        if client.get("include_usage") and client.get("continuous_usage_stats"):
-            return None
-        return {**client, "include_usage": True, "continuous_usage_stats": True}
-
-    def body_for(self, endpoint: Endpoint, requested: str) -> bytes:
-        """The body to send to ``endpoint``; re-encoded only when the backend's model name differs.
-
-        A stream also asks for usage (see :meth:`stream_options_for`); when that is the only change and the
-        client sent no ``stream_options``, the key is spliced in front of the client's bytes (a later
-        duplicate key would win, so this is only done when there is none).
-        """
-        options = self.stream_options_for(endpoint) if self.stream else None
-        if endpoint.upstream_model == requested:
-            if options is None:
-                return self.raw
-            if "stream_options" not in self.body:
-                start = self.raw.index(b"{") + 1
-                return b'{"stream_options":' + orjson.dumps(options) + b"," + self.raw[start:]
-        body = {**self.body, "model": endpoint.upstream_model}
-        if options is not None:
-            body["stream_options"] = options
-        return orjson.dumps(body)
+        request = self.request
+        return request.max_tokens is not None or request.include_usage or "min_tokens" in request.extras
 
     def uncontinuable(self) -> str | None:
         """Why a break in this request's stream cannot be continued exactly, judged from the request.
 
-        Several choices, log-probabilities, an echoed prompt, tools and token-id prompts are not tracked by
-        the relay (yet): a stream of such a request that breaks ends with an in-band error.
+        Several choices, log-probabilities, an echoed prompt and token-id prompts are not tracked by the
+        relay: a stream of such a request that breaks ends with an in-band error.
         """
-        body = self.body
-        n = body.get("n")
-        if isinstance(n, int) and n > 1:
+        request = self.request
+        if request.n > 1:
             return "several choices (n > 1)"
-        if body.get("best_of") not in (None, 1):
+        extras = request.extras
+        if extras.get("best_of") not in (None, 1):
             return "best_of"
-        if body.get("logprobs") or body.get("top_logprobs"):
+        if request.logprobs or request.top_logprobs:
             return "logprobs"
-        if body.get("echo"):
+        if extras.get("echo"):
             return "echo"
-        if body.get("tools") or body.get("tool_choice") or body.get("functions"):
-            return "tools"
-        if self.kind == "completions" and not isinstance(body.get("prompt"), str):
+        if request.protocol == "openai.completions" and not isinstance(request.prompt, str):
             return "a prompt that is not a single string"
         return None
 
-    def continuation_body(self, endpoint: Endpoint, prefix: str, tokens_sent: int | None) -> bytes | None:
-        """A request that continues the answer from ``prefix`` on ``endpoint``; None if nothing is left.
+    def replayable(self) -> bool:
+        """Whether a backend asked for this answer again gives the same one (greedy, or a fixed seed).
 
-        Chat: the prefix becomes a final assistant message continued in place (vLLM's
-        ``continue_final_message``). Completions: the prefix is appended to the prompt. ``tokens_sent`` is
-        the exact count of completion tokens already sent (from the backends' usage); it may be None only
-        when the request has no token limit.
+        Replay — regenerate, check that the new answer repeats what was sent, forward the rest — is exact
+        only then; otherwise the check would fail at the first sampled token anyway.
         """
-        body = dict(self.body)
-        body["model"] = endpoint.upstream_model
-        for key in ("max_tokens", "max_completion_tokens"):
-            limit = body.get(key)
-            if isinstance(limit, int):
-                if tokens_sent is None:
-                    raise ValueError("a token limit needs the exact count of tokens sent")
-                if limit - tokens_sent <= 0:
-                    return None
-                body[key] = limit - tokens_sent
-        if isinstance(body.get("min_tokens"), int) and tokens_sent is not None:
-            body["min_tokens"] = max(0, body["min_tokens"] - tokens_sent)
-        if self.kind == "chat":
-            if prefix:
-                body["messages"] = [*body["messages"], {"role": "assistant", "content": prefix}]
-                body["continue_final_message"] = True
-                body["add_generation_prompt"] = False
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                return None
-            body["prompt"] = prompt + prefix
-        options = self.stream_options_for(endpoint)
-        if options is not None:
-            body["stream_options"] = options
-        return orjson.dumps(body)
+        request = self.request
+        return request.temperature == 0 or request.top_k == 1 or request.seed is not None

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from skyfabric.core.errors import ConnectError, UpstreamError, UpstreamTimeout
+from skyfabric.protocols.base import UpstreamCall
 from skyfabric.gateway.balancer import EndpointState, eject, readmit, record_failure
 
 if TYPE_CHECKING:
@@ -196,9 +197,10 @@ class HealthChecker:
         """The probe request itself; raises :class:`UpstreamError` when the endpoint does not answer well."""
         proxy, endpoint = self.proxy, state.endpoint
         timeout = self.health.probe_timeout
-        if self.health.probe == "completion":
+        if self.health.probe == "completion" and proxy.backend(endpoint).family == "openai":
             body = b'{"model":"%s","prompt":"def","max_tokens":1}' % endpoint.upstream_model.encode()
-            resp = await proxy.open(state, b"/completions", body, False, deadline)
+            headers = [(b"content-type", b"application/json"), *proxy.auth_headers(endpoint)]
+            resp = await proxy.open(state, UpstreamCall(b"/completions", headers, body), False, deadline)
         else:
             resp = await proxy.client.request(
                 endpoint.origin,

@@ -1,19 +1,32 @@
-"""Relays one SSE stream to the client and, when its backend fails mid-answer, continues it elsewhere.
+"""Relays one streamed answer to the client and, when its backend fails mid-answer, continues it elsewhere.
+
+The relay works on the seam's canonical events: the backend's adapter decodes its framing into events,
+:class:`~skyfabric.protocols.progress.Progress` records what the client has (thinking, text, tool calls,
+each exactly), and the client's frontend encodes events in the client's protocol. While the first backend
+speaks the client's protocol and nothing needs rewriting, its bytes pass through untouched and the events
+are only read beside the copy (the fast path).
 
 Past the commit point (the first token sent) a failure — reset, stall beyond the idle timeout, malformed
-event, in-band error, or an end without a finish reason — does not reach the client. The relay asks
-another backend that can continue (vLLM's ``continue_final_message`` for chat, the prompt itself for
-completions) to go on from exactly the text already sent, and splices its events into the same stream:
-same ``id`` and ``created``, the continuation's role-only opening chunk dropped, usage counting both
-parts. When no capable backend is left, or the stream holds what a continuation cannot reproduce (several
-choices, tool calls, reasoning, log-probabilities, a token-id prompt, or a token count the backends did not
-report), the client gets an in-band error event, never a truncated stream that looks finished.
+event, in-band error, or an end without a finish reason — does not reach the client. The relay moves the
+stream to another backend, in one of two ways:
 
-Which backends may take the stream over: not one that refused to continue this request (a 4xx to the
-continuation, or an answer that restarted instead of continuing), and not one that broke it unless it has
-answered a probe since. A continuation's first characters are held back until they show that they do not
-repeat the prefix (see :func:`restart_verdict`), so a backend that ignores the prefix never makes the client
-receive the same text twice.
+* **prefill** — the backend's adapter builds a request whose answer goes on from the progress (a final
+  assistant turn: vLLM's ``continue_final_message``, Anthropic's prefill; skyfabric's own replicas also
+  continue a thinking block or a tool call's arguments). A continuation's first characters are held back
+  until they show they do not repeat the prefix (:func:`restart_verdict`), so a backend that ignores the
+  prefill never makes the client receive the same text twice.
+* **replay** — for what the backend cannot continue natively (a tool call cut mid-arguments on an engine
+  that only continues text, a thinking block, text after thinking on Anthropic, which refuses a prefill
+  with thinking on), the backend is asked for the whole answer again and :class:`Replay` checks, part by
+  part and character by character, that it repeats exactly what the client has before it forwards what
+  follows. It is exact by construction: the client ends up with one backend's single, whole answer, whose
+  beginning it already had — so a tool call's arguments are never repeated, lost, or doubled by a second
+  conflicting call. It needs a deterministic answer (temperature 0 or a seed); a backend whose replay
+  differs is refused for this stream and the next one is tried.
+
+When no backend is left, or the stream holds what cannot be reproduced (several choices, log-probabilities,
+a token count the backends did not report), the client gets an in-band error event, never a truncated
+stream that looks finished.
 """
 
 from __future__ import annotations
@@ -21,22 +34,37 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import replace
 
-import orjson
-
-from skyfabric.core.errors import ContinuationRefused, RemoteProtocolError, UpstreamError, UpstreamStatus
-from skyfabric.gateway.api_errors import error_event
+from skyfabric.core.errors import (
+    ContinuationRefused,
+    MalformedEvent,
+    RemoteProtocolError,
+    UpstreamError,
+    UpstreamStatus,
+)
 from skyfabric.gateway.balancer import EndpointState, record_success
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.observe import CONTINUATION
-from skyfabric.gateway.router import Router, hold
-from skyfabric.gateway.sse import DONE, EventSplitter, MalformedEvent, StreamProgress, parse_event
+from skyfabric.gateway.router import Router
 from skyfabric.http.client import UpstreamResponse
+from skyfabric.protocols.base import Backend, Decoder, Encoder, UpstreamCall
+from skyfabric.protocols.canonical import (
+    End,
+    Event,
+    Finish,
+    ReasoningDelta,
+    ReasoningSignature,
+    RedactedReasoning,
+    Start,
+    StreamError,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from skyfabric.protocols.progress import Part, Progress
 
 log = logging.getLogger("skyfabric.gateway.relay")
-
-_DONE_EVENT = b"data: [DONE]\n\n"
 
 #: Characters of the prefix's start that a continuation must not repeat (fewer when the prefix is shorter).
 HEAD = 24
@@ -93,95 +121,283 @@ def restart_verdict(prefix: str, seen: str, *, final: bool) -> bool | None:
     return False
 
 
-def _text_of(choice: dict[str, Any], kind: str) -> str:
-    if kind == "chat":
-        delta = choice.get("delta") or {}
-        content = delta.get("content")
-    else:
-        content = choice.get("text")
-    return content if isinstance(content, str) else ""
+_CONTENT = (TextDelta, ReasoningDelta, ToolCallDelta, ReasoningSignature, RedactedReasoning)
+
+
+class Replay:
+    """Checks a regenerated answer against what the client has, and passes on only what is new.
+
+    ``sent`` is the client's answer at the break, as parts. Each event of the new answer is recorded in a
+    :class:`Progress` of its own and compared with ``sent``: part ``q`` must be of the same kind (and, for
+    a tool call, the same function) and its characters must equal the sent ones where both exist; a part
+    the client already had whole must not grow; the new answer may not move past a sent part before it has
+    repeated it whole, nor finish before it has repeated everything. Any difference raises
+    :class:`ContinuationRefused`. Characters past what the client has are returned as events — the rest of
+    the cut part, then the new parts, with their tool-call indices — and nothing else.
+    """
+
+    def __init__(self, sent: list[Part], endpoint: str) -> None:
+        self.sent = [replace(p) for p in sent]
+        self.new = Progress()
+        self.endpoint = endpoint
+        #: Characters of each part the client has, beyond the sent ones (the cut part, new parts).
+        self.given: dict[int, int] = {}
+        self.opened: set[int] = set()
+
+    def _refuse(self, why: str) -> ContinuationRefused:
+        return ContinuationRefused(f"its replay differs from what was sent: {why}", endpoint=self.endpoint)
+
+    def _covered(self, q: int) -> None:
+        """The new answer moved past part ``q``: it must have repeated that part whole."""
+        if q < len(self.sent):
+            sent, new = self.sent[q], self.new.parts[q]
+            if len(new.text) < len(sent.text):
+                raise self._refuse(f"part {q} ({sent.kind}) ended early")
+
+    def feed(self, event: Event) -> list[Event]:
+        """The events to forward for ``event`` of the replayed answer (raises when it differs)."""
+        if isinstance(event, Finish):
+            if event.choice == 0:
+                if len(self.new.parts) < len(self.sent):
+                    raise self._refuse("it finished before repeating what was sent")
+                self._covered(len(self.sent) - 1)
+            return [event]
+        if not isinstance(event, _CONTENT):
+            return [event] if isinstance(event, Usage) else []
+        count = len(self.new.parts)
+        self.new.observe(event)
+        if not self.new.parts:
+            return []
+        q = len(self.new.parts) - 1
+        if q > 0 and len(self.new.parts) > count:
+            self._covered(q - 1)
+        part = self.new.parts[q]
+        if q < len(self.sent):
+            sent = self.sent[q]
+            if part.kind != sent.kind:
+                raise self._refuse(f"part {q} is {part.kind}, not {sent.kind}")
+            if part.kind == "tool" and part.name and sent.name and part.name != sent.name:
+                raise self._refuse(f"it calls {part.name}, not {sent.name}")
+            n = min(len(part.text), len(sent.text))
+            if part.text[:n] != sent.text[:n]:
+                raise self._refuse(f"part {q} ({part.kind}) differs at character {n}")
+            if q < len(self.sent) - 1 and len(part.text) > len(sent.text):
+                raise self._refuse(f"part {q} ({part.kind}) is longer than the one sent whole")
+            have = len(sent.text)
+        else:
+            have = 0
+        have += self.given.get(q, 0)
+        if isinstance(event, ReasoningSignature):
+            if q < len(self.sent) and self.sent[q].signature is not None:
+                return []
+            return [event]
+        if isinstance(event, RedactedReasoning):
+            return [] if q < len(self.sent) else [event]
+        extra = part.text[have:]
+        if not extra and not (part.kind == "tool" and q >= len(self.sent) and q not in self.opened):
+            return []
+        self.given[q] = self.given.get(q, 0) + len(extra)
+        if isinstance(event, TextDelta):
+            return [TextDelta(extra)]
+        if isinstance(event, ReasoningDelta):
+            return [ReasoningDelta(extra)]
+        assert isinstance(event, ToolCallDelta)
+        if q >= len(self.sent) and q not in self.opened:
+            self.opened.add(q)
+            return [ToolCallDelta(part.index, extra, id=part.id, name=part.name)]
+        return [ToolCallDelta(part.index, extra)]
 
 
 class StreamRelay:
     """One client stream, possibly served by several backends in turn."""
 
-    def __init__(self, router: Router, ctx: RequestContext, state: EndpointState, resp: UpstreamResponse):
+    def __init__(
+        self,
+        router: Router,
+        ctx: RequestContext,
+        state: EndpointState,
+        resp: UpstreamResponse,
+        *,
+        passthrough: bool,
+        usage_added: bool,
+    ):
         self.router = router
         self.ctx = ctx
         self.state = state
         self.resp = resp
-        self.progress = StreamProgress(ctx.kind)
-        self.splitter = EventSplitter()
+        self.backend: Backend = router.backend(state.endpoint)
+        self.decoder: Decoder = self.backend.decoder()
+        self.encoder: Encoder = ctx.frontend.encoder(ctx.request)
+        self.progress = Progress()
+        #: The first backend's bytes go to the client as they came (same protocol, nothing to rewrite).
+        self.passthrough = passthrough
+        #: The relay asked that backend for usage the client did not ask for: such events are re-encoded.
+        self.usage_added = usage_added
         self.out: list[bytes] = []
         self.done = False
         self.segment = 0
-        #: Completion tokens sent before the current backend's part, exactly (None: not counted).
+        #: How the current part continues: ``first`` (the original answer), ``prefill`` or ``replay``.
+        self.mode = "first"
+        #: Output tokens the client had before the current backend's part, exactly (None: not counted).
         self.base_tokens: int | None = 0
         self.held = False
         self.continuations = 0
-        self.include_usage, self.continuous_usage = ctx.client_usage()
-        #: Usage the backend sends that the client did not ask for (the relay asks for it to count tokens).
-        self._strip_usage = self._usage_added(state)
-        #: While a continuation's first events are checked against the prefix: those events.
-        self._checking: list[dict[str, Any]] | None = None
+        #: While a prefilled continuation's first text is checked against the prefix: its events.
+        self._checking: list[Event] | None = None
         self._checked_text = ""
         self._prefix_norm = ""
         #: Whitespace the client already has that the continuation's prefix left out (engines trim it).
         self._ws_debt = ""
-        #: Backends that served a part of this stream, in order (for logs and the usage ledger).
+        #: Prefill: how a continuation's tool-call indices map to the client's (None: not seen yet).
+        self._tool_shift: int | None = None
+        self._replay: Replay | None = None
+        #: Each backend's own usage (for the ledger: what every part cost), and the endpoints in order.
+        self.parts_usage: list[Usage] = []
         self.backends = [state.endpoint.id]
-
-    def _usage_added(self, state: EndpointState) -> bool:
-        """Whether the relay asked ``state`` for usage the client did not ask for."""
-        return self.ctx.stream_options_for(state.endpoint) is not None
 
     # -- reading ----------------------------------------------------------------------------------------
 
     def _absorb(self, piece: bytes) -> bool:
         """Take upstream bytes; queue what the client should get. True when a token event was seen."""
         token = False
-        for event in self.splitter.feed(piece):
-            obj = parse_event(event)
-            if obj is None:
+        for raw, events in self.decoder.feed(piece):
+            if self.segment == 0 and self.passthrough:
+                token |= self._pass(raw, events)
                 continue
-            if obj is DONE:
-                if self._checking is not None:
-                    self._settle(final=True)
-                if self.progress.finish_reason is None:
-                    raise MalformedEvent("upstream sent [DONE] before any finish reason")
-                self.done = True
-                self.out.append(_DONE_EVENT)
-                continue
-            if "error" in obj and "choices" not in obj:
-                message = obj["error"].get("message") if isinstance(obj["error"], dict) else obj["error"]
-                raise RemoteProtocolError(f"upstream sent an in-band error: {message}")
-            if self.segment == 0:
-                token |= self.progress.observe(obj)
-                if self._strip_usage and obj.get("usage"):
-                    if not obj.get("choices"):
-                        if self.include_usage:
-                            self.out.append(event + b"\n\n")
-                        continue  # the usage chunk the client did not ask for
-                    if not self.continuous_usage:
-                        del obj["usage"]
-                        self.out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
-                        continue
-                self.out.append(event + b"\n\n")
-            elif self._checking is not None:
-                self._check(obj)
-            else:
-                token |= self._splice(obj)
+            for event in events:
+                token |= self._take(event)
         return token
 
-    def _check(self, obj: dict[str, Any]) -> None:
+    def _pass(self, raw: bytes, events: list[Event]) -> bool:
+        """The fast path: the client gets ``raw`` as it came; the events only record progress."""
+        token = False
+        rewrite = False
+        for event in events:
+            if isinstance(event, StreamError):
+                raise RemoteProtocolError(f"upstream sent an in-band error: {event.message}")
+            if isinstance(event, End):
+                self._ended()
+                if self.usage_added:
+                    self.out.append(self._encoder_end())
+                    return token
+                self.done = True
+                continue
+            if isinstance(event, Usage):
+                rewrite = self.usage_added
+            token |= self.progress.observe(event)
+        if not rewrite:
+            self.out.append(raw)
+        else:  # drop the usage the client did not ask for: re-encode the rest of the event
+            self.encoder.resume(self.progress)
+            for event in events:
+                if isinstance(event, Usage):
+                    self.encoder.encode(self._client_usage(event))
+                elif not isinstance(event, Start):
+                    self.out.append(self.encoder.encode(event))
+        return token
+
+    def _take(self, event: Event) -> bool:
+        """One event of a translated stream or of a continuation: check it, record it, encode it."""
+        if isinstance(event, StreamError):
+            raise RemoteProtocolError(f"upstream sent an in-band error: {event.message}")
+        if isinstance(event, End):
+            if self._checking is not None:
+                self._settle(final=True)
+            self._ended()
+            self.out.append(self._encoder_end())
+            return False
+        if isinstance(event, Start):
+            if self.segment == 0:
+                self.progress.observe(event)
+                self.out.append(self.encoder.encode(event))
+            return False
+        if isinstance(event, Usage):
+            self.progress.observe(event)
+            self.parts_usage_update(event)
+            self.encoder.encode(self._client_usage(event))
+            return False
+        if self._replay is not None:
+            token = False
+            for forward in self._replay.feed(event):
+                token |= self._emit(forward)
+            return token or isinstance(event, Finish)
+        if self.mode == "prefill":
+            event = self._shift(event)
+            if self._checking is not None:
+                self._check(event)
+                return True
+            if self._ws_debt:
+                event = self._pay_ws_debt(event)
+        return self._emit(event)
+
+    def _emit(self, event: Event) -> bool:
+        if isinstance(event, Usage):
+            self.encoder.encode(self._client_usage(event))
+            return False
+        token = self.progress.observe(event)
+        self.out.append(self.encoder.encode(event))
+        return token
+
+    def parts_usage_update(self, usage: Usage) -> None:
+        """Keep the current backend's latest usage (cumulative within its part)."""
+        if len(self.parts_usage) <= self.segment:
+            self.parts_usage.append(usage)
+        else:
+            self.parts_usage[self.segment] = usage
+
+    def _client_usage(self, usage: Usage) -> Usage:
+        """The whole answer's usage, as one uninterrupted answer would report it.
+
+        A prefilled part's prompt holds the text already sent (its tokens are not the client's input) and
+        its output is only the rest; a replayed part generated the whole answer itself.
+        """
+        if self.segment == 0 or self.mode == "replay":
+            return usage
+        base = self.base_tokens or 0
+        prompt = None if usage.input_tokens is None else max(0, usage.input_tokens - base)
+        output = None if usage.output_tokens is None else usage.output_tokens + base
+        return Usage(prompt, output, usage.cached_input_tokens, usage.cache_creation_input_tokens)
+
+    def _ended(self) -> None:
+        if self.progress.finish is None:
+            raise MalformedEvent("upstream ended its stream before any finish reason")
+        self.done = True
+
+    def _encoder_end(self) -> bytes:
+        return self.encoder.end()
+
+    # -- prefilled continuations -------------------------------------------------------------------------
+
+    def _shift(self, event: Event) -> Event:
+        """A prefilled continuation's tool call, renumbered as the client knows it.
+
+        The first tool-call delta of a continuation that was cut inside a tool call goes on with that call
+        (its id and name, which the client already has, are dropped); later calls follow the client's last.
+        """
+        if not isinstance(event, ToolCallDelta):
+            return event
+        if self._tool_shift is None:
+            tools = [p for p in self.progress.parts if p.kind == "tool"]
+            open_part = self.progress.open_part
+            if open_part is not None and open_part.kind == "tool":
+                self._tool_shift = open_part.index - event.index
+                return ToolCallDelta(open_part.index, event.arguments, choice=event.choice)
+            self._tool_shift = (tools[-1].index + 1 if tools else 0) - event.index
+        index = event.index + self._tool_shift
+        last = self.progress.open_part
+        if last is not None and last.kind == "tool" and last.index == index:
+            return ToolCallDelta(index, event.arguments, choice=event.choice)
+        return ToolCallDelta(index, event.arguments, id=event.id, name=event.name, choice=event.choice)
+
+    def _check(self, event: Event) -> None:
         """Hold a continuation's event until its text shows it continues the prefix (or restarted)."""
         assert self._checking is not None
-        self._checking.append(obj)
-        final = False
-        for choice in obj.get("choices") or []:
-            if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                self._checked_text += _text_of(choice, self.ctx.kind)
-                final = final or bool(choice.get("finish_reason"))
+        self._checking.append(event)
+        final = isinstance(event, Finish) and event.choice == 0
+        if isinstance(event, TextDelta) and event.choice == 0:
+            self._checked_text += event.text
+        elif not final and not isinstance(event, TextDelta):
+            final = True  # something other than text follows: the text part is over
         if final or self._checked_text:
             self._settle(final=final)
 
@@ -198,57 +414,24 @@ class StreamRelay:
                 sent_any=True,
             )
         held, self._checking = self._checking, None
-        for obj in held:
-            self._splice(obj)
-
-    def _splice(self, obj: dict[str, Any]) -> bool:
-        """A continuation chunk, rewritten to belong to the original stream."""
-        choices = obj.get("choices") or []
-        if choices and isinstance(choices[0], dict):
-            first = choices[0]
-            if self.ctx.kind == "chat":
-                delta = first.get("delta") or {}
-                if delta.get("role") and not delta.get("content") and not first.get("finish_reason"):
-                    return False
+        for event in held:
             if self._ws_debt:
-                self._pay_ws_debt(first)
-        token = self.progress.observe(obj)
-        obj["id"] = self.progress.id
-        if self.progress.created is not None:
-            obj["created"] = self.progress.created
-        usage = obj.get("usage")
-        if usage:
-            wanted = self.continuous_usage if choices else self.include_usage
-            if not wanted:
-                if not choices:
-                    return token
-                del obj["usage"]
-            else:
-                base = self.base_tokens or 0
-                prompt = max(0, int(usage.get("prompt_tokens", 0)) - base)
-                completion = int(usage.get("completion_tokens", 0)) + base
-                obj["usage"] = {
-                    **usage,
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                }
-        self.out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
-        return token
+                event = self._pay_ws_debt(event)
+            self._emit(event)
 
-    def _pay_ws_debt(self, choice: dict[str, Any]) -> None:
+    def _pay_ws_debt(self, event: Event) -> Event:
         """Drop from the continuation's start the whitespace the client already has."""
-        key, holder = ("content", choice.get("delta")) if self.ctx.kind == "chat" else ("text", choice)
-        if not isinstance(holder, dict):
-            return
-        text = holder.get(key)
-        if not isinstance(text, str) or not text:
-            return
-        debt, i = self._ws_debt, 0
+        if not isinstance(event, TextDelta) or not event.text:
+            if not isinstance(event, Usage):
+                self._ws_debt = ""
+            return event
+        debt, text, i = self._ws_debt, event.text, 0
         while i < len(debt) and i < len(text) and debt[i] == text[i]:
             i += 1
-        holder[key] = text[i:]
         self._ws_debt = debt[i:] if i == len(text) else ""
+        return TextDelta(text[i:], event.choice)
+
+    # -- the first part ---------------------------------------------------------------------------------
 
     async def prime(self) -> None:
         """Read up to the first token: the commit point. Failures before it raise for a plain retry."""
@@ -303,7 +486,8 @@ class StreamRelay:
                 if self.out:
                     chunk = b"".join(self.out)
                     self.out.clear()
-                    yield chunk
+                    if chunk:
+                        yield chunk
                 if self.done:
                     completed = True
                     await self._drain()
@@ -311,8 +495,8 @@ class StreamRelay:
                 try:
                     remaining = self.ctx.deadline - self.router.clock()
                     if remaining <= 0:
-                        yield error_event(
-                            "the request's deadline passed mid-stream", code="deadline_exceeded"
+                        yield self.encoder.error(
+                            "the request's deadline passed mid-stream", "timeout_error", "deadline_exceeded"
                         )
                         return
                     piece = await self.resp.next(min(timeouts.idle, remaining), "idle", sent_any=True)
@@ -320,10 +504,10 @@ class StreamRelay:
                     if piece is None:
                         if self._checking is not None:
                             self._settle(final=True)
-                        if self.progress.finish_reason is not None:
-                            # Complete but for [DONE]: finish it rather than fail a finished answer.
+                        if self.progress.finish is not None:
+                            # Complete but for its end event: finish it rather than fail a finished answer.
                             self.done = True
-                            self.out.append(_DONE_EVENT)
+                            self.out.append(self._encoder_end())
                             continue
                         raise RemoteProtocolError("stream ended without a finish reason", sent_any=True)
                     self._absorb(piece)
@@ -331,8 +515,11 @@ class StreamRelay:
                     why = await self._continue(exc)
                     if why is not None:
                         self.router.metrics.stream_errors.inc()
-                        yield error_event(
-                            f"the backend failed mid-stream and {why}: {exc}", code="stream_interrupted"
+                        if self.out:
+                            yield b"".join(self.out)
+                            self.out.clear()
+                        yield self.encoder.error(
+                            f"the backend failed mid-stream and {why}: {exc}", "api_error", "stream_interrupted"
                         )
                         return
         finally:
@@ -344,13 +531,14 @@ class StreamRelay:
             self._let_go()
             # Tokens by the backends' usage; where none reported it, the chunks (at least one token each).
             sent = self._tokens_sent()
+            self.ctx.usage_parts = self.parts_usage
             self.router.observer.stream_end(
                 self.ctx, self.state, sent if sent is not None else self.progress.chunks, completed
             )
             self.ctx.finish()
 
     async def _drain(self) -> None:
-        """Read the rest of the HTTP message after [DONE] so the connection can be reused."""
+        """Read the rest of the HTTP message after the end event so the connection can be reused."""
         if self.resp.released:
             return
         with contextlib.suppress(UpstreamError):
@@ -360,8 +548,14 @@ class StreamRelay:
     # -- continuation -----------------------------------------------------------------------------------
 
     def _tokens_sent(self) -> int | None:
-        """Completion tokens the client has been sent, exactly (the backends' usage), or None."""
+        """Output tokens the client has been sent, exactly (the backends' usage), or None."""
         part = self.progress.segment_tokens
+        if self.mode == "replay":
+            # The replay generated the whole answer itself; until it passes what was sent, the client
+            # has what it had at the break.
+            if part is None or self._replayed_tokens is None:
+                return part
+            return max(part, self._replayed_tokens)
         return None if self.base_tokens is None or part is None else self.base_tokens + part
 
     def _blocker(self, tokens: int | None) -> str | None:
@@ -373,45 +567,32 @@ class StreamRelay:
             return "the backend reported no usage, so the tokens sent are unknown and it cannot be continued"
         return None
 
-    def _excluded(self) -> set[str]:
-        """Endpoints this stream must not go to: refused it, or broke it and not probed since."""
-        states = self.router.states
-        out = set(self.ctx.refused)
-        for endpoint, when in self.ctx.broke.items():
-            state = states.get(endpoint)
-            if state is None or state.probed_ok <= when:
-                out.add(endpoint)
-        return out
-
-    def _usable(self, chain: list[str], need: bool) -> bool:
-        """Whether an endpoint of ``chain`` that this stream may go to is in rotation now."""
-        now, excluded = self.router.clock(), self._excluded()
-        return any(
-            s.available(now) and s.endpoint.id not in excluded and (s.continues or not need)
-            for model in chain
-            for s in self.router.clusters[model].states
-        )
-
-    async def _wait(self, chain: list[str], need: bool) -> bool:
-        """Hold the stream (≤ ``retry.outage_wait``) for an endpoint it may go to to come back."""
-        router = self.router
-        return await hold(
-            lambda: self._usable(chain, need), router.clock, self.ctx.deadline, router.fleet.retry.outage_wait
-        )
-
-    def _pick(self, chain: list[str], need: bool) -> EndpointState | None:
-        router, excluded = self.router, self._excluded()
-        for model in chain:
-            state = router.clusters[model].pick(
-                router.clock(),
-                avoid_endpoints=excluded,
-                avoid_providers=self.ctx.failed_providers,
-                need_continuation=need,
-                cooldowns=router.cooldowns,
-            )
-            if state is not None:
-                return state
+    def _call(self, state: EndpointState, tokens: int | None) -> tuple[UpstreamCall, str, str] | None:
+        """The request that continues the stream on ``state``: (call, mode, text given as prefix)."""
+        backend = self.router.backend(state.endpoint)
+        progress = self.progress
+        if not progress.parts:
+            return backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)), "first", ""
+        open_part = progress.open_part
+        assert open_part is not None
+        caps = backend.capabilities(state.endpoint)
+        if state.continues and open_part.kind in caps.continues:
+            given = progress
+            text = open_part.text if open_part.kind == "text" else ""
+            if open_part.kind == "text" and not caps.verbatim_prefix:
+                # Templates trim a prefilled turn's trailing whitespace (Anthropic refuses it): send it
+                # without, and drop it from the continuation's start (``_ws_debt``).
+                text = open_part.text.rstrip()
+                given = replace(progress, parts=[*progress.parts[:-1], replace(open_part, text=text)])
+            call = backend.continuation(self.ctx.request, state.endpoint, given, tokens)
+            if call is not None:
+                return call, "prefill", text
+        if self.ctx.replayable():
+            return backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)), "replay", ""
         return None
+
+    def _wants_usage(self, state: EndpointState) -> bool:
+        return self.ctx.counts_tokens() or self.ctx.wants_usage
 
     async def _continue(self, exc: Exception) -> str | None:
         """Move the stream to another backend that can continue it; why not, when none can."""
@@ -436,25 +617,25 @@ class StreamRelay:
         if limit is not None and tokens is not None and tokens >= limit:
             self._finish_locally("length", tokens)  # the limit was reached exactly, by the backend's count
             return None
-        content = self.progress.content
-        prefix = content.rstrip()  # sent without trailing whitespace: templates trim it, or not
-        need = bool(prefix)
+        # Cut during a replay: the client has the parts sent before it plus what it forwarded, all of
+        # which ``self.progress`` holds; the next backend is checked against that.
+        self._replay = None
         chain = router.stream_chain(ctx)
+        need = bool(self.progress.parts) and not ctx.replayable()
         waited = False
         while self.continuations < router.max_continuations and router.clock() < ctx.deadline:
-            state = self._pick(chain, need) if self._usable(chain, need) else None
+            state = router.pick_for_stream(ctx, chain, need) if router.usable(ctx, chain, need) else None
             if state is None:
                 if not waited:
                     waited = True  # every backend it may go to is out: hold it for one to come back
-                    if await self._wait(chain, need):
+                    if await router.wait_for_stream(ctx, chain, need):
                         continue
                 break
-            # skyfabric's own replicas keep a continued prefix verbatim: send it whole there, since a
-            # stripped one is re-tokenized differently and a token limit then ends the text elsewhere.
-            given = content if state.endpoint.engine == "local" else prefix
-            body = ctx.continuation_body(state.endpoint, given, tokens)
-            if body is None:
-                break
+            made = self._call(state, tokens)
+            if made is None:
+                ctx.refused.add(state.endpoint.id)  # it cannot continue this stream exactly
+                continue
+            call, mode, given = made
             self.continuations += 1
             ctx.attempts += 1
             ctx.tried.add(state.endpoint.id)
@@ -462,10 +643,11 @@ class StreamRelay:
             router.observer.attempt_start(ctx, state, CONTINUATION)
             try:
                 extra = router.observer.upstream_headers(ctx, state)
-                resp = await router.open(state, ctx.path, body, True, ctx.deadline, extra)
+                resp = await router.open(state, call, True, ctx.deadline, extra)
             except UpstreamStatus as err:
                 state.outstanding -= 1
-                if 400 <= err.status < 500 and err.status != 429:
+                verdict = router.classify(state, err)
+                if verdict == "client":
                     # "I cannot continue this": true of this request, says nothing about its health.
                     ctx.refused.add(state.endpoint.id)
                     router.metrics.attempt(state.endpoint.id, f"status_{err.status}")
@@ -483,52 +665,55 @@ class StreamRelay:
             except BaseException:  # the client went away while the continuation was being opened
                 state.outstanding -= 1
                 raise
-            self.resp = resp
-            self._hold(state)
-            self.splitter = EventSplitter()
-            self.segment += 1
-            self.base_tokens = tokens
-            self.progress.new_segment()
-            self._strip_usage = self._usage_added(state)
-            self._ws_debt = content[len(given) :]
-            self._prefix_norm = normalized(given)
-            check = bool(given.strip()) and not repeats_itself(given)
-            self._checking, self._checked_text = ([], "") if check else (None, "")
-            self.backends.append(state.endpoint.id)
-            ctx.rescued += 1
-            router.metrics.rescued.inc()
-            sent = tokens if tokens is not None else self.progress.chunks
-            router.observer.continued(ctx, failed, state, sent)
+            self._switch(state, resp, mode, given, tokens)
+            router.observer.continued(ctx, failed, state, tokens if tokens is not None else self.progress.chunks)
             return None
         return "no backend could continue it"
+
+    #: Output tokens the client had at a break during a replay (the replay's own count is of the whole).
+    _replayed_tokens: int | None = None
+
+    def _switch(self, state: EndpointState, resp: UpstreamResponse, mode: str, given: str, tokens: int | None) -> None:
+        """The stream goes on from ``resp`` (on ``state``), in ``mode``."""
+        if self.segment == 0 and self.passthrough:
+            self.encoder.resume(self.progress)  # the client got the first part as the backend's bytes
+        self.resp = resp
+        self._hold(state)
+        self.backend = self.router.backend(state.endpoint)
+        self.decoder = self.backend.decoder()
+        self.segment += 1
+        self.mode = mode
+        self.progress.new_segment()
+        self.backends.append(state.endpoint.id)
+        self._checking, self._checked_text, self._ws_debt, self._tool_shift = None, "", "", None
+        self._replay = None
+        if mode == "replay":
+            self.base_tokens = 0
+            self._replayed_tokens = tokens
+            self._replay = Replay(self.progress.parts, state.endpoint.id)
+        else:
+            self.base_tokens = tokens
+            open_part = self.progress.open_part
+            if open_part is not None and open_part.kind == "text":
+                self._ws_debt = open_part.text[len(given) :]
+                self._prefix_norm = normalized(given)
+                if given.strip() and not repeats_itself(given):
+                    self._checking = []
+        self.ctx.rescued += 1
+        self.router.metrics.rescued.inc()
 
     def _finish_locally(self, reason: str, tokens: int) -> None:
         """End the stream ourselves when the token limit was reached exactly at the failure.
 
         Only called with ``tokens`` counted by the backends' usage, never estimated from chunks.
         """
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
-        if self.ctx.kind == "chat":
-            choice["delta"] = {}
-            kind = "chat.completion.chunk"
-        else:
-            choice["text"] = ""
-            kind = "text_completion"
-        obj = {
-            "id": self.progress.id,
-            "object": kind,
-            "created": self.progress.created,
-            "model": self.ctx.body.get("model"),
-            "choices": [choice],
-        }
-        self.progress.finish_reason = reason
-        self.out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+        self.progress.finish = Finish(reason)
+        self.out.append(self.encoder.encode(Finish(reason)))
         usage = self.progress.usage
-        if self.include_usage and usage is not None:
-            prompt = max(0, int(usage.get("prompt_tokens", 0)) - (self.base_tokens or 0))
-            obj["choices"] = []
-            total = prompt + tokens
-            obj["usage"] = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": total}
-            self.out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
-        self.out.append(_DONE_EVENT)
+        if usage is not None:
+            prompt = usage.input_tokens
+            if prompt is not None and self.mode == "prefill":
+                prompt = max(0, prompt - (self.base_tokens or 0))
+            self.encoder.encode(Usage(prompt, tokens, usage.cached_input_tokens))
+        self.out.append(self._encoder_end())
         self.done = True

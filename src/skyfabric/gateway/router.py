@@ -160,6 +160,10 @@ class Router:
         limit = self._models[model].context_length
         return limit is None or tokens <= limit
 
+    def chain_of(self, model: str) -> tuple[str, ...]:
+        """``model``'s chain (the model, its fallbacks, the larger-context models)."""
+        return self._reaches[model]
+
     def stream_chain(self, ctx: RequestContext) -> list[str]:
         """Models a broken stream of ``ctx`` may move to: its chain, less those it is known not to fit."""
         return [m for m in self._reaches[ctx.model] if self.fits(m, ctx.needs_tokens)]
@@ -206,6 +210,10 @@ class Router:
                 data = b""
             raise UpstreamStatus(resp.status, data, headers=resp.headers, endpoint=endpoint.id)
         return resp
+
+    def classify(self, state: EndpointState, exc: UpstreamError) -> str:
+        """The verdict of the one response classifier on ``exc`` from ``state``'s endpoint."""
+        return classify(self.backend(state.endpoint), exc).verdict
 
     def auth_headers(self, endpoint: Endpoint) -> list[tuple[bytes, bytes]]:
         """Credentials ``endpoint`` expects (its adapter knows how they are sent)."""

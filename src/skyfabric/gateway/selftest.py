@@ -25,14 +25,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
-import orjson
-
-from skyfabric.core.errors import UpstreamError, UpstreamStatus
+from skyfabric.core.errors import MalformedEvent, UpstreamError, UpstreamStatus
 from skyfabric.gateway.balancer import EndpointState
 from skyfabric.gateway.relay import normalized, restart_verdict
 from skyfabric.gateway.router import Router
+from skyfabric.protocols.base import UpstreamCall
+from skyfabric.protocols.canonical import CanonicalRequest, Message, TextDelta
+from skyfabric.protocols.progress import Part, Progress
 
 log = logging.getLogger("skyfabric.gateway.selftest")
 
@@ -72,49 +74,47 @@ def judge(answer: str, prefix: str, continuation: str) -> bool | None:
     return None
 
 
-async def _ask(router: Router, state: EndpointState, body: dict[str, Any], timeout: float) -> str:
-    """A non-streaming chat completion's text; raises :class:`UpstreamError`."""
+async def _ask(router: Router, state: EndpointState, call: UpstreamCall, timeout: float) -> str:
+    """The text of a short non-streamed answer."""
     deadline = router.clock() + timeout
-    resp = await router.open(state, b"/chat/completions", orjson.dumps(body), False, deadline)
+    resp = await router.open(state, call, False, deadline)
     data = await resp.read(max(0.001, deadline - router.clock()))
     try:
-        content = orjson.loads(data)["choices"][0]["message"]["content"]
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-        raise UpstreamError(
-            "self-test: the answer is not a chat completion", endpoint=state.endpoint.id
-        ) from None
-    return content if isinstance(content, str) else ""
+        events = router.backend(state.endpoint).decode_response(data)
+    except MalformedEvent:
+        return ""
+    return "".join(e.text for e in events if isinstance(e, TextDelta) and e.choice == 0)
 
 
 async def continuation_selftest(router: Router, state: EndpointState) -> bool | None:
     """Whether ``state``'s backend continues a prefix (True), restarts or refuses it (False), or None."""
     timeout = min(router.timeouts.response, 10.0)
-    base: dict[str, Any] = {
-        "model": state.endpoint.upstream_model,
-        "messages": [{"role": "user", "content": QUESTION}],
-        "temperature": 0,
-        "max_tokens": ANSWER_TOKENS,
-        "stream": False,
-    }
+    backend = router.backend(state.endpoint)
+    question = CanonicalRequest(
+        protocol="skyfabric.selftest",
+        model=state.endpoint.upstream_model,
+        messages=[Message("user", [{"type": "text", "text": QUESTION}])],
+        temperature=0,
+        max_tokens=ANSWER_TOKENS,
+    )
     try:
-        answer = await _ask(router, state, base, timeout)
+        answer = await _ask(router, state, backend.build(question, state.endpoint), timeout)
     except UpstreamError as exc:
         log.info("continuation self-test of %s: no answer (%s)", state.endpoint.id, exc)
         return None
     prefix = split_answer(answer)
     if prefix is None:
         return None
-    body = {
-        **base,
-        "max_tokens": CONTINUATION_TOKENS,
-        "messages": [*base["messages"], {"role": "assistant", "content": prefix}],
-        "continue_final_message": True,
-        "add_generation_prompt": False,
-    }
+    progress = Progress(parts=[Part("text", prefix)])
+    call = backend.continuation(
+        replace(question, max_tokens=CONTINUATION_TOKENS), state.endpoint, progress, 0
+    )
+    if call is None:
+        return None
     try:
-        continuation = await _ask(router, state, body, timeout)
+        continuation = await _ask(router, state, call, timeout)
     except UpstreamStatus as exc:
-        if 400 <= exc.status < 500 and exc.status != 429:
+        if router.classify(state, exc) == "client":
             return False  # refuses a prefill
         return None
     except UpstreamError:

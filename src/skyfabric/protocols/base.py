@@ -77,6 +77,14 @@ class Encoder(Protocol):
         """The bytes for ``event`` (may be empty: an event the protocol shows later or never)."""
         ...
 
+    def resume(self, progress: Progress) -> None:
+        """The client already has ``progress`` (passed through as a backend's own bytes): go on from there.
+
+        Called before the encoder's first event when a stream that began on the pass-through path is
+        continued, or has an event re-encoded: the encoder takes the answer's id, model and open block.
+        """
+        ...
+
     def end(self) -> bytes:
         """What ends a finished stream (``data: [DONE]``; ``message_delta`` + ``message_stop``)."""
         ...

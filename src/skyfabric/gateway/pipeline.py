@@ -1,0 +1,99 @@
+"""The steps around an inference request, composed in one place: the pipeline reads top to bottom.
+
+listener → **parse** (the client protocol's frontend) → **authenticate** → **model** (resolve the name
+and its aliases) → **deadline** and **priority** (headers) → **filters** (keys and limits plug in here)
+→ **admission** and **metrics** (``Proxy.forward``) → router → backend adapter.
+
+Each step is a small function of the request; :func:`inference` is the one function that runs them in
+order, and a client error raised by any of them comes back in the client's protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from skyfabric.core.errors import AuthenticationError, ClientError, InvalidRequest, UnknownModel
+from skyfabric.gateway.admission import parse_priority
+from skyfabric.gateway.api_errors import frontend_client_error
+from skyfabric.gateway.context import RequestContext
+from skyfabric.http.messages import Request, Response, StreamResponse
+from skyfabric.protocols.base import Frontend
+from skyfabric.protocols.canonical import CanonicalRequest
+
+if TYPE_CHECKING:
+    from skyfabric.gateway.app import Gateway
+
+Answer = Response | StreamResponse
+#: A step that may refuse a request before it is routed (raise :class:`ClientError`), or answer it
+#: itself (return a response); None lets it through.
+Filter = Callable[[Request, RequestContext], Awaitable[Answer | None]]
+
+
+def authenticate(gateway: Gateway, request: Request) -> None:
+    """The fleet's API keys, as ``Authorization: Bearer`` (OpenAI) or ``x-api-key`` (Anthropic)."""
+    keys = gateway.keys
+    if not keys:
+        return
+    value = request.header(b"authorization")
+    key = value[7:].strip() if value and value[:7].lower() == b"bearer " else request.header(b"x-api-key")
+    if key is None:
+        raise AuthenticationError("no API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
+    if key not in keys:
+        raise AuthenticationError("the API key is not valid", code="invalid_api_key")
+
+
+def resolve_model(gateway: Gateway, parsed: CanonicalRequest) -> str:
+    """The fleet's canonical name for the model the client asked for."""
+    canonical = gateway.fleet.canonical(parsed.model)
+    if canonical is None:
+        raise UnknownModel(
+            f"The model `{parsed.model}` does not exist here. Models: {', '.join(gateway.model_names)}",
+            param="model",
+            code="model_not_found",
+        )
+    return canonical
+
+
+def deadline(gateway: Gateway, request: Request) -> float:
+    """The request's deadline: the fleet's total timeout, shortened by ``x-skyfabric-deadline``."""
+    total = gateway.fleet.timeouts.total
+    asked = request.header(b"x-skyfabric-deadline")
+    if asked is not None:
+        try:
+            total = min(total, float(asked))
+        except ValueError:
+            raise InvalidRequest("x-skyfabric-deadline must be a number of seconds") from None
+        if total <= 0:
+            raise InvalidRequest("x-skyfabric-deadline must be positive")
+    return gateway.proxy.clock() + total
+
+
+def context(gateway: Gateway, request: Request, frontend: Frontend) -> RequestContext:
+    """Parse, authenticate, resolve, and bound one request: what the router needs to route it."""
+    authenticate(gateway, request)
+    parsed = frontend.parse(request.path, request.body, request.headers)
+    model = resolve_model(gateway, parsed)
+    kind = "completions" if parsed.protocol == "openai.completions" else "chat"
+    ctx = RequestContext(
+        kind, parsed.body, request.body, model, parsed.stream, deadline(gateway, request), parsed, frontend
+    )
+    priority = request.header(b"x-skyfabric-priority")
+    if priority is not None:
+        ctx.priority = parse_priority(priority)
+    if gateway.traceparent:
+        ctx.traceparent = request.header(b"traceparent")
+    return ctx
+
+
+async def inference(gateway: Gateway, request: Request, frontend: Frontend) -> Answer:
+    """The whole pipeline for one inference request, in the client's protocol."""
+    try:
+        ctx = context(gateway, request, frontend)
+        for step in gateway.filters:
+            answer = await step(request, ctx)
+            if answer is not None:
+                return answer
+        return await gateway.proxy.forward(ctx)
+    except ClientError as exc:
+        return frontend_client_error(frontend, exc)
