@@ -18,10 +18,11 @@ ALLOWED = {
     "core": set(),
     "http": {"core"},
     "engine": {"core"},
-    "gateway": {"core", "http"},
+    "protocols": {"core"},
+    "gateway": {"core", "http", "protocols"},
     "control": {"core"},
-    "drills": {"core", "control", "http", "gateway"},
-    "sim": {"core", "gateway", "control"},
+    "drills": {"core", "control", "http", "gateway", "protocols"},
+    "sim": {"core", "gateway", "control", "protocols"},
 }
 
 

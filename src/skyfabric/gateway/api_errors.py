@@ -82,7 +82,12 @@ def frontend_client_error(frontend: Frontend, exc: ClientError) -> Response:
     if isinstance(exc, Overloaded):
         headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
     return frontend_error(
-        frontend, exc.status, exc.message, error_type=exc.error_type, param=exc.param, code=exc.code,
+        frontend,
+        exc.status,
+        exc.message,
+        error_type=exc.error_type,
+        param=exc.param,
+        code=exc.code,
         headers=headers,
     )
 

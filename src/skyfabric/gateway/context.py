@@ -66,7 +66,9 @@ class RequestContext:
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> Response:
         """An error answer in the client's protocol."""
-        return frontend_error(self.frontend, status, message, error_type=error_type, code=code, headers=headers)
+        return frontend_error(
+            self.frontend, status, message, error_type=error_type, code=code, headers=headers
+        )
 
     def token_limit(self) -> int | None:
         """The client's cap on output tokens, if it set one."""

@@ -28,7 +28,9 @@ async def count_tokens(router: Router, request: CanonicalRequest, model: str, de
     last: UpstreamError | None = None
     for name in router.chain_of(model):
         for _ in range(2):
-            state = router.clusters[name].pick(router.clock(), avoid_endpoints=tried, cooldowns=router.cooldowns)
+            state = router.clusters[name].pick(
+                router.clock(), avoid_endpoints=tried, cooldowns=router.cooldowns
+            )
             if state is None:
                 break
             tried.add(state.endpoint.id)
@@ -37,7 +39,15 @@ async def count_tokens(router: Router, request: CanonicalRequest, model: str, de
             call = backend.build(asked, state.endpoint)
             if backend.family == "anthropic":
                 body = orjson.loads(call.body)
-                for key in ("max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata"):
+                for key in (
+                    "max_tokens",
+                    "stream",
+                    "temperature",
+                    "top_p",
+                    "top_k",
+                    "stop_sequences",
+                    "metadata",
+                ):
                     body.pop(key, None)
                 call = UpstreamCall(b"/messages/count_tokens", call.headers, orjson.dumps(body))
             try:

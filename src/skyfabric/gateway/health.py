@@ -26,8 +26,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from skyfabric.core.errors import ConnectError, UpstreamError, UpstreamTimeout
-from skyfabric.protocols.base import UpstreamCall
 from skyfabric.gateway.balancer import EndpointState, eject, readmit, record_failure
+from skyfabric.protocols.base import UpstreamCall
 
 if TYPE_CHECKING:
     from skyfabric.gateway.proxy import Proxy

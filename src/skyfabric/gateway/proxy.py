@@ -219,6 +219,7 @@ class Proxy(Router):
                             failed = self.states.get(exc.endpoint, state)
                             verdict = classify(self.backend(failed.endpoint), exc).verdict
                             if verdict in ("client", "context_length"):
+                                assert isinstance(exc, UpstreamStatus)  # transport failures are retryable
                                 if verdict == "context_length":
                                     refused = refused or set()
                                     refused.add(model)
@@ -230,7 +231,6 @@ class Proxy(Router):
                                 self._settle(ctx, pending)
                                 self.metrics.attempt(failed.endpoint.id, f"status_{exc.status}")
                                 self.observer.attempt_end(ctx, failed, f"status_{exc.status}")
-                                assert isinstance(exc, UpstreamStatus)
                                 return self._passthrough(ctx, exc)
                             why = self.failure_class(exc)
                             provider = failed.endpoint.provider

@@ -519,7 +519,9 @@ class StreamRelay:
                             yield b"".join(self.out)
                             self.out.clear()
                         yield self.encoder.error(
-                            f"the backend failed mid-stream and {why}: {exc}", "api_error", "stream_interrupted"
+                            f"the backend failed mid-stream and {why}: {exc}",
+                            "api_error",
+                            "stream_interrupted",
                         )
                         return
         finally:
@@ -572,7 +574,11 @@ class StreamRelay:
         backend = self.router.backend(state.endpoint)
         progress = self.progress
         if not progress.parts:
-            return backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)), "first", ""
+            return (
+                backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)),
+                "first",
+                "",
+            )
         open_part = progress.open_part
         assert open_part is not None
         caps = backend.capabilities(state.endpoint)
@@ -588,7 +594,11 @@ class StreamRelay:
             if call is not None:
                 return call, "prefill", text
         if self.ctx.replayable():
-            return backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)), "replay", ""
+            return (
+                backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)),
+                "replay",
+                "",
+            )
         return None
 
     def _wants_usage(self, state: EndpointState) -> bool:
@@ -666,14 +676,18 @@ class StreamRelay:
                 state.outstanding -= 1
                 raise
             self._switch(state, resp, mode, given, tokens)
-            router.observer.continued(ctx, failed, state, tokens if tokens is not None else self.progress.chunks)
+            router.observer.continued(
+                ctx, failed, state, tokens if tokens is not None else self.progress.chunks
+            )
             return None
         return "no backend could continue it"
 
     #: Output tokens the client had at a break during a replay (the replay's own count is of the whole).
     _replayed_tokens: int | None = None
 
-    def _switch(self, state: EndpointState, resp: UpstreamResponse, mode: str, given: str, tokens: int | None) -> None:
+    def _switch(
+        self, state: EndpointState, resp: UpstreamResponse, mode: str, given: str, tokens: int | None
+    ) -> None:
         """The stream goes on from ``resp`` (on ``state``), in ``mode``."""
         if self.segment == 0 and self.passthrough:
             self.encoder.resume(self.progress)  # the client got the first part as the backend's bytes

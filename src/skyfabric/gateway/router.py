@@ -235,9 +235,9 @@ class Router:
         if isinstance(exc, EndpointAborted):
             return  # we aborted it ourselves when its endpoint was ejected: nothing new to count
         if isinstance(exc, UpstreamError):
-            outcome = classify(self.backend(state.endpoint), exc)
-            if outcome.verdict == "throttled":
-                wait = outcome.retry_after
+            judged = classify(self.backend(state.endpoint), exc)
+            if judged.verdict == "throttled":
+                wait = judged.retry_after
                 if wait is not None:
                     provider = state.endpoint.provider
                     self.cooldowns[provider] = max(self.cooldowns.get(provider, 0.0), self.clock() + wait)

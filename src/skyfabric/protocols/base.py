@@ -116,7 +116,12 @@ class Frontend(Protocol):
         ...
 
     def error(
-        self, status: int, message: str, *, error_type: str | None = None, code: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        code: str | None = None,
         param: str | None = None,
     ) -> bytes:
         """An error body in the client protocol's shape (JSON)."""

@@ -49,6 +49,8 @@ from skyfabric.core.fleet import Fleet, parse_fleet
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.health import HealthChecker
 from skyfabric.gateway.proxy import Proxy
+from skyfabric.protocols.canonical import CanonicalRequest
+from skyfabric.protocols.frontends.openai import OpenAIFrontend
 from skyfabric.sim.clock import VirtualClockLoop
 
 # ------------------------------------------------------------------------------------------ the replicas
@@ -454,10 +456,15 @@ async def _run(
     pending: set[asyncio.Task[None]] = set()
     counter = 0
 
+    openai = OpenAIFrontend()
+
     async def client(req: SimRequest, ident: int) -> None:
         transport.current[ident] = req
+        raw = str(ident).encode()  # the transport knows the request by it
+        body = {"model": model}
+        request = CanonicalRequest(protocol="openai.chat", model=model, body=body, raw=raw)
         ctx = RequestContext(
-            "chat", {}, str(ident).encode(), model, False, req.arrival + fleet.timeouts.total
+            "chat", body, raw, model, False, req.arrival + fleet.timeouts.total, request, openai
         )
         try:
             response = await proxy.forward(ctx)
