@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,16 @@ class RunningGateway:
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
 
+def _credentials(upstream: Any) -> dict[str, str]:
+    """The pool's ``api_key_env`` for an upstream that checks a key (set in the environment here)."""
+    key = getattr(upstream, "api_key", None)
+    if not key:
+        return {}
+    name = f"SKYFABRIC_TEST_KEY_{abs(hash(key)) % 10**8}"
+    os.environ[name] = key
+    return {"api_key_env": name}
+
+
 def fleet_data(
     providers: dict[str, list[FakeUpstream]] | dict[str, dict[str, list[FakeUpstream]]],
     **extra: Any,
@@ -61,10 +73,17 @@ def fleet_data(
                             {
                                 "name": "pool",
                                 "accelerator": "cpu",
-                                "engine": "vllm",
-                                "model": getattr(ups[0], "model", "m"),
+                                # an upstream that speaks another protocol says so (the Anthropic stand-in)
+                                "engine": getattr(ups[0], "engine", "vllm"),
+                                "model": getattr(ups[0], "fleet_model", None) or getattr(ups[0], "model", "m"),
+                                **(
+                                    {"upstream_model": ups[0].model}
+                                    if getattr(ups[0], "fleet_model", None)
+                                    else {}
+                                ),
                                 "endpoints": [u.url for u in ups],
                                 "continuation": all(u.can_continue for u in ups),
+                                **_credentials(ups[0]),
                             }
                         ],
                     }

@@ -193,6 +193,10 @@ class StandIn:
         if not chunking or any(size < 1 for size in chunking):
             raise ValueError("chunking needs positive chunk sizes")
         self.name = name
+        #: The fleet file's engine kind for this endpoint (tests/conftest.py reads it).
+        self.engine = "anthropic"
+        #: The fleet model it serves in tests (its own model name is the pool's ``upstream_model``).
+        self.fleet_model = "m"
         self.api_key = api_key
         self.models = dict(models) if isinstance(models, dict) else dict.fromkeys(models, context_window)
         self.model = next(iter(self.models))
