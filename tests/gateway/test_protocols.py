@@ -1,0 +1,246 @@
+"""Both front doors to both wire protocols, end to end with the official SDKs.
+
+The Anthropic stand-in (``tests/support/anthropic_standin.py``) speaks the Messages API byte for byte and
+refuses what the real API refuses (unknown fields, trailing whitespace in a prefill, a prefill with
+thinking on); the OpenAI fake upstream behaves like vLLM. Each test names the client protocol and the
+backend it reaches; streams cut mid-text, mid-tool-call and mid-thinking must finish with exactly the
+uninterrupted answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from tests.conftest import MakeGateway, RunningGateway
+from tests.support.anthropic_answer import verify_thinking
+from tests.support.anthropic_standin import StandIn
+from tests.support.counters import assert_released
+from tests.support.fake_upstream import FakeUpstream
+
+TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    }
+]
+OPENAI_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]},
+    }
+    for t in TOOLS
+]
+
+
+def claude(gw: RunningGateway) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=gw.root, api_key="sk-test-key-0001", max_retries=0)
+
+
+async def standins(make_gateway: MakeGateway, n: int = 1, **options: Any) -> tuple[RunningGateway, list[StandIn]]:
+    ups = [StandIn(f"standin-{i}", **options) for i in range(n)]
+    providers = {f"p{i}": [up] for i, up in enumerate(ups)}
+    gw = await make_gateway(providers, retry={"outage_wait": 0.5})
+    return gw, ups
+
+
+async def _stream_text(client: anthropic.AsyncAnthropic, **kwargs: Any) -> anthropic.types.Message:
+    async with client.messages.stream(**kwargs) as stream:
+        async for _ in stream:
+            pass
+        return await stream.get_final_message()
+
+
+# -- Anthropic client → Anthropic backend (pass-through) ---------------------------------------------------
+
+
+async def test_anthropic_client_to_anthropic_backend(make_gateway: MakeGateway) -> None:
+    gw, (up,) = await standins(make_gateway)
+    client = claude(gw)
+    kwargs: dict[str, Any] = {"model": "m", "max_tokens": 200, "messages": [{"role": "user", "content": "Hi"}]}
+    whole = await client.messages.create(**kwargs)
+    streamed = await _stream_text(client, **kwargs)
+    assert whole.content[0].text == streamed.content[0].text != ""
+    assert whole.stop_reason == streamed.stop_reason == "end_turn"
+    assert streamed.usage.output_tokens == whole.usage.output_tokens > 0
+    assert up.requests[-1].body["model"] == up.model  # renamed to the upstream's model
+    counted = await client.messages.count_tokens(model="m", messages=kwargs["messages"])
+    assert counted.input_tokens > 0
+    await assert_released(gw.gateway)
+
+
+async def test_anthropic_tools_and_thinking_pass_through(make_gateway: MakeGateway) -> None:
+    gw, (up,) = await standins(make_gateway)
+    client = claude(gw)
+    message = await _stream_text(
+        client,
+        model="m",
+        max_tokens=3000,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        tools=TOOLS,
+        messages=[{"role": "user", "content": "Call the tool for Paris"}],
+    )
+    kinds = [b.type for b in message.content]
+    assert kinds[0] == "thinking" and kinds[-1] == "tool_use", kinds
+    thinking = message.content[0]
+    assert verify_thinking(thinking.thinking, thinking.signature)
+    assert message.stop_reason == "tool_use"
+    assert isinstance(message.content[-1].input, dict) and message.content[-1].input
+
+
+# -- OpenAI client → Anthropic backend (translated) --------------------------------------------------------
+
+
+async def test_openai_client_to_anthropic_backend(make_gateway: MakeGateway) -> None:
+    gw, (up,) = await standins(make_gateway)
+    client = gw.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    whole = await client.chat.completions.create(model="m", messages=messages, max_tokens=200)
+    assert whole.choices[0].finish_reason == "stop"
+    assert whole.choices[0].message.content
+    assert whole.usage is not None and whole.usage.completion_tokens > 0
+    sent = up.requests[-1].body
+    assert sent["system"] and all(m["role"] != "system" for m in sent["messages"])
+    stream = await client.chat.completions.create(
+        model="m", messages=messages, max_tokens=200, stream=True, stream_options={"include_usage": True}
+    )
+    text, usage = "", None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == whole.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    # tools: Anthropic's tool_use comes back as OpenAI tool_calls
+    called = await client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=OPENAI_TOOLS,
+        tool_choice="required",
+        max_tokens=200,
+    )
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
+    # errors: Anthropic's 400 reaches an OpenAI client as OpenAI's shape
+    up.set_fault({"status": 400}, times=1)
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model="m", messages=messages, max_tokens=20)
+    assert err.value.status_code == 400
+    await assert_released(gw.gateway)
+
+
+# -- Anthropic client → OpenAI backend (translated) --------------------------------------------------------
+
+
+async def test_anthropic_client_to_openai_backend(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"p": [FakeUpstream("a")]})
+    client = claude(gw)
+    kwargs: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 64,
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    whole = await client.messages.create(**kwargs)
+    streamed = await _stream_text(client, **kwargs)
+    assert whole.content[0].text and whole.content[0].text == streamed.content[0].text
+    assert whole.stop_reason in ("end_turn", "max_tokens")
+    assert streamed.usage.output_tokens == whole.usage.output_tokens > 0
+    assert streamed.usage.input_tokens == whole.usage.input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError):
+        await client.messages.create(**{**kwargs, "model": "nope"})
+    with pytest.raises(anthropic.BadRequestError):
+        await client.messages.create(model="m", max_tokens=10, messages=[])  # type: ignore[arg-type]
+    await assert_released(gw.gateway)
+
+
+# -- continuation across a cut, both client protocols ------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [{"cut_after": 3}, {"cut_in": "text"}, {"error_after": 2}])
+async def test_anthropic_stream_cut_mid_text_completes_identically(
+    make_gateway: MakeGateway, fault: dict[str, Any]
+) -> None:
+    gw, ups = await standins(make_gateway, 2)
+    client = claude(gw)
+    kwargs: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 300,
+        "messages": [{"role": "user", "content": "Write some code"}],
+    }
+    expected = await _stream_text(client, **kwargs)
+    for up in ups:
+        up.set_fault(fault, times=1)
+    got = await _stream_text(client, **kwargs)
+    assert got.content[0].text == expected.content[0].text
+    assert got.stop_reason == expected.stop_reason
+    assert got.usage.output_tokens == expected.usage.output_tokens
+    assert gw.gateway.proxy.metrics.rescued._value.get() >= 1
+    await assert_released(gw.gateway)
+
+
+@pytest.mark.parametrize("cut", ["tool_json", "thinking"])
+async def test_anthropic_stream_cut_mid_tool_call_or_thinking_completes_identically(
+    make_gateway: MakeGateway, cut: str
+) -> None:
+    gw, ups = await standins(make_gateway, 2)
+    client = claude(gw)
+    kwargs: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 3000,
+        "temperature": 0,
+        "tools": TOOLS,
+        "messages": [{"role": "user", "content": "Call the tool for Paris"}],
+    }
+    if cut == "thinking":
+        kwargs["thinking"] = {"type": "enabled", "budget_tokens": 1024}
+        kwargs.pop("temperature")  # thinking requires the default temperature; the stand-in is greedy anyway
+        kwargs["metadata"] = {"user_id": "u"}
+    expected = await _stream_text(client, **kwargs)
+    for up in ups:
+        up.set_fault({"cut_in": cut}, times=1)
+    got = await _stream_text(client, **kwargs)
+    assert [b.model_dump() for b in got.content] == [
+        {**b.model_dump(), **({"id": got.content[i].id} if b.type == "tool_use" else {})}
+        for i, b in enumerate(expected.content)
+    ]
+    assert got.stop_reason == expected.stop_reason
+    await assert_released(gw.gateway)
+
+
+async def test_openai_client_stream_cut_on_anthropic_backend_completes_identically(
+    make_gateway: MakeGateway,
+) -> None:
+    gw, ups = await standins(make_gateway, 2)
+    client = gw.client()
+    kwargs: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 300,
+        "messages": [{"role": "user", "content": "Write some code"}],
+        "stream": True,
+    }
+
+    async def text() -> str:
+        out = ""
+        async for chunk in await client.chat.completions.create(**kwargs):
+            if chunk.choices:
+                out += chunk.choices[0].delta.content or ""
+        return out
+
+    expected = await text()
+    for up in ups:
+        up.set_fault({"cut_after": 4}, times=1)
+    assert await text() == expected
+    await assert_released(gw.gateway)
