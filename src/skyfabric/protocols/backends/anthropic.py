@@ -14,13 +14,13 @@ import re
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.protocols.backends.anthropic_decoder import AnthropicDecoder, decode_message
-from skyfabric.protocols.base import Capabilities, Headers, Outcome, UpstreamCall
+from skyfabric.protocols.base import Backend, Capabilities, Headers, Outcome, UpstreamCall
 from skyfabric.protocols.canonical import Block, CanonicalRequest, Event, Message, Thinking
 from skyfabric.protocols.progress import Progress
 
@@ -435,3 +435,7 @@ def _timestamp(value: bytes | None) -> float | None:
         return datetime.fromisoformat(value.decode().replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+if TYPE_CHECKING:  # mypy checks that the class keeps the seam's interface
+    _BACKEND: Backend = AnthropicBackend()

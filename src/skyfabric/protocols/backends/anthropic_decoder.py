@@ -49,6 +49,7 @@ class AnthropicDecoder:
         self._buffer = b""
         self._scanned = 0  # where the line scan of the pending event resumes
         self._lines: list[bytes] = []  # the pending event's lines so far
+        self._skip_lf = False  # the last byte fed was a \r ending a line
         self._started = False
         self._blocks: dict[int, str] = {}  # open block index → its type
         self._tools: dict[int, int] = {}  # block index → canonical tool call index
@@ -62,13 +63,25 @@ class AnthropicDecoder:
         start = 0  # where the pending event's bytes begin
         pos = self._scanned
         size = len(buf)
+        if self._skip_lf and pos < size:
+            # The last feed ended on a \r that ended a line; a \n now is the rest of that line end.
+            self._skip_lf = False
+            if buf[pos] == 0x0A:
+                pos += 1
+                if not self._lines:  # that \r ended an event, already returned: return its \n alone
+                    out.append((buf[:pos], []))
+                    start = pos
         while pos < size:
             nl = buf.find(b"\n", pos)
             cr = buf.find(b"\r", pos, nl if nl >= 0 else size)
             if cr >= 0:
+                # A \r ends a line now, even as the last byte (a stream framed with bare \r would otherwise
+                # hold its last event back); a \n that follows it in the next feed is skipped.
                 if cr + 1 == size:
-                    break  # a \r at the end may be half of \r\n: wait
-                end, after = cr, cr + (2 if buf[cr + 1] == 0x0A else 1)
+                    self._skip_lf = True
+                    end, after = cr, cr + 1
+                else:
+                    end, after = cr, cr + (2 if buf[cr + 1] == 0x0A else 1)
             elif nl >= 0:
                 end, after = nl, nl + 1
             else:

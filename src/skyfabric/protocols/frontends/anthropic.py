@@ -14,13 +14,13 @@ Streaming encoding lives in :mod:`skyfabric.protocols.frontends.anthropic_encode
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
 from skyfabric.core.errors import InvalidRequest, MalformedEvent
 from skyfabric.protocols import anthropic_wire as wire
-from skyfabric.protocols.base import Headers
+from skyfabric.protocols.base import Frontend, Headers
 from skyfabric.protocols.canonical import (
     Block,
     CanonicalRequest,
@@ -484,3 +484,7 @@ def _tool_input(arguments: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise MalformedEvent(f"tool call arguments are not a JSON object: {arguments[:200]!r}")
     return value
+
+
+if TYPE_CHECKING:  # mypy checks that the class keeps the seam's interface
+    _FRONTEND: Frontend = AnthropicFrontend()
