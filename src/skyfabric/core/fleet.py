@@ -52,7 +52,9 @@ EngineKind = Literal[
 
 #: Engines known to continue a final assistant message (vLLM's ``continue_final_message``) or a
 #: completions prompt. A pool may override this with ``continuation``.
-CONTINUING_ENGINES: frozenset[str] = frozenset({"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang"})
+CONTINUING_ENGINES: frozenset[str] = frozenset(
+    {"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "anthropic"}
+)
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")]
 

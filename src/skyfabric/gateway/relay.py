@@ -657,7 +657,7 @@ class StreamRelay:
             except UpstreamStatus as err:
                 state.outstanding -= 1
                 verdict = router.classify(state, err)
-                if verdict == "client":
+                if verdict == "client" or (400 <= err.status < 500 and verdict != "throttled"):
                     # "I cannot continue this": true of this request, says nothing about its health.
                     ctx.refused.add(state.endpoint.id)
                     router.metrics.attempt(state.endpoint.id, f"status_{err.status}")

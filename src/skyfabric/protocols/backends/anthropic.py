@@ -82,6 +82,13 @@ class AnthropicBackend:
             betas=True,
         )
 
+    def auth(self, endpoint: Endpoint) -> Headers:
+        """``x-api-key`` and the API version every request (a probe too) must carry."""
+        headers: Headers = [(b"anthropic-version", DEFAULT_VERSION.encode())]
+        if endpoint.api_key:
+            headers.append((b"x-api-key", endpoint.api_key.encode()))
+        return headers
+
     def build(self, request: CanonicalRequest, endpoint: Endpoint, *, usage: bool = False) -> UpstreamCall:
         """The Messages request for ``request`` on ``endpoint`` (usage: Anthropic always reports it)."""
         body = _build_body(request, endpoint, self._max_tokens(request))

@@ -18,6 +18,7 @@ import os
 import re
 
 from skyfabric.protocols import anthropic_wire as wire
+from skyfabric.protocols.progress import Progress
 from skyfabric.protocols.canonical import (
     CanonicalRequest,
     End,
@@ -118,6 +119,24 @@ class AnthropicEncoder:
         if isinstance(event, End):
             return b""  # the gateway calls end() once the answer is whole
         return b""  # logprobs: Anthropic has none
+
+    def resume(self, progress: Progress) -> None:
+        """The client got ``progress`` as an Anthropic backend's own events: go on in the same message.
+
+        ``message_start`` was sent; each part was one content block, in order, so the open block is the
+        last part's, at index ``len(parts) - 1`` (a signed thinking block or a redacted one is closed).
+        """
+        self._id = self._id or progress.id
+        self._model = self._model or progress.model
+        self._started = True
+        self._index = len(progress.parts) - 1
+        last = progress.open_part
+        if last is None or last.kind == "redacted":
+            self._open, self._tool = None, None
+            return
+        self._open = {"text": "text", "reasoning": "thinking", "tool": "tool_use"}[last.kind]
+        self._signed = last.signature is not None
+        self._tool = last.index if last.kind == "tool" else None
 
     def end(self) -> bytes:
         """``message_delta`` (stop reason, usage) and ``message_stop``; nothing the second time."""
