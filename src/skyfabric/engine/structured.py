@@ -275,16 +275,23 @@ class Answer:
     ) -> AsyncGenerator[tuple[str, int], None]:
         """Run one call whose first ``len(given)`` characters the client has; yield (new text, new tokens).
 
-        A delta's tokens are new when its text reaches past ``given`` (or, textless, starts at or past it).
-        Past :attr:`left` new tokens the output is cut at that token, as the engine's own ``max_tokens``
-        would have cut it, so a replay ends where the uninterrupted call ended.
+        A delta's tokens are new when its text reaches past ``given`` (a textless delta's tokens go with the
+        next delta's text, as a stream's usage counts them with the next chunk; textless at the end, they
+        are new unless the client's characters run past them). Past :attr:`left` new tokens the output is
+        cut at that token, as the engine's own ``max_tokens`` would have cut it, so a replay ends where the
+        uninterrupted call ended.
         """
         skip = len(given)
         produced = 0
         ids: list[int] = []
+        held: list[int] = []
         async with contextlib.aclosing(self.engine.generate(request)) as stream:
             async for delta in stream:
-                text, new_ids = delta.text, list(delta.token_ids)
+                text = delta.text
+                if not text and delta.finish_reason is None:
+                    held.extend(delta.token_ids)
+                    continue
+                new_ids, held = held + list(delta.token_ids), []
                 start = produced
                 new = start + len(text) > skip or (not text and start >= skip)
                 cut = new and len(new_ids) > self.left
@@ -375,6 +382,8 @@ class Answer:
         head = wrap + '<tool_call>{"name": ' + json.dumps(plan.tool_name) + ', "arguments": '
         self.args = ""
         fields = plan.fields
+        if not fields:
+            self._write("{", given)
         for index, field in enumerate(fields):
             self._write(opening(fields, index), given)
             if field.kind == "fixed":
