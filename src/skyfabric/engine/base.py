@@ -48,6 +48,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     min_tokens: int = 0
     request_id: str | None = None
+    #: Guided decoding's vocabulary restriction (vLLM's ``allowed_token_ids``): only these ids may be
+    #: sampled. ``None`` (every plain request) costs nothing per token.
+    allowed_token_ids: Sequence[int] | None = None
 
     def sampling(self, defaults: Mapping[str, float | int]) -> tuple[float, float, int]:
         """(temperature, top_p, top_k): the request's, else the model's ``defaults``."""
@@ -160,6 +163,23 @@ class Engine(abc.ABC):
         tokenizing it: a prompt of ``c`` non-space characters has at least ``c / max_token_chars`` tokens.
         """
         return 0
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a sequence unless ``ignore_eos`` (guided decoding lets the model pick them)."""
+        return ()
+
+    def tokenize_fragment(self, text: str) -> list[int]:
+        """Token ids of text that follows a rendered prompt: no special tokens added (no BOS)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot tokenize fragments")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` as the engine's deltas spell it (special tokens skipped)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot decode")
+
+    def token_texts(self) -> Sequence[str]:
+        """Each vocabulary id's text, decoded alone (guided decoding builds its token masks from it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its vocabulary")
 
     @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]:

@@ -84,6 +84,7 @@ class Sequence:
     hashes: list[int] | None = None  # prefix-cache block hashes of the prompt (computed once)
     blocks: list[int] = field(default_factory=list)  # pool blocks held: the prompt's first len(blocks)
     slot: int = -1  # while prefilled in chunks
+    allowed: torch.Tensor | None = None  # guided decoding: the only ids it may sample
 
 
 #: Whole prompts up to the work of this many tokens at context 0 are admitted past the work allowance.
@@ -146,10 +147,12 @@ class Batcher:
         params: SamplingParams,
         stop_ids: Iterable[int] = (),
         min_tokens_ban: Iterable[int] | None = None,
+        allowed_ids: Iterable[int] | None = None,
     ) -> None:
         """Queue a sequence; it ends at one of ``stop_ids``, at ``max_tokens``, or when its slot is full.
 
-        ``min_tokens_ban`` (default: ``stop_ids``) are the ids impossible until ``params.min_tokens``.
+        ``min_tokens_ban`` (default: ``stop_ids``) are the ids impossible until ``params.min_tokens``;
+        ``allowed_ids`` (guided decoding) the only ids it may ever sample.
         """
         if not prompt:
             raise ValueError("prompt is empty")
@@ -157,9 +160,10 @@ class Batcher:
             raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in {self.model.max_len}")
         stops = tuple(sorted(set(stop_ids)))
         banned = stops if min_tokens_ban is None else tuple(sorted(set(min_tokens_ban)))
-        self.waiting.append(
-            Sequence(rid, list(prompt), max_tokens, params, stops, banned, stop_set=frozenset(stops))
-        )
+        seq = Sequence(rid, list(prompt), max_tokens, params, stops, banned, stop_set=frozenset(stops))
+        if allowed_ids is not None:
+            seq.allowed = torch.tensor(sorted(set(allowed_ids)), dtype=torch.long)
+        self.waiting.append(seq)
 
     def abort(self, rid: int) -> None:
         """Forget a sequence at the next step (it produces nothing more)."""
@@ -429,7 +433,7 @@ class Batcher:
         return self._sample([seq], logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Output]:
-        rows = [Row(seq.params, seq.generated, seq.banned_ids) for seq in seqs]
+        rows = [Row(seq.params, seq.generated, seq.banned_ids, seq.allowed) for seq in seqs]
         tokens = sample(logits, rows, self._generator)
         outputs: list[Output] = []
         max_len = self.model.max_len

@@ -7,7 +7,7 @@ the step never waits for the loop, which is how vLLM's engine core and API serve
 Protocol (pickled tuples over a ``multiprocessing.connection.Connection`` on an inherited socket):
 
 * replica → core: ``("add", rid, prompt_ids, max_tokens, (temperature, top_p, top_k, seed, min_tokens),
-  stop_ids, min_tokens_ban)``, ``("abort", rid)``, ``("stop",)``.
+  stop_ids, min_tokens_ban, allowed_ids or None)``, ``("abort", rid)``, ``("stop",)``.
 * core → replica: ``("ready", info)`` once loaded, or ``("error", message)``; then one ``("out", outputs,
   (running, waiting, kv_usage, forward_passes, prefix_queries, prefix_hits))`` per step, ``outputs``
   being ``(rid, token, finish)`` tuples; ``("fatal", message)`` before dying of an exception.
@@ -203,12 +203,18 @@ def serve(conn: Connection, batcher: Any) -> None:
     def handle(message: tuple[Any, ...]) -> bool:
         kind = message[0]
         if kind == "add":
-            _, rid, prompt, max_tokens, sampling, stop_ids, ban = message
+            _, rid, prompt, max_tokens, sampling, stop_ids, ban, allowed = message
             temperature, top_p, top_k, seed, min_tokens = sampling
             params = SamplingParams(temperature, top_p, top_k, seed, min_tokens)
             try:
                 batcher.add(
-                    rid, prompt, max_tokens=max_tokens, params=params, stop_ids=stop_ids, min_tokens_ban=ban
+                    rid,
+                    prompt,
+                    max_tokens=max_tokens,
+                    params=params,
+                    stop_ids=stop_ids,
+                    min_tokens_ban=ban,
+                    allowed_ids=allowed,
                 )
             except ValueError as exc:
                 conn.send(("out", [(rid, -1, f"error: {exc}")], stats()))

@@ -320,7 +320,10 @@ class NativeEngine(HFTokenizing, Engine):
         rid = next(self._ids)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._queues[rid] = queue
-        self._outbox.put(("add", rid, prompt, request.max_tokens, params, sorted(stop_ids), banned))
+        allowed = None
+        if request.allowed_token_ids is not None:
+            allowed = sorted({t for t in request.allowed_token_ids if 0 <= t < vocab})
+        self._outbox.put(("add", rid, prompt, request.max_tokens, params, sorted(stop_ids), banned, allowed))
         self._prompt_tokens += len(prompt)
         core_done = False  # the core has forgotten the request (finished or failed): no abort to send
         completed = False

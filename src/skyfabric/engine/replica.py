@@ -48,6 +48,18 @@ from skyfabric.engine.external import (
     server_command,
     server_engine_names,
 )
+from skyfabric.engine.guided import Vocabulary
+from skyfabric.engine.structured import (
+    Answer,
+    Piece,
+    Plan,
+    Prefix,
+    merge,
+    plan_of,
+    prefix_of,
+    tool_call_id,
+)
+from skyfabric.engine.structured_wire import StructuredMessage, StructuredShape
 
 log = logging.getLogger("skyfabric.replica")
 
@@ -408,6 +420,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 def _sse(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
@@ -426,6 +441,7 @@ class ReplicaApp:
         self.model_root = model_root
         self.created = int(time.time())
         self.state = "loading"  # loading | ready | stopping | failed
+        self._vocabulary: Vocabulary | None = None  # guided decoding's token masks, built on first use
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -537,6 +553,11 @@ class ReplicaApp:
             raise _bad("continue_final_message needs the last message to be from the assistant", "messages")
         continue_final = last_is_assistant and (bool(continue_flag) or add_generation_prompt is False)
         self._check_ready()
+        base_messages = messages[:-1] if continue_final else messages
+        plan = plan_of(body, base_messages)
+        prefix = prefix_of(messages[-1]) if continue_final else None
+        if plan.active or (prefix is not None and (prefix.reasoning or prefix.arguments is not None)):
+            return await self._structured(request, body, base_messages, plan, prefix, opts)
         try:
             tools = _tools(body)
             # ``tools`` only when the request has some: an engine plug-in written before the argument
@@ -567,6 +588,70 @@ class ReplicaApp:
         if opts.stream:
             return await self._stream(request, requests, opts, completion_id, chat=True)
         return await self._complete(requests, completion_id, chat=True)
+
+    async def _structured(
+        self,
+        request: web.Request,
+        body: Mapping[str, Any],
+        base_messages: list[dict[str, Any]],
+        plan: Plan,
+        prefix: Prefix | None,
+        opts: SamplingOptions,
+    ) -> web.StreamResponse:
+        """An answer with reasoning and/or a tool call (engine/structured.py), or its continuation.
+
+        ``usage.prompt_tokens`` is the messages before any continuation, rendered with the generation
+        prompt; completion tokens are the sampled ones (a continuation's: only the new ones).
+        """
+        try:
+            tools = _tools(body)
+            extra = {"tools": tools} if tools else {}
+            render = functools.partial(
+                self.engine.tokenize_chat,
+                base_messages,
+                add_generation_prompt=True,
+                continue_final_message=False,
+                **extra,
+            )
+            long = sum(len(m["content"]) for m in base_messages) > OFF_LOOP_CHARS
+            prompt_ids = await asyncio.to_thread(render) if long else render()
+        except PromptTooLong as exc:
+            raise _too_long(exc, self.engine.max_model_len, "messages") from None
+        except ValueError as exc:
+            raise _bad(str(exc), "messages") from exc
+        requests = build_requests(
+            prompt_ids,
+            opts,
+            max_model_len=self.engine.max_model_len,
+            param="messages",
+            vocab_size=self.engine.vocab_size,
+            what="messages",
+        )
+        vocabulary = None
+        if plan.tool_name is not None:
+            if self._vocabulary is None:
+                engine = self.engine
+                self._vocabulary = await asyncio.to_thread(
+                    lambda: Vocabulary(engine.token_texts(), engine.eos_token_ids)
+                )
+            vocabulary = self._vocabulary
+        raw = body["messages"]
+        raw_base = raw[: len(base_messages)]
+        shape = StructuredShape(
+            call_ids=[
+                (prefix.call_id if prefix is not None and prefix.call_id else None)
+                or tool_call_id(raw_base, body, i)
+                for i in range(len(requests))
+            ],
+            call_index=prefix.call_index if prefix is not None and prefix.arguments is not None else 0,
+            tool_name=plan.tool_name,
+        )
+        answers = [Answer(self.engine, plan, prompt_ids, r, prefix, vocabulary).run() for r in requests]
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = merge(answers)
+        if opts.stream:
+            return await self._stream_structured(request, stream, shape, opts, completion_id, len(prompt_ids))
+        return await self._complete_structured(stream, shape, len(requests), completion_id, len(prompt_ids))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
@@ -652,6 +737,118 @@ class ReplicaApp:
             "system_fingerprint": None,
         }
         return _json_response(payload)
+
+    async def _complete_structured(
+        self,
+        stream: AsyncGenerator[tuple[int, Piece], None],
+        shape: StructuredShape,
+        n: int,
+        completion_id: str,
+        prompt_tokens: int,
+    ) -> web.Response:
+        """Non-streamed: ``message.reasoning_content``, ``content`` (null with a tool call), ``tool_calls``
+        with the whole arguments string (a continuation's: the new characters only, as its content)."""
+        messages = [StructuredMessage() for _ in range(n)]
+        completion_tokens = 0
+        async with contextlib.aclosing(stream) as pieces:
+            async for index, piece in pieces:
+                completion_tokens += piece.tokens
+                messages[index].add(piece)
+        payload = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [
+                {"index": i, "message": m.message(shape, i), "logprobs": None, "finish_reason": m.finish}
+                for i, m in enumerate(messages)
+            ],
+            "usage": _usage(prompt_tokens, completion_tokens),
+            "system_fingerprint": None,
+        }
+        return _json_response(payload)
+
+    async def _stream_structured(
+        self,
+        request: web.Request,
+        stream: AsyncGenerator[tuple[int, Piece], None],
+        shape: StructuredShape,
+        opts: SamplingOptions,
+        completion_id: str,
+        prompt_tokens: int,
+    ) -> web.StreamResponse:
+        """Streamed like vLLM: ``delta.reasoning_content``, then ``delta.content`` or ``delta.tool_calls``
+        (the call's id, type and name with ``arguments: ""`` first, then argument fragments), then the
+        finish reason (``tool_calls`` after a call)."""
+        created = int(time.time())
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": [choice],
+            }
+
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        completion_tokens = 0
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await stream.aclose()
+            raise
+        try:
+            await response.prepare(request)
+            for i in range(len(shape.call_ids)):
+                await response.write(_sse(chunk(i, {"role": "assistant", "content": ""})))
+            pending = [first] if first is not None else []
+            try:
+                while True:
+                    if pending:
+                        index, piece = pending.pop()
+                    else:
+                        try:
+                            index, piece = await anext(stream)
+                        except StopAsyncIteration:
+                            break
+                    completion_tokens += piece.tokens
+                    delta = shape.delta(piece, index)
+                    if delta:
+                        payload = chunk(index, delta)
+                        if opts.continuous_usage:
+                            payload["usage"] = _usage(prompt_tokens, completion_tokens)
+                        await response.write(_sse(payload))
+                    if piece.finish_reason is not None:
+                        await response.write(_sse(chunk(index, {}, piece.finish_reason)))
+            except ConnectionError:
+                raise
+            except Exception as exc:  # headers are sent: report in-band, as vLLM does, then end the stream
+                if not isinstance(exc, EngineError):
+                    log.exception("generation failed mid-stream in %s", completion_id)
+                not_ready = isinstance(exc, EngineNotReady)
+                kind = "service_unavailable_error" if not_ready else "internal_server_error"
+                await response.write(_sse(APIError(503 if not_ready else 500, str(exc), type=kind).body()))
+            if opts.include_usage:
+                usage_chunk = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [],
+                    "usage": _usage(prompt_tokens, completion_tokens),
+                }
+                await response.write(_sse(usage_chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:
+            log.info("client went away during %s; cancelled", completion_id)
+        finally:
+            await stream.aclose()
+        return response
 
     async def _stream(
         self,

@@ -39,6 +39,8 @@ class Row:
     params: SamplingParams
     generated: int  # tokens this sequence has produced so far
     banned_ids: tuple[int, ...]  # impossible while generated < min_tokens
+    #: Guided decoding: the only ids this row may take (None: any). Rows without it cost nothing extra.
+    allowed: torch.Tensor | None = None
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], generator: torch.Generator | None = None) -> list[int]:
@@ -53,11 +55,18 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], generator: torch.Generator
         if row.generated < row.params.min_tokens and row.banned_ids
     ]
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
-    if sampled or banned:
+    guided = [i for i, row in enumerate(rows) if row.allowed is not None]
+    if sampled or banned or guided:
         logits = logits.cpu()
     for i, ids in banned:
         if ids:
             logits[i, ids] = _NEG_INF
+    for i in guided:
+        allowed = rows[i].allowed
+        assert allowed is not None
+        keep = logits[i, allowed]
+        logits[i].fill_(_NEG_INF)
+        logits[i, allowed] = keep
     if not sampled:
         return [int(t) for t in logits.argmax(dim=-1).tolist()]
     tokens = logits.argmax(dim=-1)

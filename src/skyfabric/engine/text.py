@@ -144,6 +144,8 @@ class HFTokenizing:
     _tokenizer: Any
     _token_chars: int = 0
     _token_shrinks: bool = True
+    _eos: list[int]
+    _token_texts: list[str] | None = None
 
     if TYPE_CHECKING:
 
@@ -178,6 +180,26 @@ class HFTokenizing:
         at_least = tokens_at_least(chars, per_token)
         if at_least >= self.max_model_len:  # not even one token of room left for the answer
             raise PromptTooLong(at_least)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(getattr(self, "_eos", ()))
+
+    def tokenize_fragment(self, text: str) -> list[int]:
+        """Token ids of text appended to a rendered prompt (no BOS): guided decoding's re-rendered prefix."""
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def token_texts(self) -> Sequence[str]:
+        """Each id decoded alone (special tokens spell ""), computed once, when guided decoding first asks."""
+        if self._token_texts is None:
+            tokenizer = self._tokenizer
+            self._token_texts = [
+                str(tokenizer.decode([i], skip_special_tokens=True)) for i in range(len(tokenizer))
+            ]
+        return self._token_texts
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt, with the special tokens the model expects (e.g. BOS)."""

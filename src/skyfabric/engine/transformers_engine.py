@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -59,11 +60,13 @@ DEFAULT_PAGE_SIZE = 32
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _build_sampling_processors(eos_token_ids: Sequence[int]) -> Any:
-    """Build the manager's logits-processor list: min_tokens EOS ban, temperature/greedy, top-k, top-p, seed.
+def _build_sampling_processors(eos_token_ids: Sequence[int], allowed: dict[int, Any] | None = None) -> Any:
+    """Build the manager's logits-processor list: guided-decoding vocabulary restriction, min_tokens EOS
+    ban, temperature/greedy, top-k, top-p, seed.
 
     Imported lazily (torch). Each processor reads one int32 argument per request row, filled from the
-    request's ``logit_processor_kwargs`` when the batch is prepared.
+    request's ``logit_processor_kwargs`` when the batch is prepared. ``allowed`` maps the key a guided
+    request carries (``allowed_key``) to the tensor of ids it may sample; the engine fills it.
     """
     import torch
     from transformers.generation.continuous_batching.cb_logits_processors import (
@@ -80,6 +83,35 @@ def _build_sampling_processors(eos_token_ids: Sequence[int]) -> Any:
     def fill_float(int32_tensor: torch.Tensor, value: float) -> None:
         default = torch.full_like(int32_tensor, value, dtype=torch.float32)
         int32_tensor.copy_(default.view(dtype=torch.int32))
+
+    masks: dict[int, Any] = {} if allowed is None else allowed
+
+    class Allowed(ContinuousBatchingLogitsProcessor):
+        """Guided decoding: a row with an ``allowed_key`` may only take the ids registered under it."""
+
+        supported_kwargs: dict[str, type] = {"allowed_key": int}  # noqa: RUF012
+        ignored_kwargs: tuple[str, ...] = ()
+
+        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+            int32_tensor.fill_(0)
+
+        def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+            keys = [r.state.logit_processor_kwargs.get("allowed_key", 0) for r in requests_with_new_token]
+            return torch.tensor(keys, dtype=torch.int32)
+
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            keys = tensor_arg[: scores.size(0)]
+            if not bool((keys > 0).any()):
+                return scores
+            for row in (keys > 0).nonzero().flatten().tolist():
+                ids = masks.get(int(keys[row]))
+                if ids is None:
+                    continue
+                ids = ids.to(scores.device)
+                keep = scores[row, ids]
+                scores[row] = neg_inf
+                scores[row, ids] = keep
+            return scores
 
     class EosBan(ContinuousBatchingLogitsProcessor):
         """vLLM's ``min_tokens``: EOS is impossible until the request has generated that many tokens."""
@@ -226,7 +258,7 @@ def _build_sampling_processors(eos_token_ids: Sequence[int]) -> Any:
             scores[rows] = chosen
             return scores
 
-    processors = [EosBan(), Temperature(), TopK(), TopP(), Sampler()]
+    processors = [Allowed(), EosBan(), Temperature(), TopK(), TopP(), Sampler()]
     plist = ContinuousBatchingLogitsProcessorList(
         LogitsProcessorList(processors), per_request_processors=False
     )
@@ -322,6 +354,9 @@ class TransformersEngine(HFTokenizing, Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
         self._eos: list[int] = []
+        #: Guided requests' allowed ids by key (read by the Allowed processor in the manager's thread).
+        self._allowed: dict[int, Any] = {}
+        self._allowed_keys = itertools.count(1)
         self._max_model_len = 0
         self._num_cache_blocks = 1
         self._default_sampling: dict[str, float | int] = {}
@@ -465,7 +500,7 @@ class TransformersEngine(HFTokenizing, Engine):
         manager: Any = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
-        manager.logit_processor = _build_sampling_processors(self._eos)
+        manager.logit_processor = _build_sampling_processors(self._eos, self._allowed)
 
         step = manager._generation_step
 
@@ -556,6 +591,7 @@ class TransformersEngine(HFTokenizing, Engine):
         request_id = request.request_id or f"sf-{uuid.uuid4().hex}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cb_finished = False
+        allowed_key = 0
         admitted = False
         completed = False
         try:
@@ -574,6 +610,14 @@ class TransformersEngine(HFTokenizing, Engine):
             }
             if request.seed is not None:
                 kwargs["seed"] = int(request.seed)
+            if request.allowed_token_ids is not None:
+                import torch
+
+                allowed_key = next(self._allowed_keys)
+                self._allowed[allowed_key] = torch.tensor(
+                    sorted(set(request.allowed_token_ids)), dtype=torch.long
+                )
+                kwargs["allowed_key"] = allowed_key
             added = manager.add_request(
                 prompt,
                 request_id=request_id,
@@ -621,6 +665,8 @@ class TransformersEngine(HFTokenizing, Engine):
                     yield GenerationDelta(text, tuple(pending_ids))
                     pending_ids = []
         finally:
+            if allowed_key:
+                self._allowed.pop(allowed_key, None)
             if admitted:
                 self._admitted -= 1
                 if not completed:
