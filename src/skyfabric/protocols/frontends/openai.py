@@ -1,0 +1,146 @@
+"""OpenAI's client protocol: ``/v1/chat/completions`` and ``/v1/completions`` parsed, answers encoded.
+
+Parsing is on every request's path, so it does only what the pass-through path needs: it validates what
+the gateway always has (today's messages, word for word: clients and tests read them), reads the scalar
+fields the router and relay use, and leaves messages, system, tools, tool choice and reasoning to be
+lowered on first need (:mod:`skyfabric.protocols.frontends.openai_lower`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from skyfabric.core.errors import InvalidRequest
+from skyfabric.protocols.base import Headers
+from skyfabric.protocols.canonical import CanonicalRequest, Event
+from skyfabric.protocols.frontends.openai_encode import OpenAIEncoder, response
+from skyfabric.protocols.frontends.openai_lower import lower_chat, lower_completions
+
+#: Error ``type`` per HTTP status, as OpenAI's API words it.
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_type_for(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+class OpenAIFrontend:
+    """The OpenAI client protocol (chat completions and legacy completions)."""
+
+    family = "openai"
+    heartbeat = b":\n\n"
+
+    def parse(self, path: bytes, body: bytes, headers: Headers) -> CanonicalRequest:
+        """The canonical request, validated as the gateway always has; raises :class:`InvalidRequest`."""
+        chat = path.endswith(b"/chat/completions")
+        if not chat and not path.endswith(b"/completions"):
+            raise InvalidRequest(f"{path.decode(errors='replace')} is not an OpenAI inference path")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        get = data.get
+        model = get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("you must provide a model parameter", param="model")
+        prompt = None
+        if chat:
+            messages = get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequest("`messages` must be a non-empty array of messages", param="messages")
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                    raise InvalidRequest(
+                        f"messages[{i}] must be an object with a `role`", param=f"messages.{i}"
+                    )
+        else:
+            prompt = get("prompt")
+            if not isinstance(prompt, str | list):
+                raise InvalidRequest("`prompt` must be a string or an array", param="prompt")
+        stream = get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise InvalidRequest("`stream` must be a boolean", param="stream")
+
+        # The scalars, read leniently: a wrong type is the backend's to refuse, as it was before.
+        max_tokens = get("max_tokens")
+        if type(max_tokens) is not int:
+            max_tokens = get("max_completion_tokens")
+            if type(max_tokens) is not int:
+                max_tokens = None
+        options = get("stream_options")
+        n = get("n")
+        stop = get("stop")
+        if chat:
+            logprobs = get("logprobs") is True
+            top_logprobs = get("top_logprobs")
+        else:
+            top_logprobs = get("logprobs")  # completions: the number of top log-probabilities
+            logprobs = type(top_logprobs) is int
+        return CanonicalRequest(
+            protocol="openai.chat" if chat else "openai.completions",
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=_number(get("temperature")),
+            top_p=_number(get("top_p")),
+            top_k=_integer(get("top_k")),
+            stop=[stop] if isinstance(stop, str) else _strings(stop) if stop else [],
+            seed=_integer(get("seed")),
+            n=n if type(n) is int and n > 0 else 1,
+            stream=stream,
+            include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs if type(top_logprobs) is int else None,
+            body=data,
+            raw=body,
+            pending=lower_chat if chat else lower_completions,
+        )
+
+    def encoder(self, request: CanonicalRequest) -> OpenAIEncoder:
+        """A fresh encoder of canonical events as OpenAI chunks for ``request``."""
+        return OpenAIEncoder(request)
+
+    def response(self, request: CanonicalRequest, events: Iterable[Event]) -> bytes:
+        """A ``chat.completion`` / ``text_completion`` body."""
+        return response(request, events)
+
+    def error(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> bytes:
+        """``{"error": {"message", "type", "param", "code"}}`` with OpenAI's type for ``status``."""
+        kind = error_type or error_type_for(status)
+        return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def _number(value: Any) -> float | None:
+    return value if type(value) is float or type(value) is int else None
+
+
+def _integer(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def _strings(value: Any) -> list[str]:
+    return [s for s in value if isinstance(s, str)] if isinstance(value, list) else []
