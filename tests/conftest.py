@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +74,8 @@ def fleet_data(
                                 "accelerator": "cpu",
                                 # an upstream that speaks another protocol says so (the Anthropic stand-in)
                                 "engine": getattr(ups[0], "engine", "vllm"),
-                                "model": getattr(ups[0], "fleet_model", None) or getattr(ups[0], "model", "m"),
+                                "model": getattr(ups[0], "fleet_model", None)
+                                or getattr(ups[0], "model", "m"),
                                 **(
                                     {"upstream_model": ups[0].model}
                                     if getattr(ups[0], "fleet_model", None)

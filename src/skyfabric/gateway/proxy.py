@@ -313,6 +313,8 @@ class Proxy(Router):
         endpoint = state.endpoint
         backend = self.backend(endpoint)
         passthrough = backend.family == ctx.frontend.family
+        if not passthrough:
+            ctx.request.lower()  # translated: the backend builds its body from the canonical fields
         usage = ctx.stream and (ctx.counts_tokens() or ctx.wants_usage)
         call = backend.build(ctx.request, endpoint, usage=usage)
         state.outstanding += 1

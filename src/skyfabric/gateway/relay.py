@@ -565,13 +565,13 @@ class StreamRelay:
         why = self.ctx.uncontinuable() or self.progress.blocker
         if why is not None:
             return f"a stream with {why} cannot be continued"
-        if tokens is None and self.ctx.counts_tokens():
-            return "the backend reported no usage, so the tokens sent are unknown and it cannot be continued"
         return None
 
     def _call(self, state: EndpointState, tokens: int | None) -> tuple[UpstreamCall, str, str] | None:
         """The request that continues the stream on ``state``: (call, mode, text given as prefix)."""
         backend = self.router.backend(state.endpoint)
+        if backend.family != self.ctx.frontend.family:
+            self.ctx.request.lower()
         progress = self.progress
         if not progress.parts:
             return (
@@ -582,7 +582,8 @@ class StreamRelay:
         open_part = progress.open_part
         assert open_part is not None
         caps = backend.capabilities(state.endpoint)
-        if state.continues and open_part.kind in caps.continues:
+        exact = tokens is not None or not self.ctx.counts_tokens()
+        if exact and state.continues and open_part.kind in caps.continues:
             given = progress
             text = open_part.text if open_part.kind == "text" else ""
             if open_part.kind == "text" and not caps.verbatim_prefix:
@@ -631,7 +632,7 @@ class StreamRelay:
         # which ``self.progress`` holds; the next backend is checked against that.
         self._replay = None
         chain = router.stream_chain(ctx)
-        need = bool(self.progress.parts) and not ctx.replayable()
+        need = False  # any backend can replay; one that continues natively is used as such
         waited = False
         while self.continuations < router.max_continuations and router.clock() < ctx.deadline:
             state = router.pick_for_stream(ctx, chain, need) if router.usable(ctx, chain, need) else None

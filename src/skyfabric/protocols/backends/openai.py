@@ -104,6 +104,8 @@ class OpenAIBackend:
             images=engine != "local",  # the replica is text only; the others take image parts
             continuous_usage=engine in CONTINUOUS_USAGE_ENGINES,
             betas=False,
+            # skyfabric's own replicas keep a prefilled turn's trailing whitespace; templates trim it
+            verbatim_prefix=engine == "local",
         )
 
     def capabilities(self, endpoint: Endpoint) -> Capabilities:
@@ -173,6 +175,12 @@ class OpenAIBackend:
         if endpoint.engine in CONTINUOUS_USAGE_ENGINES and (usage or _counts_tokens(request)):
             return {"include_usage": True, "continuous_usage_stats": True}
         return {"include_usage": True}
+
+    def auth(self, endpoint: Endpoint) -> Headers:
+        """``Authorization: Bearer`` when the pool names a key."""
+        if endpoint.api_key:
+            return [(b"authorization", b"Bearer " + endpoint.api_key.encode())]
+        return []
 
     def _headers(self, endpoint: Endpoint, stream: bool) -> Headers:
         headers = _SSE if stream else _JSON

@@ -18,7 +18,6 @@ import os
 import re
 
 from skyfabric.protocols import anthropic_wire as wire
-from skyfabric.protocols.progress import Progress
 from skyfabric.protocols.canonical import (
     CanonicalRequest,
     End,
@@ -33,6 +32,7 @@ from skyfabric.protocols.canonical import (
     ToolCallDelta,
     Usage,
 )
+from skyfabric.protocols.progress import Progress
 
 _NOT_ID = re.compile(r"[^A-Za-z0-9_-]")
 

@@ -45,6 +45,7 @@ from skyfabric.protocols.canonical import (
     ToolCallDelta,
     Usage,
 )
+from skyfabric.protocols.progress import Progress
 
 #: What every chunk and response says as its ``system_fingerprint`` (OpenAI types it a string).
 SYSTEM_FINGERPRINT = "fp_skyfabric"
@@ -145,6 +146,15 @@ class OpenAIEncoder:
         if type(event) is StreamError:
             return out + self.error(event.message, event.type)
         return out  # End, and what OpenAI cannot show (signatures, redacted thinking)
+
+    def resume(self, progress: Progress) -> None:
+        """The client got ``progress`` as an OpenAI backend's own chunks: keep its id, created and model,
+        and know the tool calls it has opened (their later deltas carry no id or name)."""
+        if self._prefix is None:
+            self._open(progress.id, progress.model, progress.created)
+        for part in progress.parts:
+            if part.kind == "tool":
+                self._tools.add((0, part.index))
 
     def end(self) -> bytes:
         """The usage chunk when the client asked for it, then ``data: [DONE]``."""
