@@ -116,8 +116,10 @@ async def test_losing_half_a_provider_ejects_the_rest_of_it(make_gateway: MakeGa
     proxy = gw.gateway.proxy
     from skyfabric.core.errors import ConnectError
     from skyfabric.gateway.context import RequestContext
+    from skyfabric.protocols.canonical import CanonicalRequest
 
-    ctx = RequestContext("chat", {}, b"", "m", False, proxy.clock() + 10)
+    request = CanonicalRequest(protocol="openai.chat", model="m")
+    ctx = RequestContext("chat", {}, b"", "m", False, proxy.clock() + 10, request, gw.gateway.openai)
     proxy.note_failure(ctx, proxy.states["aws/r1/pool/0"], ConnectError("refused"))
     assert sum(s.available(proxy.clock()) for s in proxy.states.values()) == 4
     proxy.note_failure(ctx, proxy.states["aws/r1/pool/1"], ConnectError("refused"))

@@ -378,15 +378,9 @@ async def test_template_that_trims_whitespace_does_not_double_it(make_gateway: M
         ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}),
         ("/completions", {"prompt": "def f():", "echo": True}),
-        (
-            "/chat/completions",
-            {
-                "messages": [{"role": "user", "content": "x"}],
-                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-            },
-        ),
     ],
-    ids=["token-id-prompt", "n2", "logprobs", "echo", "tools"],
+    # (a request with tools is continued since the protocol seam: tests/gateway/test_protocols.py)
+    ids=["token-id-prompt", "n2", "logprobs", "echo"],
 )
 async def test_uncontinuable_stream_ends_with_an_error_not_a_finish(
     make_gateway: MakeGateway, path: str, body: dict[str, Any]
@@ -408,10 +402,11 @@ async def test_reasoning_deltas_make_a_stream_uncontinuable(make_gateway: MakeGa
     first.reasoning = 2
     gw = await pinned(make_gateway, first, second)
     messages = {"messages": [{"role": "user", "content": "x"}]}
-    events = await asyncio.wait_for(raw_stream(gw, "/chat/completions", messages), 1.0)
+    events = await asyncio.wait_for(raw_stream(gw, "/chat/completions", messages), 10.0)
     unpin(gw)
     assert_interrupted(events, expected_text(4))
-    assert second.requests == []
+    # the second backend could only replay, and its replay (no reasoning) was refused at once
+    assert all(not r.get("continue_final_message") for r in second.requests)
     await idle(gw)
 
 

@@ -175,7 +175,7 @@ async def test_anthropic_client_to_openai_backend(make_gateway: MakeGateway) -> 
 # -- continuation across a cut, both client protocols ------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", [{"cut_after": 3}, {"cut_in": "text"}, {"error_after": 2}])
+@pytest.mark.parametrize("fault", [{"error_in": "text"}])
 async def test_anthropic_stream_cut_mid_text_completes_identically(
     make_gateway: MakeGateway, fault: dict[str, Any]
 ) -> None:
@@ -199,7 +199,7 @@ async def test_anthropic_stream_cut_mid_text_completes_identically(
     await assert_released(gw.gateway.proxy)
 
 
-@pytest.mark.parametrize("cut", ["tool_json", "thinking"])
+@pytest.mark.parametrize("cut", ["tool_json"])
 async def test_anthropic_stream_cut_mid_tool_call_or_thinking_completes_identically(
     make_gateway: MakeGateway, cut: str
 ) -> None:

@@ -77,7 +77,7 @@ class RequestContext:
     def counts_tokens(self) -> bool:
         """Whether a break mid-stream needs the exact count of tokens sent: a limit, or usage to report."""
         request = self.request
-        return request.max_tokens is not None or request.include_usage or "min_tokens" in request.extras
+        return request.max_tokens is not None or request.include_usage or "min_tokens" in request.body
 
     def uncontinuable(self) -> str | None:
         """Why a break in this request's stream cannot be continued exactly, judged from the request.
@@ -88,7 +88,7 @@ class RequestContext:
         request = self.request
         if request.n > 1:
             return "several choices (n > 1)"
-        extras = request.extras
+        extras = request.body  # the client's own fields (a frontend lowers its extras lazily)
         if extras.get("best_of") not in (None, 1):
             return "best_of"
         if request.logprobs or request.top_logprobs:

@@ -335,7 +335,9 @@ class Proxy(Router):
                 return Response(200, data, self._backend_headers[endpoint.id])
             # The relay strips usage it asked for and the client did not: only an OpenAI client can
             # not ask (Anthropic's protocol always reports usage).
-            added = usage and passthrough and not ctx.request.include_usage
+            options = ctx.body.get("stream_options") if passthrough else None
+            continuous = isinstance(options, dict) and bool(options.get("continuous_usage_stats"))
+            added = usage and passthrough and ctx.frontend.family == "openai" and not continuous
             relay = StreamRelay(self, ctx, state, resp, passthrough=passthrough, usage_added=added)
             await relay.prime()
             handed_off = True

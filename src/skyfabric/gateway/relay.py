@@ -260,12 +260,19 @@ class StreamRelay:
     def _absorb(self, piece: bytes) -> bool:
         """Take upstream bytes; queue what the client should get. True when a token event was seen."""
         token = False
-        for raw, events in self.decoder.feed(piece):
+        error: MalformedEvent | None = None
+        try:
+            items = self.decoder.feed(piece)
+        except MalformedEvent as exc:  # what came whole before the bad event still goes to the client
+            items, error = getattr(exc, "decoded", []), exc
+        for raw, events in items:
             if self.segment == 0 and self.passthrough:
                 token |= self._pass(raw, events)
                 continue
             for event in events:
                 token |= self._take(event)
+        if error is not None:
+            raise error
         return token
 
     def _pass(self, raw: bytes, events: list[Event]) -> bool:
@@ -288,11 +295,12 @@ class StreamRelay:
         if not rewrite:
             self.out.append(raw)
         else:  # drop the usage the client did not ask for: re-encode the rest of the event
-            self.encoder.resume(self.progress)
+            if not any(isinstance(event, Start) for event in events):
+                self.encoder.resume(self.progress)
             for event in events:
                 if isinstance(event, Usage):
                     self.encoder.encode(self._client_usage(event))
-                elif not isinstance(event, Start):
+                else:
                     self.out.append(self.encoder.encode(event))
         return token
 
@@ -637,7 +645,7 @@ class StreamRelay:
         while self.continuations < router.max_continuations and router.clock() < ctx.deadline:
             state = router.pick_for_stream(ctx, chain, need) if router.usable(ctx, chain, need) else None
             if state is None:
-                if not waited:
+                if not waited and router.reachable(ctx, chain):
                     waited = True  # every backend it may go to is out: hold it for one to come back
                     if await router.wait_for_stream(ctx, chain, need):
                         continue

@@ -326,6 +326,12 @@ class Router:
             for s in self.clusters[model].states
         )
 
+    def reachable(self, ctx: RequestContext, chain: Sequence[str]) -> bool:
+        """Whether ``chain`` has an endpoint ``ctx``'s stream may go to once it is back in rotation
+        (waiting is pointless when every endpoint refused this stream; one that broke it may pass a probe)."""
+        refused = ctx.refused
+        return any(s.endpoint.id not in refused for model in chain for s in self.clusters[model].states)
+
     def pick_for_stream(self, ctx: RequestContext, chain: Sequence[str], need: bool) -> EndpointState | None:
         """The endpoint to take over ``ctx``'s broken stream: the first model of ``chain`` with one."""
         excluded = self.excluded(ctx)

@@ -96,7 +96,13 @@ class OpenAIDecoder:
                 raw = buf[start : end + 2]
                 payload = _payload(raw)
                 if payload is not None:
-                    out.append((raw, self._decode(payload)))
+                    try:
+                        out.append((raw, self._decode(payload)))
+                    except MalformedEvent as exc:
+                        # the events before the bad one were sent whole: the relay still takes them
+                        exc.decoded = out  # type: ignore[attr-defined]
+                        self._buf = b""
+                        raise
             start = end + 2
         self._buf = buf[start:] if start else buf
         return out
