@@ -489,14 +489,14 @@ def test_usage_is_sent_only_when_asked_for() -> None:
     assert sum("usage" in c for c in with_usage[:-1]) == 1
 
 
-def test_a_continued_stream_keeps_its_id_and_sums_usage_over_segments() -> None:
+def test_a_continued_stream_keeps_its_id_and_reports_usage_as_given() -> None:
     events: list[Event] = [
         Start("first", "m1", 100),
         TextDelta("one two "),
         Usage(20, 5),
-        Start("second", "m2", 200),  # the continuation's backend (its prompt holds the 5 tokens sent)
+        Start("second", "m2", 200),  # the continuation's backend
         TextDelta("three"),
-        Usage(25, 3, cached_input_tokens=20),
+        Usage(20, 8, cached_input_tokens=20),  # the relay sums usage over the backends, not the encoder
         Finish("end", native="stop"),
     ]
     chunks = sse_objects(encode(chat_request(include_usage=True), events))[:-1]
