@@ -7,6 +7,7 @@ a string wherever it appears (the description types it ``string``, never null).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -56,7 +57,7 @@ def sse_objects(data: bytes) -> list[Any]:
     return out
 
 
-# -- what OpenAI's OpenAPI description requires ---------------------------------------------------------------
+# -- what OpenAI's OpenAPI description requires ----------------------------------------------------
 
 USAGE_REQUIRED = {"prompt_tokens", "completion_tokens", "total_tokens"}
 
@@ -94,7 +95,7 @@ def check_response_spec(obj: dict[str, Any], chat: bool = True) -> None:
         assert set(obj["usage"]) >= USAGE_REQUIRED
 
 
-# -- parsing: today's validation, word for word -----------------------------------------------------------------
+# -- parsing: today's validation, word for word -----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -210,6 +211,15 @@ def test_scalars_are_read_eagerly() -> None:
     assert flag.max_tokens is None
     completion = parse({"model": "m", "prompt": ["a", "b"], "logprobs": 2}, COMPLETIONS)
     assert (completion.logprobs, completion.top_logprobs, completion.prompt) == (True, 2, ["a", "b"])
+
+
+def test_the_field_order_that_parse_relies_on() -> None:
+    """``parse`` builds the request positionally (twice as fast): a reordered dataclass must fail here."""
+    assert [f.name for f in dataclasses.fields(CanonicalRequest)] == [
+        "protocol", "model", "messages", "system", "prompt", "max_tokens", "temperature", "top_p", "top_k",
+        "stop", "seed", "n", "tools", "tool_choice", "thinking", "stream", "include_usage", "logprobs",
+        "top_logprobs", "metadata", "extras", "betas", "version", "body", "raw", "pending",
+    ]  # fmt: skip
 
 
 def test_parsing_leaves_messages_to_be_lowered_later() -> None:
@@ -436,14 +446,16 @@ def test_chat_stream_is_valid_openai_chunks() -> None:
 
 def test_chunks_are_framed_as_the_gateway_frames_them() -> None:
     out = encode(chat_request(), [Start("c", "m", 5), TextDelta("a\n\nb"), Finish("end", native="stop")])
+    head = b'data: {"id":"c","object":"chat.completion.chunk","created":5,"model":"m","system_fingerprint":'
+    head += b'"fp_skyfabric","choices":['
     assert out == (
-        b'data: {"id":"c","object":"chat.completion.chunk","created":5,"model":"m","system_fingerprint":"fp_skyfabric",'
-        b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
-        b'data: {"id":"c","object":"chat.completion.chunk","created":5,"model":"m","system_fingerprint":"fp_skyfabric",'
-        b'"choices":[{"index":0,"delta":{"content":"a\\n\\nb"},"logprobs":null,"finish_reason":null}]}\n\n'
-        b'data: {"id":"c","object":"chat.completion.chunk","created":5,"model":"m","system_fingerprint":"fp_skyfabric",'
-        b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}\n\n'
-        b"data: [DONE]\n\n"
+        head
+        + b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+        + head
+        + b'{"index":0,"delta":{"content":"a\\n\\nb"},"logprobs":null,"finish_reason":null}]}\n\n'
+        + head
+        + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}\n\n'
+        + b"data: [DONE]\n\n"
     )
 
 
@@ -477,14 +489,14 @@ def test_usage_is_sent_only_when_asked_for() -> None:
     assert sum("usage" in c for c in with_usage[:-1]) == 1
 
 
-def test_a_continued_stream_keeps_its_id_and_sums_usage_over_segments() -> None:
+def test_a_continued_stream_keeps_its_id_and_reports_usage_as_given() -> None:
     events: list[Event] = [
         Start("first", "m1", 100),
         TextDelta("one two "),
         Usage(20, 5),
-        Start("second", "m2", 200),  # the continuation's backend (its prompt holds the 5 tokens sent)
+        Start("second", "m2", 200),  # the continuation's backend
         TextDelta("three"),
-        Usage(25, 3, cached_input_tokens=20),
+        Usage(20, 8, cached_input_tokens=20),  # the relay sums usage over the backends, not the encoder
         Finish("end", native="stop"),
     ]
     chunks = sse_objects(encode(chat_request(include_usage=True), events))[:-1]
@@ -552,7 +564,8 @@ def test_a_stream_without_start_still_gets_an_id_and_errors_are_in_band() -> Non
         and chunk["model"] == "client-model"
     )
     assert encoder.error("backend gone", code="stream_interrupted") == (
-        b'data: {"error":{"message":"backend gone","type":"server_error","param":null,"code":"stream_interrupted"}}\n\n'
+        b'data: {"error":{"message":"backend gone","type":"server_error","param":null,'
+        b'"code":"stream_interrupted"}}\n\n'
     )
     assert (
         sse_objects(encoder.encode(StreamError("boom", "overloaded_error")))[0]["error"]["type"]

@@ -40,6 +40,15 @@ _COMPLETIONS = b"/completions"
 _JSON = [(b"content-type", b"application/json"), (b"accept", b"application/json")]
 _SSE = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream")]
 
+#: ``stream_options`` asked of an engine when the client sent none (never mutated: shared), and the bytes
+#: that splice each in front of a client's body.
+_FINAL_USAGE: dict[str, Any] = {"include_usage": True}
+_RUNNING_USAGE: dict[str, Any] = {"include_usage": True, "continuous_usage_stats": True}
+_SPLICES = {
+    id(options): b'{"stream_options":' + orjson.dumps(options) + b","
+    for options in (_FINAL_USAGE, _RUNNING_USAGE)
+}
+
 #: How a 4xx says that the prompt does not fit the model: OpenAI, vLLM, SGLang, llama.cpp, TGI.
 _CONTEXT_WORDINGS = (
     b"context_length_exceeded",
@@ -140,7 +149,8 @@ class OpenAIBackend:
                 return request.raw
             if "stream_options" not in request.body:
                 start = request.raw.index(b"{") + 1
-                return b'{"stream_options":' + orjson.dumps(options) + b"," + request.raw[start:]
+                head = _SPLICES.get(id(options)) or b'{"stream_options":' + orjson.dumps(options) + b","
+                return head + request.raw[start:]
         body = {**request.body, "model": endpoint.upstream_model}
         if options is not None:
             body["stream_options"] = options
@@ -160,14 +170,17 @@ class OpenAIBackend:
         if endpoint.engine not in CONTINUOUS_USAGE_ENGINES:
             return None
         options = request.body.get("stream_options")
-        client = options if isinstance(options, dict) else {}
+        if not isinstance(options, dict) or not options:  # the common case: shared, pre-encoded answers
+            if not _counts_tokens(request):
+                return _FINAL_USAGE if usage else None
+            return _RUNNING_USAGE
         if not _counts_tokens(request):
-            if not usage or client.get("include_usage"):
+            if not usage or options.get("include_usage"):
                 return None
-            return {**client, "include_usage": True}
-        if client.get("include_usage") and client.get("continuous_usage_stats"):
+            return {**options, "include_usage": True}
+        if options.get("include_usage") and options.get("continuous_usage_stats"):
             return None
-        return {**client, "include_usage": True, "continuous_usage_stats": True}
+        return {**options, "include_usage": True, "continuous_usage_stats": True}
 
     def _usage_options(self, request: CanonicalRequest, endpoint: Endpoint, usage: bool) -> dict[str, Any]:
         """``stream_options`` for a translated stream: always the final usage (the client's protocol
@@ -186,7 +199,7 @@ class OpenAIBackend:
         headers = _SSE if stream else _JSON
         if endpoint.api_key:
             return [*headers, (b"authorization", b"Bearer " + endpoint.api_key.encode())]
-        return list(headers)
+        return headers  # shared: callers add to a copy, as the proxy always has
 
     def continuation(
         self, request: CanonicalRequest, endpoint: Endpoint, progress: Progress, tokens_sent: int | None

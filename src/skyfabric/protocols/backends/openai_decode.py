@@ -94,7 +94,10 @@ class OpenAIDecoder:
                 break
             if end > start:
                 raw = buf[start : end + 2]
-                payload = _payload(raw)
+                if raw.startswith(b"data: ") and buf.find(b"\n", start + 6, end) < 0:
+                    payload: bytes | None = raw[6:-2]  # the common one-line event
+                else:
+                    payload = _payload(raw)
                 if payload is not None:
                     try:
                         out.append((raw, self._decode(payload)))
@@ -141,14 +144,15 @@ class OpenAIDecoder:
                 _choice(choice, events)
         used = get("usage")
         if used:
-            events.append(usage(used))
+            if type(used) is dict and "prompt_tokens_details" not in used:  # inline: once per chunk on vLLM
+                events.append(Usage(used.get("prompt_tokens"), used.get("completion_tokens")))
+            else:
+                events.append(usage(used))
         return events
 
 
 def _payload(raw: bytes) -> bytes | None:
     """The ``data:`` payload of one event (terminator included in ``raw``), or None for a comment."""
-    if raw.startswith(b"data: ") and raw.find(b"\n", 6) == len(raw) - 2:
-        return raw[6:-2]
     data = [line[5:].lstrip(b" ") for line in raw[:-2].split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(data) if data else None
 
@@ -167,7 +171,10 @@ def _choice(choice: Any, events: list[Event]) -> None:
     if delta is not None:
         if type(delta) is not dict:
             raise MalformedEvent("upstream delta is not an object")
-        if delta:
+        if len(delta) == 1 and type(content := delta.get("content")) is str:  # most chunks: text only
+            if content:
+                events.append(TextDelta(content, index))
+        elif delta:
             _delta(delta, index, events)
     else:
         text = get("text")

@@ -77,39 +77,67 @@ class OpenAIFrontend:
         if not isinstance(stream, bool):
             raise InvalidRequest("`stream` must be a boolean", param="stream")
 
-        # The scalars, read leniently: a wrong type is the backend's to refuse, as it was before.
+        # The scalars, read leniently: a wrong type is the backend's to refuse, as it was before. Inline
+        # checks, no helper calls: this runs on every request.
         max_tokens = get("max_tokens")
         if type(max_tokens) is not int:
             max_tokens = get("max_completion_tokens")
             if type(max_tokens) is not int:
                 max_tokens = None
-        options = get("stream_options")
+        temperature = get("temperature")
+        if temperature is not None and type(temperature) is not float and type(temperature) is not int:
+            temperature = None
+        top_p = get("top_p")
+        if top_p is not None and type(top_p) is not float and type(top_p) is not int:
+            top_p = None
+        top_k = get("top_k")
+        if top_k is not None and type(top_k) is not int:
+            top_k = None
+        seed = get("seed")
+        if seed is not None and type(seed) is not int:
+            seed = None
         n = get("n")
+        if n is not None and (type(n) is not int or n < 1):
+            n = None
         stop = get("stop")
+        if stop is not None:
+            stop = [stop] if type(stop) is str else _strings(stop)
+        options = get("stream_options")
         if chat:
             logprobs = get("logprobs") is True
             top_logprobs = get("top_logprobs")
         else:
             top_logprobs = get("logprobs")  # completions: the number of top log-probabilities
             logprobs = type(top_logprobs) is int
+        # Positional: keywords make this call twice as slow (1.1 µs against 0.46 µs for 26 fields).
+        # tests/protocols/test_openai_frontend.py pins the field order this relies on.
         return CanonicalRequest(
-            protocol="openai.chat" if chat else "openai.completions",
-            model=model,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=_number(get("temperature")),
-            top_p=_number(get("top_p")),
-            top_k=_integer(get("top_k")),
-            stop=[stop] if isinstance(stop, str) else _strings(stop) if stop else [],
-            seed=_integer(get("seed")),
-            n=n if type(n) is int and n > 0 else 1,
-            stream=stream,
-            include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
-            logprobs=logprobs,
-            top_logprobs=top_logprobs if type(top_logprobs) is int else None,
-            body=data,
-            raw=body,
-            pending=lower_chat if chat else lower_completions,
+            "openai.chat" if chat else "openai.completions",  # protocol
+            model,
+            [],  # messages (lowered later)
+            [],  # system (lowered later)
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            stop or [],
+            seed,
+            n or 1,
+            [],  # tools (lowered later)
+            None,  # tool_choice (lowered later)
+            None,  # thinking (lowered later)
+            stream,
+            type(options) is dict and bool(options.get("include_usage")),  # include_usage
+            logprobs,
+            top_logprobs if type(top_logprobs) is int else None,
+            {},  # metadata (lowered later)
+            {},  # extras (lowered later)
+            [],  # betas
+            None,  # version
+            data,  # body
+            body,  # raw
+            lower_chat if chat else lower_completions,  # pending
         )
 
     def encoder(self, request: CanonicalRequest) -> OpenAIEncoder:
@@ -132,14 +160,6 @@ class OpenAIFrontend:
         """``{"error": {"message", "type", "param", "code"}}`` with OpenAI's type for ``status``."""
         kind = error_type or error_type_for(status)
         return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
-
-
-def _number(value: Any) -> float | None:
-    return value if type(value) is float or type(value) is int else None
-
-
-def _integer(value: Any) -> int | None:
-    return value if type(value) is int else None
 
 
 def _strings(value: Any) -> list[str]:

@@ -9,11 +9,9 @@ be finished.
 
 **Segments.** A stream continued on another backend is one stream to the client: the first
 :class:`~skyfabric.protocols.canonical.Start` gives every chunk its ``id``, ``created`` and ``model``; a
-later ``Start`` (a continuation's) only opens a new *segment*. Usage is per backend, so, as the relay did,
-the final usage counts every segment: completion tokens of the earlier segments (their last reported
-``output_tokens``) are added, and taken off the prompt (a continuation's prompt holds the text already
-sent). The relay must therefore feed the encoder every segment's ``Start`` and ``Usage`` events, also
-while it passes a segment's bytes through (it may discard what :meth:`OpenAIEncoder.encode` returns then).
+later ``Start`` (a continuation's) is ignored (no second role chunk). Usage is reported as given: the
+relay owns summing it over the backends that served the stream (``gateway/relay.py``,
+``_client_usage``), so the encoder never offsets it a second time.
 
 Finish reasons map back: ``end`` and ``stop_sequence`` → ``stop``; ``length``; ``tool_calls``;
 ``content_filter`` and ``refusal`` → ``content_filter``; ``pause`` (Anthropic's ``pause_turn``: the turn
@@ -73,12 +71,10 @@ def finish_reason(event: Finish) -> str:
     return _FINISH.get(event.reason, "stop")
 
 
-def usage_object(usage: Usage, base: int = 0) -> dict[str, Any]:
-    """OpenAI's ``usage``; ``base``: completion tokens sent by earlier segments (see the module's doc)."""
+def usage_object(usage: Usage) -> dict[str, Any]:
+    """OpenAI's ``usage`` (``prompt_tokens`` counts cached tokens too, as ``Usage.input_tokens`` does)."""
     prompt = usage.input_tokens or 0
-    if base:
-        prompt = max(0, prompt - base)
-    completion = (usage.output_tokens or 0) + base
+    completion = usage.output_tokens or 0
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -95,7 +91,6 @@ class OpenAIEncoder:
     """One answer's events as ``chat.completion.chunk`` / ``text_completion`` SSE events."""
 
     __slots__ = (
-        "_base",
         "_pending",
         "_prefix",
         "_tools",
@@ -118,7 +113,6 @@ class OpenAIEncoder:
         #: Log-probabilities waiting for the text they belong to (the decoder gives them first).
         self._pending: Logprobs | None = None
         self._usage: Usage | None = None
-        self._base = 0
 
     # -- events -------------------------------------------------------------------------------------------
 
@@ -160,7 +154,7 @@ class OpenAIEncoder:
         """The usage chunk when the client asked for it, then ``data: [DONE]``."""
         out = self._flush() if self._pending is not None else b""
         if self.include_usage and self._usage is not None:
-            usage = orjson.dumps(usage_object(self._usage, self._base))
+            usage = orjson.dumps(usage_object(self._usage))
             out += self._opening() + b'],"usage":' + usage + b"}\n\n"
         return out + _DONE
 
@@ -173,10 +167,7 @@ class OpenAIEncoder:
     # -- pieces -------------------------------------------------------------------------------------------
 
     def _start(self, event: Start) -> bytes:
-        if self._prefix is not None:  # a continuation: same stream, a new segment of usage
-            if self._usage is not None:
-                self._base += self._usage.output_tokens or 0
-            self._usage = None
+        if self._prefix is not None:  # a continuation's: the stream keeps its id and opening
             return b""
         self._open(event.id, event.model, event.created)
         if not self.chat:
