@@ -49,7 +49,12 @@ def claude(gw: RunningGateway) -> anthropic.AsyncAnthropic:
 async def standins(
     make_gateway: MakeGateway, n: int = 1, **options: Any
 ) -> tuple[RunningGateway, list[StandIn]]:
+    """A gateway over ``n`` stand-ins, one provider each. They share one fault script: a fault queued on
+    any is served by whichever answers next (the first attempt), so the continuation finds the other whole.
+    """
     ups = [StandIn(f"standin-{i}", **options) for i in range(n)]
+    for up in ups[1:]:
+        up.script = ups[0].script
     providers = {f"p{i}": [up] for i, up in enumerate(ups)}
     gw = await make_gateway(providers, retry={"outage_wait": 0.5})
     return gw, ups
@@ -175,7 +180,7 @@ async def test_anthropic_client_to_openai_backend(make_gateway: MakeGateway) -> 
 # -- continuation across a cut, both client protocols ------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", [{"error_in": "text"}])
+@pytest.mark.parametrize("fault", [{"cut_after": 3}, {"cut_in": "text"}, {"error_in": "text"}])
 async def test_anthropic_stream_cut_mid_text_completes_identically(
     make_gateway: MakeGateway, fault: dict[str, Any]
 ) -> None:
@@ -199,7 +204,7 @@ async def test_anthropic_stream_cut_mid_text_completes_identically(
     await assert_released(gw.gateway.proxy)
 
 
-@pytest.mark.parametrize("cut", ["tool_json"])
+@pytest.mark.parametrize("cut", ["tool_json", "thinking"])
 async def test_anthropic_stream_cut_mid_tool_call_or_thinking_completes_identically(
     make_gateway: MakeGateway, cut: str
 ) -> None:

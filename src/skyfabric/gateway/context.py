@@ -98,12 +98,3 @@ class RequestContext:
         if request.protocol == "openai.completions" and not isinstance(request.prompt, str):
             return "a prompt that is not a single string"
         return None
-
-    def replayable(self) -> bool:
-        """Whether a backend asked for this answer again gives the same one (greedy, or a fixed seed).
-
-        Replay — regenerate, check that the new answer repeats what was sent, forward the rest — is exact
-        only then; otherwise the check would fail at the first sampled token anyway.
-        """
-        request = self.request
-        return request.temperature == 0 or request.top_k == 1 or request.seed is not None

@@ -11,23 +11,33 @@ order, and a client error raised by any of them comes back in the client's proto
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from skyfabric.core.errors import AuthenticationError, ClientError, InvalidRequest, UnknownModel
+from skyfabric.core.fleet import Fleet
 from skyfabric.gateway.admission import parse_priority
 from skyfabric.gateway.api_errors import frontend_client_error
 from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway.proxy import Proxy
 from skyfabric.http.messages import Request, Response, StreamResponse
 from skyfabric.protocols.base import Frontend
 from skyfabric.protocols.canonical import CanonicalRequest
-
-if TYPE_CHECKING:
-    from skyfabric.gateway.app import Gateway
 
 Answer = Response | StreamResponse
 #: A step that may refuse a request before it is routed (raise :class:`ClientError`), or answer it
 #: itself (return a response); None lets it through.
 Filter = Callable[[Request, RequestContext], Awaitable[Answer | None]]
+
+
+class Gateway(Protocol):
+    """What the pipeline reads of the gateway (``gateway/app.py``'s ``Gateway`` has it all)."""
+
+    fleet: Fleet
+    proxy: Proxy
+    keys: set[bytes]
+    model_names: list[str]
+    filters: list[Filter]
+    traceparent: bool
 
 
 def authenticate(gateway: Gateway, request: Request) -> None:

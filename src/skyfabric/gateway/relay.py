@@ -575,7 +575,7 @@ class StreamRelay:
             return f"a stream with {why} cannot be continued"
         return None
 
-    def _call(self, state: EndpointState, tokens: int | None) -> tuple[UpstreamCall, str, str] | None:
+    def _call(self, state: EndpointState, tokens: int | None) -> tuple[UpstreamCall, str, str]:
         """The request that continues the stream on ``state``: (call, mode, text given as prefix)."""
         backend = self.router.backend(state.endpoint)
         if backend.family != self.ctx.frontend.family:
@@ -602,13 +602,13 @@ class StreamRelay:
             call = backend.continuation(self.ctx.request, state.endpoint, given, tokens)
             if call is not None:
                 return call, "prefill", text
-        if self.ctx.replayable():
-            return (
-                backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)),
-                "replay",
-                "",
-            )
-        return None
+        # A replay: exact whenever it reproduces what was sent (checked character by character), which a
+        # greedy or seeded answer does; one that differs is refused at its first differing character.
+        return (
+            backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)),
+            "replay",
+            "",
+        )
 
     def _wants_usage(self, state: EndpointState) -> bool:
         return self.ctx.counts_tokens() or self.ctx.wants_usage
@@ -650,11 +650,7 @@ class StreamRelay:
                     if await router.wait_for_stream(ctx, chain, need):
                         continue
                 break
-            made = self._call(state, tokens)
-            if made is None:
-                ctx.refused.add(state.endpoint.id)  # it cannot continue this stream exactly
-                continue
-            call, mode, given = made
+            call, mode, given = self._call(state, tokens)
             self.continuations += 1
             ctx.attempts += 1
             ctx.tried.add(state.endpoint.id)
