@@ -90,7 +90,7 @@ async def test_anthropic_client_to_anthropic_backend(make_gateway: MakeGateway) 
 
 
 async def test_anthropic_tools_and_thinking_pass_through(make_gateway: MakeGateway) -> None:
-    gw, (up,) = await standins(make_gateway)
+    gw, _ = await standins(make_gateway)
     client = claude(gw)
     message = await _stream_text(
         client,

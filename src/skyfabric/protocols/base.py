@@ -1,4 +1,4 @@
-"""The two interfaces of the seam: a client protocol's :class:`Frontend` and a wire protocol's :class:`Backend`.
+"""The two interfaces of the seam: a client protocol's :class:`Frontend`, a wire protocol's :class:`Backend`.
 
 A frontend parses a client's request into a :class:`~skyfabric.protocols.canonical.CanonicalRequest` and
 encodes canonical events, errors and the end of a stream in the client's protocol. A backend adapter builds
