@@ -55,12 +55,6 @@ def client_error_response(exc: ClientError) -> Response:
     )
 
 
-def error_event(message: str, *, error_type: str = "server_error", code: str | None = None) -> bytes:
-    """An in-band SSE error event: how a stream that cannot be finished says so, instead of just ending."""
-    payload = orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
-    return b"data: " + payload + b"\n\n"
-
-
 def frontend_error(
     frontend: Frontend,
     status: int,
