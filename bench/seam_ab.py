@@ -64,7 +64,9 @@ def main() -> None:
     args = ap.parse_args()
     old = Path(f"/tmp/skyfabric-before-{args.before}")
     if not old.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.before], check=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.before], check=True
+        )
     variants = {
         "before": (old / "src", SHARED / "post.lua", "/v1/chat/completions"),
         "pass-through": (ROOT / "src", SHARED / "post.lua", "/v1/chat/completions"),

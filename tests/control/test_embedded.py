@@ -6,6 +6,7 @@ These start processes and run the model on the CPU, so they are marked slow; the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -13,8 +14,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -22,6 +26,7 @@ import pytest
 from skyfabric.control import EMBEDDED_FLEET
 from skyfabric.control.supervisor import EmbeddedFleet
 from skyfabric.core.fleet import load_fleet
+from skyfabric.drills.faultproxy import FaultMode, FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +121,160 @@ def test_bad_input_gets_clear_errors_and_the_fleet_stays_up(fleet: EmbeddedFleet
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client(fleet).chat.completions.create(model="code", messages=long_prompt, max_tokens=8)
     assert client(fleet).chat.completions.create(model="code", messages=PROMPT, max_tokens=4).choices
+
+
+TOOL = {
+    "name": "run_tests",
+    "description": "Run the project's tests",
+    "input_schema": {
+        "type": "object",
+        "properties": {"path": {"type": "string"}, "verbose": {"type": "boolean"}},
+        "required": ["path"],
+    },
+}
+
+
+def test_anthropic_sdk_on_the_embedded_fleet(fleet: EmbeddedFleet) -> None:
+    """The Anthropic front door on the embedded fleet: text, streaming, a streamed tool call, thinking."""
+    api = anthropic.Anthropic(base_url=f"http://127.0.0.1:{fleet.port}", api_key="none", max_retries=0)
+    message = api.messages.create(model="code", max_tokens=24, messages=PROMPT)  # type: ignore[arg-type]
+    assert message.type == "message" and message.role == "assistant"
+    assert message.content[0].type == "text" and message.content[0].text
+    assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 0
+    with api.messages.stream(model="code", max_tokens=24, messages=PROMPT) as stream:  # type: ignore[arg-type]
+        streamed = stream.get_final_message()
+    assert streamed.content[0].type == "text" and streamed.usage.input_tokens > 0
+    with api.messages.stream(
+        model="code",
+        max_tokens=64,
+        tools=[TOOL],  # type: ignore[list-item]
+        tool_choice={"type": "tool", "name": "run_tests"},
+        messages=[{"role": "user", "content": "Run the tests of src/"}],
+    ) as stream:
+        kinds = [event.delta.type for event in stream if event.type == "content_block_delta"]
+        called = stream.get_final_message()
+    assert "input_json_delta" in kinds
+    use = called.content[-1]
+    assert use.type == "tool_use" and use.name == "run_tests" and isinstance(use.input, dict)
+    assert set(use.input) == {"path", "verbose"} and isinstance(use.input["path"], str)
+    assert called.stop_reason == "tool_use"
+    thought = api.messages.create(
+        model="code",
+        max_tokens=2048,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=PROMPT,  # type: ignore[arg-type]
+    )
+    assert thought.content[0].type == "thinking" and thought.content[0].thinking
+    assert thought.content[-1].type == "text"
+    counted = api.messages.count_tokens(model="code", messages=PROMPT)  # type: ignore[arg-type]
+    assert counted.input_tokens > 5
+
+
+@dataclass
+class _Replica:
+    """A running replica of the module's fleet, as ``fleet_data`` (tests/conftest.py) reads an upstream."""
+
+    url: str
+    port: int
+    model: str = "skyfabric-code"
+    fleet_model: str = "m"
+    engine: str = "local"
+    can_continue: bool = True
+
+
+async def _over_a_cutting_proxy(fleet: EmbeddedFleet, make_gateway: Any, events: int) -> tuple[Any, Any]:
+    """A gateway over two replicas of the fleet; the first behind a proxy that cuts a stream after
+    ``events`` SSE events, and preferred (the other looks busy), so every stream starts there."""
+    children = [c for c in fleet.replicas if c.name.startswith(("gcp/", "azure/"))][:2]
+    urls = [c.health_url.rsplit("/", 1)[0] for c in children]
+    host, port = urls[0].removeprefix("http://").split(":")
+    proxy = FaultProxy(host, int(port), name="cut")
+    await proxy.start()
+    await proxy.set_mode(FaultMode(cut_rate=1.0, cut_after_events=events))
+    first = _Replica(f"http://127.0.0.1:{proxy.port}/v1", proxy.port)
+    second = _Replica(urls[1] + "/v1", int(urls[1].rsplit(":", 1)[1]))
+    gw = await make_gateway({"one": [first], "two": [second]}, retry={"outage_wait": 1.0})
+    gw.gateway.proxy.states["two/r1/pool/0"].outstanding = 1000  # looks busy: the stream starts on "one"
+    return gw, proxy
+
+
+@pytest.mark.parametrize("cut", ["tool_call", "thinking"])
+async def test_a_stream_cut_mid_tool_call_or_thinking_on_the_embedded_fleet_completes_identically(
+    fleet: EmbeddedFleet, make_gateway: Any, cut: str
+) -> None:
+    """Both client protocols; the replica continues the cut part natively (its arguments or thinking), so
+    the answer cut after six events equals the uncut one."""
+    kwargs: dict[str, Any] = {"model": "m", "temperature": 0, "seed": 7}
+    if cut == "tool_call":
+        openai_extra = {
+            "tools": [
+                {"type": "function", "function": {"name": TOOL["name"], "parameters": TOOL["input_schema"]}}
+            ],
+            "tool_choice": "required",
+            "max_tokens": 64,
+        }
+    else:
+        openai_extra = {"reasoning_effort": "medium", "max_tokens": 48}
+    messages = [{"role": "user", "content": "Run the tests of src/"}]
+    gw, proxy = await _over_a_cutting_proxy(fleet, make_gateway, 6)
+    try:
+        api = gw.client()
+
+        async def answer() -> tuple[str, str, str]:
+            stream = await api.chat.completions.create(
+                messages=messages,
+                stream=True,
+                **kwargs,
+                **openai_extra,  # type: ignore[arg-type]
+            )
+            text = reasoning = arguments = ""
+            async for chunk in stream:
+                if chunk.choices:
+                    delta = chunk.choices[0].delta
+                    text += delta.content or ""
+                    reasoning += getattr(delta, "reasoning_content", None) or ""
+                    for call in delta.tool_calls or []:
+                        arguments += call.function.arguments or "" if call.function else ""
+            return text, reasoning, arguments
+
+        cut_answer = await answer()
+        await proxy.set_mode(FaultMode())
+        whole = await answer()
+        assert gw.gateway.proxy.metrics.rescued._value.get() >= 1
+        assert cut_answer == whole
+        if cut == "tool_call":
+            assert json.loads(whole[2])
+        else:
+            assert whole[1]
+
+        # The same through the Anthropic front door: the blocks of the cut answer are the whole one's.
+        claude = anthropic.AsyncAnthropic(base_url=gw.root, api_key="none", max_retries=0)
+        extra: dict[str, Any] = (
+            {"tools": [TOOL], "tool_choice": {"type": "any"}, "max_tokens": 64}
+            if cut == "tool_call"
+            else {"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 1100}
+        )
+
+        async def blocks() -> list[dict[str, Any]]:
+            async with claude.messages.stream(
+                model="m",
+                messages=messages,
+                extra_body={"temperature": 0},
+                **extra,  # type: ignore[arg-type]
+            ) as stream:
+                final = await stream.get_final_message()
+            return [b.model_dump() for b in final.content]
+
+        await proxy.set_mode(FaultMode(cut_rate=1.0, cut_after_events=6))
+        one = gw.gateway.proxy.states["one/r1/pool/0"]
+        one.ejected_until, one.needs_probe = 0.0, False  # the cut ejected it: take it back at once
+        rescued = gw.gateway.proxy.metrics.rescued._value.get()
+        cut_blocks = await blocks()
+        await proxy.set_mode(FaultMode())
+        assert gw.gateway.proxy.metrics.rescued._value.get() > rescued
+        assert cut_blocks == await blocks()
+    finally:
+        await proxy.stop()
 
 
 async def test_killing_a_provider_mid_stream_loses_no_stream(fleet: EmbeddedFleet) -> None:

@@ -34,7 +34,8 @@ from skyfabric.protocols.canonical import Block, CanonicalRequest, Message
 #: Engines that take vLLM's sampling extras (``top_k``).
 TOP_K_ENGINES = frozenset({"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "llama-cpp"})
 #: Engines whose chat templates take ``chat_template_kwargs`` (``enable_thinking``).
-TEMPLATE_KWARGS_ENGINES = frozenset({"vllm", "vllm-tpu", "vllm-neuron", "sglang", "llama-cpp"})
+#: (skyfabric's own replica too: it thinks for its own budget, bounded by ``max_tokens``.)
+TEMPLATE_KWARGS_ENGINES = frozenset({"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "llama-cpp"})
 
 
 def chat_body(request: CanonicalRequest, model: str, engine: str) -> dict[str, Any]:
