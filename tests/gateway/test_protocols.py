@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -255,3 +256,121 @@ async def test_openai_client_stream_cut_on_anthropic_backend_completes_identical
     ups[0].set_fault({"cut_after": 4}, times=1)
     assert await text() == expected
     await assert_released(gw.gateway.proxy)
+
+
+# -- the rest of the matrix: stop reasons, errors both ways, tool results, a coding agent's request --------
+
+
+async def test_stop_reasons_map_both_ways(make_gateway: MakeGateway) -> None:
+    gw, (up,) = await standins(make_gateway)
+    client = gw.client()
+    messages = [{"role": "user", "content": "Write some code"}]
+    short = await client.chat.completions.create(model="m", messages=messages, max_tokens=3)
+    assert short.choices[0].finish_reason == "length"  # Anthropic's max_tokens
+    assert short.usage is not None and short.usage.completion_tokens == 3
+    whole = await client.chat.completions.create(model="m", messages=messages, max_tokens=300)
+    text = whole.choices[0].message.content or ""
+    word = text.split()[len(text.split()) // 2]
+    stopped = await client.chat.completions.create(model="m", messages=messages, max_tokens=300, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop"  # Anthropic's stop_sequence
+    assert word not in (stopped.choices[0].message.content or "")
+    assert up.requests[-1].body["stop_sequences"] == [word]
+    # and the other way: an OpenAI backend's finish reasons reach an Anthropic client in its words
+    gw2 = await make_gateway({"p": [FakeUpstream("a", tokens=10)]})
+    claude2 = claude(gw2)
+    capped = await claude2.messages.create(
+        model="m", max_tokens=4, messages=[{"role": "user", "content": "x"}]
+    )
+    assert capped.stop_reason == "max_tokens" and capped.usage.output_tokens == 4
+    done = await claude2.messages.create(
+        model="m", max_tokens=50, messages=[{"role": "user", "content": "x"}]
+    )
+    assert done.stop_reason == "end_turn"
+
+
+async def test_errors_map_both_ways(make_gateway: MakeGateway) -> None:
+    gw, (up,) = await standins(make_gateway)
+    client = gw.client()
+    messages = [{"role": "user", "content": "x"}]
+    up.set_fault({"status": 529}, times=5)  # overloaded everywhere: an OpenAI client gets 503
+    with pytest.raises(openai.APIStatusError) as err:
+        await client.chat.completions.create(model="m", messages=messages, max_tokens=5)
+    assert err.value.status_code in (502, 503)
+    up.set_fault(None)
+    up.set_fault({"status": 429, "retry_after": 3}, times=5)
+    with pytest.raises(openai.RateLimitError) as limited:
+        await client.chat.completions.create(model="m", messages=messages, max_tokens=5)
+    assert limited.value.response.headers.get("retry-after")
+    up.set_fault(None)
+    # an Anthropic client's bad request is refused in Anthropic's shape before any backend sees it
+    before = len(up.requests)
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        await claude(gw).messages.create(model="m", max_tokens=0 - 1, messages=messages)  # type: ignore[arg-type]
+    assert bad.value.body["type"] == "error" and bad.value.body["error"]["type"] == "invalid_request_error"
+    assert len(up.requests) == before
+    # an OpenAI backend's context-length 400 reaches an Anthropic client as invalid_request_error
+    gw2 = await make_gateway(
+        {"p": [FakeUpstream("a", default={"status": 400, "code": "context_length_exceeded"})]}
+    )
+    with pytest.raises(anthropic.BadRequestError) as ctx_err:
+        await claude(gw2).messages.create(model="m", max_tokens=5, messages=messages)
+    assert ctx_err.value.body["error"]["type"] == "invalid_request_error"
+    await assert_released(gw.gateway.proxy)
+
+
+async def test_tool_results_round_trip_from_an_openai_client_to_anthropic(make_gateway: MakeGateway) -> None:
+    gw, (up,) = await standins(make_gateway)
+    client = gw.client()
+    first = await client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=OPENAI_TOOLS,
+        tool_choice="required",
+        max_tokens=200,
+    )
+    call = first.choices[0].message.tool_calls[0]
+    second = await client.chat.completions.create(
+        model="m",
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+        ],
+        tools=OPENAI_TOOLS,
+        max_tokens=200,
+    )
+    assert second.choices[0].finish_reason == "stop" and second.choices[0].message.content
+    sent = up.requests[-1].body["messages"]
+    assert sent[1]["content"][-1]["type"] == "tool_use" and sent[1]["content"][-1]["id"] == call.id
+    result = sent[2]["content"][0]
+    assert result["type"] == "tool_result" and result["tool_use_id"] == call.id
+    assert result["content"] in ("sunny, 21 C", [{"type": "text", "text": "sunny, 21 C"}])
+
+
+async def test_a_coding_agents_request_reaches_both_backend_kinds(make_gateway: MakeGateway) -> None:
+    """``?beta=true``, a dozen betas, adaptive thinking, context_management, system turns mid-conversation,
+    25 tools, thinking kept across turns, ~85 KB: never refused; passed through to Anthropic, translated to
+    an OpenAI-compatible engine."""
+    from tests.protocols.anthropic_samples import BETAS, coding_agent_request
+    from tests.support.anthropic_answer import sign_thinking
+
+    body = {**coding_agent_request(), "model": "m", "stream": False}
+    for message in body["messages"]:  # signed by this stand-in, as the real API checks its own signatures
+        for block in message["content"] if isinstance(message["content"], list) else []:
+            if block.get("type") == "thinking":
+                block["signature"] = sign_thinking(block["thinking"])
+    headers = {"anthropic-beta": ",".join(BETAS), "anthropic-version": "2023-06-01", "x-api-key": "k"}
+    gw, (up,) = await standins(make_gateway)
+    async with httpx.AsyncClient(timeout=10) as http:
+        resp = await http.post(f"{gw.root}/v1/messages?beta=true", json=body, headers=headers)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["type"] == "message"
+        seen = up.requests[-1]
+        assert seen.headers.get("anthropic-beta") == ",".join(BETAS)
+        assert seen.body["context_management"] == body["context_management"]
+        assert len(seen.body["tools"]) == 25
+        gw2 = await make_gateway({"p": [FakeUpstream("a")]})  # an 8k-context engine: ask for less output
+        small = {**body, "max_tokens": 1024}
+        resp = await http.post(f"{gw2.root}/v1/messages?beta=true", json=small, headers=headers)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["content"][-1]["type"] == "text"
