@@ -374,3 +374,15 @@ async def test_a_coding_agents_request_reaches_both_backend_kinds(make_gateway: 
         resp = await http.post(f"{gw2.root}/v1/messages?beta=true", json=small, headers=headers)
         assert resp.status_code == 200, resp.text
         assert resp.json()["content"][-1]["type"] == "text"
+
+
+async def test_what_a_backend_cannot_do_is_refused_not_dropped(make_gateway: MakeGateway) -> None:
+    gw, (up,) = await standins(make_gateway)
+    client = gw.client()
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match="n > 1 is not supported"):
+        await client.chat.completions.create(model="m", messages=messages, max_tokens=5, n=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+        await client.chat.completions.create(model="m", messages=messages, max_tokens=5, logprobs=True)
+    assert not [r for r in up.requests if r.inference]
+    await assert_released(gw.gateway.proxy)

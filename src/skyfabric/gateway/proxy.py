@@ -30,8 +30,19 @@ from skyfabric.gateway.relay import StreamRelay
 from skyfabric.gateway.retry import backoff
 from skyfabric.gateway.router import Router
 from skyfabric.http.messages import Response, StreamResponse
+from skyfabric.protocols.base import Capabilities
 
 log = logging.getLogger("skyfabric.gateway")
+
+
+def unsupported(ctx: RequestContext, caps: Capabilities) -> str | None:
+    """What the request asks that a backend with ``caps`` cannot do, named; None when it can do it all."""
+    request = ctx.request
+    if request.n > 1 and not caps.n:
+        return "n > 1"
+    if (request.logprobs or request.top_logprobs) and not caps.logprobs:
+        return "logprobs"
+    return None
 
 
 def _abandon(result: Response | StreamResponse) -> None:
@@ -314,6 +325,14 @@ class Proxy(Router):
         backend = self.backend(endpoint)
         passthrough = backend.family == ctx.frontend.family
         if not passthrough:
+            missing = unsupported(ctx, backend.capabilities(endpoint))
+            if missing is not None:
+                # refused as the backend would refuse it (a 400, the client's): never silently dropped
+                body = b'{"error":{"message":"%s is not supported by this model\'s backend (%s)"}}' % (
+                    missing.encode(),
+                    endpoint.engine.encode(),
+                )
+                raise UpstreamStatus(400, body, endpoint=endpoint.id)
             ctx.request.lower()  # translated: the backend builds its body from the canonical fields
         usage = ctx.stream and (ctx.counts_tokens() or ctx.wants_usage)
         call = backend.build(ctx.request, endpoint, usage=usage)
