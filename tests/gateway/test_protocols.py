@@ -9,6 +9,7 @@ uninterrupted answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -386,3 +387,17 @@ async def test_what_a_backend_cannot_do_is_refused_not_dropped(make_gateway: Mak
         await client.chat.completions.create(model="m", messages=messages, max_tokens=5, logprobs=True)
     assert not [r for r in up.requests if r.inference]
     await assert_released(gw.gateway.proxy)
+
+
+async def test_the_continuation_selftest_speaks_anthropic(make_gateway: MakeGateway) -> None:
+    """The self-test asks through the adapter: a question, then a prefill of half its answer (trailing
+    whitespace stripped, as the API demands); the stand-in continues it, so the claim stands."""
+    up = StandIn("selftested")
+    gw = await make_gateway({"p": [up]}, health={"selftest": True})
+    await asyncio.wait_for(gw.gateway.selftests.wait(), 5.0)
+    asked = [r.body for r in up.requests if r.inference]
+    assert len(asked) == 2 and asked[1]["messages"][-1]["role"] == "assistant"
+    prefill = asked[1]["messages"][-1]["content"]
+    text = prefill if isinstance(prefill, str) else prefill[0]["text"]
+    assert text and not text.endswith((" ", "\n"))
+    assert gw.gateway.proxy.states["p/r1/pool/0"].continues is True
