@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import httpx
-import openai
 import orjson
 import pytest
 
@@ -98,13 +97,15 @@ async def test_stream_finished_but_without_done_is_completed_not_failed(make_gat
 
 
 async def test_backend_that_cannot_continue_is_never_sent_a_prefill(make_gateway: MakeGateway) -> None:
+    """It is asked for the whole answer again instead (a replay), checked against what was sent."""
     first = FakeUpstream("first", tokens=10, default={"cut_after": 4})  # the only capable one keeps dying
+    first.token_delay = 0.01
     no_prefill = FakeUpstream("no-prefill", tokens=10, can_continue=False)
     gw = await pinned(make_gateway, first, no_prefill, retry={"outage_wait": 0.2})
-    with pytest.raises(openai.APIError) as info:
-        await read_stream(gw)
-    assert "no backend could continue" in str(info.value)  # an in-band error, not a silent truncation
-    assert no_prefill.requests == []
+    assert chat_text(await read_stream(gw)) == expected_text(10)
+    assert len(no_prefill.requests) == 1
+    assert "continue_final_message" not in no_prefill.requests[0]  # a replay, never a prefill
+    assert no_prefill.requests[0]["messages"] == [{"role": "user", "content": "code"}]
 
 
 async def test_stream_error_is_in_band_and_never_looks_finished(make_gateway: MakeGateway) -> None:
@@ -311,16 +312,21 @@ async def test_selftest_checks_what_a_pool_claims(
 
 
 async def test_selftest_failure_keeps_streams_away_from_a_restarting_pool(make_gateway: MakeGateway) -> None:
+    """A pool that restarts on a prefill is never sent one: it may only replay, checked character by
+    character (its deterministic answer passes)."""
     first = FakeUpstream("first", tokens=10, default={"cut_after": 4})
+    first.token_delay = 0.01
     restarts = FakeUpstream("restarts", tokens=10)
     restarts.restarts = True
     gw = await pinned(make_gateway, first, restarts, health={"selftest": True}, retry={"outage_wait": 0.2})
     await asyncio.wait_for(gw.gateway.selftests.wait(), 2.0)
+    assert gw.gateway.proxy.states["gcp/r1/pool/0"].continues is False
     asked = len(restarts.requests)
-    events = await raw_stream(gw, "/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    chunks = await read_stream(gw)
     unpin(gw)
-    assert_interrupted(events, expected_text(4))
-    assert len(restarts.requests) == asked  # never sent the stream
+    assert chat_text(chunks) == expected_text(10)
+    sent = restarts.requests[asked:]
+    assert len(sent) == 1 and "continue_final_message" not in sent[0]
     await idle(gw)
 
 
@@ -397,16 +403,20 @@ async def test_uncontinuable_stream_ends_with_an_error_not_a_finish(
     await idle(gw)
 
 
-async def test_reasoning_deltas_make_a_stream_uncontinuable(make_gateway: MakeGateway) -> None:
+async def test_a_reasoning_stream_is_continued_only_where_a_replay_matches(make_gateway: MakeGateway) -> None:
     first, second = FakeUpstream("first", tokens=10).then({"cut_after": 4}), FakeUpstream("second", tokens=10)
     first.reasoning = 2
     gw = await pinned(make_gateway, first, second)
     messages = {"messages": [{"role": "user", "content": "x"}]}
     events = await asyncio.wait_for(raw_stream(gw, "/chat/completions", messages), 10.0)
     unpin(gw)
-    assert_interrupted(events, expected_text(4))
-    # the second backend could only replay, and its replay (no reasoning) was refused at once
+    # The second backend could only replay, and its replay (no reasoning) differs at once: refused. The
+    # stream waits for its own endpoint's probe and replays there, exactly.
+    assert events[-1] == "[DONE]"
     assert all(not r.get("continue_final_message") for r in second.requests)
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    assert text == expected_text(10)
     await idle(gw)
 
 
@@ -492,3 +502,26 @@ def test_selftest_judges_by_text_not_spacing() -> None:
     assert judge(answer, prefix, "5 6 7") is True  # an engine that trims and re-spaces still continues
     assert judge(answer, prefix, "1 2 3 4") is False
     assert judge(answer, prefix, "Sure! Here") is None  # neither: the pool's claim stands
+
+
+@pytest.mark.parametrize("declared", [False, True])
+async def test_a_stream_goes_on_only_on_the_same_model(make_gateway: MakeGateway, declared: bool) -> None:
+    """A fallback model is another model: a stream cut mid-answer is not spliced with its words unless the
+    fleet declares the two the same (``continue_on``)."""
+    first = FakeUpstream("first", tokens=10).then({"cut_after": 4})
+    first.token_delay = 0.01
+    backup = FakeUpstream("backup", tokens=10)
+    backup.model = "m-twin"
+    models = [
+        {"name": "m", "fallbacks": ["m-twin"], **({"continue_on": ["m-twin"]} if declared else {})},
+        {"name": "m-twin"},
+    ]
+    gw = await make_gateway({"aws": [first], "gcp": [backup]}, models=models, timeouts=FAST)
+    if declared:
+        assert chat_text(await read_stream(gw)) == expected_text(10)
+        assert len(backup.requests) == 1
+    else:
+        # held until its own endpoint passes a probe, then continued there; the other model gets nothing
+        assert chat_text(await read_stream(gw)) == expected_text(10)
+        assert len(first.requests) == 2 and backup.requests == []
+    await idle(gw)

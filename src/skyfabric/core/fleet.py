@@ -205,6 +205,11 @@ class Model(_Strict):
         description="send requests sharing a prefix (system prompt and first user message) to the same "
         "endpoint while its load allows, for the engines' prefix caches",
     )
+    continue_on: list[Name] = Field(
+        default_factory=list,
+        description="other models that are the same model (the same weights under another name or vendor): "
+        "a stream of this model cut mid-answer may go on there; by default only on this model's own pools",
+    )
 
 
 class Timeouts(_Strict):
@@ -373,6 +378,9 @@ class Fleet(_Strict):
             for other in [*model.fallbacks, *([model.larger_context] if model.larger_context else [])]:
                 if other not in names:
                     raise ValueError(f"model {model.name!r} falls back to {other!r}, which is not a model")
+            for other in model.continue_on:
+                if other not in names:
+                    raise ValueError(f"model {model.name!r} continues on {other!r}, which is not a model")
             if model.larger_context is not None and model.context_length is not None:
                 larger = self.model(names[model.larger_context]).context_length
                 if larger is not None and larger <= model.context_length:

@@ -639,7 +639,7 @@ class StreamRelay:
         # Cut during a replay: the client has the parts sent before it plus what it forwarded, all of
         # which ``self.progress`` holds; the next backend is checked against that.
         self._replay = None
-        chain = router.stream_chain(ctx)
+        chain = router.stream_chain(ctx, failed.endpoint.model)
         need = False  # any backend can replay; one that continues natively is used as such
         waited = False
         while self.continuations < router.max_continuations and router.clock() < ctx.deadline:

@@ -164,9 +164,14 @@ class Router:
         """``model``'s chain (the model, its fallbacks, the larger-context models)."""
         return self._reaches[model]
 
-    def stream_chain(self, ctx: RequestContext) -> list[str]:
-        """Models a broken stream of ``ctx`` may move to: its chain, less those it is known not to fit."""
-        return [m for m in self._reaches[ctx.model] if self.fits(m, ctx.needs_tokens)]
+    def stream_chain(self, ctx: RequestContext, model: str) -> list[str]:
+        """Models a stream of ``model`` cut mid-answer may move to: the same model only — ``model`` and the
+        models it declares the same (``continue_on``) — less those the request is known not to fit.
+
+        A fallback is another model: going on there would splice two models' words into one answer.
+        """
+        same = [model, *(self.fleet.canonical(m) for m in self._models[model].continue_on)]
+        return [m for m in dict.fromkeys(same) if m is not None and self.fits(m, ctx.needs_tokens)]
 
     def _in_rotation(self, model: str, now: float) -> bool:
         return any(s.available(now) for s in self.clusters[model].states)
