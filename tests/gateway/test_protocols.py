@@ -401,3 +401,10 @@ async def test_the_continuation_selftest_speaks_anthropic(make_gateway: MakeGate
     text = prefill if isinstance(prefill, str) else prefill[0]["text"]
     assert text and not text.endswith((" ", "\n"))
     assert gw.gateway.proxy.states["p/r1/pool/0"].continues is True
+
+
+async def test_models_in_both_shapes(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"p": [FakeUpstream("a")]})
+    anthropic_models = [m.id async for m in claude(gw).models.list()]
+    openai_models = [m.id for m in (await gw.client().models.list()).data]
+    assert set(anthropic_models) == set(openai_models) == {"m", "alias-m"}
