@@ -30,6 +30,9 @@ class Endpoint:
     #: The last part of the id, when not the index: a discovered endpoint is named by its address, so
     #: its id stays the same however the set around it changes.
     key: str = ""
+    #: The pool as the fleet file declares it: protocol adapters read their engine's own settings there
+    #: (a managed cloud's region, project, deployment, API version, credential references).
+    spec: Pool | None = field(default=None, repr=False, compare=False)
     #: ``provider/region/pool/index`` (or ``.../key``): the name in logs, metrics and ``x-skyfabric-backend``.
     id: str = field(init=False)
     #: (scheme, host, port) for the connection pool.
@@ -89,4 +92,5 @@ def pool_endpoint(provider: str, region: str, pool: Pool, index: int, url: str, 
         price_per_hour=pool.price_per_hour,
         api_key=os.environ.get(pool.api_key_env) if pool.api_key_env else None,
         key=key,
+        spec=pool,
     )
