@@ -28,6 +28,7 @@ class LazyGroup(click.Group):
         "plan": "skyfabric.control.cli:plan_command",
         "launch-spec": "skyfabric.control.cli:launch_spec_command",
         "simulate": "skyfabric.sim.cli:simulate_command",
+        "keys": "skyfabric.control.keys_cli:keys_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -101,6 +102,31 @@ def status(url: str, key: str | None, interval: float, once: bool) -> None:
     from skyfabric.control.status import run as run_status
 
     sys.exit(run_status(url, key, interval, once))
+
+
+@cli.command()
+@click.option("--config", "config", type=click.Path(path_type=Path), default=DEFAULT_FLEET, show_default=True)
+@click.option(
+    "--since", default="24h", show_default=True, help="now, a duration ago (24h, 7d) or an ISO date"
+)
+@click.option("--until", default="now", show_default=True, help="now, a duration ago or an ISO date")
+@click.option("--by", type=click.Choice(["key", "model", "provider"]), default="model", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+)
+def usage(config: Path, since: str, until: str, by: str, fmt: str) -> None:
+    """Spend and tokens over a period from the usage ledger, by API key, model or provider."""
+    from skyfabric.ops.database import Database
+    from skyfabric.ops.report import parse_when, render, usage_rows
+
+    operations = _load(config).operations
+    if operations is None:
+        raise click.ClickException(f"{config} has no `operations` section: no usage ledger")
+    try:
+        rows = usage_rows(Database.of(operations, config), parse_when(since), parse_when(until), by)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(render(rows, by, fmt), nl=False)
 
 
 def main() -> None:

@@ -10,8 +10,11 @@ The tree::
     │   ├── InvalidRequest          400: malformed JSON, missing or mistyped field
     │   ├── AuthenticationError     401: no or unknown API key
     │   ├── UnknownModel            404: no model or alias of that name
+    │   ├── PermissionDenied        403: the key may not use that model
+    │   ├── NotFound                404: no such resource (an admin API key id)
     │   ├── PayloadTooLarge         413
     │   └── Overloaded              429/503: shed by admission control, with an honest Retry-After
+    │       └── RateLimited         429/503: over a key's limit (or its limits cannot be checked)
     ├── PromptTooLong               (also a ValueError) a prompt certainly over the context, not tokenized
     └── UpstreamError               one attempt against one endpoint failed
         ├── ConnectError            no connection (refused, unreachable, TLS): nothing was sent
@@ -75,6 +78,19 @@ class UnknownModel(ClientError):
     error_type = "invalid_request_error"
 
 
+class PermissionDenied(ClientError):
+    """Raised when a valid key asks for something it is not allowed (a model outside its list)."""
+
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFound(ClientError):
+    """Raised when an addressed resource (an API key's id in the admin API) does not exist."""
+
+    status = 404
+
+
 class PayloadTooLarge(ClientError):
     """Raised when a request body exceeds the listener's limit."""
 
@@ -91,6 +107,25 @@ class Overloaded(ClientError):
         super().__init__(message, code="overloaded")
         self.retry_after = retry_after
         self.status = status
+
+
+class RateLimited(Overloaded):
+    """Raised when a key is over one of its limits; carries the rate-limit headers the client reads."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        code: str,
+        headers: list[tuple[bytes, bytes]],
+        status: int = 429,
+        error_type: str = "rate_limit_error",
+    ) -> None:
+        super().__init__(message, retry_after=retry_after, status=status)
+        self.code = code
+        self.headers = headers
+        self.error_type = error_type
 
 
 class PromptTooLong(SkyfabricError, ValueError):

@@ -7,6 +7,7 @@ reads them is usually an operator at 3 a.m. with the file open in another window
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -132,6 +133,15 @@ class Pool(_Strict):
     replicas: int = Field(1, ge=0, le=64, description="for engine `local`: replica processes to start")
     model_dir: str | None = Field(None, description="for engine `local`: checkpoint dir (default: shipped)")
     price_per_hour: float = Field(0.0, ge=0, description="USD per endpoint-hour")
+    price_per_mtok_in: float | None = Field(
+        None, ge=0, description="USD per million prompt tokens billed (default: the model's price, else 0)"
+    )
+    price_per_mtok_out: float | None = Field(
+        None, ge=0, description="USD per million completion tokens billed (default: the model's, else 0)"
+    )
+    price_per_mtok_cached: float | None = Field(
+        None, ge=0, description="USD per million cached prompt tokens (default: the prompt token price)"
+    )
     capacity: Capacity = Capacity()
     api_key_env: str | None = Field(None, description="environment variable holding the upstream API key")
     continuation: bool | None = Field(
@@ -200,6 +210,13 @@ class Model(_Strict):
     larger_context: Name | None = Field(None, description="model to send context-length overflows to")
     owned_by: str = "skyfabric"
     hedge: Hedge | None = Field(None, description="hedge streaming requests whose first token is late")
+    price_per_mtok_in: float = Field(
+        0.0, ge=0, description="USD per million prompt tokens (pools may differ)"
+    )
+    price_per_mtok_out: float = Field(0.0, ge=0, description="USD per million completion tokens")
+    price_per_mtok_cached: float | None = Field(
+        None, ge=0, description="USD per million cached prompt tokens (default: the prompt token price)"
+    )
     affinity: bool = Field(
         False,
         description="send requests sharing a prefix (system prompt and first user message) to the same "
@@ -350,6 +367,125 @@ class Observability(_Strict):
     logs: Logs = Logs()
 
 
+class Limits(_Strict):
+    """How per-key limits behave, above all when their shared state (Redis) cannot be reached."""
+
+    failure_policy: Literal["open", "closed"] = Field(
+        "open",
+        description="a key's default while Redis is unreachable: `open` serves it under this instance's "
+        "share (limit / instances), `closed` refuses it (503) until Redis is back",
+    )
+    instances: int | None = Field(
+        None, ge=1, description="the share's divisor while Redis is down; default: instances last seen alive"
+    )
+    default_max_tokens: int = Field(
+        4096, ge=1, description="completion tokens reserved for a request that sets no max_tokens"
+    )
+    lease_ttl: float = Field(
+        15.0, gt=0, description="seconds a concurrency slot outlives its instance's last renewal"
+    )
+    heartbeat: float = Field(1.0, gt=0, description="seconds between heartbeats, lease renewals, probes")
+    redis_timeout: float = Field(0.5, gt=0, description="longest wait for Redis before it counts as down")
+
+
+class LedgerConfig(_Strict):
+    """The usage ledger: one record per request in the operations database, never lost.
+
+    Records go first to a local append-only outbox before the client's answer is written, then in batches
+    to the database; when the database is unreachable they wait there and ship when it returns.
+    """
+
+    enabled: bool = Field(False, description="record every request's usage (off: no cost)")
+    outbox: str | None = Field(
+        None, description="outbox directory (relative to the fleet file; default: `<database>.outbox`)"
+    )
+    batch_size: int = Field(500, ge=1, le=100_000, description="records per database write, at most")
+    ship_interval: float = Field(0.05, gt=0, le=60, description="seconds between shipments to the database")
+    fsync_interval: float = Field(
+        0.005, ge=0, le=1, description="seconds between fsyncs of the outbox (0: fsync every record)"
+    )
+    retry_interval: float = Field(
+        1.0, gt=0, le=60, description="seconds between tries of a database that is down"
+    )
+
+
+class SharedStateConfig(_Strict):
+    """Fleet state shared between gateway instances through `operations.redis` pub/sub (ejections)."""
+
+    enabled: bool = Field(True, description="share ejections whenever `operations.redis` is set")
+    channel: str = Field("skyfabric:fleet-state", min_length=1, description="the pub/sub channel")
+    reconnect_interval: float = Field(1.0, gt=0, le=60, description="seconds between reconnection tries")
+
+
+class Operations(_Strict):
+    """Running a gateway for many teams: managed keys, their limits, the usage ledger, shared fleet state.
+
+    One database (SQLite by default, PostgreSQL when configured) holds the keys and the ledger; one Redis
+    holds the limits' counters and carries the shared state. Secrets never go in this file: the admin
+    credential and a PostgreSQL URL with a password are read from the environment.
+    """
+
+    keys: bool = Field(True, description="managed API keys: every request needs a key (managed or static)")
+    database: str = Field(
+        "skyfabric.db",
+        description="SQLite file (relative to the fleet file), `sqlite:///path`, or a postgresql:// URL",
+    )
+    database_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the database URL (wins over `database` when set)",
+    )
+    table_prefix: str = Field(
+        "skyfabric_", pattern=r"^[a-z_][a-z0-9_]{0,30}$", description="prefix of every table's name"
+    )
+    database_timeout: float = Field(
+        5.0, gt=0, le=120, description="longest one database call may take before it counts as down"
+    )
+    redis: str | None = Field(
+        None, description="redis:// URL for limits and shared state; none: this instance alone"
+    )
+    admin_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="name of the environment variable holding the admin API's credential; none: API off",
+    )
+    key_refresh: float = Field(2.0, gt=0, description="seconds between reloads of the keys from the database")
+    limits: Limits = Limits()
+    ledger: LedgerConfig = LedgerConfig()
+    shared_state: SharedStateConfig = SharedStateConfig()
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        return _database_url(value)
+
+    @field_validator("redis")
+    @classmethod
+    def _redis(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    def database_url(self) -> str:
+        """The database: the variable ``database_env`` names when it is set, else ``database``."""
+        if self.database_env:
+            value = os.environ.get(self.database_env)
+            if value:
+                try:
+                    return _database_url(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{self.database_env}: {exc}") from None
+        return self.database
+
+
+def _database_url(value: str) -> str:
+    if "://" in value and not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise ValueError(f"database {value!r}: a SQLite path, sqlite:///path or postgresql://")
+    if value.startswith("sqlite://") and not value.startswith("sqlite:///"):
+        raise ValueError("a SQLite URL is sqlite:///relative.db or sqlite:////absolute.db")
+    return value
+
+
 class Fleet(_Strict):
     """A whole fleet file."""
 
@@ -363,6 +499,9 @@ class Fleet(_Strict):
     admission: Admission = Admission()
     api_keys: list[ApiKey] = Field(default_factory=list, description="empty: no authentication")
     observability: Observability = Observability()
+    operations: Operations | None = Field(
+        None, description="managed keys, their limits, the usage ledger, shared fleet state"
+    )
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Fleet:

@@ -6,9 +6,11 @@ and use OpenAI's shape, which Anthropic's SDK also reads (``error.message``).
 
 from __future__ import annotations
 
+import math
+
 import orjson
 
-from skyfabric.core.errors import ClientError, Overloaded, UpstreamStatus
+from skyfabric.core.errors import ClientError, Overloaded, RateLimited, UpstreamStatus
 from skyfabric.http.messages import Response
 from skyfabric.protocols.base import Frontend
 
@@ -47,11 +49,13 @@ def error_body(status: int, message: str) -> tuple[bytes, bytes]:
 
 def client_error_response(exc: ClientError) -> Response:
     """The response for a refused request."""
-    headers: list[tuple[bytes, bytes]] = []
-    if isinstance(exc, Overloaded):
-        headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
     return error_response(
-        exc.status, exc.message, error_type=exc.error_type, param=exc.param, code=exc.code, headers=headers
+        exc.status,
+        exc.message,
+        error_type=exc.error_type,
+        param=exc.param,
+        code=exc.code,
+        headers=refusal_headers(exc),
     )
 
 
@@ -72,9 +76,6 @@ def frontend_error(
 
 def frontend_client_error(frontend: Frontend, exc: ClientError) -> Response:
     """The response for a refused request, in the client's protocol."""
-    headers: list[tuple[bytes, bytes]] = []
-    if isinstance(exc, Overloaded):
-        headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
     return frontend_error(
         frontend,
         exc.status,
@@ -82,8 +83,20 @@ def frontend_client_error(frontend: Frontend, exc: ClientError) -> Response:
         error_type=exc.error_type,
         param=exc.param,
         code=exc.code,
-        headers=headers,
+        headers=refusal_headers(exc),
     )
+
+
+def refusal_headers(exc: ClientError) -> list[tuple[bytes, bytes]]:
+    """``Retry-After`` for a shed or rate-limited request, and a key's rate-limit headers.
+
+    A key's limit is rounded up, so that a client that waits exactly that long is admitted.
+    """
+    if not isinstance(exc, Overloaded):
+        return []
+    if isinstance(exc, RateLimited):
+        return [(b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()), *exc.headers]
+    return [(b"retry-after", str(max(1, round(exc.retry_after))).encode())]
 
 
 def upstream_message(body: bytes) -> str:

@@ -15,8 +15,10 @@ from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import ClientError
 from skyfabric.core.fleet import Fleet
 from skyfabric.gateway import pipeline
+from skyfabric.gateway.admin import handle_admin
 from skyfabric.gateway.api_errors import client_error_response, error_response, frontend_client_error
 from skyfabric.gateway.counting import count_tokens
+from skyfabric.gateway.operations import Operations
 from skyfabric.gateway.proxy import Proxy
 from skyfabric.gateway.selftest import SelfTests
 from skyfabric.gateway.telemetry import install
@@ -51,6 +53,14 @@ class Gateway:
         self.anthropic = AnthropicFrontend()
         #: Steps between parsing and admission (keys and limits plug in here; see ``gateway/pipeline.py``).
         self.filters: list[pipeline.Filter] = []
+        # -- operations (gateway/operations.py): each part wired here, once --
+        self.operations = Operations(self.proxy, fleet_path)
+        #: Managed keys (None: only the fleet file's ``api_keys``, checked against ``self.keys``).
+        self.keyring = self.operations.keyring
+        if self.operations.keys_filter is not None:
+            self.filters.append(self.operations.keys_filter)
+        if self.operations.admin_secret is not None:
+            self.keys.add(self.operations.admin_secret.encode())  # the admin credential opens the dashboard
         self._models_body = self.proxy.model_list()
         self.model_names = sorted(n for m in fleet.models for n in [m.name, *m.aliases])
         self._anthropic_models = models_body(self.model_names)
@@ -73,7 +83,7 @@ class Gateway:
         for method, path in self._routes:
             allowed.setdefault(path, []).append(method)
         self._allow = {path: b", ".join(sorted(methods)) for path, methods in allowed.items()}
-        self.dashboard = install(self.proxy, self.keys)
+        self.dashboard = install(self.proxy, self.keys, self.operations.observers())
         self.traceparent = fleet.observability.tracing.enabled
 
     async def start(self) -> None:
@@ -81,6 +91,7 @@ class Gateway:
         from skyfabric.gateway.discovery import Discovery
         from skyfabric.gateway.health import HealthChecker
 
+        await self.operations.start()
         checker = HealthChecker(self.proxy)
         discovery = None
         pools = [p for provider in self.fleet.providers for r in provider.regions for p in r.pools]
@@ -104,6 +115,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.selftests.close()
+        await self.operations.close()  # after the listener has finished the streams in flight
         if self.dashboard is not None:
             await self.dashboard.hub.close()
         self.proxy.client.close()
@@ -111,6 +123,8 @@ class Gateway:
     async def __call__(self, request: Request) -> Response | StreamResponse:
         handler = self._routes.get((request.method, request.path))
         if handler is None:
+            if self.operations.admin is not None and request.path.startswith(b"/admin/"):
+                return await handle_admin(self.operations.admin, request)
             if self.dashboard is not None and request.path.startswith(b"/dashboard"):
                 return await self.dashboard.handle(request)
             allow = self._allow.get(request.path)
@@ -171,5 +185,9 @@ class Gateway:
             name: sum(1 for s in cluster.states if s.available(now))
             for name, cluster in self.proxy.clusters.items()
         }
-        body = orjson.dumps({"ready": any(ready.values()), "endpoints_available": ready})
+        detail: dict[str, Any] = {"ready": any(ready.values()), "endpoints_available": ready}
+        operations = self.operations.readiness()
+        if operations:
+            detail["operations"] = operations
+        body = orjson.dumps(detail)
         return Response(200 if any(ready.values()) else 503, body)

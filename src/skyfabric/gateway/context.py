@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skyfabric.gateway.api_errors import frontend_error
 from skyfabric.http.messages import Response
 from skyfabric.protocols.base import Frontend
 from skyfabric.protocols.canonical import CanonicalRequest, Usage
+
+if TYPE_CHECKING:
+    from skyfabric.ops.keys import KeyRecord
+    from skyfabric.ops.limiter import Lease
+
+_ids = itertools.count(1)
+_prefix = ""
+
+
+def _reseed() -> None:
+    """A fresh random prefix: per process, so forked workers and restarts never reuse an id."""
+    global _ids, _prefix
+    _prefix = "req_" + os.urandom(8).hex()
+    _ids = itertools.count(1)
+
+
+_reseed()
+os.register_at_fork(after_in_child=_reseed)
+
+
+def new_request_id() -> str:
+    """The gateway's id for a request: unique across processes and restarts, cheap (no syscall)."""
+    return f"{_prefix}{next(_ids):x}"
 
 
 @dataclass(slots=True)
@@ -35,6 +60,9 @@ class RequestContext:
     needs_tokens: int = 0
     #: Called once when the request is over (stream finished or abandoned): frees its admission slot.
     on_done: Callable[[], None] | None = None
+    #: Called when the router refuses the request (admission, a prompt too long) after the filters let it
+    #: through, before any observer saw it: gives back what a filter took (a key's limits).
+    on_refused: Callable[[], None] | None = None
     #: Endpoint id → when it broke this stream (or failed to take it over): it gets the stream back only
     #: once it has answered a probe since (``EndpointState.probed_ok``).
     broke: dict[str, float] = field(default_factory=dict)
@@ -47,14 +75,31 @@ class RequestContext:
     observed: dict[str, Any] | None = None
     #: Each backend's own usage of a streamed answer, in order (what every part cost: the ledger's).
     usage_parts: list[Usage] = field(default_factory=list)
+    #: The endpoint that served each part of a streamed answer, in order (``usage_parts``' owners).
+    parts_endpoints: list[str] = field(default_factory=list)
     #: The client's W3C ``traceparent`` (kept only while tracing is on).
     traceparent: bytes | None = None
+    #: The API key the request came with (managed or the fleet file's; None: the gateway needs none).
+    key: KeyRecord | None = None
+    #: Its hold on the key's limits, settled when the request ends (``gateway/keys_filter.py``).
+    lease: Lease | None = None
+    #: The gateway's id for the request (``x-request-id``, the ledger's idempotency key); set when used.
+    request_id: str | None = None
+    #: Headers the filters and observers add to the client's answer (rate limits, ``x-request-id``).
+    headers: list[tuple[bytes, bytes]] | None = None
 
     def finish(self) -> None:
         """Run ``on_done`` once."""
         callback, self.on_done = self.on_done, None
         if callback is not None:
             callback()
+
+    def add_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Headers for the client's answer (added to whatever answer the request gets)."""
+        if self.headers is None:
+            self.headers = list(headers)
+        else:
+            self.headers.extend(headers)
 
     def error(
         self,

@@ -11,7 +11,7 @@ order, and a client error raised by any of them comes back in the client's proto
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from skyfabric.core.errors import AuthenticationError, ClientError, InvalidRequest, UnknownModel
 from skyfabric.core.fleet import Fleet
@@ -22,6 +22,10 @@ from skyfabric.gateway.proxy import Proxy
 from skyfabric.http.messages import Request, Response, StreamResponse
 from skyfabric.protocols.base import Frontend
 from skyfabric.protocols.canonical import CanonicalRequest
+
+if TYPE_CHECKING:
+    from skyfabric.ops.keycache import KeyCache
+    from skyfabric.ops.keys import KeyRecord
 
 Answer = Response | StreamResponse
 #: A step that may refuse a request before it is routed (raise :class:`ClientError`), or answer it
@@ -35,22 +39,36 @@ class Gateway(Protocol):
     fleet: Fleet
     proxy: Proxy
     keys: set[bytes]
+    #: Managed keys (``operations``): they and the fleet file's keys, looked up by digest; None: off.
+    keyring: KeyCache | None
     model_names: list[str]
     filters: list[Filter]
     traceparent: bool
 
 
-def authenticate(gateway: Gateway, request: Request) -> None:
-    """The fleet's API keys, as ``Authorization: Bearer`` (OpenAI) or ``x-api-key`` (Anthropic)."""
+def presented_key(request: Request) -> bytes | None:
+    """The key a request carries: ``Authorization: Bearer`` (OpenAI) or ``x-api-key`` (Anthropic)."""
+    value = request.header(b"authorization")
+    return value[7:].strip() if value and value[:7].lower() == b"bearer " else request.header(b"x-api-key")
+
+
+def authenticate(gateway: Gateway, request: Request) -> KeyRecord | None:
+    """The request's key: a managed one (its record), one of the fleet file's, or None when none is needed.
+
+    Raises :class:`AuthenticationError` (never echoing the key).
+    """
+    keyring = gateway.keyring
+    if keyring is not None:
+        return keyring.lookup(presented_key(request)) if keyring.required else None
     keys = gateway.keys
     if not keys:
-        return
-    value = request.header(b"authorization")
-    key = value[7:].strip() if value and value[:7].lower() == b"bearer " else request.header(b"x-api-key")
+        return None
+    key = presented_key(request)
     if key is None:
         raise AuthenticationError("no API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
     if key not in keys:
         raise AuthenticationError("the API key is not valid", code="invalid_api_key")
+    return None
 
 
 def resolve_model(gateway: Gateway, parsed: CanonicalRequest) -> str:
@@ -81,13 +99,14 @@ def deadline(gateway: Gateway, request: Request) -> float:
 
 def context(gateway: Gateway, request: Request, frontend: Frontend) -> RequestContext:
     """Parse, authenticate, resolve, and bound one request: what the router needs to route it."""
-    authenticate(gateway, request)
+    key = authenticate(gateway, request)
     parsed = frontend.parse(request.path, request.body, request.headers)
     model = resolve_model(gateway, parsed)
     kind = "completions" if parsed.protocol == "openai.completions" else "chat"
     ctx = RequestContext(
         kind, parsed.body, request.body, model, parsed.stream, deadline(gateway, request), parsed, frontend
     )
+    ctx.key = key
     priority = request.header(b"x-skyfabric-priority")
     if priority is not None:
         ctx.priority = parse_priority(priority)
@@ -98,12 +117,18 @@ def context(gateway: Gateway, request: Request, frontend: Frontend) -> RequestCo
 
 async def inference(gateway: Gateway, request: Request, frontend: Frontend) -> Answer:
     """The whole pipeline for one inference request, in the client's protocol."""
+    ctx: RequestContext | None = None
     try:
         ctx = context(gateway, request, frontend)
         for step in gateway.filters:
             answer = await step(request, ctx)
             if answer is not None:
                 return answer
-        return await gateway.proxy.forward(ctx)
+        answer = await gateway.proxy.forward(ctx)
     except ClientError as exc:
+        if ctx is not None and ctx.on_refused is not None:
+            ctx.on_refused()  # refused after the filters took something for it (a key's limits)
         return frontend_client_error(frontend, exc)
+    if ctx.headers is not None:
+        answer.headers = [*answer.headers, *ctx.headers]
+    return answer

@@ -347,8 +347,11 @@ class StreamRelay:
         return token
 
     def parts_usage_update(self, usage: Usage) -> None:
-        """Keep the current backend's latest usage (cumulative within its part)."""
-        if len(self.parts_usage) <= self.segment:
+        """Keep the current backend's latest usage (cumulative within its part); one entry per part, an
+        empty :class:`Usage` for a part that reported none."""
+        while len(self.parts_usage) < self.segment:
+            self.parts_usage.append(Usage())
+        if len(self.parts_usage) == self.segment:
             self.parts_usage.append(usage)
         else:
             self.parts_usage[self.segment] = usage
@@ -542,6 +545,7 @@ class StreamRelay:
             # Tokens by the backends' usage; where none reported it, the chunks (at least one token each).
             sent = self._tokens_sent()
             self.ctx.usage_parts = self.parts_usage
+            self.ctx.parts_endpoints = self.backends
             self.router.observer.stream_end(
                 self.ctx, self.state, sent if sent is not None else self.progress.chunks, completed
             )

@@ -14,14 +14,15 @@ from skyfabric.gateway.observe import Observer, combine
 from skyfabric.gateway.proxy import Proxy
 
 
-def install(proxy: Proxy, keys: set[bytes]) -> Dashboard | None:
+def install(proxy: Proxy, keys: set[bytes], extra: list[Observer] | None = None) -> Dashboard | None:
     """Attach the observers the fleet file turns on to ``proxy``; returns the dashboard when it is on.
 
-    ``keys`` are the credentials that open the dashboard (the fleet's API keys until an admin credential
-    exists).
+    ``keys`` are the credentials that open the dashboard (the fleet's API keys and the admin credential).
+    ``extra`` observers (operations: the keys' settlement, the usage ledger, shared fleet state) come
+    first.
     """
     config = proxy.fleet.observability
-    observers: list[Observer] = []
+    observers: list[Observer] = list(extra or [])
     dashboard = None
     if config.metrics or config.dashboard:
         metrics = GenAIMetrics(proxy)  # the dashboard's charts are read from these counters too

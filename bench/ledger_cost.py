@@ -1,0 +1,83 @@
+"""CPU cost of the usage ledger per request: the hot path (event-loop thread) and the whole process.
+
+Drives the router's hook sequence for a non-streamed and for a streamed request, as ``observer_cost.py``
+does, with the no-op observer and with the ledger's observer writing to a real outbox (fsync every 5 ms)
+shipped to SQLite by its thread. ``thread`` is the calling thread's CPU (what a request waits for);
+``process`` adds the shipper's (serializing, fsync, SQLite), amortized over the records.
+
+    PYTHONPATH=src .venv/bin/python bench/ledger_cost.py
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from skyfabric.core.endpoints import fleet_endpoints
+from skyfabric.core.fleet import LedgerConfig, load_fleet
+from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway.observe import Observer
+from skyfabric.gateway.operations import UsageObserver
+from skyfabric.gateway.proxy import Proxy
+from skyfabric.ops.ledger import Ledger
+
+fleet = load_fleet(Path(__file__).resolve().parent / "fleet.yaml")
+proxy = Proxy(fleet, fleet_endpoints(fleet))
+state = next(iter(proxy.states.values()))
+body = (
+    b'{"id":"chatcmpl-mock","object":"chat.completion","created":1,"model":"tiny","choices":[{"index":0,'
+    b'"finish_reason":"stop","message":{"role":"assistant","content":"' + b"hello " * 16 + b'"}}],'
+    b'"usage":{"prompt_tokens":10,"completion_tokens":16,"total_tokens":26}}'
+)
+usage = {"prompt_tokens": 10, "completion_tokens": 16, "total_tokens": 26}
+
+
+def run(obs: Observer, n: int, stream: bool) -> tuple[float, float]:
+    t, p = time.thread_time(), time.process_time()
+    for _ in range(n):
+        ctx = RequestContext("chat", {}, b"", "tiny", stream, 0.0)
+        obs.request_start(ctx)
+        obs.attempt_start(ctx, state, "attempt")
+        obs.upstream_headers(ctx, state)
+        obs.attempt_end(ctx, state, "ok", 0.01, None if stream else body)
+        obs.request_end(ctx, 200, 0.01)
+        if stream:
+            ctx.usage = usage
+            obs.stream_end(ctx, state, 16, True)
+    return (time.thread_time() - t) / n * 1e6, (time.process_time() - p) / n * 1e6
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    ledger = Ledger(LedgerConfig(enabled=True, path=os.path.join(tmp, "l.sqlite")))
+    ledger.start()
+    on = UsageObserver(proxy, ledger)
+    variants = {"off (no-op observer)": Observer(), "ledger (outbox + SQLite)": on}
+    for stream in (False, True):
+        res: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+        for _ in range(5):
+            for k, v in variants.items():
+                res[k].append(run(v, 5000, stream))
+                time.sleep(0.2)  # let the shipper catch up inside the measured process time of the next run
+        base = min(t for t, _ in res["off (no-op observer)"])
+        print("streamed" if stream else "non-streamed")
+        for k, v in res.items():
+            threads = [t for t, _ in v]
+            procs = [p for _, p in v]
+            print(
+                f"  {k:26} thread min {min(threads):6.2f} µs median {statistics.median(threads):6.2f} µs"
+                f" (added {min(threads) - base:6.2f})  process median {statistics.median(procs):6.2f} µs"
+            )
+    ledger.close()
+    print(f"records shipped: {ledger.shipped}, appended: {ledger.outbox.appended}")
+    fd = os.open(os.path.join(tmp, "probe"), os.O_WRONLY | os.O_CREAT)
+    times = []
+    for _ in range(50):
+        os.write(fd, b"x" * 400)
+        t = time.perf_counter()
+        os.fsync(fd)
+        times.append((time.perf_counter() - t) * 1e6)
+    os.close(fd)
+    print(f"fsync of one 400-byte append on this disk: median {statistics.median(times):.0f} µs")

@@ -1,0 +1,98 @@
+"""A key's allowance and limits on the request path: a pipeline filter before routing, an observer after.
+
+Before (the filter, in ``Gateway.filters``): the key (``ctx.key``, found by ``pipeline.authenticate``) must
+allow the model — else 403 — and be within its limits: :meth:`Limiter.admit` reserves the prompt's size
+estimate plus ``max_tokens`` and the cost of both at the dearest pool the request may reach, or refuses
+with 429 (503 for a key that fails closed while Redis is down), in the client's protocol, with
+``Retry-After`` and the rate-limit headers (OpenAI's ``x-ratelimit-*``; ``anthropic-ratelimit-*`` for a
+client of ``/v1/messages``). An admitted request's answer carries the same headers.
+
+After (the observer, through ``telemetry.install``): the reservation is replaced by what was used — a
+whole answer's usage at ``attempt_end``, a stream's at ``stream_end`` (each backend's own usage, priced at
+its own pool; see ``spend.py``), nothing for a request that failed or was refused.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from skyfabric.core.errors import PermissionDenied
+from skyfabric.gateway.observe import Observer
+from skyfabric.gateway.spend import answer_spent, answer_usage, stream_spent
+from skyfabric.http.messages import Request, Response, StreamResponse
+from skyfabric.ops.limiter import Limiter
+from skyfabric.ops.pricing import PriceBook
+
+if TYPE_CHECKING:
+    from skyfabric.gateway.balancer import EndpointState
+    from skyfabric.gateway.context import RequestContext
+
+#: A prompt's tokens estimated from its request body's bytes (JSON included): about 4 bytes a token.
+BYTES_PER_TOKEN = 4
+
+
+class KeysFilter(Observer):
+    """The key's model allowance and limits (see the module's docstring)."""
+
+    def __init__(self, limiter: Limiter | None, prices: PriceBook) -> None:
+        self.limiter = limiter
+        self.prices = prices
+        #: Streams ask their backends for the final usage: settlement is by the backends' count.
+        self.counts_tokens = limiter is not None
+
+    async def __call__(self, request: Request, ctx: RequestContext) -> Response | StreamResponse | None:
+        record = ctx.key
+        if record is None:
+            return None
+        if not record.allows(ctx.request.model, ctx.model):
+            raise PermissionDenied(
+                f"this API key may not use the model `{ctx.request.model}`",
+                param="model",
+                code="model_not_allowed",
+            )
+        limiter = self.limiter
+        if limiter is None:
+            return None
+        anthropic = ctx.frontend.family == "anthropic"
+        lease = await limiter.admit(
+            record, ctx.model, len(ctx.raw) // BYTES_PER_TOKEN, ctx.token_limit(), anthropic=anthropic
+        )
+        if lease is None:
+            return None
+        ctx.lease = lease
+        ctx.on_refused = lambda: limiter.release(lease)
+        ctx.add_headers(lease.headers(anthropic, time.time()))
+        return None
+
+    # -- settlement ---------------------------------------------------------------------------------------
+
+    def attempt_end(
+        self,
+        ctx: RequestContext,
+        state: EndpointState,
+        outcome: str,
+        seconds: float | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        lease = ctx.lease
+        if lease is None or body is None or outcome != "ok" or self.limiter is None:
+            return
+        spent = answer_spent(answer_usage(body, ctx.frontend.family), state.endpoint.id, self.prices)
+        if spent is None:  # no usage reported: the reservation stands
+            self.limiter.settle(lease, None, lease.ask.tokens - lease.prompt_tokens)
+        else:
+            self.limiter.settle(lease, spent.tokens_in, spent.tokens_out, spent.cost)
+
+    def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
+        lease = ctx.lease
+        if lease is not None and self.limiter is not None and (status != 200 or not ctx.stream):
+            self.limiter.release(lease)  # failed (a whole answer was settled at attempt_end)
+
+    def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
+        lease = ctx.lease
+        if lease is None or self.limiter is None:
+            return
+        endpoints = ctx.parts_endpoints or [state.endpoint.id]
+        spent = stream_spent(ctx.usage_parts, endpoints, tokens, self.prices)
+        self.limiter.settle(lease, spent.tokens_in, spent.tokens_out, spent.cost)

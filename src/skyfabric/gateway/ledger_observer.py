@@ -1,0 +1,152 @@
+"""The usage ledger's view of the request path: one record per request, written from the observer hooks.
+
+When a record is written, relative to the answer: a whole answer's record at ``request_end``, which the
+router calls before it hands the response to the listener — so every answer a client ever received has
+its record in the outbox, even if the gateway is killed the next instant. A stream gets an *open* record
+at ``request_end`` too (its headers, with ``x-request-id``, are not sent yet), and its final record at
+``stream_end``: complete, or cut by the client (billed for the tokens the backends generated, by their
+usage), or — written at shutdown, or by the next run for a SIGKILLed one — ``interrupted``.
+
+What a record holds: the client's protocol (``ctx.request.protocol``), its key's id, the endpoints that
+served it in order, attempts, continuations (``ctx.rescued``), the tokens as the client was told them and
+the cost of every backend's own usage at its own pool's prices (``spend.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from skyfabric.gateway.context import new_request_id
+from skyfabric.gateway.observe import CONTINUATION, Observer
+from skyfabric.gateway.spend import Spent, answer_spent, answer_usage, stream_spent
+from skyfabric.ops.ledger import Ledger
+from skyfabric.ops.pricing import PriceBook
+from skyfabric.ops.record import ERROR, INCOMPLETE, INTERRUPTED, OK, OPEN, UsageRecord
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from skyfabric.gateway.balancer import EndpointState
+    from skyfabric.gateway.context import RequestContext
+
+
+class _Tally:
+    """One request's figures as the hooks deliver them (kept in ``ctx.observed['ledger']``)."""
+
+    __slots__ = ("attempts", "endpoint", "spent", "splits", "started", "ttft", "wall")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.wall = time.time()
+        self.attempts = 0
+        self.endpoint: str | None = None  # the last attempt's (committed or not)
+        #: Output tokens the client had when each continuation took over (for parts without usage).
+        self.splits = [0]
+        self.spent: Spent | None = None
+        self.ttft: float | None = None
+
+
+class LedgerObserver(Observer):
+    """Writes one ledger record per request (two for a stream: open, then final)."""
+
+    counts_tokens = True  # streams ask their backends for the final usage chunk
+
+    def __init__(self, ledger: Ledger, prices: PriceBook, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.ledger = ledger
+        self.prices = prices
+        #: Streams whose open record is written and final one not yet: finished as interrupted at close.
+        self.open: dict[str, RequestContext] = {}
+
+    def request_start(self, ctx: RequestContext) -> None:
+        observed = ctx.observed
+        if observed is None:
+            observed = ctx.observed = {}
+        observed["ledger"] = _Tally(self.clock())
+        request_id = ctx.request_id = new_request_id()
+        ctx.add_headers([(b"x-request-id", request_id.encode())])
+
+    def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
+        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        if kind != CONTINUATION:
+            tally.attempts += 1
+        tally.endpoint = state.endpoint.id
+
+    def attempt_end(
+        self,
+        ctx: RequestContext,
+        state: EndpointState,
+        outcome: str,
+        seconds: float | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        if outcome != "ok":
+            return
+        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        tally.endpoint = state.endpoint.id
+        if body is not None:
+            usage = answer_usage(body, ctx.frontend.family)
+            tally.spent = answer_spent(usage, state.endpoint.id, self.prices)
+
+    def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
+        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        if ctx.stream and status == 200:
+            tally.ttft = seconds
+            self.open[ctx.request_id or ""] = ctx
+            self.ledger.record(self._record(ctx, tally, 200, OPEN, seconds))
+            return
+        self.ledger.record(self._record(ctx, tally, status, OK if status < 400 else ERROR, seconds))
+
+    def continued(
+        self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
+    ) -> None:
+        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        tally.splits.append(tokens)
+
+    def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
+        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        if self.open.pop(ctx.request_id or "", None) is None:
+            return  # already closed (at shutdown)
+        endpoints = ctx.parts_endpoints or [state.endpoint.id]
+        tally.spent = stream_spent(ctx.usage_parts, endpoints, tokens, self.prices, tally.splits)
+        outcome = OK if completed else INCOMPLETE
+        self.ledger.record(self._record(ctx, tally, 200, outcome, self.clock() - tally.started))
+
+    def _record(
+        self, ctx: RequestContext, tally: _Tally, status: int, outcome: str, seconds: float
+    ) -> UsageRecord:
+        endpoints = ctx.parts_endpoints or ([tally.endpoint] if tally.endpoint else [])
+        provider = region = None
+        if endpoints:
+            provider, region = endpoints[0].split("/", 2)[:2]
+        spent = tally.spent
+        key = ctx.key
+        return UsageRecord(
+            request_id=ctx.request_id or "",
+            ts=tally.wall,
+            model=ctx.model,
+            protocol=ctx.request.protocol,
+            kind=ctx.kind,
+            key_id=key.id if key is not None else None,
+            endpoints=",".join(endpoints),
+            provider=provider,
+            region=region,
+            attempts=tally.attempts,
+            continuations=ctx.rescued,
+            tokens_in=(spent.tokens_in or 0) if spent is not None else 0,
+            tokens_out=spent.tokens_out if spent is not None else 0,
+            tokens_cached=spent.tokens_cached if spent is not None else 0,
+            cost=spent.cost if spent is not None else 0.0,
+            latency_ms=round(seconds * 1000.0, 3),
+            ttft_ms=None if tally.ttft is None else round(tally.ttft * 1000.0, 3),
+            status=status,
+            outcome=outcome,
+        )
+
+    def interrupt_open(self) -> None:
+        """At shutdown: streams still open get their final record, as interrupted, with what is known."""
+        for ctx in list(self.open.values()):
+            tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+            self.ledger.record(self._record(ctx, tally, 200, INTERRUPTED, self.clock() - tally.started))
+        self.open.clear()

@@ -1,0 +1,389 @@
+"""Per-key limits for one gateway instance: shared through Redis, or local when there is none or it is down.
+
+Admission turns a key and a request into an :class:`~skyfabric.ops.ratelimit.Ask` (the request's prompt
+estimate plus its ``max_tokens`` reserved, their cost by the model's prices) and asks the shared store —
+Redis, one atomic script — or, with no Redis configured, the same algorithm in this process. The answer
+becomes a :class:`Lease`, settled with the real usage when the request ends — batched: the next
+admission carries the settlements that piled up meanwhile in its own round trip (ahead of itself, so it
+counts them), or, after 5 ms without one, a single pipelined write does.
+
+**Redis unreachable** (a connection error or no answer within ``redis_timeout``): the instance goes
+``degraded`` — logged once — and enforces, for each key, its share ``limit / N`` in process, N being the
+instances last seen alive through the heartbeats (or ``operations.limits.instances``). A key whose failure
+policy is ``closed`` is refused instead (503) until Redis answers again: for keys whose spend must never
+exceed its cap, whatever the cost in availability. A probe each heartbeat brings the instance back —
+logged once — and the shared counters resume; usage admitted locally meanwhile is not copied back, so none
+is counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from skyfabric.core.errors import RateLimited
+from skyfabric.core.fleet import Limits
+from skyfabric.ops.database import redact
+from skyfabric.ops.keys import KeyRecord
+from skyfabric.ops.pricing import PriceBook, Prices
+from skyfabric.ops.ratelimit import (
+    BUDGET,
+    CONCURRENCY,
+    RPM,
+    TPM,
+    Ask,
+    LocalLimits,
+    Verdict,
+    period_of,
+    remaining,
+)
+from skyfabric.ops.resp import RedisUnavailable
+
+log = logging.getLogger("skyfabric.ops")
+
+#: Longest a settlement waits for an admission to carry it to Redis before it is sent alone (seconds).
+SETTLE_DELAY = 0.005
+_WHAT = {
+    RPM: ("requests per minute", "rate_limit_exceeded"),
+    TPM: ("tokens per minute", "rate_limit_exceeded"),
+    BUDGET: ("budget", "insufficient_quota"),
+    CONCURRENCY: ("concurrent requests", "concurrency_limit_exceeded"),
+}
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's form of a reset time: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def _rfc3339(wall: float) -> bytes:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(wall))).encode()
+
+
+@dataclass(slots=True)
+class Lease:
+    """An admitted request's hold on its key's limits, until :meth:`Limiter.settle` replaces it by usage."""
+
+    ask: Ask
+    verdict: Verdict
+    #: Settled in Redis (else in this process).
+    shared: bool
+    prompt_tokens: int
+    price: Prices
+    settled: bool = False
+
+    def headers(self, anthropic: bool, wall: float) -> list[tuple[bytes, bytes]]:
+        """The rate-limit headers of the answer (OpenAI's, or Anthropic's on ``/v1/messages``)."""
+        return limit_headers(self.ask, self.verdict, anthropic, wall)
+
+
+def limit_headers(ask: Ask, verdict: Verdict, anthropic: bool, wall: float) -> list[tuple[bytes, bytes]]:
+    """Headers that tell a client where it stands on the request and token limits it has."""
+    out: list[tuple[bytes, bytes]] = []
+    for limit, reset, what in (
+        (ask.rpm, verdict.requests_reset, "requests"),
+        (ask.tpm, verdict.tokens_reset, "tokens"),
+    ):
+        if limit <= 0:
+            continue
+        left = str(remaining(limit, reset)).encode()
+        if anthropic:
+            prefix = b"anthropic-ratelimit-" + what.encode()
+            out += [
+                (prefix + b"-limit", str(limit).encode()),
+                (prefix + b"-remaining", left),
+                (prefix + b"-reset", _rfc3339(wall + reset)),
+            ]
+        else:
+            out += [
+                (b"x-ratelimit-limit-" + what.encode(), str(limit).encode()),
+                (b"x-ratelimit-remaining-" + what.encode(), left),
+                (b"x-ratelimit-reset-" + what.encode(), duration(reset).encode()),
+            ]
+    return out
+
+
+def _share(limit: int | None, n: int) -> int:
+    return 0 if limit is None else max(1, math.ceil(limit / n))
+
+
+class Limiter:
+    """Admits and settles requests against their keys' limits (see the module's docstring)."""
+
+    def __init__(
+        self,
+        settings: Limits,
+        redis_url: str | None,
+        prices: PriceBook,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.prices = prices
+        self.clock = clock
+        self.wall = wall
+        self.local = LocalLimits()
+        self.redis_url = redis_url
+        self.redis = None
+        if redis_url is not None:
+            from skyfabric.ops.redislimits import RedisLimits
+
+            self.redis = RedisLimits(redis_url, timeout=settings.redis_timeout)
+        #: ``local`` (no Redis configured), ``ok`` (Redis shared), ``degraded`` (Redis unreachable).
+        self.state = "local" if self.redis is None else "ok"
+        #: Instances seen alive through Redis at the last heartbeat (this one included).
+        self.instances = 1
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        #: Last known micro-USD spent per key and period (from Redis): the local share's starting point.
+        self._spent: dict[tuple[str, str], int] = {}
+        self._pending: list[tuple[Ask, int, int]] = []
+        self._wake = asyncio.Event()
+        #: Shared leases of requests running here, renewed each heartbeat: lease id → ask.
+        self._running: dict[str, Ask] = {}
+        self._loaded = False
+        self._leases = 0
+        #: Budget period kind → (id, end, a time inside it).
+        self._periods: dict[str, tuple[str, float, float]] = {}
+
+    # -- admission ----------------------------------------------------------------------------------------
+
+    def _ask(
+        self, record: KeyRecord, model: str, prompt_tokens: int, max_tokens: int | None
+    ) -> tuple[Ask, Prices]:
+        price = self.prices.ceiling(model)  # the dearest pool it may reach: settlement only gives back
+        out = max_tokens if max_tokens is not None and max_tokens > 0 else self.settings.default_max_tokens
+        ask = Ask(record.id, rpm=record.rpm or 0, tpm=record.tpm or 0, tokens=prompt_tokens + out)
+        if record.budget is not None:
+            ask.budget = round(record.budget * 1_000_000)
+            ask.cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out)
+            ask.period, ask.period_end = self._period(record.budget_period)
+        if record.max_concurrent is not None:
+            ask.max_concurrent = record.max_concurrent
+            self._leases += 1
+            ask.lease = f"{self.instance}:{self._leases}"
+            ask.lease_ttl = self.settings.lease_ttl
+        return ask, price
+
+    def _period(self, kind: str) -> tuple[str, float]:
+        """The current budget period (computed once per period, not per request)."""
+        wall = self.wall()
+        known = self._periods.get(kind)
+        if known is None or not known[2] <= wall < known[1]:
+            period, end = period_of(wall, kind)
+            known = self._periods[kind] = (period, end, wall)
+        return known[0], known[1]
+
+    async def admit(
+        self,
+        record: KeyRecord,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        *,
+        anthropic: bool = False,
+    ) -> Lease | None:
+        """Charge the request to its key's limits (None: it has none); raises :class:`RateLimited`."""
+        if not record.limited:
+            return None
+        ask, price = self._ask(record, model, prompt_tokens, max_tokens)
+        if self.redis is not None and self.state == "ok":
+            settle, self._pending = self._pending, []  # they ride along: one round trip, and counted first
+            try:
+                verdict = await self.redis.admit(ask, settle)
+            except Exception as exc:
+                if not _unreachable(exc):
+                    raise
+                self._degrade(exc)
+            else:
+                if ask.budget >= 0:
+                    self._spent[(ask.key, ask.period)] = verdict.spent
+                return self._decide(Lease(ask, verdict, True, prompt_tokens, price), record, anthropic)
+        if self.state == "degraded":
+            policy = record.failure_policy or self.settings.failure_policy
+            if policy == "closed":
+                raise RateLimited(
+                    "this key's limits cannot be checked (their shared state is unreachable) and it is set "
+                    "to fail closed; try again shortly",
+                    retry_after=self.settings.heartbeat,
+                    code="limits_unavailable",
+                    headers=[],
+                    status=503,
+                    error_type="api_error",
+                )
+            ask = self._local_share(ask)
+        verdict = self.local.admit(ask, self.clock(), self.wall())
+        return self._decide(Lease(ask, verdict, False, prompt_tokens, price), record, anthropic)
+
+    def _local_share(self, ask: Ask) -> Ask:
+        """This instance's share of each limit while Redis is down."""
+        n = self.settings.instances or self.instances
+        if n > 1:
+            ask.rpm = _share(ask.rpm or None, n)
+            ask.tpm = _share(ask.tpm or None, n)
+            ask.max_concurrent = _share(ask.max_concurrent or None, n)
+        if ask.budget >= 0:
+            left = max(0, ask.budget - self._spent.get((ask.key, ask.period), 0))
+            ask.budget = left // n
+        return ask
+
+    def _decide(self, lease: Lease, record: KeyRecord, anthropic: bool) -> Lease:
+        verdict = lease.verdict
+        if verdict.admitted:
+            if lease.shared and lease.ask.lease:
+                self._running[lease.ask.lease] = lease.ask
+            return lease
+        what, code = _WHAT[verdict.reason]
+        ask = lease.ask
+        if verdict.reason == TPM and ask.tokens * 60.0 / ask.tpm > 60.0:
+            message = (
+                f"this request needs {ask.tokens} tokens (prompt estimate + max_tokens), more than the key's "
+                f"whole {ask.tpm} tokens per minute: lower max_tokens"
+            )
+        elif verdict.reason == BUDGET:
+            message = (
+                f"the key's {record.budget_period}ly budget is spent "
+                "(or this request's reservation would exceed it)"
+            )
+        else:
+            limit = {RPM: ask.rpm, TPM: ask.tpm, CONCURRENCY: ask.max_concurrent}[verdict.reason]
+            message = f"rate limit reached for key {record.id}: {limit} {what}"
+        headers = limit_headers(ask, verdict, anthropic, self.wall())
+        raise RateLimited(
+            message,
+            retry_after=verdict.retry_after,
+            code=code,
+            headers=headers,
+            error_type="insufficient_quota" if verdict.reason == BUDGET else "rate_limit_error",
+        )
+
+    # -- settlement ---------------------------------------------------------------------------------------
+
+    def settle(
+        self, lease: Lease, input_tokens: int | None, output_tokens: int, cost: float | None = None
+    ) -> None:
+        """Replace the lease's reservation by the tokens used (input: the estimate when not reported) and
+        their ``cost`` in USD by the pools that served them (None: at the reservation's prices)."""
+        if lease.settled:
+            return
+        lease.settled = True
+        ask = lease.ask
+        prompt = lease.prompt_tokens if input_tokens is None else input_tokens
+        tokens = prompt + output_tokens
+        if cost is None:
+            micro = math.ceil(prompt * lease.price.tokens_in + output_tokens * lease.price.tokens_out)
+        else:
+            micro = math.ceil(cost * 1_000_000 - 1e-6)
+        if lease.shared:
+            self._running.pop(ask.lease, None)
+            if tokens != ask.tokens or micro != ask.cost or ask.lease:
+                self._pending.append((ask, tokens, micro))
+                self._wake.set()
+        else:
+            self.local.settle(ask, tokens, micro, self.clock())
+
+    def release(self, lease: Lease) -> None:
+        """The request failed before producing anything: settle it with no tokens used."""
+        self.settle(lease, 0, 0)
+
+    # -- Redis health, heartbeats, batched settlements -------------------------------------------------------
+
+    def _degrade(self, exc: BaseException) -> None:
+        if self.state == "ok":
+            n = self.settings.instances or self.instances
+            log.warning(
+                "limits: degraded — Redis at %s unreachable (%s); enforcing each key's share 1/%d here "
+                "(keys that fail closed are refused)",
+                redact(self.redis_url or ""),
+                type(exc).__name__,
+                n,
+            )
+        self.state = "degraded"
+
+    async def beat(self) -> None:
+        """One heartbeat: say this instance is alive, renew its leases, learn the instances alive."""
+        if self.redis is None:
+            return
+        try:
+            if self.state != "ok" or not self._loaded:
+                await self.redis.load()
+                self._loaded = True
+            n = await self.redis.heartbeat(
+                self.instance, 3 * self.settings.heartbeat, list(self._running.values())
+            )
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            self._degrade(exc)
+            return
+        self.instances = max(1, n)
+        if self.state == "degraded":
+            log.warning(
+                "limits: ok — Redis at %s is reachable again; limits are shared", redact(self.redis_url or "")
+            )
+            self.local = LocalLimits()
+            self.state = "ok"
+
+    async def flush(self) -> None:
+        """Send the settlements that piled up, in one round trip; dropped if Redis is unreachable."""
+        if self.redis is None or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await self.redis.settle(batch)
+        except Exception as exc:
+            # Reservations outlive their requests (conservative) until the window passes; slots expire.
+            if not _unreachable(exc):
+                raise
+            self._degrade(exc)
+
+    async def run(self) -> None:
+        """Heartbeats every ``heartbeat`` seconds and settlements as they come, until cancelled."""
+        if self.redis is None:
+            return
+        flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        try:
+            while True:
+                await self.beat()
+                await asyncio.sleep(self.settings.heartbeat)
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            # A moment's grace: the next admission usually comes first and takes them along for free.
+            await asyncio.sleep(SETTLE_DELAY)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:  # a script error must not stop settlements for good
+                log.exception("limits: settling with Redis failed")
+
+    async def close(self) -> None:
+        if self.redis is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.flush()
+            await self.redis.leave(self.instance)
+        await self.redis.close()
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means Redis cannot be reached now (rather than a bug in a script)."""
+    return isinstance(exc, RedisUnavailable | OSError | TimeoutError)

@@ -1,0 +1,93 @@
+"""One usage record: what one request cost, as the ledger stores and bills it.
+
+A streamed answer has two records with the same ``request_id``: an *open* one written when the stream
+commits (before its first byte reaches the client) and the *final* one when it ends. The open record is
+what makes a stream the gateway was killed in the middle of still appear in the ledger; the final one
+replaces it (never the other way round), so replays in any order converge on one row per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import orjson
+
+#: Outcomes: answered in full; an error answer; a stream the client left or that ended with an in-band
+#: error (billed for what was generated); a stream still running; a stream whose gateway stopped first.
+OK, ERROR, INCOMPLETE, OPEN, INTERRUPTED = "ok", "error", "incomplete", "open", "interrupted"
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """The ledger's row for one request (tokens as the backends reported them)."""
+
+    request_id: str
+    ts: float  # wall-clock seconds (Unix) when the request arrived
+    model: str
+    protocol: str = "openai"
+    kind: str = "chat"
+    key_id: str | None = None
+    endpoints: str = ""  # the endpoints that served it, in order, comma-separated
+    provider: str | None = None
+    region: str | None = None
+    attempts: int = 0
+    continuations: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_cached: int = 0
+    cost: float = 0.0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    status: int = 0
+    outcome: str = OK
+    instance: str = ""
+
+    @property
+    def final(self) -> bool:
+        """Whether this is the request's last word (an open stream's record is not)."""
+        return self.outcome != OPEN
+
+    def to_line(self) -> bytes:
+        """One outbox line: the record as a JSON object, newline-terminated."""
+        return orjson.dumps(self, option=orjson.OPT_APPEND_NEWLINE)
+
+    def row(self) -> tuple[Any, ...]:
+        """The values in :data:`COLUMNS` order (``final`` last)."""
+        return (*(getattr(self, name) for name in _NAMES), int(self.final))
+
+
+_NAMES = tuple(f.name for f in fields(UsageRecord))
+_DEFAULTS = tuple((f.name, f.default) for f in fields(UsageRecord))
+#: The ledger table's columns, in the order :meth:`UsageRecord.row` gives them.
+COLUMNS: tuple[str, ...] = (*_NAMES, "final")
+
+
+def row_of(line: bytes) -> tuple[Any, ...]:
+    """One outbox line as a table row (the shipper's fast path: no record object); ``ValueError`` on a
+    torn or foreign line. Fields a newer gateway added are ignored; missing ones take their defaults."""
+    data = orjson.loads(line)
+    if not isinstance(data, dict) or not isinstance(data.get("request_id"), str):
+        raise ValueError("not a usage record")
+    get = data.get
+    return (*[get(name, default) for name, default in _DEFAULTS], int(get("outcome") != OPEN))
+
+
+def from_line(line: bytes) -> UsageRecord:
+    """Parse one outbox line into a record (raises ``ValueError`` like :func:`row_of`)."""
+    return UsageRecord(*row_of(line)[:-1])
+
+
+def newest(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """One row per request id (the first column): the first final one, else the last open one."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        seen = out.get(row[0])
+        if seen is None or not seen[-1]:
+            out[row[0]] = row
+    return list(out.values())
+
+
+def as_dict(record: UsageRecord) -> dict[str, Any]:
+    """The record as a plain dict (for JSON reports)."""
+    return asdict(record)

@@ -1,0 +1,230 @@
+"""Where ledger records end up: SQLite (default) or PostgreSQL, one row per request, with migrations.
+
+Writes are idempotent by request id: ``INSERT … ON CONFLICT (request_id) DO UPDATE … WHERE`` the stored
+row is a stream's open record and the new one is final. A replayed record therefore never adds a row and
+never undoes a final one, whatever order the outbox and a restart deliver them in.
+
+Both stores are used from the shipper's thread (its own event loop): SQLite's calls block that thread
+only; PostgreSQL's go through psycopg's async connection so every call has a client-side timeout — a
+database behind a network that drops packets must not freeze the shipper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from skyfabric.ops.database import Database, Migration, migrate_postgres, migrate_sqlite
+from skyfabric.ops.record import COLUMNS
+
+Row = tuple[Any, ...]
+
+#: Schema migrations, in order: (version, what it does, statements). ``{t}`` is the table prefix.
+#: Append only; never edit an applied one.
+MIGRATIONS: list[Migration] = [
+    (
+        1,
+        "the usage table",
+        [
+            "CREATE TABLE {t}usage ("
+            " request_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, model TEXT NOT NULL,"
+            " protocol TEXT NOT NULL, kind TEXT NOT NULL, key_id TEXT, endpoints TEXT NOT NULL,"
+            " provider TEXT, region TEXT, attempts INTEGER NOT NULL, continuations INTEGER NOT NULL,"
+            " tokens_in BIGINT NOT NULL, tokens_out BIGINT NOT NULL, tokens_cached BIGINT NOT NULL,"
+            " cost DOUBLE PRECISION NOT NULL, latency_ms DOUBLE PRECISION NOT NULL, ttft_ms DOUBLE PRECISION,"
+            " status INTEGER NOT NULL, outcome TEXT NOT NULL, instance TEXT NOT NULL,"
+            " final INTEGER NOT NULL)",
+        ],
+    ),
+    (
+        2,
+        "indexes for reports by period and key, and for finding a dead instance's open streams",
+        [
+            "CREATE INDEX {t}usage_ts ON {t}usage (ts)",
+            "CREATE INDEX {t}usage_key_ts ON {t}usage (key_id, ts)",
+            "CREATE INDEX {t}usage_open ON {t}usage (instance) WHERE final = 0",
+        ],
+    ),
+]
+
+
+def insert_sql(prefix: str, placeholder: str) -> str:
+    """The idempotent insert (see the module docstring)."""
+    names = ", ".join(COLUMNS)
+    values = ", ".join([placeholder] * len(COLUMNS))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "request_id")
+    return (
+        f"INSERT INTO {prefix}usage ({names}) VALUES ({values}) ON CONFLICT (request_id) DO UPDATE SET "
+        f"{updates} WHERE {prefix}usage.final = 0 AND excluded.final = 1"
+    )
+
+
+def sweep_sql(prefix: str, placeholder: str, instances: int) -> str:
+    """Open records of dead instances become ``interrupted`` (their gateway stopped mid-stream)."""
+    marks = ", ".join([placeholder] * instances)
+    return (
+        f"UPDATE {prefix}usage SET outcome = 'interrupted', final = 1 "
+        f"WHERE final = 0 AND instance IN ({marks}) AND ts < {placeholder}"
+    )
+
+
+class Store(Protocol):
+    """A ledger database as the shipper sees it."""
+
+    kind: str
+
+    async def connect(self) -> None: ...
+    async def write(self, rows: Sequence[Row]) -> None: ...
+    async def sweep(self, instances: Sequence[str], before: float) -> int: ...
+    async def close(self) -> None: ...
+
+
+def make_store(database: Database) -> Store:
+    """The ledger's store in the operations database."""
+    if database.url is not None:
+        return PostgresStore(database.url, database.prefix, timeout=database.timeout)
+    assert database.path is not None
+    return SQLiteStore(str(database.path), database.prefix)
+
+
+class SQLiteStore:
+    """The default ledger: one SQLite file (WAL, so reports read while gateways write)."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str, prefix: str) -> None:
+        self.path = path
+        self.prefix = prefix
+        self._db: sqlite3.Connection | None = None
+        self._insert = insert_sql(prefix, "?")
+
+    async def connect(self) -> None:
+        if self._db is not None:
+            return
+        db = Database(None, Path(self.path), self.prefix).sqlite()
+        try:
+            migrate_sqlite(db, self.prefix, "ledger", MIGRATIONS)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        assert self._db is not None
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(self._insert, rows)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    async def sweep(self, instances: Sequence[str], before: float) -> int:
+        assert self._db is not None
+        cur = self._db.execute(sweep_sql(self.prefix, "?", len(instances)), [*instances, before])
+        return cur.rowcount
+
+    async def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class PostgresStore:
+    """The ledger in PostgreSQL (psycopg 3, async, every call under ``timeout`` seconds)."""
+
+    kind = "postgresql"
+
+    def __init__(self, url: str, prefix: str, *, timeout: float = 5.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+        self._conn: Any = None
+        self._insert = insert_sql(prefix, "%s")
+        #: Calls given up on (see :meth:`_within`), kept referenced until they end by themselves.
+        self._abandoned: set[asyncio.Future[Any]] = set()
+
+    async def _within(self, work: Any) -> Any:
+        """Run ``work`` for at most ``timeout`` seconds. A call past it is abandoned, not awaited: psycopg
+        answers a cancellation by asking the server to cancel the query, over the same dead network, for
+        up to 10 s; the connection is given up and a fresh one made at the next try."""
+        task = asyncio.ensure_future(work)
+        done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        if not done:
+            self._conn = None
+            task.cancel()
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned.discard)
+            task.add_done_callback(_consume)
+            raise TimeoutError(f"the database did not answer within {self.timeout:g}s")
+        try:
+            return task.result()
+        except BaseException:
+            await self._drop()
+            raise
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            closing = asyncio.ensure_future(conn.close())
+            # Closing sends a goodbye over a socket that may be dead: never wait on it long.
+            done, _ = await asyncio.wait({closing}, timeout=0.5)
+            if not done:
+                self._abandoned.add(closing)
+                closing.add_done_callback(self._abandoned.discard)
+            closing.add_done_callback(_consume)
+
+    async def connect(self) -> None:
+        if self._conn is not None:
+            return
+        import psycopg
+
+        async def connect() -> Any:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, connect_timeout=max(1, int(self.timeout)), autocommit=False
+            )
+            try:
+                await migrate_postgres(conn, self.prefix, "ledger", MIGRATIONS)
+            except BaseException:
+                await conn.close()
+                raise
+            return conn
+
+        self._conn = await self._within(connect())
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        conn = self._conn
+        assert conn is not None
+
+        async def write() -> None:
+            async with conn.cursor() as cur:
+                await cur.executemany(self._insert, rows)
+            await conn.commit()
+
+        await self._within(write())
+
+    async def sweep(self, instances: Sequence[str], before: float) -> int:
+        conn = self._conn
+        assert conn is not None
+
+        async def sweep() -> int:
+            cur = await conn.execute(sweep_sql(self.prefix, "%s", len(instances)), [*instances, before])
+            count = int(cur.rowcount)
+            await conn.commit()
+            return count
+
+        result: int = await self._within(sweep())
+        return result
+
+    async def close(self) -> None:
+        await self._drop()
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

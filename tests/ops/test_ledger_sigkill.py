@@ -1,0 +1,110 @@
+"""A gateway SIGKILLed under load accounts, after its restart, for every request it answered."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.ops.conftest import PG_URL, pg_rows
+from tests.ops.procs import free_port, start_gateway, start_stub, stop, write_fleet
+
+
+@pytest.mark.slow
+async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path, pg_prefix: str) -> None:
+    stub_port, port = free_port(), free_port()
+    stub = start_stub(stub_port)
+    ledger = {
+        "enabled": True,
+        "database": PG_URL,
+        "table_prefix": pg_prefix,
+        "outbox": str(tmp_path / "outbox"),
+        "ship_interval": 0.5,
+    }  # fmt: skip  (slow shipping: the kill finds records only in the outbox)
+    fleet = write_fleet(
+        tmp_path / "fleet.yaml", [f"http://127.0.0.1:{stub_port}/v1"], operations={"ledger": ledger}
+    )
+    gateway = start_gateway(fleet, port, tmp_path / "gateway.log")
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    answered: dict[str, str] = {}  # request id → "plain", "stream" (complete) or "cut" (the kill cut it)
+    usage: dict[str, tuple[int, int]] = {}
+    stop_at = asyncio.Event()
+
+    async def worker(n: int) -> None:
+        i = 0
+        while not stop_at.is_set():
+            i += 1
+            messages = [{"role": "user", "content": f"worker {n} request {i}"}]
+            try:
+                if (n + i) % 2:
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model="m",
+                        messages=messages,
+                        max_tokens=8,  # type: ignore[arg-type]
+                    )
+                    rid = raw.headers["x-request-id"]
+                    answer = raw.parse()
+                    answered[rid] = "plain"
+                    assert answer.usage is not None
+                    usage[rid] = (answer.usage.prompt_tokens, answer.usage.completion_tokens)
+                else:
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model="m",
+                        messages=messages,
+                        max_tokens=40,
+                        stream=True,  # type: ignore[arg-type]
+                    )
+                    rid = raw.headers["x-request-id"]
+                    answered[rid] = "cut"  # the client has its id from here on
+                    _ = [c async for c in raw.parse()]
+                    answered[rid] = "stream"
+            except (openai.APIConnectionError, httpx_errors()):
+                return  # the gateway is gone
+
+    workers = [asyncio.create_task(worker(n)) for n in range(12)]
+    await asyncio.sleep(2.0)
+    os.kill(gateway.pid, signal.SIGKILL)
+    gateway.wait(5)
+    stop_at.set()
+    await asyncio.gather(*workers, return_exceptions=False)
+    cut = [rid for rid, how in answered.items() if how == "cut"]
+    assert len(answered) > 100 and cut, (len(answered), len(cut))
+
+    restarted = start_gateway(fleet, port, tmp_path / "gateway.log")
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = {r["request_id"]: r for r in pg_rows(pg_prefix)}
+            if set(answered) <= set(rows) and not any(rows[rid]["final"] == 0 for rid in answered):
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        stop(restarted)
+        stop(stub)
+    missing = set(answered) - set(rows)
+    assert not missing, f"{len(missing)} answered requests have no ledger record"
+    # No duplicates: one row per id (the primary key), and no row for an id the gateway never issued
+    # beyond the requests in flight at the kill (recorded before their answer reached the client).
+    assert len(rows) - len(answered) <= 12
+    for rid, how in answered.items():
+        row = rows[rid]
+        if how == "plain":
+            assert (row["tokens_in"], row["tokens_out"], row["outcome"]) == (*usage[rid], "ok")
+        elif how == "stream":
+            assert (row["tokens_out"], row["outcome"]) == (40, "ok")
+        else:  # its gateway died mid-stream: the next run closed its record
+            assert row["outcome"] in ("interrupted", "ok") and row["final"] == 1
+    assert sum(1 for rid in cut if rows[rid]["outcome"] == "interrupted") >= 1
+    log = (tmp_path / "gateway.log").read_text()
+    assert "left by an earlier run are being shipped" in log
+
+
+def httpx_errors() -> type[Exception]:
+    import httpx
+
+    return httpx.HTTPError

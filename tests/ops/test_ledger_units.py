@@ -1,0 +1,212 @@
+"""The ledger's parts on their own: the outbox, record merging, prices, both stores and their migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from skyfabric.core.fleet import LedgerConfig, parse_fleet
+from skyfabric.ops.ledger import Ledger
+from skyfabric.ops.outbox import Outbox
+from skyfabric.ops.pricing import PriceBook
+from skyfabric.ops.record import INTERRUPTED, OK, OPEN, UsageRecord, from_line, newest, row_of
+from skyfabric.ops.report import parse_when, render, usage_rows
+from skyfabric.ops.store import MIGRATIONS, PostgresStore, SQLiteStore
+from tests.ops.conftest import PG_URL, pg_rows
+
+
+def rec(rid: str, outcome: str = OK, tokens_out: int = 5, **kw: object) -> UsageRecord:
+    return UsageRecord(request_id=rid, ts=1000.0, model="m", tokens_out=tokens_out, outcome=outcome, **kw)  # type: ignore[arg-type]
+
+
+def drain(box: Outbox) -> list[UsageRecord]:
+    out = []
+    while (batch := box.read(1000)) is not None:
+        out.extend(from_line(line) for line in batch.lines)
+        box.confirm(batch)
+    return out
+
+
+# -- the outbox -------------------------------------------------------------------------------------------
+
+
+def test_outbox_rotates_ships_and_deletes_confirmed_segments(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, segment_bytes=2048)
+    box.open()
+    for i in range(100):
+        box.append(rec(f"r{i}").to_line())
+    slot = box.slot
+    assert slot is not None
+    assert len(list(slot.glob("*.jsonl"))) > 3  # rotated
+    got = drain(box)
+    assert [r.request_id for r in got] == [f"r{i}" for i in range(100)]
+    box.sync()
+    assert len(list(slot.glob("*.jsonl"))) == 1  # only the segment being written is left
+    assert box.pending_bytes() == 0
+    box.close()
+
+
+def test_a_second_process_gets_its_own_slot_and_a_dead_ones_records_are_replayed(tmp_path: Path) -> None:
+    first = Outbox(tmp_path)
+    first.open()
+    for i in range(10):
+        first.append(rec(f"a{i}").to_line())
+    second = Outbox(tmp_path)  # flock is per open file: this is another owner, as another process is
+    second.open()
+    assert second.slot != first.slot
+    assert drain(second) == []  # the live slot is not touched
+    first.close()  # its process dies: the lock goes with it, the records stay
+    third = Outbox(tmp_path)
+    third.open()
+    assert third.replaying
+    assert [r.request_id for r in drain(third)] == [f"a{i}" for i in range(10)]
+    assert not third.replaying
+    assert len(third.instances) == 1 and str(first.slot) in third.instances[0]
+    second.close()
+    third.close()
+
+
+def test_a_torn_last_line_is_dropped_and_the_rest_replayed(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.open()
+    box.append(rec("whole").to_line())
+    assert box.slot is not None
+    segment = sorted(box.slot.glob("*.jsonl"))[-1]
+    box.close()
+    with open(segment, "ab") as f:
+        f.write(b'{"request_id": "torn", "ts"')  # a machine crash mid-write
+    again = Outbox(tmp_path)
+    again.open()
+    assert [r.request_id for r in drain(again)] == ["whole"]
+    again.close()
+
+
+# -- records and prices -----------------------------------------------------------------------------------
+
+
+def test_a_final_record_wins_over_the_open_one_and_a_replayed_final_changes_nothing() -> None:
+    lines = [rec("a", OPEN, 0), rec("a", OK, 7), rec("a", OPEN, 0), rec("b", OPEN, 0), rec("a", OK, 9)]
+    got = [UsageRecord(*row[:-1]) for row in newest([row_of(r.to_line()) for r in lines])]
+    by_id = {r.request_id: r for r in got}
+    assert by_id["a"].outcome == OK and by_id["a"].tokens_out == 7
+    assert by_id["b"].outcome == OPEN
+    assert from_line(rec("x", tokens_cached=3).to_line()) == rec("x", tokens_cached=3)
+
+
+FLEET = {
+    "models": [{"name": "m", "price_per_mtok_in": 1.0, "price_per_mtok_out": 4.0}],
+    "providers": [
+        {
+            "name": "p",
+            "regions": [
+                {
+                    "name": "r",
+                    "pools": [
+                        {
+                            "name": "a",
+                            "accelerator": "cpu",
+                            "engine": "vllm",
+                            "model": "m",
+                            "endpoints": ["http://x/v1"],
+                        },
+                        {
+                            "name": "b",
+                            "accelerator": "cpu",
+                            "engine": "vllm",
+                            "model": "m",
+                            "endpoints": ["http://y/v1"],
+                            "price_per_mtok_in": 2.0,
+                            "price_per_mtok_out": 10.0,
+                            "price_per_mtok_cached": 0.5,
+                        },
+                    ],
+                }
+            ],
+        }
+    ],
+}
+
+
+def test_prices_come_from_the_pool_else_the_model_and_cached_tokens_are_cheaper() -> None:
+    book = PriceBook(parse_fleet(FLEET))
+    # Pool a: the model's prices; cached defaults to the prompt price.
+    assert book.cost("p/r/a/0", 1_000_000, 0, [("p/r/a/0", 1_000_000)]) == pytest.approx(5.0)
+    assert book.cost("p/r/a/0", 1_000_000, 400_000, []) == pytest.approx(1.0)
+    # Pool b: its own; 400k of the 1M prompt tokens cached at 0.5.
+    assert book.cost("p/r/b/0", 1_000_000, 400_000, [("p/r/b/0", 100_000)]) == pytest.approx(
+        0.6 * 2.0 + 0.4 * 0.5 + 0.1 * 10.0
+    )
+    # A stream continued from a to b: each part's output at its own pool's price, the prompt at a's.
+    assert book.cost("p/r/a/0", 0, 0, [("p/r/a/0", 500_000), ("p/r/b/0", 500_000)]) == pytest.approx(
+        2.0 + 5.0
+    )
+    assert book.cost("q/unknown/pool/0", 10, 0, [("q/unknown/pool/0", 10)]) == 0.0
+
+
+# -- stores -----------------------------------------------------------------------------------------------
+
+
+def rows(*records: UsageRecord) -> list[tuple[object, ...]]:
+    return [r.row() for r in records]
+
+
+async def exercise(store: SQLiteStore | PostgresStore) -> None:
+    await store.connect()
+    await store.write(rows(rec("a", OPEN, 0, instance="i1"), rec("b", OK, 3, instance="i1")))
+    await store.write(rows(rec("a", OK, 11, instance="i1"), rec("b", OK, 3, instance="i1")))  # final + replay
+    await store.write(rows(rec("a", OPEN, 0, instance="i1")))  # a late replay of the open record: no effect
+    await store.write(rows(rec("c", OPEN, 0, instance="i1"), rec("d", OPEN, 0, instance="i2")))
+    assert await store.sweep(["i1"], 2000.0) == 1  # c: its gateway died mid-stream
+    await store.close()
+
+
+def test_sqlite_store_migrates_once_and_converges_on_one_final_row_per_request(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.sqlite")
+    asyncio.run(exercise(SQLiteStore(path, "sf_")))
+    asyncio.run(SQLiteStore(path, "sf_").connect())  # a second start applies nothing
+    db = sqlite3.connect(path)
+    versions = [v for (v,) in db.execute("SELECT version FROM sf_ledger_migrations ORDER BY version")]
+    assert versions == [m[0] for m in MIGRATIONS]
+    rows = dict(db.execute("SELECT request_id, outcome || ':' || tokens_out || ':' || final FROM sf_usage"))
+    assert rows == {"a": "ok:11:1", "b": "ok:3:1", "c": f"{INTERRUPTED}:0:1", "d": "open:0:0"}
+
+
+def test_postgres_store_migrates_once_and_converges_on_one_final_row_per_request(pg_prefix: str) -> None:
+    asyncio.run(exercise(PostgresStore(PG_URL, pg_prefix)))
+
+    async def again() -> None:
+        store = PostgresStore(PG_URL, pg_prefix)
+        await store.connect()
+        await store.close()
+
+    asyncio.run(again())
+    rows = {r["request_id"]: f"{r['outcome']}:{r['tokens_out']}:{r['final']}" for r in pg_rows(pg_prefix)}
+    assert rows == {"a": "ok:11:1", "b": "ok:3:1", "c": f"{INTERRUPTED}:0:1", "d": "open:0:0"}
+
+
+def test_the_ledger_ships_from_the_outbox_and_the_report_sums_it(tmp_path: Path) -> None:
+    config = LedgerConfig(enabled=True, path=str(tmp_path / "l.sqlite"), ship_interval=0.01)
+    ledger = Ledger(config)
+    ledger.start()
+    for i in range(50):
+        ledger.record(
+            rec(f"r{i}", tokens_out=i, key_id="team-a" if i % 2 else None, cost=0.5 if i % 2 else 0.25)
+        )
+    ledger.close()
+    assert ledger.shipped == 50 and ledger.reachable is True
+    rows = usage_rows(config, 0, 2000, "key")
+    zero = {"tokens_in": 0, "tokens_cached": 0}
+    assert rows == [
+        {"key": "team-a", "requests": 25, **zero, "tokens_out": sum(range(1, 50, 2)), "cost": 12.5},
+        {"key": "(none)", "requests": 25, **zero, "tokens_out": sum(range(0, 50, 2)), "cost": 6.25},
+    ]
+    assert (
+        render(rows, "key", "csv").splitlines()[0] == "key,requests,tokens_in,tokens_out,tokens_cached,cost"
+    )
+    assert "team-a" in render(rows, "key", "table") and '"requests": 25' in render(rows, "key", "json")
+    assert usage_rows(config, 1001, 2000, "model") == []
+    assert parse_when("24h", now=100_000.0) == 100_000.0 - 86_400
+    assert parse_when("2026-12-01") == parse_when("2026-12-01T00:00:00+00:00")
