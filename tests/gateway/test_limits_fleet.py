@@ -84,7 +84,7 @@ async def test_three_gateways_share_one_keys_rpm_budget_and_survive_redis_going_
         # -- 60 requests a minute, shared by three gateways ------------------------------------------------
         async with httpx.AsyncClient(timeout=5) as http:
             for gw in gateways:  # the limits are shared through Redis, not each gateway's own
-                assert (await http.get(f"{gw.root}/readyz")).json()["limits"] == "ok"
+                assert (await http.get(f"{gw.root}/readyz")).json()["operations"]["limits"] == "ok"
         key = await create_key(gateways, rpm=60)
         clients = [sdk(gw, key) for gw in gateways]
 
@@ -133,11 +133,11 @@ async def test_three_gateways_share_one_keys_rpm_budget_and_survive_redis_going_
             assert unavailable.value.status_code == 503
         async with httpx.AsyncClient(timeout=5) as http:
             for gw in gateways:
-                assert (await http.get(f"{gw.root}/readyz")).json()["limits"] == "degraded"
+                assert (await http.get(f"{gw.root}/readyz")).json()["operations"]["limits"] == "degraded"
             redis.start()  # the same port: the gateways reconnect
             for gw in gateways:
                 for _ in range(50):
-                    if (await http.get(f"{gw.root}/readyz")).json()["limits"] == "ok":
+                    if (await http.get(f"{gw.root}/readyz")).json()["operations"]["limits"] == "ok":
                         break
                     await asyncio.sleep(0.1)
                 else:

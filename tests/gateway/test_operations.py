@@ -25,7 +25,7 @@ async def gateway(
     return await make_gateway(
         {"aws": [up]},
         models=[
-            {"name": "m", "aliases": ["alias-m"], "price": {"input": 1.0, "output": 2.0}},
+            {"name": "m", "aliases": ["alias-m"], "price_per_mtok_in": 1.0, "price_per_mtok_out": 2.0},
             {"name": "other"},
         ],
         operations={"database": str(tmp_path / "keys.db"), "admin_key_env": "SF_TEST_ADMIN", **ops},
@@ -91,7 +91,7 @@ async def test_key_lifecycle_through_the_admin_api_and_the_sdks(
             with pytest.raises(openai.AuthenticationError, match="revoked"):
                 await sdk(gw, secret).chat.completions.create(model="m", messages=HI)
         await sdk(gw, "static-fleet-key-0001").chat.completions.create(model="m", messages=HI)
-        ready = (await http.get("/readyz")).json()
+        ready = (await http.get("/readyz")).json()["operations"]
         assert ready["keys"] == "ok" and ready["limits"] == "local"
         metrics = (await http.get("/metrics")).text
     # Keys never appear in logs, metrics, or errors.
@@ -203,18 +203,31 @@ async def test_the_keys_cli_drives_the_admin_api(
 async def test_keys_in_postgresql_when_the_fleet_file_says_so(
     make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from skyfabric.ops.keystore import TABLE, KeyStore
+    import os
+
+    from skyfabric.ops.database import Database
+    from skyfabric.ops.keystore import KeyStore
 
     url = "postgresql://postgres@127.0.0.1:5432/test"
-    gw = await gateway(make_gateway, tmp_path, monkeypatch, FakeUpstream("u", tokens=2), database=url)
+    prefix = f"t{os.urandom(5).hex()}_"
+    gw = await gateway(
+        make_gateway,
+        tmp_path,
+        monkeypatch,
+        FakeUpstream("u", tokens=2),
+        database=url,
+        table_prefix=prefix,
+    )
     async with admin(gw) as http:
         made = (await http.post("/admin/keys", json={"name": "pg-team"})).json()
-    store = KeyStore(url)
+    store = KeyStore(Database.at(url, prefix=prefix))
     try:
         assert store.get(made["id"]) is not None and store.get(made["id"]).name == "pg-team"  # type: ignore[union-attr]
         with store._cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM {TABLE} WHERE hash = %s", (made["key"],))
+            cur.execute(f"SELECT count(*) FROM {store.table} WHERE hash = %s", (made["key"],))
             assert cur.fetchone()[0] == 0  # stored as its digest, never as itself
+        await sdk(gw, made["key"]).chat.completions.create(model="m", messages=HI)
     finally:
+        with store._cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {store.table}, {prefix}keys_migrations")
         store.close()
-    await sdk(gw, made["key"]).chat.completions.create(model="m", messages=HI)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from skyfabric.core.errors import AuthenticationError
+from skyfabric.ops.database import Database, redact
 from skyfabric.ops.keycache import KeyCache
 from skyfabric.ops.keys import PREFIX, KeyRecord, digest, hint, new_key_id, new_secret
-from skyfabric.ops.keystore import TABLE, KeyStore, redact
+from skyfabric.ops.keystore import KeyStore
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -19,13 +21,15 @@ POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyStore]:
     if request.param == "sqlite":
-        made = KeyStore("keys.db", base=tmp_path)
-    else:
-        made = KeyStore(POSTGRES)
-        with made._cursor() as cur:
-            cur.execute(f"DROP TABLE IF EXISTS {TABLE}")
-        made._ready = False
+        made = KeyStore(Database.at("keys.db", tmp_path))
+        yield made
+        made.close()
+        return
+    prefix = f"t{os.urandom(5).hex()}_"
+    made = KeyStore(Database.at(POSTGRES, prefix=prefix))
     yield made
+    with made._cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {made.table}, {prefix}keys_migrations")
     made.close()
 
 
@@ -43,7 +47,7 @@ def test_a_key_round_trips_through_the_store_without_its_secret(store: KeyStore)
     assert store.get(made.id) == made
     assert store.all() == [made]
     with store._cursor() as cur:
-        cur.execute(f"SELECT * FROM {TABLE}")
+        cur.execute(f"SELECT * FROM {store.table}")
         assert secret not in repr(cur.fetchall())
     revoked = KeyRecord(**_fields(made, revoked=5.0))  # type: ignore[arg-type]
     store.update(revoked)
@@ -90,19 +94,19 @@ async def test_an_unreachable_database_keeps_the_last_known_keys(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="skyfabric.ops")
-    store = KeyStore("keys.db", base=tmp_path)
+    store = KeyStore(Database.at("keys.db", tmp_path))
     secret = new_secret()
     store.insert(record(secret))
     cache = KeyCache(store, [])
     await cache.reload()
     assert cache.fresh and cache.lookup(secret.encode())
     store.close()
-    store.path = tmp_path / "gone" / "keys.db"  # the database is out of reach
+    store.database = Database.at("gone/keys.db", tmp_path)  # the database is out of reach
     await cache.reload()
     await cache.reload()
     assert not cache.fresh and cache.lookup(secret.encode())
     assert sum("keys: stale" in r.getMessage() for r in caplog.records) == 1
-    store.path = tmp_path / "keys.db"
+    store.database = Database.at("keys.db", tmp_path)
     await cache.reload()
     assert cache.fresh and sum("keys: ok" in r.getMessage() for r in caplog.records) == 1
 

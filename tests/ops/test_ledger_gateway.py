@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 
-from skyfabric.gateway.operations import cached_tokens
+from skyfabric.gateway.spend import answer_usage
+from skyfabric.protocols.canonical import Usage
 from tests.conftest import MakeGateway
 from tests.support.counters import assert_released
 from tests.support.fake_upstream import FakeUpstream
@@ -37,7 +38,11 @@ async def ledger_rows(path: Path, count: int, within: float = 5.0) -> dict[str, 
 
 
 def operations(tmp_path: Path) -> dict[str, Any]:
-    return {"ledger": {"enabled": True, "path": str(tmp_path / "ledger.sqlite"), "ship_interval": 0.01}}
+    return {
+        "keys": False,
+        "database": str(tmp_path / "ledger.sqlite"),
+        "ledger": {"enabled": True, "ship_interval": 0.01},
+    }
 
 
 async def test_every_answer_has_one_record_with_the_backends_usage_and_its_cost(
@@ -91,7 +96,7 @@ async def test_every_answer_has_one_record_with_the_backends_usage_and_its_cost(
     assert (first["model"], first["kind"], first["protocol"], first["key_id"]) == (
         "m",
         "chat",
-        "openai",
+        "openai.chat",
         None,
     )
     assert first["latency_ms"] > 0 and first["ttft_ms"] is None
@@ -117,7 +122,10 @@ async def test_a_client_that_leaves_mid_stream_is_billed_for_what_was_generated(
 ) -> None:
     up = FakeUpstream("a", tokens=40, default={"stall_after": 6})
     gw = await make_gateway({"aws": [up]}, health={"probe_interval": 0}, operations=operations(tmp_path))
-    body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    # A token limit (Anthropic's clients always set one) makes the gateway ask the engine for the running
+    # usage, so the tokens sent are known exactly at any cut; without one it bills the chunks sent (a
+    # lower bound: see docs/operations.md).
+    body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 40}
     async with (
         httpx.AsyncClient() as http,
         http.stream("POST", gw.base_url + "/chat/completions", json=body) as resp,
@@ -144,10 +152,17 @@ async def test_readyz_reports_the_ledger(make_gateway: MakeGateway, tmp_path: Pa
     assert detail["appended"] == 1 and detail["shipped"] == 1
 
 
-def test_cached_tokens_are_read_from_a_non_streamed_answer() -> None:
+def test_usage_is_read_from_a_whole_answer_in_either_protocol() -> None:
     body = (
         b'{"choices":[],"usage":{"prompt_tokens":120,"completion_tokens":4,"total_tokens":124,'
         b'"prompt_tokens_details":{"cached_tokens": 96}}}'
     )
-    assert cached_tokens(body) == 96
-    assert cached_tokens(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}') == 0
+    assert answer_usage(body, "openai") == Usage(120, 4, 96)
+    assert answer_usage(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}', "openai") == Usage(1, 1, 0)
+    assert answer_usage(b'{"choices":[]}', "openai") is None
+    # Anthropic's input_tokens leaves cache reads and writes out; the seam's prompt counts them all.
+    anthropic = (
+        b'{"content":[],"usage":{"input_tokens":10,"cache_creation_input_tokens":5,'
+        b'"cache_read_input_tokens":100,"output_tokens":7}}'
+    )
+    assert answer_usage(anthropic, "anthropic") == Usage(115, 7, 100, 5)

@@ -38,16 +38,19 @@ async def test_postgres_cut_off_mid_traffic_loses_nothing(
 ) -> None:
     cut = TcpCut(5432)
     port = await cut.start()
-    ledger = {
-        "enabled": True,
+    operations = {
+        "keys": False,
         "database": f"postgresql://postgres@127.0.0.1:{port}/test",
         "table_prefix": pg_prefix,
-        "outbox": str(tmp_path / "outbox"),
-        "ship_interval": 0.02,
         "database_timeout": 1.0,
-        "retry_interval": 0.2,
+        "ledger": {
+            "enabled": True,
+            "outbox": str(tmp_path / "outbox"),
+            "ship_interval": 0.02,
+            "retry_interval": 0.2,
+        },
     }
-    gw = await make_gateway({"aws": [FakeUpstream("a", tokens=6)]}, operations={"ledger": ledger})
+    gw = await make_gateway({"aws": [FakeUpstream("a", tokens=6)]}, operations=operations)
     client = gw.client()
     ids: list[str] = []
 

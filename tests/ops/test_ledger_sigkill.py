@@ -12,23 +12,21 @@ import openai
 import pytest
 
 from tests.ops.conftest import PG_URL, pg_rows
-from tests.ops.procs import free_port, start_gateway, start_stub, stop, write_fleet
+from tests.support.gateway_proc import fleet_file, start_gateway, start_stub, stop
+from tests.support.private_redis import free_port
 
 
 @pytest.mark.slow
 async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path, pg_prefix: str) -> None:
     stub_port, port = free_port(), free_port()
     stub = start_stub(stub_port)
-    ledger = {
-        "enabled": True,
+    operations = {
+        "keys": False,
         "database": PG_URL,
         "table_prefix": pg_prefix,
-        "outbox": str(tmp_path / "outbox"),
-        "ship_interval": 0.5,
+        "ledger": {"enabled": True, "outbox": str(tmp_path / "outbox"), "ship_interval": 0.5},
     }  # fmt: skip  (slow shipping: the kill finds records only in the outbox)
-    fleet = write_fleet(
-        tmp_path / "fleet.yaml", [f"http://127.0.0.1:{stub_port}/v1"], operations={"ledger": ledger}
-    )
+    fleet = fleet_file(tmp_path / "fleet.yaml", [f"http://127.0.0.1:{stub_port}/v1"], operations=operations)
     gateway = start_gateway(fleet, port, tmp_path / "gateway.log")
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     answered: dict[str, str] = {}  # request id → "plain", "stream" (complete) or "cut" (the kill cut it)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from skyfabric.core.fleet import LedgerConfig, parse_fleet
-from skyfabric.ops.ledger import Ledger
+from skyfabric.ops.database import Database
+from skyfabric.ops.ledger import Ledger, outbox_dir
 from skyfabric.ops.outbox import Outbox
 from skyfabric.ops.pricing import PriceBook
 from skyfabric.ops.record import INTERRUPTED, OK, OPEN, UsageRecord, from_line, newest, row_of
@@ -188,8 +189,9 @@ def test_postgres_store_migrates_once_and_converges_on_one_final_row_per_request
 
 
 def test_the_ledger_ships_from_the_outbox_and_the_report_sums_it(tmp_path: Path) -> None:
-    config = LedgerConfig(enabled=True, path=str(tmp_path / "l.sqlite"), ship_interval=0.01)
-    ledger = Ledger(config)
+    config = LedgerConfig(enabled=True, ship_interval=0.01)
+    database = Database.at(str(tmp_path / "l.sqlite"))
+    ledger = Ledger(config, database, outbox_dir(config, database))
     ledger.start()
     for i in range(50):
         ledger.record(
@@ -197,7 +199,7 @@ def test_the_ledger_ships_from_the_outbox_and_the_report_sums_it(tmp_path: Path)
         )
     ledger.close()
     assert ledger.shipped == 50 and ledger.reachable is True
-    rows = usage_rows(config, 0, 2000, "key")
+    rows = usage_rows(database, 0, 2000, "key")
     zero = {"tokens_in": 0, "tokens_cached": 0}
     assert rows == [
         {"key": "team-a", "requests": 25, **zero, "tokens_out": sum(range(1, 50, 2)), "cost": 12.5},
@@ -207,6 +209,6 @@ def test_the_ledger_ships_from_the_outbox_and_the_report_sums_it(tmp_path: Path)
         render(rows, "key", "csv").splitlines()[0] == "key,requests,tokens_in,tokens_out,tokens_cached,cost"
     )
     assert "team-a" in render(rows, "key", "table") and '"requests": 25' in render(rows, "key", "json")
-    assert usage_rows(config, 1001, 2000, "model") == []
+    assert usage_rows(database, 1001, 2000, "model") == []
     assert parse_when("24h", now=100_000.0) == 100_000.0 - 86_400
     assert parse_when("2026-12-01") == parse_when("2026-12-01T00:00:00+00:00")

@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 
 from skyfabric.core.errors import RateLimited
-from skyfabric.core.fleet import Limits, TokenPrice
+from skyfabric.core.fleet import Limits
 from skyfabric.ops.keys import KeyRecord, new_key_id
 from skyfabric.ops.limiter import Lease, Limiter
+from skyfabric.ops.pricing import PriceBook, Prices
 from tests.support.private_redis import PrivateRedis
+
+NO_PRICES = PriceBook.of_models({})
 
 SHARED = "redis://127.0.0.1:6379/0"
 
@@ -24,7 +27,7 @@ def key(**limits: Any) -> KeyRecord:
 
 @pytest.fixture
 async def limiters() -> AsyncIterator[list[Limiter]]:
-    made = [Limiter(Limits(), SHARED, {"m": TokenPrice(input=1.0, output=2.0)}) for _ in range(3)]
+    made = [Limiter(Limits(), SHARED, PriceBook.of_models({"m": Prices(1.0, 2.0, 1.0)})) for _ in range(3)]
     yield made
     for limiter in made:
         await limiter.close()
@@ -69,7 +72,7 @@ async def test_tokens_and_budget_are_reserved_then_settled_across_instances(limi
 
 
 async def test_a_concurrency_slot_is_freed_by_settlement_or_by_its_lease_expiring() -> None:
-    limiter = Limiter(Limits(lease_ttl=0.3), SHARED, {})
+    limiter = Limiter(Limits(lease_ttl=0.3), SHARED, NO_PRICES)
     try:
         record = key(max_concurrent=2)
         leases = [await admitted(limiter, record) for _ in range(3)]
@@ -96,7 +99,7 @@ async def test_redis_down_means_local_shares_or_refusal_per_key_and_recovery(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="skyfabric.ops")
     redis = PrivateRedis().start()
-    made = [Limiter(Limits(heartbeat=0.1), redis.url, {}) for _ in range(3)]
+    made = [Limiter(Limits(heartbeat=0.1), redis.url, NO_PRICES) for _ in range(3)]
     try:
         for limiter in made:
             await limiter.beat()
@@ -127,7 +130,7 @@ async def test_redis_down_means_local_shares_or_refusal_per_key_and_recovery(
 
 
 async def test_one_instance_without_redis_enforces_the_same_limits_in_process() -> None:
-    limiter = Limiter(Limits(), None, {})
+    limiter = Limiter(Limits(), None, NO_PRICES)
     record = key(rpm=5, max_concurrent=10)
     results = [await admitted(limiter, record) for _ in range(8)]
     assert sum(r is not None for r in results) == 5 and limiter.state == "local"
@@ -136,7 +139,9 @@ async def test_one_instance_without_redis_enforces_the_same_limits_in_process() 
 async def test_the_fleet_files_limits_options_are_honoured() -> None:
     redis = PrivateRedis().start()
     # instances: the share's divisor, whatever was seen; failure_policy: the default of keys without one.
-    limiter = Limiter(Limits(instances=4, failure_policy="closed", default_max_tokens=100), redis.url, {})
+    limiter = Limiter(
+        Limits(instances=4, failure_policy="closed", default_max_tokens=100), redis.url, NO_PRICES
+    )
     try:
         await limiter.beat()
         reserved = await limiter.admit(key(tpm=1000), "m", 20, None)

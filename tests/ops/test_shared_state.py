@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from skyfabric.ops.shared_state import Ejection, decode, encode
-from tests.ops.procs import free_port, start_gateway, start_stub, stop, write_fleet
+from tests.support.gateway_proc import fleet_file, start_gateway, start_stub, stop
+from tests.support.private_redis import free_port
 
 DEAD = "http://127.0.0.1:9/v1"  # nothing listens: connection refused, a hard failure that ejects at once
 
@@ -66,11 +67,15 @@ def test_an_ejection_learnt_by_one_gateway_reaches_the_other_within_a_second(tmp
     redis_port, stub_port, a_port, b_port = free_port(), free_port(), free_port(), free_port()
     redis = start_redis(redis_port, tmp_path)
     stub = start_stub(stub_port)
-    shared = {"redis": f"redis://127.0.0.1:{redis_port}/0", "reconnect_interval": 0.2}
-    fleet = write_fleet(
+    shared = {
+        "keys": False,
+        "redis": f"redis://127.0.0.1:{redis_port}/0",
+        "shared_state": {"reconnect_interval": 0.2},
+    }
+    fleet = fleet_file(
         tmp_path / "fleet.yaml",
         [f"http://127.0.0.1:{stub_port}/v1", DEAD],
-        operations={"shared_state": shared},
+        operations=shared,
         # No probes: B can only learn of the dead endpoint from A. Long ejections: it stays out meanwhile.
         health={"selftest": False, "probe_interval": 0, "base_ejection": 30, "max_ejection": 60},
     )

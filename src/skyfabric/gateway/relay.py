@@ -291,6 +291,7 @@ class StreamRelay:
                 continue
             if isinstance(event, Usage):
                 rewrite = self.usage_added
+                self.parts_usage_update(event)
             token |= self.progress.observe(event)
         if not rewrite:
             self.out.append(raw)

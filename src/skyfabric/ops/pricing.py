@@ -66,6 +66,13 @@ class PriceBook:
                 max((p.tokens_cached for p in every), default=0.0),
             )
 
+    @classmethod
+    def of_models(cls, prices: dict[str, Prices]) -> PriceBook:
+        """A book with only models' prices (no pools): for limits tested without a fleet."""
+        book = cls.__new__(cls)
+        book.pools, book.ceilings = {}, dict(prices)
+        return book
+
     def ceiling(self, model: str) -> Prices:
         """The dearest prices among the pools a request for ``model`` may reach (free when unknown)."""
         return self.ceilings.get(model, FREE)
@@ -87,12 +94,7 @@ class PriceBook:
 
     def cost(self, first: str, tokens_in: int, cached: int, outputs: list[tuple[str, int]]) -> float:
         """USD for a request read by endpoint ``first`` whose output came from ``outputs`` (endpoint, n)."""
-        prices = self.of(first)
-        cached = min(max(cached, 0), max(tokens_in, 0))
-        total = (tokens_in - cached) * prices.tokens_in + cached * prices.tokens_cached
-        for endpoint, tokens in outputs:
-            total += max(tokens, 0) * self.of(endpoint).tokens_out
-        return total / _MILLION
+        return self.parts_cost([(first, tokens_in, cached, 0), *((e, 0, 0, n) for e, n in outputs)])
 
 
 def _first(*values: float | None) -> float:
