@@ -1,11 +1,12 @@
-"""Managed keys and Redis-shared limits on vs off: req/s at saturation, p50 at one connection, CPU/request.
+"""Operations on vs off: req/s at saturation, p50 at one connection, CPU/request.
 
-"off" is ``bench/fleet.yaml`` (a static key); "on" adds an ``operations`` section: the key ``sk-bench`` is
-a managed key (SQLite) with all four limits set (rpm, tpm, concurrency, budget, none reached), enforced
-through Redis at 127.0.0.1:6379 — one Lua admission per request, settlements batched. The bar (issue 13,
-part 6): "on" keeps >= 80 % of "off"'s req/s and adds <= 0.3 ms p50 at one connection.
+"off" is ``bench/fleet.yaml`` (a static key); "keys" adds an ``operations`` section: the key ``sk-bench``
+is a managed key (SQLite) with all four limits set (rpm, tpm, concurrency, budget, none reached), enforced
+through Redis at 127.0.0.1:6379 — one Lua admission per request, settlements batched; "all" adds the usage
+ledger (outbox fsynced every 5 ms, shipped to the same SQLite file). The bar (issue 13, part 6): with
+everything on, >= 80 % of "off"'s req/s and <= +0.3 ms p50 at one connection.
 
-    .venv/bin/python bench/keys_limits.py [--seconds 8]
+    .venv/bin/python bench/keys_limits.py [--seconds 8] [--modes off,keys,all]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if not (procs.SHARED / "post.lua").exists():  # run from a worktree: the harness
 
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from skyfabric.ops.database import Database
 from skyfabric.ops.keys import KeyRecord, digest, hint
 from skyfabric.ops.keystore import KeyStore
 
@@ -45,11 +47,14 @@ def fleets(tmp: Path) -> dict[str, Path]:
     off.write_text(yaml.safe_dump(base))
     on = dict(base)
     on.pop("api_keys")
-    on["models"] = [{"name": "tiny", "price": {"input": 0.1, "output": 0.2}}]
-    on["operations"] = {"database": "keys.db", "redis": "redis://127.0.0.1:6379/0"}
-    path = tmp / "on.yaml"
+    on["models"] = [{"name": "tiny", "price_per_mtok_in": 0.1, "price_per_mtok_out": 0.2}]
+    on["operations"] = {"database": "ops.db", "redis": "redis://127.0.0.1:6379/0"}
+    path = tmp / "keys.yaml"
     path.write_text(yaml.safe_dump(on))
-    store = KeyStore("keys.db", base=tmp)
+    on["operations"] = {**on["operations"], "ledger": {"enabled": True}}
+    everything = tmp / "all.yaml"
+    everything.write_text(yaml.safe_dump(on))
+    store = KeyStore(Database.at("ops.db", tmp))
     big = 10**9
     store.insert(
         KeyRecord(
@@ -66,26 +71,31 @@ def fleets(tmp: Path) -> dict[str, Path]:
         )
     )
     store.close()
-    return {"off": off, "on": path}
+    return {"off": off, "keys": path, "all": everything}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--modes", default="off,keys,all")
+    ap.add_argument("--conns", default="32,1")
     a = ap.parse_args()
+    modes = a.modes.split(",")
+    conn_counts = [int(c) for c in a.conns.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = fleets(Path(tmp))
         mock = start_mock()
         try:
-            for conns in (32, 1):
-                for mode in ("off", "on", "off", "on"):  # interleaved: drift on a shared machine hits both
+            for conns in conn_counts:
+                for mode in modes + modes:  # interleaved: drift on a shared machine hits all alike
                     cmd = [sys.executable, "-m", "skyfabric.cli", "serve", "--config", str(paths[mode])]
                     proc = start(cmd, 0, 9302, {"PYTHONPATH": str(HERE.parent / "src")})
                     try:
                         ready = json.loads(urllib.request.urlopen("http://127.0.0.1:9302/readyz").read())
-                        if ready.get("limits", "ok") != "ok":  # measure the shared limits, not a fallback
-                            raise SystemExit(f"limits are {ready['limits']}, not ok: is Redis up?")
+                        limits = ready.get("operations", {}).get("limits", "ok")
+                        if limits != "ok":  # measure the shared limits, not a fallback
+                            raise SystemExit(f"limits are {limits}, not ok: is Redis up?")
                         wrk(9302, 2, conns)
                         before = cpu_seconds(proc.pid)
                         result = wrk(9302, a.seconds, conns)
@@ -99,13 +109,16 @@ def main() -> None:
     print(f"{'conns':>5} {'mode':4} {'req/s':>9} {'p50 ms':>8} {'CPU µs/req':>11}")
     for conns, mode, rps, p50, per_request in rows:
         print(f"{conns:5d} {mode:4} {rps:9.0f} {p50:8.3f} {per_request:11.1f}")
-    for conns in (32, 1):
+    for conns in conn_counts:
         pick = [r for r in rows if r[0] == conns]
         off = [r for r in pick if r[1] == "off"]
-        on = [r for r in pick if r[1] == "on"]
-        rps = sum(r[2] for r in on) / sum(r[2] for r in off)
-        p50 = sum(r[3] for r in on) / len(on) - sum(r[3] for r in off) / len(off)
-        print(f"conns {conns}: on/off req/s {rps:.0%}, p50 on - off {p50 * 1000:+.0f} µs")
+        for mode in modes:
+            if mode == "off" or not off:
+                continue
+            on = [r for r in pick if r[1] == mode]
+            rps = sum(r[2] for r in on) / sum(r[2] for r in off)
+            p50 = sum(r[3] for r in on) / len(on) - sum(r[3] for r in off) / len(off)
+            print(f"conns {conns}: {mode}/off req/s {rps:.0%}, p50 {mode} - off {p50 * 1000:+.0f} µs")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "fleet.yaml"
             config.write_text(
-                text + f"operations: {{ledger: {{enabled: true, path: '{tmp}/ledger.sqlite', "
-                f"fsync_interval: {a.fsync}, ship_interval: {a.ship}}}}}\n"
+                text + f"operations: {{keys: false, database: '{tmp}/ledger.sqlite', "
+                f"ledger: {{enabled: true, fsync_interval: {a.fsync}, ship_interval: {a.ship}}}}}\n"
             )
             gw = start([sys.executable, __file__, "--serve", str(config)], 0, GATEWAY_PORT)
             try:

@@ -19,10 +19,14 @@ from pathlib import Path
 from skyfabric.core.endpoints import fleet_endpoints
 from skyfabric.core.fleet import LedgerConfig, load_fleet
 from skyfabric.gateway.context import RequestContext
+from skyfabric.gateway.ledger_observer import LedgerObserver
 from skyfabric.gateway.observe import Observer
-from skyfabric.gateway.operations import UsageObserver
 from skyfabric.gateway.proxy import Proxy
+from skyfabric.ops.database import Database
 from skyfabric.ops.ledger import Ledger
+from skyfabric.ops.pricing import PriceBook
+from skyfabric.protocols.canonical import Usage
+from skyfabric.protocols.frontends.openai import OpenAIFrontend
 
 fleet = load_fleet(Path(__file__).resolve().parent / "fleet.yaml")
 proxy = Proxy(fleet, fleet_endpoints(fleet))
@@ -32,28 +36,32 @@ body = (
     b'"finish_reason":"stop","message":{"role":"assistant","content":"' + b"hello " * 16 + b'"}}],'
     b'"usage":{"prompt_tokens":10,"completion_tokens":16,"total_tokens":26}}'
 )
-usage = {"prompt_tokens": 10, "completion_tokens": 16, "total_tokens": 26}
+usage = [Usage(10, 16)]
+frontend = OpenAIFrontend()
+raw = b'{"model":"tiny","messages":[{"role":"user","content":"hi"}]}'
 
 
 def run(obs: Observer, n: int, stream: bool) -> tuple[float, float]:
     t, p = time.thread_time(), time.process_time()
     for _ in range(n):
-        ctx = RequestContext("chat", {}, b"", "tiny", stream, 0.0)
+        parsed = frontend.parse(b"/v1/chat/completions", raw, [])
+        ctx = RequestContext("chat", parsed.body, raw, "tiny", stream, 0.0, parsed, frontend)
         obs.request_start(ctx)
         obs.attempt_start(ctx, state, "attempt")
         obs.upstream_headers(ctx, state)
         obs.attempt_end(ctx, state, "ok", 0.01, None if stream else body)
         obs.request_end(ctx, 200, 0.01)
         if stream:
-            ctx.usage = usage
+            ctx.usage_parts = usage
             obs.stream_end(ctx, state, 16, True)
     return (time.thread_time() - t) / n * 1e6, (time.process_time() - p) / n * 1e6
 
 
 with tempfile.TemporaryDirectory() as tmp:
-    ledger = Ledger(LedgerConfig(enabled=True, path=os.path.join(tmp, "l.sqlite")))
+    database = Database.at(os.path.join(tmp, "l.sqlite"))
+    ledger = Ledger(LedgerConfig(enabled=True), database, Path(tmp) / "outbox")
     ledger.start()
-    on = UsageObserver(proxy, ledger)
+    on = LedgerObserver(ledger, PriceBook(fleet), proxy.clock)
     variants = {"off (no-op observer)": Observer(), "ledger (outbox + SQLite)": on}
     for stream in (False, True):
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
