@@ -64,6 +64,7 @@ def admin_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ht
     body=bodies,
     auth=st.sampled_from(["admin", "none", "wrong"]),
 )
+@pytest.mark.slow
 def test_the_admin_api_never_answers_5xx(
     admin_gateway: tuple[httpx.Client, list[str]], method: str, tail: list[str], body: Any, auth: str
 ) -> None:
