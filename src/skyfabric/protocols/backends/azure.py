@@ -25,6 +25,7 @@ adapter is :class:`~skyfabric.protocols.backends.openai.OpenAIBackend` with what
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import urllib.parse
@@ -41,6 +42,8 @@ from skyfabric.protocols.backends.openai_decode import OpenAIDecoder
 from skyfabric.protocols.base import Capabilities, Headers, Outcome, UpstreamCall
 from skyfabric.protocols.canonical import CanonicalRequest, Event
 from skyfabric.protocols.progress import Progress
+
+log = logging.getLogger("skyfabric.protocols.azure")
 
 #: A pool with no ``azure`` section: the v1 route, the deployment named like the upstream model, api-key.
 DEFAULT_SETTINGS = AzureOpenAISettings()
@@ -129,10 +132,11 @@ class AzureOpenAIBackend(OpenAIBackend):
     # -- credentials ----------------------------------------------------------------------------------------
 
     def prepare(self, endpoint: Endpoint) -> None:
-        """Called when the fleet loads: start refreshing the endpoint's Entra token before any request."""
+        """Called when the fleet loads: obtain the endpoint's first Entra token (bounded wait) and keep it
+        fresh from then on, so that no request waits for one."""
         settings = settings_of(endpoint)
-        if settings.auth == "entra":
-            self.entra(settings).start()
+        if settings.auth == "entra" and not self.entra(settings).wait_first():
+            log.warning("no Entra token yet for %s: its requests fail over until one comes", endpoint.id)
 
     def entra(self, settings: AzureOpenAISettings) -> EntraToken:
         """The token source of ``settings``' credential (one per credential, shared by its endpoints)."""

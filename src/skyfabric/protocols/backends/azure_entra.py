@@ -38,7 +38,7 @@ log = logging.getLogger("skyfabric.protocols.azure")
 
 #: The audience Azure OpenAI (Cognitive Services) accepts.
 SCOPE = "https://cognitiveservices.azure.com/.default"
-#: How long the first request may wait for the very first token (only before any token exists).
+#: How long the fleet's loading waits for each credential's first token.
 FIRST_TOKEN_WAIT = 10.0
 #: Longest wait between attempts after a failed fetch.
 MAX_BACKOFF = 30.0
@@ -98,17 +98,22 @@ class EntraToken:
     # -- the request path ---------------------------------------------------------------------------------
 
     def header(self) -> bytes | None:
-        """``Bearer <token>``, or None when no valid token could be had.
+        """``Bearer <token>``, or None when there is no valid token (never waits: it reads the cache).
 
-        Only before the first token ever arrives does this wait (at most :data:`FIRST_TOKEN_WAIT`): the
-        fleet's loading starts the refresher (:meth:`start`), so a serving gateway finds a token here.
+        The fleet's loading obtained the first token (:meth:`wait_first`); an endpoint this source has not
+        seen before (discovered later) starts the refresher here and goes without until it has one (Azure
+        answers 401, a retryable verdict: the request goes elsewhere).
         """
         token = self._current()
-        if token is None and not self._ready.is_set():
+        if token is None:
             self.start()
-            self._ready.wait(FIRST_TOKEN_WAIT)
-            token = self._current()
         return None if token is None else b"Bearer " + token.encode()
+
+    def wait_first(self, timeout: float = FIRST_TOKEN_WAIT) -> bool:
+        """Start the refresher and wait (at load, not on a request) until its first fetch has ended."""
+        self.start()
+        self._ready.wait(timeout)
+        return self._current() is not None
 
     def _current(self) -> str | None:
         with self._lock:
@@ -142,6 +147,10 @@ class EntraToken:
             self.fetches += 1
         self._ready.set()
         return refresh_delay(expires_in)
+
+    def attempted(self) -> None:
+        """The first fetch failed: requests stop waiting for it (they go without, and are refused)."""
+        self._ready.set()
 
     def fetch(self) -> tuple[str, float]:
         """One client-credentials grant: (access token, seconds it lives). Raises :class:`TokenError`."""
@@ -220,6 +229,7 @@ def _refresh_loop(ref: weakref.ReferenceType[EntraToken], stop: threading.Event)
             delay = source.refresh_once()
             failures = 0
         except TokenError as exc:
+            source.attempted()
             failures += 1
             delay = backoff(failures)
             log.warning(
