@@ -268,6 +268,7 @@ async def test_throttled_and_failing_resources_are_avoided(make_gateway: MakeGat
 # -- credentials -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # it lives through two token lifetimes (4.5 s)
 async def test_entra_tokens_are_verified_and_refreshed_off_the_request_path(
     make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
