@@ -84,6 +84,8 @@ def fleet_data(
                                 "endpoints": [u.url for u in ups],
                                 "continuation": all(u.can_continue for u in ups),
                                 **_credentials(ups[0]),
+                                # engine-specific settings (a managed cloud's section), when it has any
+                                **getattr(ups[0], "pool_extra", {}),
                             }
                         ],
                     }

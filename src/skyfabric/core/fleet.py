@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from skyfabric.core.errors import ConfigError
+from skyfabric.core.fleet_azure import AzureOpenAISettings, check_pool
 
 #: Accelerator kinds skyfabric knows how to price, plan and launch. ``managed`` is a hosted API.
 Accelerator = Literal[
@@ -49,6 +50,7 @@ EngineKind = Literal[
     "llama-cpp",
     "openai",
     "anthropic",
+    "azure-openai",
 ]
 
 #: Engines known to continue a final assistant message (vLLM's ``continue_final_message``) or a
@@ -150,6 +152,9 @@ class Pool(_Strict):
     discovery: DiscoverySource | None = Field(
         None, description="learn endpoints at run time (Kubernetes EndpointSlices, SkyPilot service status)"
     )
+    azure: AzureOpenAISettings | None = Field(
+        None, description="engine `azure-openai`: deployment, api_version, credentials (core/fleet_azure.py)"
+    )
 
     @field_validator("endpoints")
     @classmethod
@@ -165,6 +170,11 @@ class Pool(_Strict):
             raise ValueError("engine 'local' starts its own replicas: `discovery` is for remote engines")
         if self.engine != "local" and not self.endpoints and self.discovery is None:
             raise ValueError(f"engine {self.engine!r} needs at least one URL in `endpoints`, or `discovery`")
+        return self
+
+    @model_validator(mode="after")
+    def _azure_section(self) -> Pool:
+        check_pool(self.engine, self.azure, self.api_key_env)
         return self
 
     @property

@@ -26,6 +26,7 @@ BACKENDS: dict[str, str] = {
     "llama-cpp": "skyfabric.protocols.backends.openai:OpenAIBackend",
     "openai": "skyfabric.protocols.backends.openai:OpenAIBackend",
     "anthropic": "skyfabric.protocols.backends.anthropic:AnthropicBackend",
+    "azure-openai": "skyfabric.protocols.backends.azure:AzureOpenAIBackend",
 }
 
 #: Client protocol → frontend class.
@@ -65,6 +66,10 @@ def backends_for(fleet: Fleet, endpoints: Iterable[Endpoint] = ()) -> dict[str, 
     for endpoint in endpoints:
         if endpoint.engine not in out:
             out[endpoint.engine] = backend(endpoint.engine)
+        # An adapter with credentials to obtain (a cloud token) starts on them now, not at the first request.
+        prepare = getattr(out[endpoint.engine], "prepare", None)
+        if prepare is not None:
+            prepare(endpoint)
     return out
 
 
