@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from skyfabric.core.errors import ConfigError
+from skyfabric.core.vertex_settings import VertexSettings, with_default_endpoint
 
 #: Accelerator kinds skyfabric knows how to price, plan and launch. ``managed`` is a hosted API.
 Accelerator = Literal[
@@ -48,12 +49,13 @@ EngineKind = Literal[
     "llama-cpp",
     "openai",
     "anthropic",
+    "vertex",
 ]
 
 #: Engines known to continue a final assistant message (vLLM's ``continue_final_message``) or a
 #: completions prompt. A pool may override this with ``continuation``.
 CONTINUING_ENGINES: frozenset[str] = frozenset(
-    {"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "anthropic"}
+    {"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "anthropic", "vertex"}
 )
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")]
@@ -140,6 +142,16 @@ class Pool(_Strict):
     discovery: DiscoverySource | None = Field(
         None, description="learn endpoints at run time (Kubernetes EndpointSlices, SkyPilot service status)"
     )
+    vertex: VertexSettings | None = Field(
+        None,
+        description="engine `vertex`: project, location, publisher, credentials (default endpoint: the "
+        "location's aiplatform.googleapis.com)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vertex_endpoint(cls, data: Any) -> Any:
+        return with_default_endpoint(data)
 
     @field_validator("endpoints")
     @classmethod
@@ -155,6 +167,14 @@ class Pool(_Strict):
             raise ValueError("engine 'local' starts its own replicas: `discovery` is for remote engines")
         if self.engine != "local" and not self.endpoints and self.discovery is None:
             raise ValueError(f"engine {self.engine!r} needs at least one URL in `endpoints`, or `discovery`")
+        if (self.engine == "vertex") != (self.vertex is not None):
+            raise ValueError(
+                "engine 'vertex' needs a `vertex` section (project, location, publisher); no other takes one"
+            )
+        if self.engine == "vertex" and self.api_key_env is not None:
+            raise ValueError(
+                "engine 'vertex' authenticates with Google OAuth: use vertex.credentials_*, not api_key_env"
+            )
         return self
 
     @property

@@ -40,6 +40,7 @@ class Gateway:
         fleet_path: str | Path | None = None,
     ):
         self.fleet = fleet
+        self.endpoints = endpoints
         #: The fleet file to watch for endpoint changes (discovery), when the gateway was started from one.
         self.fleet_path = fleet_path
         self.proxy = Proxy(fleet, endpoints, clock=clock)
@@ -81,6 +82,12 @@ class Gateway:
         from skyfabric.gateway.discovery import Discovery
         from skyfabric.gateway.health import HealthChecker
 
+        # Adapters with a life of their own (Vertex's token refresh) start first: the first request, probe
+        # or self-test must find their credentials ready.
+        for backend in self.proxy.backends.values():
+            start = getattr(backend, "start", None)
+            if start is not None:
+                await start(self.endpoints)
         checker = HealthChecker(self.proxy)
         discovery = None
         pools = [p for provider in self.fleet.providers for r in provider.regions for p in r.pools]
@@ -104,6 +111,10 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.selftests.close()
+        for backend in self.proxy.backends.values():
+            stop = getattr(backend, "close", None)
+            if stop is not None:
+                await stop()
         if self.dashboard is not None:
             await self.dashboard.hub.close()
         self.proxy.client.close()

@@ -26,6 +26,7 @@ BACKENDS: dict[str, str] = {
     "llama-cpp": "skyfabric.protocols.backends.openai:OpenAIBackend",
     "openai": "skyfabric.protocols.backends.openai:OpenAIBackend",
     "anthropic": "skyfabric.protocols.backends.anthropic:AnthropicBackend",
+    "vertex": "skyfabric.protocols.backends.vertex:VertexBackend",
 }
 
 #: Client protocol → frontend class.
