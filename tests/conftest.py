@@ -84,6 +84,8 @@ def fleet_data(
                                 "endpoints": [u.url for u in ups],
                                 "continuation": all(u.can_continue for u in ups),
                                 **_credentials(ups[0]),
+                                # engine-specific pool fields a stand-in asks for (Vertex's `vertex:`)
+                                **getattr(ups[0], "pool_settings", {}),
                             }
                         ],
                     }
