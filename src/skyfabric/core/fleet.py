@@ -165,12 +165,12 @@ class Pool(_Strict):
     def _endpoints_or_replicas(self) -> Pool:
         if self.engine == "local" and self.discovery is not None:
             raise ValueError("engine 'local' starts its own replicas: `discovery` is for remote engines")
-        if self.engine != "local" and not self.endpoints and self.discovery is None:
-            raise ValueError(f"engine {self.engine!r} needs at least one URL in `endpoints`, or `discovery`")
         if (self.engine == "vertex") != (self.vertex is not None):
             raise ValueError(
                 "engine 'vertex' needs a `vertex` section (project, location, publisher); no other takes one"
             )
+        if self.engine != "local" and not self.endpoints and self.discovery is None:
+            raise ValueError(f"engine {self.engine!r} needs at least one URL in `endpoints`, or `discovery`")
         if self.engine == "vertex" and self.api_key_env is not None:
             raise ValueError(
                 "engine 'vertex' authenticates with Google OAuth: use vertex.credentials_*, not api_key_env"
