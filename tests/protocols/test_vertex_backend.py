@@ -441,3 +441,28 @@ def test_secrets_are_redacted_from_error_text() -> None:
     clean = redact(text)
     for secret in ("ya29.a0AfB", "eyJhbGci", "abc.def", '"tok"', "MIIE"):
         assert secret not in clean
+
+
+def test_each_kind_of_credentials_json_gets_its_own_loader(tmp_path: Any) -> None:
+    from skyfabric.protocols.backends.vertex_auth import credentials_from_file
+
+    user = {"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"}
+    federated = {
+        "type": "external_account",
+        "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k8s",
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "token_url": "https://sts.googleapis.com/v1/token",
+        "credential_source": {"file": "/var/run/secrets/tokens/gcp-ksa/token"},
+    }
+    for info, kind in ((user, "Credentials"), (federated, "Credentials")):
+        path = tmp_path / f"{info['type']}.json"
+        path.write_text(json.dumps(info))
+        credentials = credentials_from_file(str(path))
+        assert type(credentials).__name__ == kind
+        assert type(credentials).__module__.endswith(("oauth2.credentials", "identity_pool"))
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"type": "gdch_service_account"}))
+    with pytest.raises(ConfigError, match="Application Default Credentials"):
+        credentials_from_file(str(odd))
+    with pytest.raises(ConfigError, match="cannot read"):
+        credentials_from_file(str(tmp_path / "missing.json"))

@@ -10,10 +10,11 @@ the Anthropic stand-in gives for the same model (``claude-sonnet-4-5@20250929`` 
 - **The OAuth bearer**, on every call: ``authorization: Bearer <token>`` must be a token this stand-in issued
   and not yet expired, else 401 ``UNAUTHENTICATED`` in Google's shape. Tokens come from ``POST /token``, the
   ``token_uri`` of the service-account JSON that :func:`service_account_file` writes: google-auth sends a
-  JWT-bearer grant there, and the stand-in verifies the assertion as Google does — RS256 signature against
-  the service account's public key (an RSA key generated for the test), ``iss`` the account, ``aud`` Google's
-  token endpoint, the cloud-platform ``scope``, ``iat``/``exp`` current — and issues ``ya29.…`` tokens that expire
-  after ``token_lifetime`` seconds (short in tests, so the gateway must refresh them).
+  JWT-bearer grant there, and the stand-in verifies the assertion as Google does — RS256 signature
+  against the service account's public key (an RSA key generated for the test), ``iss`` the account,
+  ``aud`` Google's token endpoint, the cloud-platform ``scope``, ``iat``/``exp`` current — and issues
+  ``ya29.…`` tokens that expire after ``token_lifetime`` seconds (short in tests, so the gateway must
+  refresh them).
 - **The URL**: ``/v1/projects/{project}/locations/{location}/publishers/{anthropic|google}/models/{model}:
   {method}``; another project is 403 ``PERMISSION_DENIED``, an unknown model or location 404 ``NOT_FOUND``;
   ``streamGenerateContent`` without ``alt=sse`` is refused (the gateway must ask for SSE).

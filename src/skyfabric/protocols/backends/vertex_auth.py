@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -103,12 +104,55 @@ def load_credentials(settings: VertexSettings, environ: dict[str, str] | None = 
                         f"vertex.credentials_env: the environment variable {settings.credentials_env} "
                         "is not set (it should hold the path of a credentials JSON)"
                     )
-            credentials, _ = google.auth.load_credentials_from_file(path, scopes=[CLOUD_PLATFORM_SCOPE])
-            return credentials, f"{type(credentials).__module__}.{type(credentials).__name__} from {path}"
+            credentials = credentials_from_file(path)
+            return credentials, f"{type(credentials).__name__} from {path}"
         credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
     except DefaultCredentialsError as exc:
         raise ConfigError(f"vertex credentials ({settings.credential_key}): {redact(str(exc))}") from None
     return credentials, f"{type(credentials).__name__} from Application Default Credentials"
+
+
+def credentials_from_file(path: str) -> Any:
+    """Credentials from a credentials JSON, by its ``type``, each with google-auth's loader for that type.
+
+    ``service_account`` (a key), ``authorized_user`` (``gcloud auth application-default login``),
+    ``external_account`` (workload identity federation: a file or URL subject token, AWS, or an
+    executable). google-auth's generic loader is deprecated because it accepts any type from any file; here
+    the type is checked first, and anything else is refused.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"vertex credentials: cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"vertex credentials: {path} is not JSON") from None
+    kind = info.get("type") if isinstance(info, dict) else None
+    scopes = [CLOUD_PLATFORM_SCOPE]
+    try:
+        if kind == "service_account":
+            from google.oauth2 import service_account
+
+            return service_account.Credentials.from_service_account_info(info, scopes=scopes)
+        if kind == "authorized_user":
+            from google.oauth2 import credentials as user
+
+            return user.Credentials.from_authorized_user_info(info, scopes=scopes)
+        if kind == "external_account":
+            from google.auth import aws, identity_pool, pluggable
+
+            source = info.get("credential_source") or {}
+            if str(source.get("environment_id", "")).startswith("aws"):
+                return aws.Credentials.from_info(info, scopes=scopes)
+            if "executable" in source:
+                return pluggable.Credentials.from_info(info, scopes=scopes)
+            return identity_pool.Credentials.from_info(info, scopes=scopes)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"vertex credentials: {path} ({kind}): {redact(str(exc))}") from None
+    raise ConfigError(
+        f"vertex credentials: {path} has type {kind!r}; expected service_account, authorized_user or "
+        "external_account (other kinds: leave the credentials unset and use Application Default Credentials)"
+    )
 
 
 def _transport() -> Any:
