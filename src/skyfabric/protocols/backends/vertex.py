@@ -23,6 +23,7 @@ answer re-encoded by its frontend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -103,8 +104,12 @@ class VertexBackend:
 
     async def close(self) -> None:
         """Stop refreshing tokens."""
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.tokens.close()
 
     # -- the seam -----------------------------------------------------------------------------------------
