@@ -86,6 +86,8 @@ def fleet_data(
                                 **_credentials(ups[0]),
                                 # engine-specific settings (a managed cloud's section), when it has any
                                 **getattr(ups[0], "pool_extra", {}),
+                                # engine-specific pool fields a stand-in asks for (Vertex's `vertex:`)
+                                **getattr(ups[0], "pool_settings", {}),
                             }
                         ],
                     }

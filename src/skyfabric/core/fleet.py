@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from skyfabric.core.errors import ConfigError
 from skyfabric.core.fleet_azure import AzureOpenAISettings, check_pool
+from skyfabric.core.vertex_settings import VertexSettings, with_default_endpoint
 
 #: Accelerator kinds skyfabric knows how to price, plan and launch. ``managed`` is a hosted API.
 Accelerator = Literal[
@@ -51,12 +52,13 @@ EngineKind = Literal[
     "openai",
     "anthropic",
     "azure-openai",
+    "vertex",
 ]
 
 #: Engines known to continue a final assistant message (vLLM's ``continue_final_message``) or a
 #: completions prompt. A pool may override this with ``continuation``.
 CONTINUING_ENGINES: frozenset[str] = frozenset(
-    {"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "anthropic"}
+    {"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "anthropic", "vertex"}
 )
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")]
@@ -155,6 +157,16 @@ class Pool(_Strict):
     azure: AzureOpenAISettings | None = Field(
         None, description="engine `azure-openai`: deployment, api_version, credentials (core/fleet_azure.py)"
     )
+    vertex: VertexSettings | None = Field(
+        None,
+        description="engine `vertex`: project, location, publisher, credentials (default endpoint: the "
+        "location's aiplatform.googleapis.com)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vertex_endpoint(cls, data: Any) -> Any:
+        return with_default_endpoint(data)
 
     @field_validator("endpoints")
     @classmethod
@@ -168,8 +180,16 @@ class Pool(_Strict):
     def _endpoints_or_replicas(self) -> Pool:
         if self.engine == "local" and self.discovery is not None:
             raise ValueError("engine 'local' starts its own replicas: `discovery` is for remote engines")
+        if (self.engine == "vertex") != (self.vertex is not None):
+            raise ValueError(
+                "engine 'vertex' needs a `vertex` section (project, location, publisher); no other takes one"
+            )
         if self.engine != "local" and not self.endpoints and self.discovery is None:
             raise ValueError(f"engine {self.engine!r} needs at least one URL in `endpoints`, or `discovery`")
+        if self.engine == "vertex" and self.api_key_env is not None:
+            raise ValueError(
+                "engine 'vertex' authenticates with Google OAuth: use vertex.credentials_*, not api_key_env"
+            )
         return self
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ class Gateway:
         fleet_path: str | Path | None = None,
     ):
         self.fleet = fleet
+        self.endpoints = endpoints
         #: The fleet file to watch for endpoint changes (discovery), when the gateway was started from one.
         self.fleet_path = fleet_path
         self.proxy = Proxy(fleet, endpoints, clock=clock)
@@ -92,6 +94,14 @@ class Gateway:
         from skyfabric.gateway.health import HealthChecker
 
         await self.operations.start()
+        # Adapters with a life of their own (Vertex's token refresh) start first: the first request, probe
+        # or self-test must find their credentials ready.
+        for backend in self.proxy.backends.values():
+            start = getattr(backend, "start", None)
+            if start is not None:
+                started = start(self.endpoints)
+                if inspect.isawaitable(started):
+                    await started
         checker = HealthChecker(self.proxy)
         discovery = None
         pools = [p for provider in self.fleet.providers for r in provider.regions for p in r.pools]
@@ -116,6 +126,12 @@ class Gateway:
                     await task
         await self.selftests.close()
         await self.operations.close()  # after the listener has finished the streams in flight
+        for backend in self.proxy.backends.values():
+            stop = getattr(backend, "close", None)
+            if stop is not None:
+                stopped = stop()  # a token refresher's thread (sync) or task (async)
+                if inspect.isawaitable(stopped):
+                    await stopped
         if self.dashboard is not None:
             await self.dashboard.hub.close()
         self.proxy.client.close()

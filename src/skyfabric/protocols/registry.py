@@ -27,6 +27,7 @@ BACKENDS: dict[str, str] = {
     "openai": "skyfabric.protocols.backends.openai:OpenAIBackend",
     "anthropic": "skyfabric.protocols.backends.anthropic:AnthropicBackend",
     "azure-openai": "skyfabric.protocols.backends.azure:AzureOpenAIBackend",
+    "vertex": "skyfabric.protocols.backends.vertex:VertexBackend",
 }
 
 #: Client protocol → frontend class.
