@@ -27,6 +27,7 @@ BACKENDS: dict[str, str] = {
     "openai": "skyfabric.protocols.backends.openai:OpenAIBackend",
     "anthropic": "skyfabric.protocols.backends.anthropic:AnthropicBackend",
     "azure-openai": "skyfabric.protocols.backends.azure:AzureOpenAIBackend",
+    "bedrock": "skyfabric.protocols.backends.bedrock:BedrockBackend",
 }
 
 #: Client protocol → frontend class.
