@@ -253,6 +253,7 @@ class BedrockStandIn(StandIn):
         chunking: Sequence[int] = DEFAULT_CHUNKING,
         split_frames: bool = True,
         inference_profile: str | None = None,
+        profile: str | None = None,
         **options: Any,
     ) -> None:
         self.bedrock_models = dict(models or DEFAULT_MODELS)
@@ -265,6 +266,8 @@ class BedrockStandIn(StandIn):
         self.region = region
         self.api = api
         self.inference_profile = inference_profile
+        #: The shared-config profile the gateway's pool names (None: the default chain).
+        self.profile = profile
         self.keys: dict[str, tuple[str, str | None]] = {access_key: (secret_key, session_token)}
         self.split_frames = split_frames
         #: Seconds the stand-in's clock is ahead of the real one (to test ``x-amz-date`` freshness).
@@ -280,6 +283,8 @@ class BedrockStandIn(StandIn):
         section: dict[str, Any] = {"region": self.region, "api": self.api}
         if self.inference_profile:
             section["inference_profile"] = self.inference_profile
+        if self.profile:
+            section["profile"] = self.profile
         return {"accelerator": "managed", "bedrock": section}
 
     @property
@@ -289,8 +294,8 @@ class BedrockStandIn(StandIn):
 
     @property
     def refusals(self) -> list[Received]:
-        """Requests refused for their signature or credentials (403)."""
-        return [r for r in self.requests if r.status == 403]
+        """Model requests refused for their signature or credentials (403; unsigned probes not counted)."""
+        return [r for r in self.messages if r.status == 403]
 
     # -- the wire --------------------------------------------------------------------------------------------
 
