@@ -267,13 +267,25 @@ async def test_credentials_from_a_shared_profile_file(
 
 
 @pytest.mark.parametrize("api", ["converse", "invoke"])
-@pytest.mark.parametrize("fault", [{"cut_after": 3}, {"error_after": 3}, {"bad_crc_after": 3}])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"cut_after": 3},
+        {"cut_in": "text"},
+        {"hang_after": 3},
+        {"error_after": 3},  # a throttlingException frame
+        {"error_after": 2, "exception": "modelStreamErrorException"},
+        {"bad_crc_after": 3},
+    ],
+)
 async def test_a_stream_cut_on_bedrock_finishes_on_anthropic_identically(
     make_gateway: MakeGateway, aws: Path, api: str, fault: dict[str, Any]
 ) -> None:
     bedrock = BedrockStandIn(api=api, delta_delay=0.002)
     vendor = StandIn("anthropic", delta_delay=0.002)
-    gw = await make_gateway({"aws": [bedrock], "anthropic": [vendor]}, retry={"outage_wait": 0.5})
+    gw = await make_gateway(
+        {"aws": [bedrock], "anthropic": [vendor]}, retry={"outage_wait": 0.5}, timeouts={"idle": 0.5}
+    )
     client = claude(gw)
     kwargs: dict[str, Any] = {
         "model": "m",
@@ -294,4 +306,30 @@ async def test_a_stream_cut_on_bedrock_finishes_on_anthropic_identically(
     cut = next(r for r in bedrock.messages if r.fault == fault)
     assert cut.sent_text and not cut.completed
     assert vendor.messages[-1].completed
+    await assert_released(gw.gateway.proxy)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 429},
+        {"status": 503},
+        {"status": 429, "error": "ModelNotReadyException"},
+        {"status": 500},
+        "reset",
+    ],
+)
+async def test_bedrock_refusing_before_the_answer_is_retried_on_anthropic(
+    make_gateway: MakeGateway, aws: Path, fault: Any
+) -> None:
+    bedrock, vendor = BedrockStandIn(), StandIn("anthropic")
+    gw = await make_gateway({"aws": [bedrock], "anthropic": [vendor]}, retry={"outage_wait": 0.5})
+    client = gw.client()
+    messages = [{"role": "user", "content": "Write some code"}]
+    expected, _ = await _openai_text(client, model="m", messages=messages, max_tokens=100, temperature=0)
+    bedrock.set_fault(fault)  # every Bedrock request from now
+    for _ in range(6):  # zero client-visible errors, whichever vendor is picked first
+        text, _ = await _openai_text(client, model="m", messages=messages, max_tokens=100, temperature=0)
+        assert text == expected
+    assert any(r.fault == fault for r in bedrock.messages)
     await assert_released(gw.gateway.proxy)
