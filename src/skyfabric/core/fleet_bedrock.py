@@ -48,6 +48,8 @@ def default_endpoint(data: Any) -> Any:
     """A raw pool (before validation) of engine ``bedrock`` with no ``endpoints``, given its region's."""
     if isinstance(data, dict) and data.get("engine") == "bedrock" and not data.get("endpoints"):
         section = data.get("bedrock")
+        if not isinstance(section, dict):
+            check_pool("bedrock", None)  # said before the endpoint check, which would blame `endpoints`
         region = section.get("region") if isinstance(section, dict) else None
         if isinstance(region, str):
             return {**data, "endpoints": [f"https://bedrock-runtime.{region}.amazonaws.com"]}
