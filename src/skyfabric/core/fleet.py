@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from skyfabric.core.errors import ConfigError
 from skyfabric.core.fleet_azure import AzureOpenAISettings, check_pool
+from skyfabric.core.fleet_bedrock import BedrockSettings, default_endpoint
+from skyfabric.core.fleet_bedrock import check_pool as check_bedrock_pool
 from skyfabric.core.vertex_settings import VertexSettings, with_default_endpoint
 
 #: Accelerator kinds skyfabric knows how to price, plan and launch. ``managed`` is a hosted API.
@@ -53,12 +55,13 @@ EngineKind = Literal[
     "anthropic",
     "azure-openai",
     "vertex",
+    "bedrock",
 ]
 
 #: Engines known to continue a final assistant message (vLLM's ``continue_final_message``) or a
 #: completions prompt. A pool may override this with ``continuation``.
 CONTINUING_ENGINES: frozenset[str] = frozenset(
-    {"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "anthropic", "vertex"}
+    {"local", "vllm", "vllm-tpu", "vllm-neuron", "sglang", "anthropic", "vertex", "bedrock"}
 )
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")]
@@ -162,11 +165,19 @@ class Pool(_Strict):
         description="engine `vertex`: project, location, publisher, credentials (default endpoint: the "
         "location's aiplatform.googleapis.com)",
     )
+    bedrock: BedrockSettings | None = Field(
+        None, description="engine `bedrock`: region, api, profile (core/fleet_bedrock.py)"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _vertex_endpoint(cls, data: Any) -> Any:
         return with_default_endpoint(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bedrock_endpoint(cls, data: Any) -> Any:
+        return default_endpoint(data)
 
     @field_validator("endpoints")
     @classmethod
@@ -195,6 +206,11 @@ class Pool(_Strict):
     @model_validator(mode="after")
     def _azure_section(self) -> Pool:
         check_pool(self.engine, self.azure, self.api_key_env)
+        return self
+
+    @model_validator(mode="after")
+    def _bedrock_section(self) -> Pool:
+        check_bedrock_pool(self.engine, self.bedrock)
         return self
 
     @property

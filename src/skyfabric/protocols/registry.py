@@ -28,6 +28,7 @@ BACKENDS: dict[str, str] = {
     "anthropic": "skyfabric.protocols.backends.anthropic:AnthropicBackend",
     "azure-openai": "skyfabric.protocols.backends.azure:AzureOpenAIBackend",
     "vertex": "skyfabric.protocols.backends.vertex:VertexBackend",
+    "bedrock": "skyfabric.protocols.backends.bedrock:BedrockBackend",
 }
 
 #: Client protocol → frontend class.
