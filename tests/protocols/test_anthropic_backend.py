@@ -16,6 +16,8 @@ from skyfabric.protocols.canonical import (
     Event,
     Finish,
     Message,
+    PartEnd,
+    PartStart,
     ReasoningDelta,
     ReasoningSignature,
     RedactedReasoning,
@@ -428,13 +430,18 @@ EXPECTED_EVENTS: list[Event] = [
         cached_input_tokens=2048,
         cache_creation_input_tokens=100,
     ),
+    PartStart("reasoning"),
     ReasoningDelta("The user wants the weather in München."),
     ReasoningDelta(" I should call the tool."),
     ReasoningSignature(CAPTURED_SIGNATURE),
+    PartEnd(),
+    PartStart("text"),
     TextDelta(CAPTURED_TEXT),
+    PartEnd(),
     ToolCallDelta(index=0, id="toolu_01T1x1fJ34qAmk2tNTrN7Up6", name="get_weather", arguments=""),
     ToolCallDelta(index=0, arguments='{"location": "Mün'),
     ToolCallDelta(index=0, arguments='chen", "unit": "celsius"}'),
+    PartEnd(),
     Finish(reason="tool_calls", native="tool_use"),
     Usage(input_tokens=2620, output_tokens=89, cached_input_tokens=2048, cache_creation_input_tokens=100),
     End(),
@@ -508,15 +515,22 @@ def test_the_frontends_stream_decodes_back_to_its_events() -> None:
     assert decoded == [
         Start(id="msg_9", model="m"),
         Usage(input_tokens=30, output_tokens=None, cached_input_tokens=20),
+        PartStart("reasoning"),
         ReasoningDelta("think"),
         ReasoningSignature("sig"),
+        PartEnd(),
         RedactedReasoning("enc"),
+        PartEnd(),
+        PartStart("text"),
         TextDelta("text 🌍"),
+        PartEnd(),
         ToolCallDelta(index=0, id="toolu_1", name="f"),
         ToolCallDelta(index=0, arguments='{"x": '),
         ToolCallDelta(index=0, arguments="1}"),
+        PartEnd(),
         ToolCallDelta(index=1, id="toolu_2", name="g"),
         ToolCallDelta(index=1, arguments="{}"),
+        PartEnd(),
         Finish(reason="stop_sequence", stop_sequence="STOP", native="stop_sequence"),
         Usage(input_tokens=30, output_tokens=12, cached_input_tokens=20),
         End(),
@@ -569,7 +583,7 @@ def test_blocks_the_seam_does_not_read_pass_silently() -> None:
     )
     raw, events = decode_all([data])
     assert raw == data
-    assert events[2:] == [TextDelta("Found")]
+    assert events[2:] == [PartStart("text"), TextDelta("Found")]
 
 
 def test_a_whole_message_decodes() -> None:

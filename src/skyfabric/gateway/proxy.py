@@ -15,7 +15,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from skyfabric.core.endpoints import Endpoint
-from skyfabric.core.errors import InvalidRequest, Overloaded, UpstreamError, UpstreamStatus, UpstreamTimeout
+from skyfabric.core.errors import (
+    InvalidRequest,
+    MalformedEvent,
+    Overloaded,
+    RemoteProtocolError,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
 from skyfabric.core.fleet import Fleet
 from skyfabric.gateway.admission import Admission
 from skyfabric.gateway.affinity import prefix_key
@@ -30,7 +38,8 @@ from skyfabric.gateway.relay import StreamRelay
 from skyfabric.gateway.retry import backoff
 from skyfabric.gateway.router import Router
 from skyfabric.http.messages import Response, StreamResponse
-from skyfabric.protocols.base import Capabilities
+from skyfabric.protocols.base import Backend, Capabilities
+from skyfabric.protocols.canonical import Event, StreamError
 
 log = logging.getLogger("skyfabric.gateway")
 
@@ -347,7 +356,7 @@ class Proxy(Router):
                 remaining = max(0.001, ctx.deadline - self.clock())
                 data = await resp.read(min(self.timeouts.idle, remaining))
                 if not passthrough:
-                    data = ctx.frontend.response(ctx.request, backend.decode_response(data))
+                    data = ctx.frontend.response(ctx.request, self._decoded(backend, endpoint, data))
                 record_success(state, self.clock())
                 self.metrics.attempt(endpoint.id, "ok")
                 self.observer.attempt_end(ctx, state, "ok", self.clock() - started, data)
@@ -374,6 +383,23 @@ class Proxy(Router):
         finally:
             if not handed_off:
                 state.outstanding -= 1
+
+    @staticmethod
+    def _decoded(backend: Backend, endpoint: Endpoint, data: bytes) -> list[Event]:
+        """A whole answer's events; an answer that is not the protocol, or an error sent with a 200, is
+        a failed attempt (retried elsewhere), never an empty success."""
+        try:
+            events = backend.decode_response(data)
+        except MalformedEvent as exc:
+            raise RemoteProtocolError(
+                f"upstream answer is not its protocol: {exc}", endpoint=endpoint.id
+            ) from None
+        for event in events:
+            if isinstance(event, StreamError):
+                raise RemoteProtocolError(
+                    f"upstream answered an error: {event.message}", endpoint=endpoint.id
+                )
+        return events
 
     def _passthrough(self, ctx: RequestContext, exc: UpstreamStatus) -> Response:
         """An upstream's refusal, for the client: as it came when it speaks the client's protocol."""

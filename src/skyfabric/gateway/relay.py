@@ -53,6 +53,8 @@ from skyfabric.protocols.canonical import (
     End,
     Event,
     Finish,
+    PartEnd,
+    PartStart,
     ReasoningDelta,
     ReasoningSignature,
     RedactedReasoning,
@@ -143,6 +145,8 @@ class Replay:
         #: Characters of each part the client has, beyond the sent ones (the cut part, new parts).
         self.given: dict[int, int] = {}
         self.opened: set[int] = set()
+        #: New tool-call parts → the index the client gets for them (after the ones it has).
+        self.tool_index: dict[int, int] = {}
 
     def _refuse(self, why: str) -> ContinuationRefused:
         return ContinuationRefused(f"its replay differs from what was sent: {why}", endpoint=self.endpoint)
@@ -154,6 +158,21 @@ class Replay:
             if len(new.text) < len(sent.text):
                 raise self._refuse(f"part {q} ({sent.kind}) ended early")
 
+    def _whole(self, q: int) -> bool:
+        """Whether the client had sent part ``q`` whole (nothing may be added to it)."""
+        sent = self.sent[q]
+        return q < len(self.sent) - 1 or sent.closed or sent.signature is not None or sent.kind == "redacted"
+
+    def _client_index(self, q: int, index: int) -> int:
+        """The tool-call index the client knows part ``q`` by (the replay numbers its own calls)."""
+        if q < len(self.sent):
+            return self.sent[q].index
+        known = self.tool_index.get(q)
+        if known is None:
+            tools = [p.index for p in self.sent if p.kind == "tool"] + list(self.tool_index.values())
+            known = self.tool_index[q] = max(tools) + 1 if tools else index
+        return known
+
     def feed(self, event: Event) -> list[Event]:
         """The events to forward for ``event`` of the replayed answer (raises when it differs)."""
         if isinstance(event, Finish):
@@ -162,7 +181,17 @@ class Replay:
                     raise self._refuse("it finished before repeating what was sent")
                 self._covered(len(self.sent) - 1)
             return [event]
-        if not isinstance(event, _CONTENT):
+        if isinstance(event, PartEnd):
+            self.new.observe(event)
+            q = len(self.new.parts) - 1
+            if q < 0:
+                return []
+            if q < len(self.sent):
+                self._covered(q)
+                if self._whole(q):
+                    return []  # the client saw this block end already
+            return [event]
+        if not isinstance(event, (*_CONTENT, PartStart)):
             return [event] if isinstance(event, Usage) else []
         count = len(self.new.parts)
         self.new.observe(event)
@@ -181,15 +210,19 @@ class Replay:
             n = min(len(part.text), len(sent.text))
             if part.text[:n] != sent.text[:n]:
                 raise self._refuse(f"part {q} ({part.kind}) differs at character {n}")
-            if q < len(self.sent) - 1 and len(part.text) > len(sent.text):
+            if self._whole(q) and len(part.text) > len(sent.text):
                 raise self._refuse(f"part {q} ({part.kind}) is longer than the one sent whole")
             have = len(sent.text)
         else:
             have = 0
+        if isinstance(event, PartStart):
+            return [] if q < len(self.sent) else [event]
         have += self.given.get(q, 0)
         if isinstance(event, ReasoningSignature):
-            if q < len(self.sent) and self.sent[q].signature is not None:
-                return []
+            if q < len(self.sent):
+                if self.sent[q].signature is not None:
+                    return []
+                self._covered(q)  # a signature closes the block: it must hold what was sent, whole
             return [event]
         if isinstance(event, RedactedReasoning):
             return [] if q < len(self.sent) else [event]
@@ -202,10 +235,11 @@ class Replay:
         if isinstance(event, ReasoningDelta):
             return [ReasoningDelta(extra)]
         assert isinstance(event, ToolCallDelta)
+        index = self._client_index(q, part.index)
         if q >= len(self.sent) and q not in self.opened:
             self.opened.add(q)
-            return [ToolCallDelta(part.index, extra, id=part.id, name=part.name)]
-        return [ToolCallDelta(part.index, extra)]
+            return [ToolCallDelta(index, extra, id=part.id, name=part.name)]
+        return [ToolCallDelta(index, extra)]
 
 
 class StreamRelay:
@@ -251,6 +285,10 @@ class StreamRelay:
         #: Prefill: how a continuation's tool-call indices map to the client's (None: not seen yet).
         self._tool_shift: int | None = None
         self._replay: Replay | None = None
+        #: The encoder knows what passed through (see ``_resume_if_passed``).
+        self._resumed = False
+        #: Prefill: whether the continuation's opening block (the client's open one) was seen.
+        self._opened_continued = False
         #: Each backend's own usage (for the ledger: what every part cost), and the endpoints in order.
         self.parts_usage: list[Usage] = []
         self.backends = [state.endpoint.id]
@@ -277,8 +315,13 @@ class StreamRelay:
 
     def _pass(self, raw: bytes, events: list[Event]) -> bool:
         """The fast path: the client gets ``raw`` as it came; the events only record progress."""
+        # Re-encoded instead when it carries usage the relay asked for and the client did not. The
+        # encoder then learns what the client has *before* this event (a tool call this event opens
+        # must still be sent with its id and name).
+        rewrite = self.usage_added and any(isinstance(event, Usage) for event in events)
+        if rewrite and not any(isinstance(event, Start) for event in events):
+            self.encoder.resume(self.progress)
         token = False
-        rewrite = False
         for event in events:
             if isinstance(event, StreamError):
                 raise RemoteProtocolError(f"upstream sent an in-band error: {event.message}")
@@ -287,17 +330,13 @@ class StreamRelay:
                 if self.usage_added:
                     self.out.append(self._encoder_end())
                     return token
-                self.done = True
                 continue
             if isinstance(event, Usage):
-                rewrite = self.usage_added
                 self.parts_usage_update(event)
             token |= self.progress.observe(event)
         if not rewrite:
             self.out.append(raw)
-        else:  # drop the usage the client did not ask for: re-encode the rest of the event
-            if not any(isinstance(event, Start) for event in events):
-                self.encoder.resume(self.progress)
+        else:
             for event in events:
                 if isinstance(event, Usage):
                     self.encoder.encode(self._client_usage(event))
@@ -321,16 +360,22 @@ class StreamRelay:
                 self.out.append(self.encoder.encode(event))
             return False
         if isinstance(event, Usage):
-            self.progress.observe(event)
             self.parts_usage_update(event)
-            self.encoder.encode(self._client_usage(event))
-            return False
+            if self._checking is not None:
+                self._checking.append(event)  # counted as sent only once the held text is accepted
+                return False
+            return self._emit(event)
         if self._replay is not None:
             token = False
             for forward in self._replay.feed(event):
                 token |= self._emit(forward)
             return token or isinstance(event, Finish)
         if self.mode == "prefill":
+            if isinstance(event, PartStart) and not self._opened_continued:
+                self._opened_continued = True
+                last = self.progress.open_part
+                if last is not None and last.kind == event.kind and not last.closed:
+                    return False  # the continuation's block is the client's open one, going on
             event = self._shift(event)
             if self._checking is not None:
                 self._check(event)
@@ -341,6 +386,7 @@ class StreamRelay:
 
     def _emit(self, event: Event) -> bool:
         if isinstance(event, Usage):
+            self.progress.observe(event)
             self.encoder.encode(self._client_usage(event))
             return False
         token = self.progress.observe(event)
@@ -376,7 +422,15 @@ class StreamRelay:
         self.done = True
 
     def _encoder_end(self) -> bytes:
+        self._resume_if_passed()
         return self.encoder.end()
+
+    def _resume_if_passed(self) -> None:
+        """Before the relay's own output on a stream whose bytes so far passed through: tell the encoder
+        what the client has (its id, open block, whether the finish was sent), once."""
+        if self.segment == 0 and self.passthrough and not self._resumed:
+            self._resumed = True
+            self.encoder.resume(self.progress)
 
     # -- prefilled continuations -------------------------------------------------------------------------
 
@@ -404,7 +458,16 @@ class StreamRelay:
     def _check(self, event: Event) -> None:
         """Hold a continuation's event until its text shows it continues the prefix (or restarted)."""
         assert self._checking is not None
+        if isinstance(event, ReasoningDelta) and not self._checked_text:
+            # asked to go on with its text, it began thinking again: it answered from the start
+            raise ContinuationRefused(
+                "it began thinking again instead of continuing the text",
+                endpoint=self.state.endpoint.id,
+                sent_any=True,
+            )
         self._checking.append(event)
+        if isinstance(event, PartStart | PartEnd):
+            return
         final = isinstance(event, Finish) and event.choice == 0
         if isinstance(event, TextDelta) and event.choice == 0:
             self._checked_text += event.text
@@ -536,21 +599,27 @@ class StreamRelay:
                             "stream_interrupted",
                         )
                         return
+        except Exception as exc:  # a defect or hostile input no rule foresaw: say so in band, never hang
+            log.exception("stream relay failed: %s", exc)
+            self.router.metrics.stream_errors.inc()
+            yield self.encoder.error(f"the gateway failed mid-stream: {type(exc).__name__}", "api_error")
         finally:
-            if completed and self.held:
-                record_success(self.state, self.router.clock())
-                self.resp.release()
-            else:
-                self.resp.abort()
-            self._let_go()
-            # Tokens by the backends' usage; where none reported it, the chunks (at least one token each).
-            sent = self._tokens_sent()
-            self.ctx.usage_parts = self.parts_usage
-            self.ctx.parts_endpoints = self.backends
-            self.router.observer.stream_end(
-                self.ctx, self.state, sent if sent is not None else self.progress.chunks, completed
-            )
-            self.ctx.finish()
+            try:
+                if completed and self.held:
+                    record_success(self.state, self.router.clock())
+                    self.resp.release()
+                else:
+                    self.resp.abort()
+                self._let_go()
+                # Tokens by the backends' usage; where none reported it, the chunks (at least one each).
+                sent = self._tokens_sent()
+                self.ctx.usage_parts = self.parts_usage
+                self.ctx.parts_endpoints = self.backends
+                self.router.observer.stream_end(
+                    self.ctx, self.state, sent if sent is not None else self.progress.chunks, completed
+                )
+            finally:
+                self.ctx.finish()  # the admission slot is freed whatever happened above
 
     async def _drain(self) -> None:
         """Read the rest of the HTTP message after the end event so the connection can be reused."""
@@ -625,6 +694,12 @@ class StreamRelay:
         self._let_go()
         self.resp.abort()
         endpoint = failed.endpoint.id
+        if self.progress.finish is not None and self._checking is None:
+            # It broke after the finish (before its end event): the answer is whole; end it here.
+            log.info("stream from %s broke after its finish: ended by the gateway", endpoint)
+            self.done = True
+            self.out.append(self._encoder_end())
+            return None
         if isinstance(exc, ContinuationRefused):
             ctx.refused.add(endpoint)  # it works, it just cannot continue: not a failure of its health
             router.metrics.attempt(endpoint, "restarted")
@@ -699,8 +774,7 @@ class StreamRelay:
         self, state: EndpointState, resp: UpstreamResponse, mode: str, given: str, tokens: int | None
     ) -> None:
         """The stream goes on from ``resp`` (on ``state``), in ``mode``."""
-        if self.segment == 0 and self.passthrough:
-            self.encoder.resume(self.progress)  # the client got the first part as the backend's bytes
+        self._resume_if_passed()  # the client got the first part as the backend's bytes
         self.resp = resp
         self._hold(state)
         self.backend = self.router.backend(state.endpoint)
@@ -710,6 +784,7 @@ class StreamRelay:
         self.progress.new_segment()
         self.backends.append(state.endpoint.id)
         self._checking, self._checked_text, self._ws_debt, self._tool_shift = None, "", "", None
+        self._opened_continued = False
         self._replay = None
         if mode == "replay":
             self.base_tokens = 0
@@ -731,6 +806,7 @@ class StreamRelay:
 
         Only called with ``tokens`` counted by the backends' usage, never estimated from chunks.
         """
+        self._resume_if_passed()
         self.progress.finish = Finish(reason)
         self.out.append(self.encoder.encode(Finish(reason)))
         usage = self.progress.usage

@@ -352,6 +352,12 @@ class _Connection(asyncio.Protocol):
         except (asyncio.CancelledError, ConnectionError):
             self._close()
             return
+        except Exception:
+            # A stream body that failed half-way: its framing cannot be finished honestly, so the
+            # connection is closed (the client sees a truncated body, never a hang).
+            log.exception("stream failed on %s %s", request.method, request.path)
+            self._close()
+            return
         self._finish(request.keep_alive)
 
     def _finish(self, keep_alive: bool) -> None:

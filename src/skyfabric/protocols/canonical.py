@@ -218,6 +218,22 @@ class StreamError:
 
 
 @dataclass(slots=True)
+class PartStart:
+    """A block of the answer begins before any of its content (Anthropic's ``content_block_start`` of an
+    empty text or thinking block). Lets a client's block numbering be known exactly across a continuation."""
+
+    kind: str  # "text" or "reasoning"
+    choice: int = 0
+
+
+@dataclass(slots=True)
+class PartEnd:
+    """The current block of the answer is complete (Anthropic's ``content_block_stop``)."""
+
+    choice: int = 0
+
+
+@dataclass(slots=True)
 class End:
     """The backend ended its stream cleanly (``data: [DONE]``, ``message_stop``)."""
 
@@ -233,5 +249,7 @@ Event = (
     | Finish
     | Usage
     | StreamError
+    | PartStart
+    | PartEnd
     | End
 )

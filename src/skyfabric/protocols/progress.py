@@ -17,6 +17,8 @@ from skyfabric.protocols.canonical import (
     Event,
     Finish,
     Logprobs,
+    PartEnd,
+    PartStart,
     ReasoningDelta,
     ReasoningSignature,
     RedactedReasoning,
@@ -38,6 +40,8 @@ class Part:
     index: int = 0  # tool call index within the choice
     signature: str | None = None  # a thinking block's signature (its end)
     data: str | None = None  # redacted thinking
+    #: The client saw this part's block end (it is whole: nothing may be added to it).
+    closed: bool = False
 
 
 @dataclass(slots=True)
@@ -71,7 +75,7 @@ class Progress:
                 self.blocker = "several choices"
                 return True
             last = self.parts[-1] if self.parts else None
-            if last is None or last.kind != "tool" or last.index != event.index:
+            if last is None or last.kind != "tool" or last.index != event.index or last.closed:
                 last = Part("tool", id=event.id, name=event.name, index=event.index)
                 self.parts.append(last)
             else:
@@ -105,6 +109,14 @@ class Progress:
             if event.choice == 0:
                 self.finish = event
             return True
+        if isinstance(event, PartStart):
+            if event.choice == 0:
+                self.parts.append(Part(event.kind))
+            return False
+        if isinstance(event, PartEnd):
+            if event.choice == 0 and self.parts:
+                self.parts[-1].closed = True
+            return False
         if isinstance(event, Usage):
             self.usage = event
             return False
@@ -118,7 +130,8 @@ class Progress:
         return False
 
     def _part(self, kind: str) -> Part:
-        if not self.parts or self.parts[-1].kind != kind:
+        last = self.parts[-1] if self.parts else None
+        if last is None or last.kind != kind or last.closed:
             self.parts.append(Part(kind))
         return self.parts[-1]
 

@@ -23,6 +23,8 @@ from skyfabric.protocols.canonical import (
     End,
     Event,
     Finish,
+    PartEnd,
+    PartStart,
     ReasoningDelta,
     ReasoningSignature,
     RedactedReasoning,
@@ -40,6 +42,10 @@ _DELTAS: dict[str, frozenset[str]] = {
     "thinking": frozenset({"thinking_delta", "signature_delta"}),
     "redacted_thinking": frozenset(),
 }
+
+
+#: Content blocks the seam reads into parts (others — server tools, their results — pass by).
+_READ_BLOCKS = frozenset({"text", "thinking", "tool_use", "redacted_thinking"})
 
 
 class AnthropicDecoder:
@@ -130,9 +136,11 @@ class AnthropicDecoder:
             return self._block_start(payload)
         if kind == "content_block_stop":
             index = _index(payload)
-            if self._blocks.pop(index, None) is None:
+            closed = self._blocks.pop(index, None)
+            if closed is None:
                 raise MalformedEvent(f"content_block_stop for block {index}, which is not open")
-            return []
+            # only the end of a block the seam reads ends a part (a server tool's block is not one)
+            return [PartEnd()] if closed in _READ_BLOCKS else []
         if kind == "message_start":
             message = payload.get("message")
             if not isinstance(message, dict):
@@ -198,7 +206,7 @@ class AnthropicDecoder:
         self._blocks[index] = kind
         if kind == "text":
             text = block.get("text")
-            return [TextDelta(text)] if isinstance(text, str) and text else []
+            return [PartStart("text"), *([TextDelta(text)] if isinstance(text, str) and text else [])]
         if kind == "tool_use":
             tool = self._tools[index] = self._next_tool
             self._next_tool += 1
@@ -213,7 +221,7 @@ class AnthropicDecoder:
                 )
             ]
         if kind == "thinking":
-            events: list[Event] = []
+            events: list[Event] = [PartStart("reasoning")]
             if isinstance(block.get("thinking"), str) and block["thinking"]:
                 events.append(ReasoningDelta(block["thinking"]))
             if isinstance(block.get("signature"), str) and block["signature"]:

@@ -55,13 +55,18 @@ def finish(native: str, choice: int, stop_reason: Any) -> Finish:
     return Finish(_REASONS.get(native, "end"), choice, native=native)
 
 
+def _count(value: Any) -> int | None:
+    """A token count as the backend gave it, if it is one (a hostile ``"2"`` or ``-1`` is not)."""
+    return value if type(value) is int and value >= 0 else None
+
+
 def usage(obj: Any) -> Usage:
     """OpenAI's ``usage`` object as canonical usage (cached prompt tokens included in ``input_tokens``)."""
     if type(obj) is not dict:
         raise MalformedEvent("upstream usage is not an object")
     details = obj.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if type(details) is dict else None
-    return Usage(obj.get("prompt_tokens"), obj.get("completion_tokens"), cached if type(cached) is int else 0)
+    return Usage(_count(obj.get("prompt_tokens")), _count(obj.get("completion_tokens")), _count(cached) or 0)
 
 
 def stream_error(error: Any) -> StreamError:
@@ -145,7 +150,7 @@ class OpenAIDecoder:
         used = get("usage")
         if used:
             if type(used) is dict and "prompt_tokens_details" not in used:  # inline: once per chunk on vLLM
-                events.append(Usage(used.get("prompt_tokens"), used.get("completion_tokens")))
+                events.append(Usage(_count(used.get("prompt_tokens")), _count(used.get("completion_tokens"))))
             else:
                 events.append(usage(used))
         return events

@@ -23,6 +23,8 @@ from skyfabric.protocols.canonical import (
     End,
     Event,
     Finish,
+    PartEnd,
+    PartStart,
     ReasoningDelta,
     ReasoningSignature,
     RedactedReasoning,
@@ -66,6 +68,8 @@ class AnthropicEncoder:
         self._tool: int | None = None  # canonical index of the open tool call
         self._finish: Finish | None = None
         self._usage: Usage | None = None
+        #: The client already has the message_delta (it passed through): only message_stop is left.
+        self._delta_sent = False
 
     def encode(self, event: Event) -> bytes:
         """The bytes for ``event`` now (often none: see the module's notes)."""
@@ -102,6 +106,12 @@ class AnthropicEncoder:
                 return b""
             out = self._begin("redacted_thinking", data=event.data)
             return out + self._close()
+        if isinstance(event, PartStart):
+            if event.choice != 0:
+                return b""
+            return self._begin("thinking" if event.kind == "reasoning" else "text")
+        if isinstance(event, PartEnd):
+            return self._close() if event.choice == 0 else b""
         if isinstance(event, Finish):
             if event.choice != 0:
                 return b""
@@ -131,7 +141,11 @@ class AnthropicEncoder:
         self._started = True
         self._index = len(progress.parts) - 1
         last = progress.open_part
-        if last is None or last.kind == "redacted":
+        if progress.finish is not None:
+            # The finish came in Anthropic's message_delta, which the client already has: every block is
+            # closed and only message_stop is missing.
+            self._finish, self._delta_sent = progress.finish, True
+        if last is None or last.kind == "redacted" or last.closed or progress.finish is not None:
             self._open, self._tool = None, None
             return
         self._open = {"text": "text", "reasoning": "thinking", "tool": "tool_use"}[last.kind]
@@ -142,6 +156,9 @@ class AnthropicEncoder:
         """``message_delta`` (stop reason, usage) and ``message_stop``; nothing the second time."""
         if self._ended:
             return b""
+        if self._delta_sent:
+            self._ended = True
+            return wire.sse("message_stop", {"type": "message_stop"})
         out = self._begin_message() + self._close()
         self._ended = True
         finish = self._finish
