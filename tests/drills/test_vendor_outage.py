@@ -249,8 +249,13 @@ async def vendor_fleet(tmp_path: Path, hedge: dict[str, Any] | None) -> AsyncIte
         for p, up in zip(proxies.values(), (east, west), strict=True):
             p.upstream_port = up.port
             await p.start()
+        vendors: Any = {
+            "aws": {"us-east-1": [east], "us-west-2": [west]},
+            "gcp": [vertex],
+            "anthropic": [vendor],
+        }
         data = fleet_data(
-            {"aws": {"us-east-1": [east], "us-west-2": [west]}, "gcp": [vertex], "anthropic": [vendor]},
+            vendors,
             models=[{"name": "m", **({"hedge": hedge} if hedge else {})}],
             **TUNING,
         )
@@ -419,8 +424,9 @@ async def test_every_bedrock_endpoint_blackholed_mid_run(aws: None, tmp_path: Pa
             + ", ".join(f"{eid} {ms(t - cut)} ms" for eid, t in sorted(detected.items())),
             f"- outage streams that had started before the cut, waiting for their first token: {len(waited)}"
             + (f" (TTFT max {ms(max(waited))} ms)" if waited else ""),
-            f"- streams in flight on Bedrock at the cut: {len(on_bedrock)}, all finished on another vendor "
-            f"identically; gateway's rescued-stream counter: {rescued:.0f}",
+            f"- streams on Bedrock still open at the cut: {len(on_bedrock)}, all ended identical to the "
+            f"uninterrupted answer; {rescued:.0f} of them continued on another vendor (the gateway's "
+            "rescued-stream counter; the others had been relayed whole just before the cut)",
             f"- client-visible errors: {len(errors)}; answers differing from the uninterrupted one: "
             f"{len(wrong)}",
             f"- model calls reaching Bedrock after its ejection: {sum(late.values())}; during the outage, "
