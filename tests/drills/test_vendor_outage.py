@@ -426,7 +426,12 @@ async def test_every_bedrock_endpoint_blackholed_mid_run(aws: None, tmp_path: Pa
             + (f" (TTFT max {ms(max(waited))} ms)" if waited else ""),
             f"- streams on Bedrock still open at the cut: {len(on_bedrock)}, all ended identical to the "
             f"uninterrupted answer; {rescued:.0f} of them continued on another vendor (the gateway's "
-            "rescued-stream counter; the others had been relayed whole just before the cut)",
+            "rescued-stream counter"
+            + (
+                "; the others had been relayed whole just before the cut)"
+                if rescued < len(on_bedrock)
+                else ")"
+            ),
             f"- client-visible errors: {len(errors)}; answers differing from the uninterrupted one: "
             f"{len(wrong)}",
             f"- model calls reaching Bedrock after its ejection: {sum(late.values())}; during the outage, "
