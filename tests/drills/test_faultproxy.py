@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from skyfabric.drills.faultproxy import PASS, FaultMode, FaultProxy, http_error
+from skyfabric.drills.faultproxy import PASS, FaultMode, FaultProxy, http_error, is_inference_path
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 
@@ -188,3 +188,26 @@ def test_http_error_is_a_complete_keep_alive_response() -> None:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 429 Too Many Requests")
     assert b"retry-after: 2" in head and b"content-length: %d" % len(body) in head
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/v1/chat/completions",
+        b"/v1/completions",
+        b"/v1/messages",
+        b"/v1/messages?beta=true",
+        b"/model/anthropic.claude-sonnet-4-5-20250929-v1%3A0/converse-stream",
+        b"/model/anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke",
+        b"/v1/projects/p/locations/l/publishers/anthropic/models/claude-sonnet-4-5@20250929:streamRawPredict",
+        b"/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+    ],
+)
+def test_model_calls_of_every_wire_protocol_count_as_inference(target: bytes) -> None:
+    # a drill in front of Bedrock or Vertex must tell the clients' requests from the gateway's probes
+    assert is_inference_path(target)
+
+
+@pytest.mark.parametrize("target", [b"/v1/models", b"/health", b"/metrics", b"/v1/messages/count_tokens"])
+def test_probes_and_scrapes_are_not_inference(target: bytes) -> None:
+    assert not is_inference_path(target)

@@ -157,6 +157,28 @@ def http_error(status: int, message: str, *, retry_after: float | None = None) -
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+#: How a model call's path ends, in every wire protocol the gateway speaks: OpenAI's (chat) completions,
+#: Anthropic's Messages, Bedrock's Converse and InvokeModel, Vertex's rawPredict and generateContent. A
+#: drill in front of a managed cloud must tell its requests from the gateway's probes too.
+INFERENCE_SUFFIXES = (
+    b"completions",
+    b"/messages",
+    b"/converse",
+    b"/converse-stream",
+    b"/invoke",
+    b"/invoke-with-response-stream",
+    b":rawPredict",
+    b":streamRawPredict",
+    b":generateContent",
+    b":streamGenerateContent",
+)
+
+
+def is_inference_path(url: bytes) -> bool:
+    """Whether a request target (query ignored) is a model call in one of the gateway's wire protocols."""
+    return url.split(b"?", 1)[0].endswith(INFERENCE_SUFFIXES)
+
+
 class _ParsedRequest:
     """A whole request from the client side, re-serialised with a content-length."""
 
@@ -171,8 +193,8 @@ class _ParsedRequest:
 
     @property
     def inference(self) -> bool:
-        """POST to a completions path: a client's request, as opposed to the gateway's own probes."""
-        return self.method == b"POST" and self.url.split(b"?", 1)[0].endswith(b"completions")
+        """POST to a model-call path: a client's request, as opposed to the gateway's own probes."""
+        return self.method == b"POST" and is_inference_path(self.url)
 
     def raw(self) -> bytes:
         body = b"".join(self.body)
