@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -93,6 +94,20 @@ class Lease:
         return limit_headers(self.ask, self.verdict, anthropic, wall)
 
 
+@functools.lru_cache(maxsize=1024)
+def _header_names(what: str, limit: int, anthropic: bool) -> tuple[tuple[bytes, bytes], bytes, bytes]:
+    """A limit's constant header (its value) and the names of the other two: built once per limit."""
+    if anthropic:
+        prefix = b"anthropic-ratelimit-" + what.encode()
+        return (prefix + b"-limit", str(limit).encode()), prefix + b"-remaining", prefix + b"-reset"
+    tail = what.encode()
+    return (
+        (b"x-ratelimit-limit-" + tail, str(limit).encode()),
+        b"x-ratelimit-remaining-" + tail,
+        b"x-ratelimit-reset-" + tail,
+    )
+
+
 def limit_headers(ask: Ask, verdict: Verdict, anthropic: bool, wall: float) -> list[tuple[bytes, bytes]]:
     """Headers that tell a client where it stands on the request and token limits it has."""
     out: list[tuple[bytes, bytes]] = []
@@ -102,20 +117,10 @@ def limit_headers(ask: Ask, verdict: Verdict, anthropic: bool, wall: float) -> l
     ):
         if limit <= 0:
             continue
+        fixed, left_name, reset_name = _header_names(what, limit, anthropic)
         left = str(remaining(limit, reset)).encode()
-        if anthropic:
-            prefix = b"anthropic-ratelimit-" + what.encode()
-            out += [
-                (prefix + b"-limit", str(limit).encode()),
-                (prefix + b"-remaining", left),
-                (prefix + b"-reset", _rfc3339(wall + reset)),
-            ]
-        else:
-            out += [
-                (b"x-ratelimit-limit-" + what.encode(), str(limit).encode()),
-                (b"x-ratelimit-remaining-" + what.encode(), left),
-                (b"x-ratelimit-reset-" + what.encode(), duration(reset).encode()),
-            ]
+        when = _rfc3339(wall + reset) if anthropic else duration(reset).encode()
+        out += [fixed, (left_name, left), (reset_name, when)]
     return out
 
 
