@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from skyfabric.core.errors import PermissionDenied
 from skyfabric.gateway.observe import Observer
-from skyfabric.gateway.spend import answer_spent, answer_usage, stream_spent
+from skyfabric.gateway.spend import answer_spent_once, stream_spent
 from skyfabric.http.messages import Request, Response, StreamResponse
 from skyfabric.ops.limiter import Limiter
 from skyfabric.ops.pricing import PriceBook
@@ -78,7 +78,10 @@ class KeysFilter(Observer):
         lease = ctx.lease
         if lease is None or body is None or outcome != "ok" or self.limiter is None:
             return
-        spent = answer_spent(answer_usage(body, ctx.frontend.family), state.endpoint.id, self.prices)
+        observed = ctx.observed
+        if observed is None:
+            observed = ctx.observed = {}
+        spent = answer_spent_once(observed, body, ctx.frontend.family, state.endpoint.id, self.prices)
         if spent is None:  # no usage reported: the reservation stands
             self.limiter.settle(lease, None, lease.ask.tokens - lease.prompt_tokens)
         else:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from skyfabric.gateway.context import new_request_id
 from skyfabric.gateway.observe import CONTINUATION, Observer
-from skyfabric.gateway.spend import Spent, answer_spent, answer_usage, stream_spent
+from skyfabric.gateway.spend import Spent, answer_spent_once, stream_spent
 from skyfabric.ops.ledger import Ledger
 from skyfabric.ops.pricing import PriceBook
 from skyfabric.ops.record import ERROR, INCOMPLETE, INTERRUPTED, OK, OPEN, UsageRecord
@@ -85,9 +85,10 @@ class LedgerObserver(Observer):
             return
         tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
         tally.endpoint = state.endpoint.id
-        if body is not None:
-            usage = answer_usage(body, ctx.frontend.family)
-            tally.spent = answer_spent(usage, state.endpoint.id, self.prices)
+        observed = ctx.observed
+        if body is not None and observed is not None:  # observed: set at request_start
+            family, endpoint = ctx.frontend.family, state.endpoint.id
+            tally.spent = answer_spent_once(observed, body, family, endpoint, self.prices)
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
         tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from skyfabric.ops.pricing import PriceBook
 from skyfabric.protocols.canonical import Usage
@@ -57,6 +58,20 @@ def answer_usage(body: bytes, family: str) -> Usage | None:
     if output is None:
         return None
     return Usage(_field(body, b'"prompt_tokens"'), output, _field(body, b'"cached_tokens"') or 0)
+
+
+def answer_spent_once(
+    observed: dict[str, Any], body: bytes, family: str, endpoint: str, prices: PriceBook
+) -> Spent | None:
+    """:func:`answer_spent` of ``body``, computed once per request for every observer that reads it (the
+    keys' settlement and the ledger): memoized in the request's ``ctx.observed``."""
+    memo = observed.get("spent")
+    if memo is not None and memo[0] is body and memo[1] == endpoint:
+        spent: Spent | None = memo[2]
+        return spent
+    spent = answer_spent(answer_usage(body, family), endpoint, prices)
+    observed["spent"] = (body, endpoint, spent)
+    return spent
 
 
 def answer_spent(usage: Usage | None, endpoint: str, prices: PriceBook) -> Spent | None:

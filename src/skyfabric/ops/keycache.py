@@ -38,6 +38,8 @@ class KeyCache:
         self.wall = wall
         self._static = {r.hash: r for r in (static_record(s, n) for s, n in static)}
         self._by_hash: dict[str, KeyRecord] = dict(self._static)
+        #: Presented secret → its digest: a hash per distinct key, not per request.
+        self._digests: dict[bytes, str] = {}
         #: False while the last reload failed: serving with the keys last known.
         self.fresh = True
         self.loaded = store is None
@@ -51,7 +53,11 @@ class KeyCache:
         """The key a request presented; raises :class:`AuthenticationError` (never echoing the secret)."""
         if secret is None:
             raise AuthenticationError("no API key: send `Authorization: Bearer <key>` or `x-api-key`")
-        matched = digest(secret)
+        matched = self._digests.get(secret)
+        if matched is None:
+            if len(self._digests) >= 4096:  # bounded: a flood of wrong keys cannot grow it
+                self._digests.clear()
+            matched = self._digests[secret] = digest(secret)
         record = self._by_hash.get(matched)
         if record is None:
             raise AuthenticationError("the API key is not valid", code="invalid_api_key")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from skyfabric.core.errors import RateLimited
 from skyfabric.core.fleet import Limits
 from skyfabric.ops.database import redact
+from skyfabric.ops.grants import GRANT_TTL, Grant, shape, want
 from skyfabric.ops.keys import KeyRecord
 from skyfabric.ops.pricing import PriceBook, Prices
 from skyfabric.ops.ratelimit import (
@@ -84,10 +86,26 @@ class Lease:
     prompt_tokens: int
     price: Prices
     settled: bool = False
+    #: The grant it was admitted from (``grants.py``), else None: admitted by Redis or in process.
+    grant: Grant | None = None
 
     def headers(self, anthropic: bool, wall: float) -> list[tuple[bytes, bytes]]:
         """The rate-limit headers of the answer (OpenAI's, or Anthropic's on ``/v1/messages``)."""
         return limit_headers(self.ask, self.verdict, anthropic, wall)
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_names(what: str, limit: int, anthropic: bool) -> tuple[tuple[bytes, bytes], bytes, bytes]:
+    """A limit's constant header (its value) and the names of the other two: built once per limit."""
+    if anthropic:
+        prefix = b"anthropic-ratelimit-" + what.encode()
+        return (prefix + b"-limit", str(limit).encode()), prefix + b"-remaining", prefix + b"-reset"
+    tail = what.encode()
+    return (
+        (b"x-ratelimit-limit-" + tail, str(limit).encode()),
+        b"x-ratelimit-remaining-" + tail,
+        b"x-ratelimit-reset-" + tail,
+    )
 
 
 def limit_headers(ask: Ask, verdict: Verdict, anthropic: bool, wall: float) -> list[tuple[bytes, bytes]]:
@@ -99,20 +117,10 @@ def limit_headers(ask: Ask, verdict: Verdict, anthropic: bool, wall: float) -> l
     ):
         if limit <= 0:
             continue
+        fixed, left_name, reset_name = _header_names(what, limit, anthropic)
         left = str(remaining(limit, reset)).encode()
-        if anthropic:
-            prefix = b"anthropic-ratelimit-" + what.encode()
-            out += [
-                (prefix + b"-limit", str(limit).encode()),
-                (prefix + b"-remaining", left),
-                (prefix + b"-reset", _rfc3339(wall + reset)),
-            ]
-        else:
-            out += [
-                (b"x-ratelimit-limit-" + what.encode(), str(limit).encode()),
-                (b"x-ratelimit-remaining-" + what.encode(), left),
-                (b"x-ratelimit-reset-" + what.encode(), duration(reset).encode()),
-            ]
+        when = _rfc3339(wall + reset) if anthropic else duration(reset).encode()
+        out += [fixed, (left_name, left), (reset_name, when)]
     return out
 
 
@@ -156,6 +164,11 @@ class Limiter:
         self._running: dict[str, Ask] = {}
         self._loaded = False
         self._leases = 0
+        #: Each key's grant on this instance (``grants.py``), and grants waiting to be given back.
+        self.grants: dict[str, Grant] = {}
+        self._returning: list[Grant] = []
+        self._fetches: set[asyncio.Task[None]] = set()
+        self._grants_asked = 0
         #: Budget period kind → (id, end, a time inside it).
         self._periods: dict[str, tuple[str, float, float]] = {}
 
@@ -173,10 +186,14 @@ class Limiter:
             ask.period, ask.period_end = self._period(record.budget_period)
         if record.max_concurrent is not None:
             ask.max_concurrent = record.max_concurrent
-            self._leases += 1
-            ask.lease = f"{self.instance}:{self._leases}"
             ask.lease_ttl = self.settings.lease_ttl
         return ask, price
+
+    def _name_lease(self, ask: Ask) -> None:
+        """A concurrency slot's own member name (admission by the script, not from a grant)."""
+        if ask.max_concurrent > 0:
+            self._leases += 1
+            ask.lease = f"{self.instance}:{self._leases}"
 
     def _period(self, kind: str) -> tuple[str, float]:
         """The current budget period (computed once per period, not per request)."""
@@ -201,6 +218,13 @@ class Limiter:
             return None
         ask, price = self._ask(record, model, prompt_tokens, max_tokens)
         if self.redis is not None and self.state == "ok":
+            granted = self._from_grant(ask)
+            if granted is not None:
+                lease = Lease(ask, granted[1], True, prompt_tokens, price, grant=granted[0])
+                if ask.lease:
+                    self._running[ask.lease] = ask
+                return lease
+            self._name_lease(ask)
             settle, self._pending = self._pending, []  # they ride along: one round trip, and counted first
             try:
                 verdict = await self.redis.admit(ask, settle)
@@ -225,8 +249,87 @@ class Limiter:
                     error_type="api_error",
                 )
             ask = self._local_share(ask)
+        self._name_lease(ask)
         verdict = self.local.admit(ask, self.clock(), self.wall())
         return self._decide(Lease(ask, verdict, False, prompt_tokens, price), record, anthropic)
+
+    # -- grants: admission without a round trip for keys far from their limits (see grants.py) -------------
+
+    def _from_grant(self, ask: Ask) -> tuple[Grant, Verdict] | None:
+        """Admit ``ask`` from its key's grant here, or None (then Redis decides); tops the grant up."""
+        now = self.clock()
+        g = self.grants.get(ask.key)
+        if g is None or g.shape != shape(ask):
+            size = want(ask)
+            if size is None:
+                return None
+            if g is not None:
+                self._retire(g)
+            g = self.grants[ask.key] = Grant(ask.key, shape(ask), size)
+            self._top_up(g, ask)
+            return None
+        if g.fits(ask, now):
+            verdict = g.take(ask, now)
+            if g.low() and not g.fetching and now >= g.near_until:
+                self._top_up(g, ask)
+            return g, verdict
+        if not g.fetching and now >= g.near_until:
+            self._top_up(g, ask)
+        return None
+
+    def _top_up(self, g: Grant, ask: Ask) -> None:
+        g.fetching = True
+        task = asyncio.get_running_loop().create_task(self._fetch(g, ask))
+        self._fetches.add(task)
+        task.add_done_callback(self._fetches.discard)
+
+    async def _fetch(self, g: Grant, ask: Ask) -> None:
+        assert self.redis is not None
+        self._grants_asked += 1
+        prefix = f"{self.instance}:g{self._grants_asked}:"
+        size = g.missing()
+        try:
+            got = await self.redis.grant(ask, size, prefix)
+        except Exception as exc:
+            g.fetching = False
+            if not _unreachable(exc):
+                log.exception("limits: a grant failed")
+                g.near_until = self.clock() + GRANT_TTL
+                return
+            self._degrade(exc)
+            return
+        g.fetching = False
+        now = self.clock()
+        if got is None:  # near a limit: direct admission for a while
+            g.near_until = now + GRANT_TTL
+            return
+        requests_reset, tokens_reset, spent = got
+        slots = [prefix + str(i) for i in range(1, size.slots + 1)]
+        if not g.live:  # given back while this was in flight: give this part back too
+            late = Grant(g.key, g.shape, size, size.requests, size.tokens, size.budget, slots, live=False)
+            self._returning.append(late)
+            self._wake.set()
+            return
+        g.add(size.requests, size.tokens, size.budget, slots, now + GRANT_TTL)
+        g.requests_tat, g.tokens_tat, g.spent = now + requests_reset, now + tokens_reset, spent
+        if ask.budget >= 0:
+            self._spent[(ask.key, ask.period)] = spent
+
+    def _retire(self, g: Grant) -> None:
+        """Stop admitting from ``g`` and queue its unused part to be given back."""
+        g.live = False
+        if self.grants.get(g.key) is g:
+            del self.grants[g.key]
+        if g.requests or g.tokens or g.budget or g.slots:
+            self._returning.append(g)
+            self._wake.set()
+
+    def _expire_grants(self) -> None:
+        """Give back the grants not topped up for ``GRANT_TTL`` (an idle instance holds nothing long)."""
+        now = self.clock()
+        for g in list(self.grants.values()):
+            if now >= g.expires and now >= g.near_until and not g.fetching:
+                self._retire(g)
 
     def _local_share(self, ask: Ask) -> Ask:
         """This instance's share of each limit while Redis is down."""
@@ -289,6 +392,10 @@ class Limiter:
             micro = math.ceil(cost * 1_000_000 - 1e-6)
         if lease.shared:
             self._running.pop(ask.lease, None)
+            grant = lease.grant
+            if grant is not None and grant.live:
+                grant.settle(ask, tokens, micro)
+                return
             if tokens != ask.tokens or micro != ask.cost or ask.lease:
                 self._pending.append((ask, tokens, micro))
                 self._wake.set()
@@ -312,6 +419,12 @@ class Limiter:
                 n,
             )
         self.state = "degraded"
+        # Grants are charged in Redis already: dropping them can only admit less. Their requests settle
+        # with Redis when it is back (or their reservations outlive them, conservatively).
+        for g in list(self.grants.values()):
+            g.live = False
+        self.grants.clear()
+        self._returning.clear()
 
     async def beat(self) -> None:
         """One heartbeat: say this instance is alive, renew its leases, learn the instances alive."""
@@ -321,8 +434,9 @@ class Limiter:
             if self.state != "ok" or not self._loaded:
                 await self.redis.load()
                 self._loaded = True
+            held = [(g, self.settings.lease_ttl) for g in self.grants.values() if g.slots]
             n = await self.redis.heartbeat(
-                self.instance, 3 * self.settings.heartbeat, list(self._running.values())
+                self.instance, 3 * self.settings.heartbeat, list(self._running.values()), held
             )
         except Exception as exc:
             if not _unreachable(exc):
@@ -338,12 +452,18 @@ class Limiter:
             self.state = "ok"
 
     async def flush(self) -> None:
-        """Send the settlements that piled up, in one round trip; dropped if Redis is unreachable."""
-        if self.redis is None or not self._pending:
+        """Send the settlements that piled up and the grants' unused parts given back, in one round trip
+        each; dropped if Redis is unreachable."""
+        if self.redis is None:
             return
+        self._expire_grants()
         batch, self._pending = self._pending, []
+        returning, self._returning = self._returning, []
         try:
-            await self.redis.settle(batch)
+            if returning:
+                await self.redis.give_back(returning)
+            if batch:
+                await self.redis.settle(batch)
         except Exception as exc:
             # Reservations outlive their requests (conservative) until the window passes; slots expire.
             if not _unreachable(exc):
@@ -366,7 +486,9 @@ class Limiter:
 
     async def _flush_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            # Woken by a settlement, or every quarter of a grant's life to give back the expired ones.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), GRANT_TTL / 4)
             # A moment's grace: the next admission usually comes first and takes them along for free.
             await asyncio.sleep(SETTLE_DELAY)
             self._wake.clear()
@@ -378,6 +500,10 @@ class Limiter:
     async def close(self) -> None:
         if self.redis is None:
             return
+        for task in list(self._fetches):
+            task.cancel()
+        for g in list(self.grants.values()):
+            self._retire(g)
         with contextlib.suppress(Exception):
             await self.flush()
             await self.redis.leave(self.instance)

@@ -15,6 +15,7 @@ import functools
 import time
 from typing import Any
 
+from skyfabric.ops.grants import FACTOR, Grant, Want
 from skyfabric.ops.ratelimit import BUDGET, Ask, Verdict
 from skyfabric.ops.resp import Resp
 
@@ -93,6 +94,68 @@ redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 60)
 return redis.call('ZCARD', KEYS[1])
 """
 
+#: A grant (``grants.py``): ``want`` of each limit charged at once, all or none, and only while what is
+#: left of each is at least ``factor`` times that. Returns {0} (refused: the key is near a limit) or
+#: {1, requests reset, tokens reset, spent}.
+_GRANT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local W = 60.0
+local rpm, tpm, wr, wt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local budget, wb, cap, wk = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local f, ttl = tonumber(ARGV[12]), tonumber(ARGV[11])
+local rbase = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+local tbase = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), now)
+if rpm > 0 and rbase - now + f * wr * W / rpm > W + 1e-6 then return {0} end
+if tpm > 0 and tbase - now + f * wt * W / tpm > W + 1e-6 then return {0} end
+local spent = 0
+if budget >= 0 then
+  spent = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if spent + f * wb > budget then return {0} end
+end
+local ms = now * 1000
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ms)
+  if redis.call('ZCARD', KEYS[4]) + f * wk > cap then return {0} end
+end
+local rnew, tnew = rbase + wr * W / math.max(rpm, 1), tbase + wt * W / math.max(tpm, 1)
+if rpm > 0 then redis.call('SET', KEYS[1], tostring(rnew), 'PX', math.ceil((rnew - now) * 1000) + 1000) end
+if tpm > 0 then redis.call('SET', KEYS[2], tostring(tnew), 'PX', math.ceil((tnew - now) * 1000) + 1000) end
+if budget >= 0 then
+  redis.call('INCRBY', KEYS[3], wb)
+  redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[7])) + 86400)
+end
+if wk > 0 then
+  for i = 1, wk do redis.call('ZADD', KEYS[4], ms + ttl, ARGV[10] .. i) end
+  redis.call('PEXPIRE', KEYS[4], 2 * ttl)
+end
+return {1, tostring(rnew - now), tostring(tnew - now), spent + wb}
+"""
+
+#: A grant's unused part given back: the counters move back (never before now, never below zero), the
+#: free slots are removed. Negative amounts (a grant's requests used more tokens than reserved) move on.
+_RETURN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rpm, tpm, r, tk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local b = tonumber(ARGV[5])
+local function back(name, units, limit)
+  if limit <= 0 or units == 0 then return end
+  local tat = redis.call('GET', name)
+  if not tat then return end
+  local new = math.max(now, tonumber(tat) - units * 60.0 / limit)
+  redis.call('SET', name, tostring(new), 'PX', math.ceil((new - now) * 1000) + 1000)
+end
+back(KEYS[1], r, rpm)
+back(KEYS[2], tk, tpm)
+if b ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  local v = redis.call('DECRBY', KEYS[3], b)
+  if v < 0 then redis.call('SET', KEYS[3], 0, 'KEEPTTL') end
+end
+if #ARGV > 5 then redis.call('ZREM', KEYS[4], unpack(ARGV, 6)) end
+return 1
+"""
+
 INSTANCES = "skyfabric:instances"
 
 
@@ -115,6 +178,8 @@ class RedisLimits:
         self._settle = self.client.script(_SETTLE)
         self._renew = self.client.script(_RENEW)
         self._beat = self.client.script(_BEAT)
+        self._grant = self.client.script(_GRANT)
+        self._return = self.client.script(_RETURN)
 
     def _settlements(self, batch: list[tuple[Ask, int, int]]) -> list[tuple[bytes, list[Any], list[Any]]]:
         calls: list[tuple[bytes, list[Any], list[Any]]] = []
@@ -145,6 +210,38 @@ class RedisLimits:
             retry_after = max(1.0, retry_after - time.time())
         return Verdict(int(reason), retry_after, float(rreset), float(treset), int(spent))
 
+    async def grant(self, ask: Ask, want: Want, prefix: str) -> tuple[float, float, int] | None:
+        """Charge a grant of ``want`` for ``ask``'s key (slot members ``prefix1``, ``prefix2``…): the
+        seconds until the request and token allowances are whole again, and the spend; None: refused."""
+        args = [
+            ask.rpm,
+            ask.tpm,
+            want.requests,
+            want.tokens,
+            ask.budget,
+            want.budget,
+            repr(ask.period_end),
+            ask.max_concurrent,
+            want.slots,
+            prefix,
+            int(ask.lease_ttl * 1000),
+            FACTOR,
+        ]
+        reply = (await self.client.evalsha([(self._grant, _keys(ask), args)]))[0]
+        if int(reply[0]) != 1:
+            return None
+        return float(reply[1]), float(reply[2]), int(reply[3])
+
+    async def give_back(self, grants: list[Grant]) -> None:
+        """Give the unused part of ``grants`` back, in one round trip."""
+        calls: list[tuple[bytes, list[Any], list[Any]]] = []
+        for g in grants:
+            rpm, tpm, _, _, period = g.shape
+            keys = list(_names(g.key, period))
+            calls.append((self._return, keys, [rpm, tpm, g.requests, g.tokens, g.budget, *g.slots]))
+        if calls:
+            await self.client.evalsha(calls)
+
     async def settle(self, batch: list[tuple[Ask, int, int]]) -> None:
         """Settle many requests in one round trip: (ask, tokens used, micro-USD spent) each."""
         await self.client.evalsha(self._settlements(batch))
@@ -153,11 +250,18 @@ class RedisLimits:
         """Load the scripts (after a start or a restart of Redis): the first burst then finds them there."""
         await self.client.load_scripts()
 
-    async def heartbeat(self, instance: str, alive: float, leases: list[Ask]) -> int:
-        """Beat for ``instance`` and renew its requests' slots; the instances beating within ``alive``."""
+    async def heartbeat(
+        self, instance: str, alive: float, leases: list[Ask], held: list[tuple[Grant, float]] | None = None
+    ) -> int:
+        """Beat for ``instance`` and renew its requests' slots and its grants' free slots (grant and
+        lease ttl); the instances beating within ``alive``."""
         calls: list[tuple[bytes, list[Any], list[Any]]] = [(self._beat, [INSTANCES], [instance, alive])]
         for ask in leases:
             calls.append((self._renew, [_keys(ask)[3]], [ask.lease, int(ask.lease_ttl * 1000)]))
+        for g, ttl in held or ():
+            slots = _names(g.key, g.shape[4])[3]
+            for member in g.slots:
+                calls.append((self._renew, [slots], [member, int(ttl * 1000)]))
         results = await self.client.evalsha(calls)
         return int(results[0])
 

@@ -1,0 +1,111 @@
+"""Grants: keys far from their limits are admitted in process from slices Redis charged in advance."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from skyfabric.core.errors import RateLimited
+from skyfabric.core.fleet import Limits
+from skyfabric.ops.keys import KeyRecord, new_key_id
+from skyfabric.ops.limiter import Lease, Limiter
+from skyfabric.ops.pricing import PriceBook, Prices
+from skyfabric.ops.resp import Resp
+
+SHARED = "redis://127.0.0.1:6379/0"
+PRICES = PriceBook.of_models({"m": Prices(1.0, 2.0, 1.0)})
+
+
+def key(**limits: Any) -> KeyRecord:
+    return KeyRecord(id=new_key_id(), name="t", hash="h", hint="…", created=0.0, **limits)
+
+
+async def admitted(limiter: Limiter, record: KeyRecord) -> Lease | None:
+    try:
+        return await limiter.admit(record, "m", 10, 10)
+    except RateLimited:
+        return None
+
+
+async def redis_tat(record: KeyRecord) -> float:
+    """Seconds of the key's request allowance used in Redis (its GCRA ``tat`` less Redis' now)."""
+    client = Resp(SHARED, timeout=1.0)
+    try:
+        tat, now = await client.pipeline([("GET", "skyfabric:{" + record.id + "}:rpm"), ("TIME",)])
+        return max(0.0, float(tat or 0) - (int(now[0]) + int(now[1]) / 1e6))
+    finally:
+        await client.close()
+
+
+async def test_three_instances_share_a_big_rpm_through_grants_without_losing_or_doubling_a_unit() -> None:
+    made = [Limiter(Limits(), SHARED, PRICES) for _ in range(3)]
+    record = key(rpm=6400)  # grants of 100 requests
+    calls = [0]
+    for limiter in made:
+        assert limiter.redis is not None
+        admit = limiter.redis.admit
+
+        async def counted(*a: Any, _admit: Any = admit) -> Any:
+            calls[0] += 1
+            return await _admit(*a)
+
+        limiter.redis.admit = counted  # type: ignore[method-assign]
+    try:
+        started = time.monotonic()
+        results: list[Lease | None] = []
+        for _ in range(40):  # bursts, as a busy gateway sees them: grants arrive between them
+            results += await asyncio.gather(*[admitted(made[i % 3], record) for i in range(200)])
+            await asyncio.sleep(0.002)
+            if len(results) == 5000:  # far from the limit: all admitted, most without a round trip
+                assert all(r is not None for r in results) and calls[0] < 5000 / 4, calls[0]
+        elapsed = time.monotonic() - started
+        n = sum(r is not None for r in results)
+        refill = int(elapsed * 6400 / 60) + 1
+        assert n <= 6400 + refill, (n, elapsed)
+        for limiter in made:  # settle them all, and give every grant's unused part back
+            for lease in results:
+                if lease is not None:
+                    limiter.settle(lease, 10, 10)
+            await limiter.close()
+        # What Redis holds is what was admitted: every unused granted request came back.
+        used = await redis_tat(record)
+        assert abs(used * 6400 / 60 - n) <= refill + 1, (used * 6400 / 60, n, refill)
+    finally:
+        for limiter in made:
+            await limiter.close()
+
+
+async def test_a_key_near_its_limit_gets_no_grant_and_stays_exact() -> None:
+    made = [Limiter(Limits(), SHARED, PRICES) for _ in range(3)]
+    record = key(rpm=600)  # 9 requests a grant: granted only while 36 are left
+    try:
+        results = []
+        for _ in range(10):
+            results += await asyncio.gather(*[admitted(made[i % 3], record) for i in range(90)])
+            await asyncio.sleep(0.005)
+        assert 598 <= sum(r is not None for r in results) <= 601
+    finally:
+        for limiter in made:
+            await limiter.close()
+
+
+async def test_grant_slots_tokens_and_budget_come_back_to_the_grant_when_requests_settle() -> None:
+    limiter = Limiter(Limits(), SHARED, PRICES)
+    record = key(rpm=64_000, tpm=6_400_000, max_concurrent=1000, budget=1000.0)
+    try:
+        first = await admitted(limiter, record)  # by Redis; asks for a grant meanwhile
+        assert first is not None and first.grant is None
+        await asyncio.sleep(0.05)
+        grant = limiter.grants[record.id]
+        assert grant.requests == 1000 and grant.tokens == 100_000 and len(grant.slots) == 15
+        second = await admitted(limiter, record)
+        assert second is not None and second.grant is grant and second.ask.lease in limiter._running
+        assert len(grant.slots) == 14 and grant.tokens == 100_000 - 20
+        limiter.settle(second, 10, 2)  # 12 tokens, 14 µUSD of the 30 reserved
+        assert len(grant.slots) == 15 and grant.tokens == 100_000 - 12
+        assert grant.budget == 1000 * 1_000_000 // 64 - 14
+        headers = dict(second.headers(False, time.time()))
+        assert int(headers[b"x-ratelimit-remaining-requests"]) >= 64_000 - 2
+    finally:
+        await limiter.close()
