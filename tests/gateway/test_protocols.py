@@ -23,6 +23,7 @@ from tests.support.anthropic_answer import verify_thinking
 from tests.support.anthropic_standin import StandIn
 from tests.support.counters import assert_released
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.scripted_upstream import ScriptedUpstream
 
 TOOLS = [
     {
@@ -408,3 +409,159 @@ async def test_models_in_both_shapes(make_gateway: MakeGateway) -> None:
     anthropic_models = [m.id async for m in claude(gw).models.list()]
     openai_models = [m.id for m in (await gw.client().models.list()).data]
     assert set(anthropic_models) == set(openai_models) == {"m", "alias-m"}
+
+
+# -- framing a fake would not produce on its own (regressions found in review) ------------------------------
+
+
+def _chunk(delta: dict[str, Any], *, finish: str | None = None, completion: int = 1) -> bytes:
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": completion, "total_tokens": 5 + completion},
+    }
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+async def test_a_re_encoded_pass_through_chunk_keeps_its_tool_calls_id_and_name(
+    make_gateway: MakeGateway,
+) -> None:
+    """max_tokens without include_usage: the gateway asks vLLM for usage in every chunk and strips it, so
+    every chunk is re-encoded; the one opening a tool call must still carry its id and name."""
+    call = {
+        "index": 0,
+        "id": "call_abc",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    up = ScriptedUpstream(
+        [
+            _chunk({"role": "assistant", "content": ""}, completion=0),
+            _chunk({"tool_calls": [call]}),
+            _chunk(
+                {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]}, completion=5
+            ),
+            _chunk({}, finish="tool_calls", completion=5),
+            b"data: [DONE]\n\n",
+        ]
+    )
+    gw = await make_gateway({"p": [up]})
+    stream = await gw.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], tools=OPENAI_TOOLS, max_tokens=50, stream=True
+    )
+    calls = [
+        c.choices[0].delta.tool_calls[0]
+        for c in [c async for c in stream]
+        if c.choices and c.choices[0].delta.tool_calls
+    ]
+    assert calls[0].id == "call_abc" and calls[0].function.name == "get_weather"
+    assert "".join(c.function.arguments or "" for c in calls) == '{"city": "Paris"}'
+    assert up.requests[0]["stream_options"]["continuous_usage_stats"] is True
+    await assert_released(gw.gateway.proxy)
+
+
+async def test_a_reset_after_the_finish_ends_the_stream_rather_than_continuing_it(
+    make_gateway: MakeGateway,
+) -> None:
+    first = ScriptedUpstream(
+        [_chunk({"role": "assistant", "content": "Hello"}), _chunk({}, finish="stop")], reset=True
+    )
+    second = FakeUpstream("second", tokens=10)
+    gw = await make_gateway({"aws": [first], "gcp": [second]})
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding = 1000  # the stream starts on the scripted one
+    stream = await gw.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == "Hello" and finishes == ["stop"]
+    assert second.requests == []
+    gw.gateway.proxy.states["gcp/r1/pool/0"].outstanding -= 1000
+    await assert_released(gw.gateway.proxy)
+
+
+async def test_an_anthropic_stream_ending_after_message_delta_keeps_its_stop_reason(
+    make_gateway: MakeGateway,
+) -> None:
+    """The backend closed cleanly after message_delta (no message_stop): the client gets message_stop only,
+    not a second message_start or a message_delta saying end_turn."""
+
+    def sse(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    usage = {"input_tokens": 5, "output_tokens": 1}
+    up = ScriptedUpstream(
+        [
+            sse(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_1",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": "claude",
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": usage,
+                    },
+                },
+            ),
+            sse(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "get_weather",
+                        "input": {},
+                    },
+                },
+            ),
+            sse(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": '{"city": "Paris"}'},
+                },
+            ),
+            sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            sse(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                    "usage": {"output_tokens": 9},
+                },
+            ),
+        ],
+        engine="anthropic",
+    )
+    gw = await make_gateway({"p": [up]})
+    async with httpx.AsyncClient(timeout=10) as http:
+        resp = await http.post(
+            f"{gw.root}/v1/messages",
+            json={
+                "model": "m",
+                "max_tokens": 50,
+                "stream": True,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            headers={"anthropic-version": "2023-06-01"},
+        )
+    events = [line[7:] for line in resp.text.splitlines() if line.startswith("event: ")]
+    assert events.count("message_start") == 1 and events.count("message_delta") == 1
+    assert events[-1] == "message_stop" and events.count("content_block_stop") == 1
+    final = await _stream_text(
+        claude(gw), model="m", max_tokens=50, messages=[{"role": "user", "content": "x"}]
+    )
+    assert final.stop_reason == "tool_use" and final.usage.output_tokens == 9
+    await assert_released(gw.gateway.proxy)
