@@ -558,6 +558,29 @@ class ReplicaApp:
         prefix = prefix_of(messages[-1]) if continue_final else None
         if plan.active or (prefix is not None and (prefix.reasoning or prefix.arguments is not None)):
             return await self._structured(request, body, base_messages, plan, prefix, opts)
+        _, requests = await self._chat_requests(
+            messages,
+            body,
+            opts,
+            generation_prompt=add_generation_prompt is not False and not continue_final,
+            continue_final=continue_final,
+        )
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if opts.stream:
+            return await self._stream(request, requests, opts, completion_id, chat=True)
+        return await self._complete(requests, completion_id, chat=True)
+
+    async def _chat_requests(
+        self,
+        messages: list[dict[str, Any]],
+        body: Mapping[str, Any],
+        opts: SamplingOptions,
+        *,
+        generation_prompt: bool,
+        continue_final: bool,
+    ) -> tuple[list[int], list[GenerationRequest]]:
+        """The prompt's token ids for ``messages`` rendered by the chat template (off the event loop when
+        long) and the engine requests for it; a prompt that cannot fit or a template error is a 400."""
         try:
             tools = _tools(body)
             # ``tools`` only when the request has some: an engine plug-in written before the argument
@@ -566,7 +589,7 @@ class ReplicaApp:
             render = functools.partial(
                 self.engine.tokenize_chat,
                 messages,
-                add_generation_prompt=add_generation_prompt is not False and not continue_final,
+                add_generation_prompt=generation_prompt,
                 continue_final_message=continue_final,
                 **extra,
             )
@@ -584,10 +607,7 @@ class ReplicaApp:
             vocab_size=self.engine.vocab_size,
             what="messages",
         )
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if opts.stream:
-            return await self._stream(request, requests, opts, completion_id, chat=True)
-        return await self._complete(requests, completion_id, chat=True)
+        return list(prompt_ids), requests
 
     async def _structured(
         self,
@@ -603,29 +623,8 @@ class ReplicaApp:
         ``usage.prompt_tokens`` is the messages before any continuation, rendered with the generation
         prompt; completion tokens are the sampled ones (a continuation's: only the new ones).
         """
-        try:
-            tools = _tools(body)
-            extra = {"tools": tools} if tools else {}
-            render = functools.partial(
-                self.engine.tokenize_chat,
-                base_messages,
-                add_generation_prompt=True,
-                continue_final_message=False,
-                **extra,
-            )
-            long = sum(len(m["content"]) for m in base_messages) > OFF_LOOP_CHARS
-            prompt_ids = await asyncio.to_thread(render) if long else render()
-        except PromptTooLong as exc:
-            raise _too_long(exc, self.engine.max_model_len, "messages") from None
-        except ValueError as exc:
-            raise _bad(str(exc), "messages") from exc
-        requests = build_requests(
-            prompt_ids,
-            opts,
-            max_model_len=self.engine.max_model_len,
-            param="messages",
-            vocab_size=self.engine.vocab_size,
-            what="messages",
+        prompt_ids, requests = await self._chat_requests(
+            base_messages, body, opts, generation_prompt=True, continue_final=False
         )
         vocabulary = None
         if plan.tool_name is not None:
