@@ -36,6 +36,12 @@ class RunningGateway:
 
         return AsyncOpenAI(base_url=self.base_url, api_key="sk-test-key-0001", max_retries=0, **kwargs)
 
+    def claude(self, **kwargs: Any) -> Any:
+        """The Anthropic SDK's client for the gateway's ``/v1/messages``."""
+        from anthropic import AsyncAnthropic
+
+        return AsyncAnthropic(base_url=self.root, api_key="sk-test-key-0001", max_retries=0, **kwargs)
+
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 

@@ -49,6 +49,7 @@ from tests.conftest import fleet_data
 from tests.support.anthropic_standin import StandIn
 from tests.support.bedrock_standin import ACCESS_KEY, SECRET_KEY, BedrockStandIn
 from tests.support.counters import assert_released
+from tests.support.tools import OPENAI_TOOLS, TOOLS
 from tests.support.vertex_standin import VertexStandIn
 
 pytestmark = pytest.mark.slow
@@ -70,24 +71,6 @@ TUNING: dict[str, Any] = {
 #: noticed it gets a second copy on another vendor once its first token is later than the fleet's p95,
 #: instead of waiting for detection (``health.stall``). The floor is the stand-ins' scale (TTFT ~10 ms).
 HEDGE: dict[str, Any] = {"after": "p95", "min_after": 0.02}
-TOOLS = [
-    {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "input_schema": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    }
-]
-OPENAI_TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]},
-    }
-    for t in TOOLS
-]
 PROMPTS = [
     "Write some code",
     "Explain the router in a few lines",

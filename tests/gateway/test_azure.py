@@ -21,33 +21,7 @@ import pytest
 from tests.conftest import MakeGateway, RunningGateway
 from tests.support.azure_standin import BLOCKED_WORD, UNDERLYING_MODEL, AzureStandIn, Issuer
 from tests.support.counters import assert_released
-
-OPENAI_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
-ANTHROPIC_TOOLS = [
-    {
-        "name": t["function"]["name"],
-        "description": t["function"]["description"],
-        "input_schema": t["function"]["parameters"],
-    }
-    for t in OPENAI_TOOLS
-]
-
-
-def claude(gw: RunningGateway) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gw.root, api_key="sk-test-key-0001", max_retries=0)
+from tests.support.tools import OPENAI_TOOLS, TOOLS
 
 
 async def azure(
@@ -151,7 +125,7 @@ async def test_openai_sdk_tools_whole_and_streamed(make_gateway: MakeGateway) ->
 
 async def test_anthropic_sdk_text_stream_and_tools(make_gateway: MakeGateway) -> None:
     gw, (up,) = await azure(make_gateway)
-    client = claude(gw)
+    client = gw.claude()
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 200,
@@ -170,7 +144,7 @@ async def test_anthropic_sdk_text_stream_and_tools(make_gateway: MakeGateway) ->
         client,
         model="m",
         max_tokens=200,
-        tools=ANTHROPIC_TOOLS,
+        tools=TOOLS,
         messages=[{"role": "user", "content": "Call the tool for Oslo"}],
     )
     use = tooled.content[-1]
@@ -179,7 +153,7 @@ async def test_anthropic_sdk_text_stream_and_tools(make_gateway: MakeGateway) ->
     answer = await client.messages.create(
         model="m",
         max_tokens=200,
-        tools=ANTHROPIC_TOOLS,
+        tools=TOOLS,
         messages=[
             {"role": "user", "content": "Call the tool for Oslo"},
             {"role": "assistant", "content": [use.model_dump(exclude_none=True)]},
@@ -203,7 +177,7 @@ async def test_errors_map_for_both_clients(make_gateway: MakeGateway) -> None:
     assert caught.value.code == "context_length_exceeded"
     up.then("context_length")
     with pytest.raises(anthropic.BadRequestError) as refused:
-        await claude(gw).messages.create(model="m", max_tokens=10, messages=messages)
+        await gw.claude().messages.create(model="m", max_tokens=10, messages=messages)
     assert refused.value.body["error"]["type"] == "invalid_request_error"
     assert "maximum context length" in refused.value.body["error"]["message"]
     up.then({"status": 400})
@@ -221,7 +195,7 @@ async def test_prompt_blocked_by_the_content_filter(make_gateway: MakeGateway) -
     assert inner["code"] == "ResponsibleAIPolicyViolation"
     assert inner["content_filter_result"]["violence"]["filtered"] is True
     with pytest.raises(anthropic.BadRequestError) as refused:
-        await claude(gw).messages.create(model="m", max_tokens=10, messages=messages)
+        await gw.claude().messages.create(model="m", max_tokens=10, messages=messages)
     assert refused.value.status_code == 400
     error = refused.value.body["error"]
     assert error["type"] == "invalid_request_error" and "content filter" in error["message"].lower()
@@ -236,10 +210,10 @@ async def test_completion_cut_by_the_content_filter(make_gateway: MakeGateway) -
     text, reason, _ = await _openai_stream(gw.client(), model="m", messages=messages)
     assert reason == "content_filter" and text == "".join(f"t{i} " for i in range(5))
     up.then({"filter_after": 5})
-    message = await _claude_stream(claude(gw), model="m", max_tokens=100, messages=messages)
+    message = await _claude_stream(gw.claude(), model="m", max_tokens=100, messages=messages)
     assert message.stop_reason == "refusal" and message.content[0].text == text
     up.then({"filter_after": 5})
-    whole = await claude(gw).messages.create(model="m", max_tokens=100, messages=messages)
+    whole = await gw.claude().messages.create(model="m", max_tokens=100, messages=messages)
     assert whole.stop_reason == "refusal"
     up.then({"filter_after": 5})
     plain = await gw.client().chat.completions.create(model="m", messages=messages)
@@ -287,7 +261,7 @@ async def test_entra_tokens_are_verified_and_refreshed_off_the_request_path(
     while time.monotonic() - started < 4.5:  # past two token lifetimes
         answer = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
         assert answer.choices[0].message.content == up.answer
-        message = await claude(gw).messages.create(
+        message = await gw.claude().messages.create(
             model="m", max_tokens=50, messages=[{"role": "user", "content": "Hi"}]
         )
         assert message.content[0].text == up.answer
@@ -355,7 +329,7 @@ async def test_stream_cut_on_azure_is_replayed_on_another(
     assert len({c.id for c in chunks if c.id}) == 1  # one answer, though two resources wrote it
     ups[0].then(fault)
     message = await _claude_stream(
-        claude(gw), model="m", max_tokens=100, extra_body={"temperature": 0}, messages=messages
+        gw.claude(), model="m", max_tokens=100, extra_body={"temperature": 0}, messages=messages
     )
     assert message.content[0].text == ups[0].answer and message.stop_reason == "end_turn"
     assert max(up.sent_tokens[0] for up in ups if up.sent_tokens) >= 4
@@ -381,11 +355,11 @@ async def test_tool_call_cut_mid_arguments_is_replayed_exactly(make_gateway: Mak
     assert len(ids) == 1  # the replay's own id is dropped: the client keeps the one it has
     ups[0].then({"cut_after": 3})
     message = await _claude_stream(
-        claude(gw),
+        gw.claude(),
         model="m",
         max_tokens=100,
         extra_body={"temperature": 0},
-        tools=ANTHROPIC_TOOLS,
+        tools=TOOLS,
         messages=messages,
     )
     assert [b.type for b in message.content] == ["tool_use"]

@@ -18,30 +18,12 @@ import anthropic
 import openai
 import pytest
 
-from tests.conftest import MakeGateway, RunningGateway
+from tests.conftest import MakeGateway
 from tests.support.anthropic_answer import verify_thinking
 from tests.support.anthropic_standin import StandIn
 from tests.support.bedrock_standin import ACCESS_KEY, SECRET_KEY, BedrockStandIn
 from tests.support.counters import assert_released
-
-TOOLS = [
-    {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "input_schema": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    }
-]
-OPENAI_TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]},
-    }
-    for t in TOOLS
-]
+from tests.support.tools import OPENAI_TOOLS, TOOLS
 
 
 @pytest.fixture
@@ -56,10 +38,6 @@ def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     return tmp_path
-
-
-def claude(gw: RunningGateway) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gw.root, api_key="sk-test-key-0001", max_retries=0)
 
 
 async def _stream(client: anthropic.AsyncAnthropic, **kwargs: Any) -> anthropic.types.Message:
@@ -136,7 +114,7 @@ async def test_openai_client_to_bedrock(make_gateway: MakeGateway, aws: Path, ap
 async def test_anthropic_client_to_bedrock(make_gateway: MakeGateway, aws: Path, api: str) -> None:
     up = BedrockStandIn(api=api)
     gw = await make_gateway({"aws": [up]})
-    client = claude(gw)
+    client = gw.claude()
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 200,
@@ -170,7 +148,7 @@ async def test_cross_region_inference_profile_is_the_model_id_in_the_path(
     profile = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
     up = BedrockStandIn(inference_profile=profile)
     gw = await make_gateway({"aws": [up]})
-    answer = await claude(gw).messages.create(
+    answer = await gw.claude().messages.create(
         model="m", max_tokens=50, messages=[{"role": "user", "content": "Hi"}]
     )
     assert answer.content[0].text
@@ -193,14 +171,14 @@ async def test_errors_reach_both_sdks_in_their_shapes(make_gateway: MakeGateway,
     gw.gateway.proxy.cooldowns.clear()
     up.set_fault({"status": 503}, times=5)  # ServiceUnavailableException: overloaded
     with pytest.raises(anthropic.APIStatusError) as overloaded:
-        await claude(gw).messages.create(model="m", max_tokens=5, messages=messages)
+        await gw.claude().messages.create(model="m", max_tokens=5, messages=messages)
     assert overloaded.value.status_code in (502, 503, 529)
     up.set_fault(None)
     # a ValidationException is the client's: answered in its protocol, not retried
     before = len(up.messages)
     up.set_fault({"status": 400, "message": "messages.0: bad request"}, times=1)
     with pytest.raises(anthropic.BadRequestError) as bad:
-        await claude(gw).messages.create(model="m", max_tokens=5, messages=messages)
+        await gw.claude().messages.create(model="m", max_tokens=5, messages=messages)
     assert bad.value.body["error"]["type"] == "invalid_request_error"
     assert len(up.messages) == before + 1
     # an exception frame mid-stream (throttlingException) with nowhere to continue: an in-band error
@@ -238,7 +216,7 @@ async def test_session_credentials_from_the_environment(
     monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEStandInSessionToken==")
     up = BedrockStandIn(session_token="FwoGZXIvYXdzEStandInSessionToken==")
     gw = await make_gateway({"aws": [up]})
-    answer = await claude(gw).messages.create(
+    answer = await gw.claude().messages.create(
         model="m", max_tokens=20, messages=[{"role": "user", "content": "Hi"}]
     )
     assert answer.content[0].text
@@ -286,7 +264,7 @@ async def test_a_stream_cut_on_bedrock_finishes_on_anthropic_identically(
     gw = await make_gateway(
         {"aws": [bedrock], "anthropic": [vendor]}, retry={"outage_wait": 0.5}, timeouts={"idle": 0.5}
     )
-    client = claude(gw)
+    client = gw.claude()
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 300,

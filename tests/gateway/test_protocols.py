@@ -24,29 +24,7 @@ from tests.support.anthropic_standin import StandIn
 from tests.support.counters import assert_released
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.scripted_upstream import ScriptedUpstream
-
-TOOLS = [
-    {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "input_schema": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    }
-]
-OPENAI_TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]},
-    }
-    for t in TOOLS
-]
-
-
-def claude(gw: RunningGateway) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gw.root, api_key="sk-test-key-0001", max_retries=0)
+from tests.support.tools import OPENAI_TOOLS, TOOLS
 
 
 async def standins(
@@ -75,7 +53,7 @@ async def _stream_text(client: anthropic.AsyncAnthropic, **kwargs: Any) -> anthr
 
 async def test_anthropic_client_to_anthropic_backend(make_gateway: MakeGateway) -> None:
     gw, (up,) = await standins(make_gateway)
-    client = claude(gw)
+    client = gw.claude()
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 200,
@@ -94,7 +72,7 @@ async def test_anthropic_client_to_anthropic_backend(make_gateway: MakeGateway) 
 
 async def test_anthropic_tools_and_thinking_pass_through(make_gateway: MakeGateway) -> None:
     gw, _ = await standins(make_gateway)
-    client = claude(gw)
+    client = gw.claude()
     message = await _stream_text(
         client,
         model="m",
@@ -160,7 +138,7 @@ async def test_openai_client_to_anthropic_backend(make_gateway: MakeGateway) -> 
 
 async def test_anthropic_client_to_openai_backend(make_gateway: MakeGateway) -> None:
     gw = await make_gateway({"p": [FakeUpstream("a")]})
-    client = claude(gw)
+    client = gw.claude()
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 64,
@@ -188,7 +166,7 @@ async def test_anthropic_stream_cut_mid_text_completes_identically(
     make_gateway: MakeGateway, fault: dict[str, Any]
 ) -> None:
     gw, ups = await standins(make_gateway, 2, delta_delay=0.005)  # the client has text before the cut
-    client = claude(gw)
+    client = gw.claude()
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 300,
@@ -212,7 +190,7 @@ async def test_anthropic_stream_cut_mid_tool_call_or_thinking_completes_identica
     make_gateway: MakeGateway, cut: str
 ) -> None:
     gw, ups = await standins(make_gateway, 2, delta_delay=0.005)
-    client = claude(gw)
+    client = gw.claude()
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 3000,
@@ -279,7 +257,7 @@ async def test_stop_reasons_map_both_ways(make_gateway: MakeGateway) -> None:
     assert up.requests[-1].body["stop_sequences"] == [word]
     # and the other way: an OpenAI backend's finish reasons reach an Anthropic client in its words
     gw2 = await make_gateway({"p": [FakeUpstream("a", tokens=10)]})
-    claude2 = claude(gw2)
+    claude2 = gw2.claude()
     capped = await claude2.messages.create(
         model="m", max_tokens=4, messages=[{"role": "user", "content": "x"}]
     )
@@ -307,7 +285,7 @@ async def test_errors_map_both_ways(make_gateway: MakeGateway) -> None:
     # an Anthropic client's bad request is refused in Anthropic's shape before any backend sees it
     before = len(up.requests)
     with pytest.raises(anthropic.BadRequestError) as bad:
-        await claude(gw).messages.create(model="m", max_tokens=0 - 1, messages=messages)  # type: ignore[arg-type]
+        await gw.claude().messages.create(model="m", max_tokens=0 - 1, messages=messages)  # type: ignore[arg-type]
     assert bad.value.body["type"] == "error" and bad.value.body["error"]["type"] == "invalid_request_error"
     assert len(up.requests) == before
     # an OpenAI backend's context-length 400 reaches an Anthropic client as invalid_request_error
@@ -315,7 +293,7 @@ async def test_errors_map_both_ways(make_gateway: MakeGateway) -> None:
         {"p": [FakeUpstream("a", default={"status": 400, "code": "context_length_exceeded"})]}
     )
     with pytest.raises(anthropic.BadRequestError) as ctx_err:
-        await claude(gw2).messages.create(model="m", max_tokens=5, messages=messages)
+        await gw2.claude().messages.create(model="m", max_tokens=5, messages=messages)
     assert ctx_err.value.body["error"]["type"] == "invalid_request_error"
     await assert_released(gw.gateway.proxy)
 
@@ -406,7 +384,7 @@ async def test_the_continuation_selftest_speaks_anthropic(make_gateway: MakeGate
 
 async def test_models_in_both_shapes(make_gateway: MakeGateway) -> None:
     gw = await make_gateway({"p": [FakeUpstream("a")]})
-    anthropic_models = [m.id async for m in claude(gw).models.list()]
+    anthropic_models = [m.id async for m in gw.claude().models.list()]
     openai_models = [m.id for m in (await gw.client().models.list()).data]
     assert set(anthropic_models) == set(openai_models) == {"m", "alias-m"}
 
@@ -561,7 +539,7 @@ async def test_an_anthropic_stream_ending_after_message_delta_keeps_its_stop_rea
     assert events.count("message_start") == 1 and events.count("message_delta") == 1
     assert events[-1] == "message_stop" and events.count("content_block_stop") == 1
     final = await _stream_text(
-        claude(gw), model="m", max_tokens=50, messages=[{"role": "user", "content": "x"}]
+        gw.claude(), model="m", max_tokens=50, messages=[{"role": "user", "content": "x"}]
     )
     assert final.stop_reason == "tool_use" and final.usage.output_tokens == 9
     await assert_released(gw.gateway.proxy)

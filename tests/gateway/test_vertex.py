@@ -21,27 +21,10 @@ import pytest
 from tests.conftest import MakeGateway, RunningGateway
 from tests.support.anthropic_standin import StandIn
 from tests.support.counters import assert_released
+from tests.support.tools import OPENAI_TOOLS, TOOLS
 from tests.support.vertex_standin import VertexStandIn
 
 PUBLISHERS = ["anthropic", "google"]
-TOOLS = [
-    {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "input_schema": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    }
-]
-OPENAI_TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]},
-    }
-    for t in TOOLS
-]
 
 
 async def vertex(tmp_path: Path, publisher: str, name: str = "", **options: Any) -> VertexStandIn:
@@ -58,10 +41,6 @@ async def gateway(
     ups = [await vertex(tmp_path, publisher, f"vertex-{publisher}-{i}", **options) for i in range(n)]
     gw = await make_gateway({f"gcp{i}": [up] for i, up in enumerate(ups)}, retry={"outage_wait": 0.3})
     return gw, ups
-
-
-def claude(gw: RunningGateway) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gw.root, api_key="sk-test-key-0001", max_retries=0)
 
 
 async def _stream_message(client: anthropic.AsyncAnthropic, **kwargs: Any) -> anthropic.types.Message:
@@ -117,7 +96,7 @@ async def test_openai_sdk_to_vertex(make_gateway: MakeGateway, tmp_path: Path, p
 @pytest.mark.parametrize("publisher", PUBLISHERS)
 async def test_anthropic_sdk_to_vertex(make_gateway: MakeGateway, tmp_path: Path, publisher: str) -> None:
     gw, (up,) = await gateway(make_gateway, tmp_path, publisher)
-    client = claude(gw)
+    client = gw.claude()
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 200,
@@ -172,7 +151,7 @@ async def test_tools_round_trip_through_both_sdks(
         turn = up.requests[-1].body["contents"][-1]
         assert turn["parts"][0]["functionResponse"]["name"] == "get_weather"
     message = await _stream_message(
-        claude(gw),
+        gw.claude(),
         model="m",
         max_tokens=200,
         tools=TOOLS,
@@ -212,7 +191,7 @@ async def test_vertex_errors_reach_both_sdks_as_their_own(
         await client.chat.completions.create(model="m", messages=messages, max_tokens=30)
     ups[0].then({"status": 400, "message": 'Invalid JSON payload received. Unknown name "x"'})
     with pytest.raises(anthropic.BadRequestError):
-        await claude(gw).messages.create(model="m", max_tokens=30, messages=messages)
+        await gw.claude().messages.create(model="m", max_tokens=30, messages=messages)
     # a prompt too long for the model: a 400 the client understands (no larger model is declared)
     ups[0].then({"prompt_too_long": True})
     with pytest.raises(openai.BadRequestError) as too_long:
@@ -221,7 +200,7 @@ async def test_vertex_errors_reach_both_sdks_as_their_own(
     # 429 RESOURCE_EXHAUSTED everywhere: the client is told to come back later
     ups[0].then({"status": 429}, {"status": 429})
     with pytest.raises(anthropic.RateLimitError):
-        await claude(gw).messages.create(model="m", max_tokens=30, messages=messages)
+        await gw.claude().messages.create(model="m", max_tokens=30, messages=messages)
     assert all(up.unauthenticated == 0 for up in ups)
     await assert_released(gw.gateway.proxy)
 
@@ -235,14 +214,14 @@ async def test_a_gemini_safety_stop_is_a_finish_reason_each_client_understands(
     text, _, finish, _ = await _stream_chat(client, model="m", messages=messages, max_tokens=200)
     assert finish == "content_filter" and text == up.requests[-1].sent_text != ""
     up.then({"safety_after": 2})
-    message = await _stream_message(claude(gw), model="m", max_tokens=200, messages=messages)
+    message = await _stream_message(gw.claude(), model="m", max_tokens=200, messages=messages)
     assert message.stop_reason == "refusal"
     # a prompt blocked outright: an empty answer that says why
     up.then("blocked")
     blocked = await client.chat.completions.create(model="m", messages=messages, max_tokens=200)
     assert blocked.choices[0].finish_reason == "content_filter" and not blocked.choices[0].message.content
     up.then("blocked")
-    refused = await claude(gw).messages.create(model="m", max_tokens=200, messages=messages)
+    refused = await gw.claude().messages.create(model="m", max_tokens=200, messages=messages)
     assert refused.stop_reason == "refusal" and refused.content == []
     await assert_released(gw.gateway.proxy)
 
@@ -377,7 +356,7 @@ async def test_a_claude_stream_cut_on_vertex_finishes_on_anthropic_identically(
                     finish = choice.finish_reason or finish
             assert finish == "stop"
             return text
-        message = await _stream_message(claude(gw), model="m", max_tokens=300, messages=prompt)
+        message = await _stream_message(gw.claude(), model="m", max_tokens=300, messages=prompt)
         assert message.stop_reason == "end_turn"
         return "".join(b.text for b in message.content if b.type == "text")
 
