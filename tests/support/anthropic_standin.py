@@ -50,7 +50,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -735,8 +735,7 @@ class StandIn:
         headers["transfer-encoding"] = "chunked"
         seen.status = 200
         writer.write(self._head(200, headers))
-        watch = asyncio.ensure_future(reader.read(1))  # b"" or an error: the client went away
-        try:
+        async with self._watching(reader, seen) as watch:
             for i, (frame, block, n) in enumerate(events):
                 if watch.done():
                     seen.client_gone = True
@@ -750,18 +749,8 @@ class StandIn:
                     seen.deltas_sent += 1
                     if block.kind == "text":
                         seen.sent_text += block.pieces[n]
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-            seen.completed = True
-            return not watch.done()
-        except ConnectionError:
-            seen.client_gone = True
-            return False
-        finally:
-            if not watch.done():
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watch
+            return await self._end_chunked(writer, seen, watch)
+        return False  # the client went away mid-answer
 
     async def _stream_fault(
         self, seen: Received, writer: asyncio.StreamWriter, kind: str, watch: asyncio.Future[bytes]
@@ -797,6 +786,32 @@ class StandIn:
         await asyncio.sleep(0.001)
         writer.write(_chunk(frame[at + 1 :]))
         await writer.drain()
+
+    @contextlib.asynccontextmanager
+    async def _watching(
+        self, reader: asyncio.StreamReader, seen: Received
+    ) -> AsyncIterator[asyncio.Future[bytes]]:
+        """Watch the client's side while a stream is written (a read that ends: it went away). A write
+        that fails marks the client gone; the caller then says the connection must close."""
+        watch = asyncio.ensure_future(reader.read(1))
+        try:
+            yield watch
+        except ConnectionError:
+            seen.client_gone = True
+        finally:
+            if not watch.done():
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+
+    async def _end_chunked(
+        self, writer: asyncio.StreamWriter, seen: Received, watch: asyncio.Future[bytes]
+    ) -> bool:
+        """The chunked body's end: the answer is complete; keep the connection if the client is there."""
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        seen.completed = True
+        return not watch.done()
 
     async def _hold(self, reader: asyncio.StreamReader) -> None:
         """Say nothing until the client goes away or the stand-in stops."""

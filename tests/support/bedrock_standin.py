@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime as dt
 import email.utils
 import hashlib
@@ -508,8 +507,7 @@ class BedrockStandIn(StandIn):
             headers["x-amzn-bedrock-content-type"] = "application/json"
         seen.status = 200
         writer.write(self._head(200, headers))
-        watch = asyncio.ensure_future(reader.read(1))  # b"" or an error: the client went away
-        try:
+        async with self._watching(reader, seen) as watch:
             for i, (frame, block, n) in enumerate(frames):
                 if watch.done():
                     seen.client_gone = True
@@ -545,18 +543,8 @@ class BedrockStandIn(StandIn):
                     seen.deltas_sent += 1
                     if block.kind == "text":
                         seen.sent_text += block.pieces[n]
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-            seen.completed = True
-            return not watch.done()
-        except ConnectionError:
-            seen.client_gone = True
-            return False
-        finally:
-            if not watch.done():
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watch
+            return await self._end_chunked(writer, seen, watch)
+        return False  # the client went away mid-answer
 
     async def _frame(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
         """One frame as an HTTP chunk; with ``split_frames``, two chunks split inside the frame."""

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import email.utils
 import hashlib
 import json
@@ -560,8 +559,7 @@ class VertexStandIn(base.StandIn):
         headers["transfer-encoding"] = "chunked"
         seen.status = 200
         writer.write(self._head(200, headers))
-        watch = asyncio.ensure_future(reader.read(1))
-        try:
+        async with self._watching(reader, seen) as watch:
             for i, chunk in enumerate(chunks):
                 if watch.done():
                     seen.client_gone = True
@@ -580,18 +578,8 @@ class VertexStandIn(base.StandIn):
                 await self._write(writer, b"data: " + base._json(chunk) + b"\r\n\r\n")
                 seen.deltas_sent += 1
                 seen.sent_text += "".join(p.get("text", "") for p in _parts_of(chunk) if not p.get("thought"))
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-            seen.completed = True
-            return not watch.done()
-        except ConnectionError:
-            seen.client_gone = True
-            return False
-        finally:
-            if not watch.done():
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watch
+            return await self._end_chunked(writer, seen, watch)
+        return False  # the client went away mid-answer
 
 
 # -- Gemini requests and answers -----------------------------------------------------------------------------
