@@ -13,16 +13,11 @@ import orjson
 from skyfabric.core.errors import ClientError, Overloaded, RateLimited, UpstreamStatus
 from skyfabric.http.messages import Response
 from skyfabric.protocols.base import Frontend
+from skyfabric.protocols.frontends.openai import OpenAIFrontend
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-}
+#: OpenAI's shape, for what is answered before any client protocol is known (the listener's own errors,
+#: unknown routes, the non-inference routes).
+_OPENAI = OpenAIFrontend()
 
 
 def error_response(
@@ -35,28 +30,19 @@ def error_response(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> Response:
     """An OpenAI-shaped error response."""
-    kind = error_type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
-    return Response(status, body, headers or [])
+    return frontend_error(
+        _OPENAI, status, message, error_type=error_type, param=param, code=code, headers=headers
+    )
 
 
 def error_body(status: int, message: str) -> tuple[bytes, bytes]:
     """The listener's own errors (400, 408, 413, 414, 417, 431, 500) in OpenAI's shape."""
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
-    return b"application/json", body
+    return b"application/json", _OPENAI.error(status, message)
 
 
 def client_error_response(exc: ClientError) -> Response:
-    """The response for a refused request."""
-    return error_response(
-        exc.status,
-        exc.message,
-        error_type=exc.error_type,
-        param=exc.param,
-        code=exc.code,
-        headers=refusal_headers(exc),
-    )
+    """The response for a refused request, in OpenAI's shape."""
+    return frontend_client_error(_OPENAI, exc)
 
 
 def frontend_error(
