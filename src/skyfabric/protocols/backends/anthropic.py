@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from skyfabric.core.endpoints import Endpoint
+from skyfabric.core.retry_after import delta_seconds, header_value
 from skyfabric.protocols.backends.anthropic_decoder import AnthropicDecoder, decode_message
 from skyfabric.protocols.base import Backend, Capabilities, Headers, Outcome, UpstreamCall
 from skyfabric.protocols.canonical import Block, CanonicalRequest, Event, Message, Thinking
@@ -170,7 +171,7 @@ class AnthropicBackend:
         if status == 429:
             return Outcome("throttled", retry_after=self._retry_after(headers))
         if status in (503, 529) or kind == "overloaded_error":
-            return Outcome("overloaded", retry_after=_seconds(_header(headers, b"retry-after")))
+            return Outcome("overloaded", retry_after=delta_seconds(header_value(headers, b"retry-after")))
         if status >= 500:
             return Outcome("retryable")
         if status in (401, 402, 403, 404, 408, 409):
@@ -194,18 +195,18 @@ class AnthropicBackend:
         return self.default_max_tokens + _budget(thinking)
 
     def _retry_after(self, headers: Headers) -> float | None:
-        seconds = _seconds(_header(headers, b"retry-after"))
+        seconds = delta_seconds(header_value(headers, b"retry-after"))
         if seconds is not None:
             return seconds
         now = self._clock()
         exhausted: list[float] = []
         resets: list[float] = []
         for name in _RESET_HEADERS:
-            reset = _timestamp(_header(headers, b"anthropic-ratelimit-" + name + b"-reset"))
+            reset = _timestamp(header_value(headers, b"anthropic-ratelimit-" + name + b"-reset"))
             if reset is None:
                 continue
             resets.append(reset)
-            if _header(headers, b"anthropic-ratelimit-" + name + b"-remaining") == b"0":
+            if header_value(headers, b"anthropic-ratelimit-" + name + b"-remaining") == b"0":
                 exhausted.append(reset)
         chosen = max(exhausted) if exhausted else (min(resets) if resets else None)
         return None if chosen is None else max(0.0, chosen - now)
@@ -415,23 +416,6 @@ def _error_of(body: bytes) -> tuple[str, str]:
     if isinstance(error, dict):
         return str(error.get("type") or ""), str(error.get("message") or "")
     return "", body[:2000].decode("utf-8", "replace")
-
-
-def _header(headers: Headers, name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
-def _seconds(value: bytes | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
 
 
 def _timestamp(value: bytes | None) -> float | None:

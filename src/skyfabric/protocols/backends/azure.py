@@ -35,8 +35,9 @@ import orjson
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import MalformedEvent
 from skyfabric.core.fleet_azure import AzureOpenAISettings
+from skyfabric.core.retry_after import retry_after
 from skyfabric.protocols.backends.azure_entra import EntraToken
-from skyfabric.protocols.backends.openai import OpenAIBackend, is_context_length, retry_after
+from skyfabric.protocols.backends.openai import OpenAIBackend, is_context_length
 from skyfabric.protocols.backends.openai_body import chat_body
 from skyfabric.protocols.backends.openai_decode import OpenAIDecoder
 from skyfabric.protocols.base import Capabilities, Headers, Outcome, UpstreamCall

@@ -19,12 +19,12 @@ relay's choice (it knows what the client already has).
 from __future__ import annotations
 
 import time
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
 
 from skyfabric.core.endpoints import Endpoint
+from skyfabric.core.retry_after import retry_after
 from skyfabric.protocols.backends.openai_body import chat_body
 from skyfabric.protocols.backends.openai_decode import OpenAIDecoder, decode_response
 from skyfabric.protocols.base import Capabilities, Headers, Outcome, UpstreamCall
@@ -67,28 +67,6 @@ def is_context_length(body: bytes) -> bool:
     """Whether an error body says the prompt does not fit the model (the wordings of the engines)."""
     text = body[:2000].lower()
     return any(wording in text for wording in _CONTEXT_WORDINGS)
-
-
-def retry_after(headers: Headers, now_epoch: float) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), or None."""
-    for name, value in headers:
-        key = name.lower()
-        if key == b"retry-after-ms":
-            try:
-                return max(0.0, float(value) / 1000)
-            except ValueError:
-                continue
-        if key == b"retry-after":
-            text = value.decode("latin-1").strip()
-            try:
-                return max(0.0, float(text))
-            except ValueError:
-                pass
-            try:
-                return max(0.0, parsedate_to_datetime(text).timestamp() - now_epoch)
-            except (TypeError, ValueError):
-                continue
-    return None
 
 
 class OpenAIBackend:

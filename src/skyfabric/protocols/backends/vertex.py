@@ -33,6 +33,7 @@ import orjson
 
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import ConfigError
+from skyfabric.core.retry_after import delta_seconds, header_value
 from skyfabric.core.vertex_settings import VertexSettings
 from skyfabric.protocols.backends.anthropic import CONTEXT_LENGTH_WORDS, PREFILL_WORDS, AnthropicBackend
 from skyfabric.protocols.backends.anthropic_decoder import AnthropicDecoder, decode_message
@@ -192,7 +193,7 @@ class VertexBackend:
         if status == 429:
             return Outcome("throttled", retry_after=self._retry_after(headers))
         if status == 529 or kind == "overloaded_error":
-            return Outcome("overloaded", retry_after=_seconds(_header(headers, b"retry-after")))
+            return Outcome("overloaded", retry_after=delta_seconds(header_value(headers, b"retry-after")))
         if status >= 500 or status in (401, 403, 404, 408, 409, 499):
             return Outcome("retryable")
         lowered = message.lower()
@@ -219,7 +220,7 @@ class VertexBackend:
         )
 
     def _retry_after(self, headers: Headers) -> float:
-        given = _seconds(_header(headers, b"retry-after"))
+        given = delta_seconds(header_value(headers, b"retry-after"))
         if given is not None:
             return given
         now = self._clock()
@@ -288,23 +289,6 @@ def _error_of(body: bytes) -> tuple[str, str]:
         kind = error.get("type") or error.get("status") or ""
         return str(error.get("message") or ""), str(kind)
     return body[:2000].decode("utf-8", "replace"), ""
-
-
-def _header(headers: Headers, name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
-def _seconds(value: bytes | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
 
 
 if TYPE_CHECKING:  # mypy checks that the class keeps the seam's interface
