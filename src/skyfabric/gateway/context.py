@@ -124,6 +124,10 @@ class RequestContext:
         request = self.request
         return request.max_tokens is not None or request.include_usage or "min_tokens" in request.body
 
+    def usage_needed(self) -> bool:
+        """Whether a stream's backend is asked for its usage: to continue it exactly, or for telemetry."""
+        return self.counts_tokens() or self.wants_usage
+
     def uncontinuable(self) -> str | None:
         """Why a break in this request's stream cannot be continued exactly, judged from the request.
 

@@ -343,7 +343,7 @@ class Proxy(Router):
                 )
                 raise UpstreamStatus(400, body, endpoint=endpoint.id)
             ctx.request.lower()  # translated: the backend builds its body from the canonical fields
-        usage = ctx.stream and (ctx.counts_tokens() or ctx.wants_usage)
+        usage = ctx.stream and ctx.usage_needed()
         call = backend.build(ctx.request, endpoint, usage=usage)
         state.outstanding += 1
         handed_off = False

@@ -656,11 +656,7 @@ class StreamRelay:
             self.ctx.request.lower()
         progress = self.progress
         if not progress.parts:
-            return (
-                backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)),
-                "first",
-                "",
-            )
+            return backend.build(self.ctx.request, state.endpoint, usage=self.ctx.usage_needed()), "first", ""
         open_part = progress.open_part
         assert open_part is not None
         caps = backend.capabilities(state.endpoint)
@@ -678,14 +674,7 @@ class StreamRelay:
                 return call, "prefill", text
         # A replay: exact whenever it reproduces what was sent (checked character by character), which a
         # greedy or seeded answer does; one that differs is refused at its first differing character.
-        return (
-            backend.build(self.ctx.request, state.endpoint, usage=self._wants_usage(state)),
-            "replay",
-            "",
-        )
-
-    def _wants_usage(self, state: EndpointState) -> bool:
-        return self.ctx.counts_tokens() or self.ctx.wants_usage
+        return backend.build(self.ctx.request, state.endpoint, usage=self.ctx.usage_needed()), "replay", ""
 
     async def _continue(self, exc: Exception) -> str | None:
         """Move the stream to another backend that can continue it; why not, when none can."""
@@ -720,14 +709,15 @@ class StreamRelay:
         # which ``self.progress`` holds; the next backend is checked against that.
         self._replay = None
         chain = router.stream_chain(ctx, failed.endpoint.model)
-        need = False  # any backend can replay; one that continues natively is used as such
+        # Any backend of the chain may take the stream: one that continues natively gets a prefill,
+        # any other a replay (``_call``).
         waited = False
         while self.continuations < router.max_continuations and router.clock() < ctx.deadline:
-            state = router.pick_for_stream(ctx, chain, need) if router.usable(ctx, chain, need) else None
+            state = router.pick_for_stream(ctx, chain) if router.usable(ctx, chain) else None
             if state is None:
                 if not waited and router.reachable(ctx, chain):
                     waited = True  # every backend it may go to is out: hold it for one to come back
-                    if await router.wait_for_stream(ctx, chain, need):
+                    if await router.wait_for_stream(ctx, chain):
                         continue
                 break
             call, mode, given = self._call(state, tokens)

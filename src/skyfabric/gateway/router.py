@@ -322,11 +322,11 @@ class Router:
                 out.add(endpoint)
         return out
 
-    def usable(self, ctx: RequestContext, chain: Sequence[str], need: bool) -> bool:
+    def usable(self, ctx: RequestContext, chain: Sequence[str]) -> bool:
         """Whether an endpoint of ``chain`` that ``ctx``'s stream may go to is in rotation now."""
         now, excluded = self.clock(), self.excluded(ctx)
         return any(
-            s.available(now) and s.endpoint.id not in excluded and (s.continues or not need)
+            s.available(now) and s.endpoint.id not in excluded
             for model in chain
             for s in self.clusters[model].states
         )
@@ -337,7 +337,7 @@ class Router:
         refused = ctx.refused
         return any(s.endpoint.id not in refused for model in chain for s in self.clusters[model].states)
 
-    def pick_for_stream(self, ctx: RequestContext, chain: Sequence[str], need: bool) -> EndpointState | None:
+    def pick_for_stream(self, ctx: RequestContext, chain: Sequence[str]) -> EndpointState | None:
         """The endpoint to take over ``ctx``'s broken stream: the first model of ``chain`` with one."""
         excluded = self.excluded(ctx)
         for model in chain:
@@ -345,17 +345,16 @@ class Router:
                 self.clock(),
                 avoid_endpoints=excluded,
                 avoid_providers=ctx.failed_providers,
-                need_continuation=need,
                 cooldowns=self.cooldowns,
             )
             if state is not None:
                 return state
         return None
 
-    async def wait_for_stream(self, ctx: RequestContext, chain: Sequence[str], need: bool) -> bool:
+    async def wait_for_stream(self, ctx: RequestContext, chain: Sequence[str]) -> bool:
         """Hold a broken stream (≤ ``retry.outage_wait``) for an endpoint it may go to to come back."""
         return await hold(
-            lambda: self.usable(ctx, chain, need), self.clock, ctx.deadline, self.fleet.retry.outage_wait
+            lambda: self.usable(ctx, chain), self.clock, ctx.deadline, self.fleet.retry.outage_wait
         )
 
     # -- membership at run time (gateway/discovery.py) --------------------------------------------------
