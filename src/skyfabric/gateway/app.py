@@ -173,7 +173,9 @@ class Gateway:
             pipeline.authenticate(self, request)
             parsed = self.anthropic.parse_count_tokens(request.body, request.headers)
             model = pipeline.resolve_model(self, parsed)
-            return await count_tokens(self.proxy, parsed, model, pipeline.deadline(self, request))
+            return await count_tokens(
+                self.proxy, self.anthropic, parsed, model, pipeline.deadline(self, request)
+            )
         except ClientError as exc:
             return frontend_client_error(self.anthropic, exc)
 

@@ -16,14 +16,15 @@ from skyfabric.core.errors import UpstreamError, UpstreamStatus
 from skyfabric.gateway.api_errors import frontend_error, upstream_error_response
 from skyfabric.gateway.router import Router
 from skyfabric.http.messages import Response
-from skyfabric.protocols.base import UpstreamCall
+from skyfabric.protocols.base import Frontend, UpstreamCall
 from skyfabric.protocols.canonical import CanonicalRequest, Usage
-from skyfabric.protocols.registry import frontend
 
 
-async def count_tokens(router: Router, request: CanonicalRequest, model: str, deadline: float) -> Response:
-    """The Anthropic-shaped answer ``{"input_tokens": N}`` for ``request`` on ``model``."""
-    anthropic = frontend("anthropic")
+async def count_tokens(
+    router: Router, anthropic: Frontend, request: CanonicalRequest, model: str, deadline: float
+) -> Response:
+    """The Anthropic-shaped answer ``{"input_tokens": N}`` for ``request`` on ``model`` (errors in the
+    ``anthropic`` frontend's shape)."""
     tried: set[str] = set()
     last: UpstreamError | None = None
     for name in router.chain_of(model):

@@ -148,8 +148,6 @@ class Proxy(Router):
 
     # -- the request's own fault ------------------------------------------------------------------------
 
-    failure_class = staticmethod(request_fault)
-
     def _settle(self, ctx: RequestContext, pending: list[tuple[EndpointState, UpstreamError]] | None) -> None:
         """Count the failures held back as suspect: the request was not at fault after all."""
         if pending:
@@ -252,7 +250,7 @@ class Proxy(Router):
                                 self.metrics.attempt(failed.endpoint.id, f"status_{exc.status}")
                                 self.observer.attempt_end(ctx, failed, f"status_{exc.status}")
                                 return self._passthrough(ctx, exc)
-                            why = self.failure_class(exc)
+                            why = request_fault(exc)
                             provider = failed.endpoint.provider
                             if why is not None:
                                 seen = seen or {}
