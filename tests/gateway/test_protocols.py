@@ -543,3 +543,23 @@ async def test_an_anthropic_stream_ending_after_message_delta_keeps_its_stop_rea
     )
     assert final.stop_reason == "tool_use" and final.usage.output_tokens == 9
     await assert_released(gw.gateway.proxy)
+
+
+async def test_an_image_for_a_text_only_engine_is_refused_not_dropped(make_gateway: MakeGateway) -> None:
+    """skyfabric's own replica reads text only: an Anthropic client's image is a clear 400, never lost."""
+    up = FakeUpstream("text-only")
+    up.engine = "local"  # type: ignore[attr-defined]
+    gw = await make_gateway({"p": [up]})
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    with pytest.raises(anthropic.BadRequestError, match="an image is not supported"):
+        await gw.claude().messages.create(
+            model="m",
+            max_tokens=10,
+            messages=[{"role": "user", "content": [image, {"type": "text", "text": "what is it?"}]}],
+        )
+    assert up.requests == []
+    reply = await gw.claude().messages.create(
+        model="m", max_tokens=10, messages=[{"role": "user", "content": "x"}]
+    )
+    assert reply.content[0].text
+    await assert_released(gw.gateway.proxy)

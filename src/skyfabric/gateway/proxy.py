@@ -45,12 +45,16 @@ log = logging.getLogger("skyfabric.gateway")
 
 
 def unsupported(ctx: RequestContext, caps: Capabilities) -> str | None:
-    """What the request asks that a backend with ``caps`` cannot do, named; None when it can do it all."""
+    """What the (lowered) request asks that a backend with ``caps`` cannot do, named; None when it can."""
     request = ctx.request
     if request.n > 1 and not caps.n:
         return "n > 1"
     if (request.logprobs or request.top_logprobs) and not caps.logprobs:
         return "logprobs"
+    if not caps.images and any(
+        block.get("type") == "image" for message in request.messages for block in message.content
+    ):
+        return "an image"
     return None
 
 
@@ -332,6 +336,7 @@ class Proxy(Router):
         backend = self.backend(endpoint)
         passthrough = backend.family == ctx.frontend.family
         if not passthrough:
+            ctx.request.lower()  # translated: the backend builds its body from the canonical fields
             missing = unsupported(ctx, backend.capabilities(endpoint))
             if missing is not None:
                 # refused as the backend would refuse it (a 400, the client's): never silently dropped
@@ -340,7 +345,6 @@ class Proxy(Router):
                     endpoint.engine.encode(),
                 )
                 raise UpstreamStatus(400, body, endpoint=endpoint.id)
-            ctx.request.lower()  # translated: the backend builds its body from the canonical fields
         usage = ctx.stream and ctx.usage_needed()
         call = backend.build(ctx.request, endpoint, usage=usage)
         state.outstanding += 1
