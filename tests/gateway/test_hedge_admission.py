@@ -178,3 +178,31 @@ async def test_race_releases_an_answer_that_arrived_with_the_winner() -> None:
 
     winner = await race(first, lambda n: second, 0.01, 1, discard=released.append)
     assert {winner, *released} == {"first", "second"} and len(released) == 1
+
+
+async def test_race_cancelled_by_its_client_still_releases_an_attempt_that_answers_late() -> None:
+    """The client goes away while the race cleans up a loser that ignores its cancel for a moment and then
+    answers: the client's cancellation propagates, and the late answer is still released (its counters
+    would otherwise stay in flight forever)."""
+    released: list[str] = []
+    cleaning = asyncio.Event()
+
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cleaning.set()
+            await asyncio.sleep(0.05)  # an upstream that takes a moment to close, and had an answer
+        return "stubborn"
+
+    async def quick() -> str:
+        await asyncio.sleep(0.02)
+        return "quick"
+
+    outer = asyncio.ensure_future(race(stubborn, lambda n: quick, 0.01, 1, discard=released.append))
+    await asyncio.wait_for(cleaning.wait(), 1)  # the hedge won; the race is now waiting for the loser
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    await asyncio.sleep(0.1)
+    assert released == ["stubborn"]

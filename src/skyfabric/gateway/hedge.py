@@ -9,7 +9,7 @@ An attempt that fails outright does not end the race while another is still runn
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -99,11 +99,20 @@ async def race(
     finally:
         for task in running:
             task.cancel()
-        for task in running:
-            with contextlib.suppress(BaseException):
-                late = await task  # finished before the cancel landed: its result needs releasing
-                if discard is not None:
-                    discard(late)
+            # An attempt that finished before its cancel landed holds a result (an open stream, counters)
+            # that needs releasing — whenever it ends, even if this await is itself cancelled below.
+            task.add_done_callback(functools.partial(_release, discard))
+        if running:
+            # Waiting does not raise the attempts' own cancellations; a cancellation of this task (the
+            # client went away) still propagates, and the callbacks above release what ends later.
+            await asyncio.wait(running)
+
+
+def _release(discard: Callable[[T], None] | None, task: asyncio.Task[T]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    if discard is not None:
+        discard(task.result())
 
 
 async def _call(factory: Callable[[], Awaitable[T]]) -> T:
