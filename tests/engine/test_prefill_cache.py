@@ -19,6 +19,7 @@ from skyfabric.engine.core_process import load as load_core
 from skyfabric.engine.llama import LlamaFamilyModel
 from skyfabric.engine.prefix_cache import PrefixCache, block_hashes
 from skyfabric.engine.sampler import SamplingParams
+from skyfabric.gateway.affinity import parse_report
 
 from .conftest import Reference, read_metrics, start_replica
 
@@ -92,7 +93,8 @@ def test_running_streams_get_a_step_in_every_chunk(tiny_checkpoint: Path, ref: R
         outputs = batcher.step()
         steps_with_partial += 1
         assert any(rid == 1 for rid, _, _ in outputs)  # stream 1 never skips a step
-    assert 400 // 32 <= steps_with_partial <= 400
+    # Chunks of 32 tokens (several may share a step: a step runs units for ~0.75 of a decode step).
+    assert batcher.prefill_chunks == -(-400 // 32) and 2 <= steps_with_partial <= 400
     batcher.abort(1)
     batcher.step()
     assert not batcher.has_work and batcher.kv_usage() == 0
@@ -292,14 +294,21 @@ def test_replica_reports_prefix_cache_hits_in_vllm_names(
         client = openai.OpenAI(base_url=rep.base_url + "/v1", api_key="x", max_retries=0)
         system = "You are a helpful coding assistant. " * 20
         answers = []
-        for question in ("def add(a, b):", "def add(a, b):"):
-            response = client.chat.completions.create(
+        reports = []
+        for question, stream in (("def add(a, b):", False), ("def add(a, b):", True)):
+            raw = client.chat.completions.with_raw_response.create(
                 model="tiny",
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
                 max_tokens=8,
                 temperature=0,
+                stream=stream,
             )
-            answers.append(response.choices[0].message.content)
+            reports.append(raw.headers.get("x-skyfabric-prefix-cache"))
+            parsed = raw.parse()
+            if stream:
+                answers.append("".join(c.choices[0].delta.content or "" for c in parsed if c.choices))
+            else:
+                answers.append(parsed.choices[0].message.content)
         assert answers[0] == answers[1]
         metrics = read_metrics(rep.base_url)
         prompt = len(
@@ -309,6 +318,11 @@ def test_replica_reports_prefix_cache_hits_in_vllm_names(
         )
         assert metrics["vllm:prefix_cache_queries_total"] == 2 * prompt
         assert metrics["vllm:prefix_cache_hits_total"] == (prompt - 1) // 16 * 16
+        # Both answers, whole and streamed, report the cache to the gateway (gateway/affinity.py), from
+        # one process (one epoch) whose prefix cache holds a positive number of tokens.
+        parsed_reports = [parse_report(r.encode()) if r else None for r in reports]
+        assert all(p is not None and p[0] > 0 and p[1] == prompt for p in parsed_reports), reports
+        assert len({p[2] for p in parsed_reports if p is not None}) == 1
     finally:
         rep.proc.terminate()
         try:

@@ -147,6 +147,12 @@ class Batcher:
         self.linear_units = float(getattr(model, "linear_units", 1024.0))
         self._decode_s: float | None = None
         self._unit_s: float | None = None
+        # A quiet decode step's whole period (the pass, sampling, and the owner's work between steps: sending
+        # tokens, reading requests), measured only from steps without prefill: measured during a chunked
+        # prefill it would include the decode passes the prefill slows (it evicts their weights from the
+        # CPU caches), and the slice would grow with it. The previous step's start, if it only decoded.
+        self._step_s: float | None = None
+        self._last_step: float | None = None
 
     def seed(self, seed: int) -> None:
         """Make unseeded sampling reproducible (``--seed``)."""
@@ -202,6 +208,9 @@ class Batcher:
     @torch.inference_mode()
     def step(self) -> list[Output]:
         """Run one iteration; return one output per sequence that produced a token."""
+        began = self.clock()
+        if self._last_step is not None:
+            self._measure("_step_s", began - self._last_step)
         if self.aborted:
             self._drop_aborted()
         tokens_left = self.max_num_batched_tokens - len(self.running)
@@ -209,6 +218,7 @@ class Batcher:
         admitted, tokens_left, work_left = self._admit(tokens_left, work_left)
         outputs: list[Output] = []
         decoding = bool(self.running)
+        was_partial = self.partial is not None
         if decoding:
             outputs.extend(self._decode())
         prefill_began = self.clock()
@@ -217,6 +227,9 @@ class Batcher:
             self.running.extend(admitted)
         if self.partial is not None:
             outputs.extend(self._advance_partial(self._slice(decoding, prefill_began)))
+        self._last_step = (
+            began if decoding and not admitted and self.partial is None and not was_partial else None
+        )
         self._retire({rid for rid, _, reason in outputs if reason is not None})
         return outputs
 
@@ -378,15 +391,19 @@ class Batcher:
     def _slice(self, decoding: bool, prefill_began: float) -> float:
         """Seconds of chunked prefill this step may still run (at least one unit always runs).
 
-        While streams decode: ``prefill_share`` of a decode pass (measured), less what whole prompts took
-        this step since ``prefill_began``, so a step stays near ``1 + prefill_share`` decode passes.
-        Otherwise a short slice, so arrivals are admitted within :data:`IDLE_SLICE_S`.
+        While streams decode: ``prefill_share`` of a quiet decode step's period (measured from step to step
+        without prefill: the pass, sampling, and what the owner does between steps, which on a small model
+        cost as much as the pass itself), less what whole prompts took this step since ``prefill_began``:
+        the streams' time per token stays near ``1 + prefill_share`` times its quiet value (a little more:
+        the decode passes run slower between prefill units). Otherwise a short slice, so arrivals are
+        admitted within :data:`IDLE_SLICE_S`.
         """
         if not decoding:
             return IDLE_SLICE_S
         if self.prefill_share <= 0:
             return float("inf")
-        return self.prefill_share * (self._decode_s or 0.0) - (self.clock() - prefill_began)
+        period = self._step_s if self._step_s is not None else (self._decode_s or 0.0)
+        return self.prefill_share * period - (self.clock() - prefill_began)
 
     def _advance_partial(self, seconds: float) -> list[Output]:
         """Run units of the partial prompt's prefill for ``seconds`` (in the top slot, set up at first)."""
