@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--conversations", type=int, default=30)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--system", type=int, default=1500, help="tokens of each conversation's system prompt")
+    parser.add_argument("--system", type=int, default=1500, help="system prompt tokens per conversation")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
     args = parser.parse_args()

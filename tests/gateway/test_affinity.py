@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import time
 
+import openai
+
 from skyfabric.core.endpoints import Endpoint
 from skyfabric.gateway.affinity import BOUND, PrefixTable, parse_report, prefer, prefix_key, rendezvous
 from skyfabric.gateway.balancer import Cluster, EndpointState, OutlierPolicy, record_failure
@@ -220,7 +222,7 @@ async def test_gateway_follows_where_reporting_replicas_hold_a_prefix(make_gatew
         client = gw.client()
         proxy = gw.gateway.proxy
 
-        async def turn(t: int) -> str:
+        async def turn(t: int, client: openai.AsyncOpenAI = client) -> str:
             raw = await client.chat.completions.with_raw_response.create(
                 model="m",
                 messages=conversation(5, t)["messages"],  # type: ignore[arg-type]
