@@ -17,13 +17,72 @@ log-sum-exp the merge needs). The whole prefill then costs within a few percent 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from skyfabric.engine.llama import LlamaFamilyModel
+from skyfabric.engine.shapes import bucket
+
+
+class TiledModel(Protocol):
+    """What a chunked prefill reads of the model (:class:`~skyfabric.engine.llama.LlamaFamilyModel`)."""
+
+    @property
+    def num_heads(self) -> int: ...
+
+    @property
+    def num_kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @property
+    def scale(self) -> float: ...
+
+    @property
+    def window(self) -> int | None: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def cache_dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def embed(self) -> torch.Tensor: ...
+
+    @property
+    def cos(self) -> torch.Tensor: ...
+
+    @property
+    def sin(self) -> torch.Tensor: ...
+
+    @property
+    def _positions(self) -> torch.Tensor: ...
+
+    @property
+    def k_cache(self) -> list[torch.Tensor]: ...
+
+    @property
+    def v_cache(self) -> list[torch.Tensor]: ...
+
+    @property
+    def layers(self) -> Sequence[Any]: ...
+
+    def _qkv(
+        self, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def _mlp(self, layer: Any, h: torch.Tensor) -> torch.Tensor: ...
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor: ...
+
 
 #: Query tokens per chunk and key positions per attention tile. Measured at 8,000 tokens, one core, CPU
 #: seconds of the whole prefill against 2.65 s in one SDPA pass: 64x1024 3.61 s (units p50 1.2 ms),
@@ -45,7 +104,7 @@ class ChunkedPrefill:
 
     def __init__(
         self,
-        model: LlamaFamilyModel,
+        model: TiledModel,
         tokens: list[int],
         slot: int,
         start: int,
@@ -82,8 +141,6 @@ class ChunkedPrefill:
 
     @torch.inference_mode()
     def _run(self, tokens: list[int], start: int) -> Iterator[None]:
-        from skyfabric.engine.llama import bucket
-
         m = self.model
         groups = m.num_heads // m.num_kv_heads
         for a in range(0, len(tokens), self._block):

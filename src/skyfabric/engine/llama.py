@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from skyfabric.engine.architectures import unsupported_reason
 from skyfabric.engine.base import EngineError
 from skyfabric.engine.chunked_prefill import BLOCK, ChunkedPrefill
+from skyfabric.engine.shapes import bucket
 
 
 class UnsupportedModel(EngineError):
@@ -355,18 +356,3 @@ def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     steps. In float32 they go to MKL, which keeps nothing, and cost the same at these sizes.
     """
     return torch.float32 if device.type == "cpu" else dtype
-
-
-_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
-def bucket(rows: int) -> int:
-    """The row count a matmul is padded to: a few fixed shapes instead of one per batch size.
-
-    oneDNN (bf16 on CPU) builds and keeps kernels and buffers for every input shape it sees, a few MiB each:
-    with raw batch sizes and prompt lengths a replica's memory would creep up with every new shape.
-    """
-    for size in _BUCKETS:
-        if rows <= size:
-            return size
-    return -(-rows // 512) * 512
