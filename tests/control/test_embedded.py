@@ -100,13 +100,18 @@ def test_sync_streaming_and_completions(fleet: EmbeddedFleet) -> None:
 async def test_async_concurrent_requests_spread_over_providers(fleet: EmbeddedFleet) -> None:
     api = aclient(fleet)
 
-    async def one() -> str:
+    async def one(i: int) -> str:
+        # Twelve conversations: the fleet routes by prefix (affinity), so identical prompts would share
+        # replicas by design; different ones spread by their rendezvous hash and the load bound.
+        messages = [{"role": "user", "content": f"Write function number {i} that reverses a string."}]
         raw = await api.chat.completions.with_raw_response.create(
-            model="skyfabric-code", messages=PROMPT, max_tokens=8
+            model="skyfabric-code",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=8,
         )
         return raw.headers["x-skyfabric-backend"].split("/")[0]
 
-    providers = await asyncio.gather(*[one() for _ in range(12)])
+    providers = await asyncio.gather(*[one(i) for i in range(12)])
     assert set(providers) == {"aws", "gcp", "azure"}
     models = await api.models.list()
     assert {"skyfabric-code", "code"} <= {m.id for m in models.data}

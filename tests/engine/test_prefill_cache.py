@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from skyfabric.engine.batcher import Batcher
+from skyfabric.engine.chunked_prefill import ChunkedPrefill
 from skyfabric.engine.core_process import load as load_core
 from skyfabric.engine.llama import LlamaFamilyModel
 from skyfabric.engine.prefix_cache import PrefixCache, block_hashes
 from skyfabric.engine.sampler import SamplingParams
+from skyfabric.gateway.affinity import parse_report
 
 from .conftest import Reference, read_metrics, start_replica
 
@@ -91,7 +93,8 @@ def test_running_streams_get_a_step_in_every_chunk(tiny_checkpoint: Path, ref: R
         outputs = batcher.step()
         steps_with_partial += 1
         assert any(rid == 1 for rid, _, _ in outputs)  # stream 1 never skips a step
-    assert 400 // 32 <= steps_with_partial <= 400
+    # Chunks of 32 tokens (several may share a step: a step runs units for ~0.75 of a decode step).
+    assert batcher.prefill_chunks == -(-400 // 32) and 2 <= steps_with_partial <= 400
     batcher.abort(1)
     batcher.step()
     assert not batcher.has_work and batcher.kv_usage() == 0
@@ -105,42 +108,54 @@ class FakeClock:
         return self.now
 
 
+class TimedJob:
+    """A real chunked prefill whose units each take ``unit`` seconds of fake time."""
+
+    def __init__(self, job: ChunkedPrefill, clock: FakeClock, unit: float) -> None:
+        self.job, self.clock, self.unit = job, clock, unit
+        self.units = 0
+
+    @property
+    def position(self) -> int:
+        return self.job.position
+
+    @property
+    def chunks(self) -> int:
+        return self.job.chunks
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self.job.logits
+
+    def step(self) -> None:
+        self.clock.now += self.unit
+        self.units += 1
+        self.job.step()
+
+
 class TimedModel:
-    """The real model, with passes that take fake time: decode 10 ms, prefill by attention and matmul work."""
+    """The real model, with passes that take fake time: decode 10 ms, a prefill unit 1 ms, whole prompts
+    by attention and matmul work."""
 
     def __init__(self, model: LlamaFamilyModel, clock: FakeClock) -> None:
         self.model, self.clock = model, clock
         self.num_slots, self.max_len, self.device = model.num_slots, model.max_len, model.device
         self.linear_units = model.linear_units
-        self.prefill_seconds: list[float] = []
+        self.jobs: list[TimedJob] = []
 
-    def _prefill_time(self, n: int, start: int) -> float:
-        return 2e-7 * n * (start + n / 2 + self.linear_units) + 1e-3
-
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        longest: int,
-        chunk: tuple[list[int], int, int] | None = None,
-    ) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
         self.clock.now += 0.010
-        if chunk is not None:  # in the same pass: the chunk's work, without a pass's fixed cost
-            seconds = self._prefill_time(len(chunk[0]), chunk[2]) - 1e-3
-            self.clock.now += seconds
-            self.prefill_seconds.append(seconds)
-        return self.model.decode(tokens, positions, longest, chunk)
+        return self.model.decode(tokens, positions, longest)
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        seconds = sum(self._prefill_time(len(p), 0) for p in prompts)
-        self.clock.now += seconds
-        self.prefill_seconds.append(seconds)
+        self.clock.now += sum(2e-7 * len(p) * (len(p) / 2 + self.linear_units) + 1e-3 for p in prompts)
         return self.model.prefill(prompts, slots)
 
+    def start_prefill(self, tokens: list[int], slot: int, start: int, block: int) -> TimedJob:
+        self.jobs.append(TimedJob(self.model.start_prefill(tokens, slot, start, block), self.clock, 0.001))
+        return self.jobs[-1]
+
     def prefill_chunk(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
-        seconds = self._prefill_time(len(tokens), start)
-        self.clock.now += seconds
-        self.prefill_seconds.append(seconds)
         return self.model.prefill_chunk(tokens, slot, start)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
@@ -154,7 +169,7 @@ class TimedModel:
 
 
 def test_prefill_time_per_step_follows_the_decode_time(tiny_checkpoint: Path, ref: Reference) -> None:
-    """With a stream decoding, chunks shrink as the context grows so a step's prefill stays near a decode."""
+    """With a stream decoding, a step runs prefill units for ~0.75 of a decode pass, then decodes again."""
     clock = FakeClock()
     model = TimedModel(load(tiny_checkpoint), clock)
     batcher = Batcher(model, max_num_seqs=4, max_num_batched_tokens=512, clock=clock)  # type: ignore[arg-type]
@@ -165,16 +180,18 @@ def test_prefill_time_per_step_follows_the_decode_time(tiny_checkpoint: Path, re
     step_times: list[float] = []
     while batcher.partial is not None or batcher.waiting:
         before = clock.now
-        batcher.step()
+        outputs = batcher.step()
         step_times.append(clock.now - before)
-    # The first chunk is sized before any prefill was measured; then: decode + ~0.75 decode of prefill.
-    assert max(step_times[2:]) <= 0.010 * (1 + batcher.prefill_share) * 1.1, step_times
-    assert batcher.prefill_chunks >= 5, step_times  # chunked, where alone it is one 480-token pass
+        assert any(rid == 1 for rid, _, _ in outputs)
+    # Each step: the decode pass (10 ms), then prefill units (1 ms each) while the next fits in 0.75 of it.
+    assert all(0.010 + 0.0065 <= t <= 0.010 + 0.0075 for t in step_times[:-1]), step_times
+    (job,) = model.jobs
+    assert job.chunks == -(-480 // 128) and len(step_times) == -(-job.units // 7)
     # A lone prompt is not held back: the same prompt alone goes in one 480-token pass.
     alone = Batcher(model, max_num_seqs=4, max_num_batched_tokens=512, clock=clock)  # type: ignore[arg-type]
     alone.add(3, long_prompt(ref, 480), max_tokens=1, params=GREEDY)
     alone.step()
-    assert alone.prefill_chunks == 0 and not alone.has_work
+    assert alone.prefill_chunks == 0 and not alone.has_work and len(model.jobs) == 1
 
 
 # ------------------------------------------------------------------------------------------ prefix caching
@@ -277,14 +294,21 @@ def test_replica_reports_prefix_cache_hits_in_vllm_names(
         client = openai.OpenAI(base_url=rep.base_url + "/v1", api_key="x", max_retries=0)
         system = "You are a helpful coding assistant. " * 20
         answers = []
-        for question in ("def add(a, b):", "def add(a, b):"):
-            response = client.chat.completions.create(
+        reports = []
+        for question, stream in (("def add(a, b):", False), ("def add(a, b):", True)):
+            raw = client.chat.completions.with_raw_response.create(
                 model="tiny",
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
                 max_tokens=8,
                 temperature=0,
+                stream=stream,
             )
-            answers.append(response.choices[0].message.content)
+            reports.append(raw.headers.get("x-skyfabric-prefix-cache"))
+            parsed = raw.parse()
+            if stream:
+                answers.append("".join(c.choices[0].delta.content or "" for c in parsed if c.choices))
+            else:
+                answers.append(parsed.choices[0].message.content)
         assert answers[0] == answers[1]
         metrics = read_metrics(rep.base_url)
         prompt = len(
@@ -294,6 +318,11 @@ def test_replica_reports_prefix_cache_hits_in_vllm_names(
         )
         assert metrics["vllm:prefix_cache_queries_total"] == 2 * prompt
         assert metrics["vllm:prefix_cache_hits_total"] == (prompt - 1) // 16 * 16
+        # Both answers, whole and streamed, report the cache to the gateway (gateway/affinity.py), from
+        # one process (one epoch) whose prefix cache holds a positive number of tokens.
+        parsed_reports = [parse_report(r.encode()) if r else None for r in reports]
+        assert all(p is not None and p[0] > 0 and p[1] == prompt for p in parsed_reports), reports
+        assert len({p[2] for p in parsed_reports if p is not None}) == 1
     finally:
         rep.proc.terminate()
         try:

@@ -1,12 +1,15 @@
-"""Cache-aware routing: prefix keys, rendezvous order, the load bound, and the fallback under failure."""
+"""Cache-aware routing: prefix keys, rendezvous order, the load bound, the fallback under failure, and the
+table of where reporting replicas hold their prefixes."""
 
 from __future__ import annotations
 
 import random
 import time
 
+import openai
+
 from skyfabric.core.endpoints import Endpoint
-from skyfabric.gateway.affinity import BOUND, prefix_key, rendezvous
+from skyfabric.gateway.affinity import BOUND, PrefixTable, parse_report, prefer, prefix_key, rendezvous
 from skyfabric.gateway.balancer import Cluster, EndpointState, OutlierPolicy, record_failure
 from tests.conftest import MakeGateway
 from tests.support.fake_upstream import FakeUpstream
@@ -145,3 +148,95 @@ async def test_gateway_sends_a_conversation_back_to_its_replica_and_past_a_failu
     assert len(after) == 1 and after != {home}
     assert time.monotonic() - started < 5.0  # the worst case: one refused connection, then a retry
     assert all(s.outstanding == 0 and s.streaming == 0 for s in gw.gateway.proxy.states.values())
+
+
+def report(capacity: int, prompt: int, epoch: str = "e1") -> bytes:
+    return f"capacity={capacity}; prompt={prompt}; epoch={epoch}".encode()
+
+
+def test_reports_parse_and_malformed_ones_are_ignored() -> None:
+    assert parse_report(report(1000, 20)) == (1000, 20, "e1")
+    assert parse_report(b"capacity=10;prompt=3") == (10, 3, "")
+    for bad in (b"", b"capacity=x; prompt=3", b"prompt=3", b"capacity=0; prompt=3", b"capacity=5; prompt=-1"):
+        assert parse_report(bad) is None
+    table = PrefixTable()
+    table.learn(1, "a", b"garbage")
+    assert table.holder(1) is None
+
+
+def test_table_mirrors_each_replica_lru_within_its_reported_capacity() -> None:
+    table = PrefixTable()
+    for key in (1, 2, 3):
+        table.learn(key, "a", report(1000, 400))  # 1,200 tokens > 1,000: key 1 (the oldest) is evicted
+    assert [table.holder(k) for k in (1, 2, 3)] == [None, "a", "a"]
+    table.learn(2, "a", report(1000, 450))  # key 2 used again: now key 3 is the oldest
+    table.learn(4, "a", report(1000, 100))
+    assert [table.holder(k) for k in (2, 3, 4)] == ["a", "a", "a"]
+    table.learn(5, "a", report(1000, 200))
+    assert [table.holder(k) for k in (2, 3, 4, 5)] == ["a", None, "a", "a"]
+    # The newest turn of a conversation is where it was served last; the old copy no longer counts there.
+    table.learn(2, "b", report(5000, 500))
+    assert table.holder(2) == "b"
+    table.learn(6, "a", report(1000, 600))  # a holds 4 (100) + 5 (200) + 6 (600): all fit without 2
+    assert [table.holder(k) for k in (4, 5, 6)] == ["a", "a", "a"]
+    # A restarted replica (a new epoch) holds nothing it held before.
+    table.learn(7, "a", report(1000, 10, epoch="e2"))
+    assert [table.holder(k) for k in (4, 5, 6, 7)] == [None, None, None, "a"]
+    table.forget("b")
+    assert table.holder(2) is None
+
+
+def test_table_is_bounded_in_keys() -> None:
+    table = PrefixTable(max_keys=50)
+    for key in range(200):
+        table.learn(key, f"e{key % 3}", report(10**9, 10))
+    assert sum(table.holder(k) is not None for k in range(200)) == 50
+    assert all(table.holder(k) is not None for k in range(150, 200))
+
+
+def test_the_reported_holder_comes_before_the_rendezvous_choice_within_the_bound() -> None:
+    c = cluster()
+    key = prefix_key(conversation(3, 0))
+    assert key is not None
+    first, second, third = rendezvous(key, c.states)
+    loads = [0.0, 0.0, 0.0]
+    assert prefer(key, c.states, loads) is first
+    assert prefer(key, c.states, loads, holder=third.endpoint.id) is third
+    # A holder over the bound is passed over for the rendezvous order, as is one not among the candidates.
+    busy = [10.0 if s is third else 0.0 for s in c.states]
+    assert prefer(key, c.states, busy, holder=third.endpoint.id) is first
+    assert prefer(key, [first, second], [0.0, 0.0], holder=third.endpoint.id) is first
+    assert c.pick(100.0, affinity=key, holder=third.endpoint.id) is third
+    record_failure(third, 100.0, OutlierPolicy(), hard=True)
+    assert c.pick(100.5, affinity=key, holder=third.endpoint.id) is first
+
+
+async def test_gateway_follows_where_reporting_replicas_hold_a_prefix(make_gateway: MakeGateway) -> None:
+    """A conversation pushed off its rendezvous choice by load stays where its turns were cached when the
+    upstreams report their cache; with upstreams that report nothing it goes back to the rendezvous choice."""
+    for reporting in (True, False):
+        ups = [FakeUpstream(f"u{i}", tokens=2, prefix_cache=100_000 if reporting else 0) for i in range(3)]
+        gw = await make_gateway(
+            {"aws": ups[:1], "gcp": ups[1:2], "azure": ups[2:]}, models=[{"name": "m", "affinity": True}]
+        )
+        client = gw.client()
+        proxy = gw.gateway.proxy
+
+        async def turn(t: int, client: openai.AsyncOpenAI = client) -> str:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m",
+                messages=conversation(5, t)["messages"],  # type: ignore[arg-type]
+            )
+            return str(raw.headers["x-skyfabric-backend"])
+
+        home = await turn(0)
+        key = prefix_key(conversation(5, 0))
+        assert key is not None
+        assert home == rendezvous(key, list(proxy.states.values()))[0].endpoint.id
+        proxy.states[home].outstanding += 100  # busy for one turn: it spills over
+        moved = await turn(1)
+        proxy.states[home].outstanding -= 100
+        assert moved != home
+        later = {await turn(t) for t in range(2, 5)}
+        assert later == ({moved} if reporting else {home}), (reporting, later)
+        assert (proxy.prefix_table.holder(key) == moved) is reporting

@@ -98,6 +98,10 @@ class BadRequest(Exception):
         self.code = code
 
 
+#: A request's prompt size, for the prefix-cache report.
+_PROMPT_TOKENS = web.RequestKey("prompt_tokens", int)
+
+
 class FakeUpstream:
     """One fake endpoint; ``url`` is its ``/v1`` base once started."""
 
@@ -114,6 +118,7 @@ class FakeUpstream:
         finish_chunk: str = "last",
         context_length: int = 8192,
         model: str = "m",
+        prefix_cache: int = 0,
     ) -> None:
         if prefill is None:
             prefill = "reject" if can_continue is False else "continue"
@@ -136,6 +141,10 @@ class FakeUpstream:
         self.finish_chunk = finish_chunk
         self.context_length = context_length
         self.model = model
+        #: Tokens of prefix cache it reports on answers, as skyfabric's replicas do (0: reports nothing).
+        self.prefix_cache = prefix_cache
+        #: Bumped at every start: a restarted replica reports a new epoch (its cache is empty).
+        self.starts = 0
         self.script: deque[Behaviour] = deque()
         #: Every request body received (a body that is not a JSON object is recorded as ``{"_invalid": …}``).
         self.requests: list[dict[str, Any]] = []
@@ -210,6 +219,8 @@ class FakeUpstream:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.on_response_prepare.append(self._report_cache)
+        self.starts += 1
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.2)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)
@@ -228,6 +239,13 @@ class FakeUpstream:
         await self._stopping.wait()
 
     # -- handlers ---------------------------------------------------------------------------------------
+
+    async def _report_cache(self, request: web.Request, response: web.StreamResponse) -> None:
+        prompt = request.get(_PROMPT_TOKENS)
+        if self.prefix_cache and prompt is not None and response.status == 200:
+            response.headers["x-skyfabric-prefix-cache"] = (
+                f"capacity={self.prefix_cache}; prompt={prompt}; epoch={self.name}-{self.starts}"
+            )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -292,6 +310,7 @@ class FakeUpstream:
             if not isinstance(body, dict):
                 raise BadRequest("the request body is not a JSON object")
             plan = self._plan(body, kind)
+            request[_PROMPT_TOKENS] = plan.prompt_tokens
         except BadRequest as exc:
             return self._error(str(exc), exc.status, type_="BadRequestError", code=exc.code)
         if b.get("hang_after_headers") or (b.get("hang_mid_body") and not body.get("stream")):

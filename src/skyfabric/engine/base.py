@@ -156,6 +156,12 @@ class Engine(abc.ABC):
         return 0
 
     @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens of prompt prefixes the engine keeps for reuse (0: no prefix cache, or not known). Replicas
+        report it to the gateway, which then routes prefixes back to where they are cached."""
+        return 0
+
+    @property
     def max_token_chars(self) -> int:
         """Most characters one token of this engine's tokenizer can stand for (0: unknown).
 

@@ -37,8 +37,19 @@ from typing import Protocol
 
 import torch
 
+from skyfabric.engine.chunked_prefill import BLOCK
 from skyfabric.engine.prefix_cache import PrefixCache, block_hashes
 from skyfabric.engine.sampler import Row, SamplingParams, sample
+
+
+class PrefillJob(Protocol):
+    """A resumable prefill (:class:`~skyfabric.engine.chunked_prefill.ChunkedPrefill`): one unit per step."""
+
+    position: int  # the cache is complete below this position in every layer
+    chunks: int
+    logits: torch.Tensor | None  # the last token's, once finished
+
+    def step(self) -> None: ...
 
 
 class Model(Protocol):
@@ -50,17 +61,13 @@ class Model(Protocol):
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor: ...
 
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        longest: int,
-        chunk: tuple[list[int], int, int] | None = None,
-    ) -> torch.Tensor: ...
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor: ...
 
     def move_slot(self, src: int, dst: int, length: int) -> None: ...
 
     def prefill_chunk(self, tokens: list[int], slot: int, start: int) -> torch.Tensor: ...
+
+    def start_prefill(self, tokens: list[int], slot: int, start: int, block: int) -> PrefillJob: ...
 
     def save_blocks(self, slot: int, token_blocks: list[int], pool_blocks: list[int]) -> None: ...
 
@@ -84,6 +91,7 @@ class Sequence:
     hashes: list[int] | None = None  # prefix-cache block hashes of the prompt (computed once)
     blocks: list[int] = field(default_factory=list)  # pool blocks held: the prompt's first len(blocks)
     slot: int = -1  # while prefilled in chunks
+    job: PrefillJob | None = None  # while prefilled in chunks
     allowed: torch.Tensor | None = None  # guided decoding: the only ids it may sample
 
 
@@ -91,8 +99,16 @@ class Sequence:
 MIN_PREFILL_TOKENS = 32
 
 #: Prefill passes of fewer tokens only give the first estimate of a work unit's cost, then are not used: a
-#: pass's fixed cost (a few dozen ops) dominates them, and learning from them shrank chunks to one token.
+#: pass's fixed cost (a few dozen ops) dominates them.
 MEASURE_TOKENS = 8
+
+#: Seconds of chunked prefill per step while nothing decodes: bounds how long a new arrival waits to be
+#: admitted behind a long prompt (the prompt itself loses only a step's fixed cost per slice).
+IDLE_SLICE_S = 0.05
+
+#: Query tokens per chunk of a chunked prefill (at most ``max_num_batched_tokens``): enough rows for
+#: efficient matmuls; the time a step gives it is bounded by units of work, not by the chunk's size.
+CHUNK_TOKENS = BLOCK
 
 #: One step's result for one sequence: (request id, new token, finish reason or None).
 Output = tuple[int, int, str | None]
@@ -131,6 +147,12 @@ class Batcher:
         self.linear_units = float(getattr(model, "linear_units", 1024.0))
         self._decode_s: float | None = None
         self._unit_s: float | None = None
+        # A quiet decode step's whole period (the pass, sampling, and the owner's work between steps: sending
+        # tokens, reading requests), measured only from steps without prefill: measured during a chunked
+        # prefill it would include the decode passes the prefill slows (it evicts their weights from the
+        # CPU caches), and the slice would grow with it. The previous step's start, if it only decoded.
+        self._step_s: float | None = None
+        self._last_step: float | None = None
 
     def seed(self, seed: int) -> None:
         """Make unseeded sampling reproducible (``--seed``)."""
@@ -186,24 +208,28 @@ class Batcher:
     @torch.inference_mode()
     def step(self) -> list[Output]:
         """Run one iteration; return one output per sequence that produced a token."""
+        began = self.clock()
+        if self._last_step is not None:
+            self._measure("_step_s", began - self._last_step)
         if self.aborted:
             self._drop_aborted()
         tokens_left = self.max_num_batched_tokens - len(self.running)
         work_left = self._work_allowance()
         admitted, tokens_left, work_left = self._admit(tokens_left, work_left)
         outputs: list[Output] = []
-        if self.running:
-            # A chunk of the partial prompt rides in the decode pass (it shares the matmuls: a separate pass
-            # cost about half a decode pass in fixed overhead, whatever the chunk's size).
-            size = 0
-            if self.partial is not None:
-                size = self._plan_chunk(tokens_left, work_left, progress=True)
-            outputs.extend(self._decode(size))
+        decoding = bool(self.running)
+        was_partial = self.partial is not None
+        if decoding:
+            outputs.extend(self._decode())
+        prefill_began = self.clock()
         if admitted:
             outputs.extend(self._prefill(admitted))
             self.running.extend(admitted)
-        if self.partial is not None and not self.running:
-            outputs.extend(self._prefill_partial(tokens_left, work_left, progress=not admitted))
+        if self.partial is not None:
+            outputs.extend(self._advance_partial(self._slice(decoding, prefill_began)))
+        self._last_step = (
+            began if decoding and not admitted and self.partial is None and not was_partial else None
+        )
         self._retire({rid for rid, _, reason in outputs if reason is not None})
         return outputs
 
@@ -227,17 +253,6 @@ class Batcher:
         if not self.running or self.prefill_share <= 0 or self._decode_s is None or self._unit_s is None:
             return float("inf")
         return self.prefill_share * self._decode_s / self._unit_s
-
-    def _chunk_size(self, start: int, tokens_left: int, work_left: float) -> int:
-        """The most tokens after ``start`` that fit both the token and the work allowance."""
-        if tokens_left <= 0:
-            return 0
-        if work_left == float("inf"):
-            return tokens_left
-        # tokens * (start + tokens/2 + L) <= work_left, solved for tokens
-        b = start + self.linear_units
-        n = int(-b + (b * b + 2 * work_left) ** 0.5) if work_left > 0 else 0
-        return min(tokens_left, n)
 
     def _measure(self, attr: str, seconds: float, units: float = 1.0) -> None:
         sample_s = seconds / units
@@ -329,33 +344,20 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------------------- passes
 
-    def _decode(self, chunk_size: int = 0) -> list[Output]:
-        """One decode pass for the running batch, with ``chunk_size`` tokens of the partial prompt in it."""
+    def _decode(self) -> list[Output]:
+        """One decode pass for the running batch."""
         running = list(self.running)
         device = self.model.device
         tokens = torch.tensor([seq.last_token for seq in running], dtype=torch.long, device=device)
         positions = torch.tensor([seq.length for seq in running], dtype=torch.long, device=device)
         longest = max(seq.length for seq in running) + 1
-        partial = self.partial if chunk_size > 0 else None
         started = self.clock()
-        if partial is None:
-            logits = self.model.decode(tokens, positions, longest)
-            self._measure("_decode_s", self.clock() - started)
-        else:
-            start = partial.length
-            chunk = (partial.prompt[start : start + chunk_size], self.model.num_slots - 1, start)
-            logits = self.model.decode(tokens, positions, longest, chunk)
-            # The chunk's share of the pass: what it took beyond a decode pass (not a decode sample).
-            extra = max(0.0, self.clock() - started - (self._decode_s or 0.0))
-            self._measure("_unit_s", extra, max(self._cost(chunk_size, start), 1.0))
-            self.prefill_chunks += 1
+        logits = self.model.decode(tokens, positions, longest)
+        self._measure("_decode_s", self.clock() - started)
         self.forward_passes += 1
         for seq in running:
             seq.length += 1
-        outputs = self._sample(running, logits[: len(running)])
-        if partial is not None:
-            outputs.extend(self._chunk_done(partial, chunk_size, logits[len(running) :]))
-        return outputs
+        return self._sample(running, logits)
 
     def _prefill(self, admitted: list[Sequence]) -> list[Output]:
         """Whole prompts: those with no cached prefix packed into one pass, the others each from its hit."""
@@ -386,51 +388,57 @@ class Batcher:
             self._store(seq, slot, seq.length)
         return self._sample(admitted, torch.cat([rows[i] for i in range(len(admitted))]))
 
-    def _plan_chunk(self, tokens_left: int, work_left: float, *, progress: bool) -> int:
-        """Tokens of the partial prompt to run this step (placing it in the top slot the first time)."""
+    def _slice(self, decoding: bool, prefill_began: float) -> float:
+        """Seconds of chunked prefill this step may still run (at least one unit always runs).
+
+        While streams decode: ``prefill_share`` of a quiet decode step's period (measured from step to step
+        without prefill: the pass, sampling, and what the owner does between steps, which on a small model
+        cost as much as the pass itself), less what whole prompts took this step since ``prefill_began``:
+        the streams' time per token stays near ``1 + prefill_share`` times its quiet value (a little more:
+        the decode passes run slower between prefill units). Otherwise a short slice, so arrivals are
+        admitted within :data:`IDLE_SLICE_S`.
+        """
+        if not decoding:
+            return IDLE_SLICE_S
+        if self.prefill_share <= 0:
+            return float("inf")
+        period = self._step_s if self._step_s is not None else (self._decode_s or 0.0)
+        return self.prefill_share * period - (self.clock() - prefill_began)
+
+    def _advance_partial(self, seconds: float) -> list[Output]:
+        """Run units of the partial prompt's prefill for ``seconds`` (in the top slot, set up at first)."""
         seq = self.partial
         assert seq is not None
-        if seq.slot < 0:
+        if seq.job is None:
             seq.slot = self.model.num_slots - 1
             seq.length = len(seq.blocks) * self._block_size
             self.model.load_blocks(seq.slot, seq.blocks)
-        size = self._chunk_size(seq.length, tokens_left, work_left)
-        if size <= 0:
-            if not progress:
-                return 0
-            size = 1  # nothing else prefilled this step: always move on
-        return min(size, len(seq.prompt) - seq.length)
-
-    def _prefill_partial(self, tokens_left: int, work_left: float, *, progress: bool) -> list[Output]:
-        """One chunk of the partial prompt in a pass of its own (nothing decodes)."""
-        seq = self.partial
-        assert seq is not None
-        size = self._plan_chunk(tokens_left, work_left, progress=progress)
-        if size <= 0:
-            return []
-        start = seq.length
-        began = self.clock()
-        logits = self.model.prefill_chunk(seq.prompt[start : start + size], seq.slot, start)
-        if size >= MEASURE_TOKENS or self._unit_s is None:
-            self._measure("_unit_s", self.clock() - began, self._cost(size, start))
+            block = min(self.max_num_batched_tokens, CHUNK_TOKENS)
+            seq.job = self.model.start_prefill(seq.prompt[seq.length :], seq.slot, seq.length, block)
+        job = seq.job
+        chunks = job.chunks
+        began = last = self.clock()
+        while True:
+            job.step()
+            now = self.clock()
+            # Stop where the next unit (about as long as the last) would overrun the slice.
+            if job.logits is not None or 2 * now - last - began > seconds:
+                break
+            last = now
         self.forward_passes += 1
-        self.prefill_chunks += 1
-        return self._chunk_done(seq, size, logits)
-
-    def _chunk_done(self, seq: Sequence, size: int, logits: torch.Tensor) -> list[Output]:
-        """After a chunk: cache its blocks; after the last, move the sequence into the running batch."""
-        top = seq.slot
-        seq.length += size
-        self._store(seq, top, seq.length)
-        if seq.length < len(seq.prompt):
+        self.prefill_chunks += job.chunks - chunks
+        if job.position > seq.length:
+            seq.length = job.position
+            self._store(seq, seq.slot, seq.length)
+        if job.logits is None:
             return []
         self.partial = None
-        dst = len(self.running)
+        dst, top = len(self.running), seq.slot
         if dst != top:
             self.model.move_slot(top, dst, seq.length)
-        seq.slot = -1
+        seq.slot, seq.job = -1, None
         self.running.append(seq)
-        return self._sample([seq], logits)
+        return self._sample([seq], job.logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Output]:
         rows = [Row(seq.params, seq.generated, seq.banned_ids, seq.allowed) for seq in seqs]

@@ -180,6 +180,7 @@ def load(config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         "vocab_size": int(model.embed.shape[0]),
         "max_model_len": max_len,
         "slots": slots,
+        "prefix_cache_tokens": prefix_blocks * BLOCK_SIZE,
         "eos_token_ids": token_ids(
             getattr(generation, "eos_token_id", None), getattr(text, "eos_token_id", None)
         ),

@@ -9,7 +9,8 @@ checkpoint layout and tied embeddings), then are repacked once.
 The KV cache holds ``num_slots`` sequences of up to ``max_len`` tokens each. Running sequences occupy slots
 ``0..B-1`` (the scheduler keeps them compact), so the decode step reads the cache through plain views; the
 decode's padding rows write to the last position of their slots, which no sequence uses. A long prompt is
-prefilled in chunks (:meth:`LlamaFamilyModel.prefill_chunk`) into a slot of its own. Beside the slots, an
+prefilled in chunks into a slot of its own, unit by unit between decode passes
+(:meth:`LlamaFamilyModel.start_prefill`, :mod:`skyfabric.engine.chunked_prefill`). Beside the slots, an
 optional block pool (``prefix_blocks`` blocks of ``block_size`` tokens) keeps prompt prefixes for reuse:
 blocks are copied out of a slot once computed and into a new sequence's slot on a hit
 (:mod:`skyfabric.engine.prefix_cache` decides which).
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 
 from skyfabric.engine.architectures import unsupported_reason
 from skyfabric.engine.base import EngineError
+from skyfabric.engine.chunked_prefill import BLOCK, ChunkedPrefill
+from skyfabric.engine.shapes import bucket
 
 
 class UnsupportedModel(EngineError):
@@ -200,6 +203,7 @@ class LlamaFamilyModel:
         pos = torch.cat([self._positions[:n] for n in lengths] + [self._positions.new_zeros(padded - total)])
         window_mask = {n: self._prefill_mask(n) for n in set(lengths)} if self.window is not None else {}
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        groups = self.num_heads // self.num_kv_heads
         h = self.embed[tokens]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
@@ -209,16 +213,21 @@ class LlamaFamilyModel:
                 self.k_cache[i][slot, :, :n] = k[:, a:b].to(self.cache_dtype)
                 self.v_cache[i][slot, :, :n] = v[:, a:b].to(self.cache_dtype)
                 mask = window_mask.get(n)
+                keys, values = k[:, a:b], v[:, a:b]
+                if mask is None and groups > 1:
+                    # Expanded heads, no mask, 4-D: SDPA's flash kernel. Otherwise (3-D, enable_gqa) it fell
+                    # back to its math kernel on CPU, which holds every score (6.4 GB a layer at 20k tokens).
+                    keys, values = keys.repeat_interleave(groups, 0), values.repeat_interleave(groups, 0)
                 outs.append(
-                    F.scaled_dot_product_attention(
-                        q[:, a:b],
-                        k[:, a:b],
-                        v[:, a:b],
+                    F.scaled_dot_product_attention(  # 4-D: the CPU flash kernel takes no other shape
+                        q[None, :, a:b],
+                        keys[None],
+                        values[None],
                         attn_mask=mask,
                         is_causal=mask is None,
                         scale=self.scale,
-                        enable_gqa=True,
-                    )
+                        enable_gqa=mask is not None,
+                    )[0]
                 )
             if padded > total:
                 outs.append(q.new_zeros(q.shape[0], padded - total, q.shape[2]))
@@ -234,18 +243,8 @@ class LlamaFamilyModel:
         return (span[None, :] <= span[:, None]) & (span[None, :] > span[:, None] - self.window)
 
     @torch.inference_mode()
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        longest: int,
-        chunk: tuple[list[int], int, int] | None = None,
-    ) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
         """One token for each of the sequences in slots ``0..B-1``; ``longest`` = max(positions) + 1.
-
-        ``chunk`` = (tokens, slot, start): a prefill chunk run in the same pass (its rows share the matmuls,
-        so it costs its attention and little else; as :meth:`prefill_chunk`). Its last token's logits are
-        then one more row at the end of the result.
 
         ``tokens`` and ``positions`` are [B] long tensors (the position is where the token is written). The
         batch is padded to a :func:`bucket` with rows that write the last position of the slots above (no
@@ -265,111 +264,36 @@ class LlamaFamilyModel:
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
         bias.masked_fill_(~allowed, float("-inf"))
         bias = bias[:, None, None, :]  # [B, 1, 1, T] over [B, KV, G, T]
-        all_positions = positions
-        if chunk is not None:
-            ids, pos, chunk_mask, n = self._chunk_inputs(chunk[0], chunk[2])
-            tokens = torch.cat((tokens, ids))
-            all_positions = torch.cat((positions, pos))
-        cos, sin = self.cos[all_positions].unsqueeze(1), self.sin[all_positions].unsqueeze(1)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         groups = self.num_heads // self.num_kv_heads
         h = self.embed[tokens]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache[rows, :, positions] = k[:batch].to(self.cache_dtype)
-            v_cache[rows, :, positions] = v[:batch].to(self.cache_dtype)
+            k_cache[rows, :, positions] = k.to(self.cache_dtype)
+            v_cache[rows, :, positions] = v.to(self.cache_dtype)
             # One query per sequence: two batched matmuls beat SDPA's CPU kernels here by several times.
-            qd = q[:batch].reshape(batch, self.num_kv_heads, groups, self.head_dim).to(self.cache_dtype)
+            qd = q.reshape(batch, self.num_kv_heads, groups, self.head_dim).to(self.cache_dtype)
             scores = torch.matmul(qd, k_cache[:batch, :, :longest].transpose(-1, -2)).float()
             probs = torch.softmax(scores.mul_(self.scale).add_(bias), dim=-1).to(self.cache_dtype)
             out = torch.matmul(probs, v_cache[:batch, :, :longest]).to(self.dtype).reshape(batch, -1)
-            if chunk is not None:
-                part = self._chunk_attention(
-                    i, q[batch:], k[batch:], v[batch:], chunk[1], chunk[2], n, chunk_mask
-                )
-                out = torch.cat((out, part))
             h = h + self._linear(out, layer.o, layer.o_bias)
             h = h + self._mlp(layer, h)
-        if chunk is None:
-            return self._logits(h[:real])
-        last = batch + n - 1
-        return self._logits(torch.cat((h[:real], h[last : last + 1])))
+        return self._logits(h[:real])
 
-    def _chunk_inputs(
-        self, tokens: list[int], start: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """A chunk's ids and positions padded to a :func:`bucket`, its mask (bool: for SDPA), its length."""
-        n = len(tokens)
-        end = start + n
-        padded = bucket(n)
-        ids = torch.tensor(tokens + [0] * (padded - n), dtype=torch.long, device=self.device)
-        pos = self._positions[start:end]
-        if padded > n:  # padding rows sit at the last real position; their keys are never written
-            pos = torch.cat((pos, pos[-1:].expand(padded - n)))
-        span = self._positions[:end]
-        allowed = span[None, :] <= pos[:, None]
-        if self.window is not None:
-            allowed &= span[None, :] > pos[:, None] - self.window
-        if padded * end * self.num_heads > 1 << 24:
-            return ids, pos, allowed, n  # a bool mask: SDPA (flash, no scores tensor)
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device)
-        bias.masked_fill_(~allowed, float("-inf"))
-        return ids, pos, bias, n
+    def start_prefill(self, tokens: list[int], slot: int, start: int, block: int = BLOCK) -> ChunkedPrefill:
+        """A resumable prefill of ``tokens`` at positions ``start..`` of ``slot`` (whose cache holds
+        ``0..start-1``), ``block`` query tokens a chunk: the scheduler runs its units between decode passes
+        (:mod:`skyfabric.engine.chunked_prefill`)."""
+        return ChunkedPrefill(self, tokens, slot, start, block=block)
 
-    def _chunk_attention(
-        self,
-        i: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        slot: int,
-        start: int,
-        n: int,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Write a chunk's keys and values at ``start..`` of ``slot`` (layer ``i``); return its attention.
-
-        A short chunk after a long context: two grouped matmuls (as in decode) beat SDPA's CPU kernels by up
-        to 8x (measured: 1 token after 19k, 2.5 ms vs 19 ms a layer); a long chunk (bool ``mask``): SDPA.
-        """
-        padded = q.shape[0]
-        end = start + n
-        k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-        k_cache[slot, :, start:end] = k[:n].transpose(0, 1).to(self.cache_dtype)
-        v_cache[slot, :, start:end] = v[:n].transpose(0, 1).to(self.cache_dtype)
-        keys, values = k_cache[slot, :, :end], v_cache[slot, :, :end]
-        q = q.transpose(0, 1).to(self.cache_dtype)  # [H, padded, D], head h reads kv h // groups
-        if mask.dtype != torch.bool:
-            groups = self.num_heads // self.num_kv_heads
-            grouped = q.reshape(self.num_kv_heads, groups * padded, self.head_dim)
-            scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(self.scale)
-            scores = scores.view(self.num_kv_heads, groups, padded, end).add_(mask)
-            probs = torch.softmax(scores, dim=-1).to(self.cache_dtype)
-            out = torch.matmul(probs.view(self.num_kv_heads, groups * padded, end), values)
-            out = out.view(self.num_heads, padded, self.head_dim).to(self.dtype)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-            ).to(self.dtype)
-        return out.transpose(0, 1).reshape(padded, -1)
-
-    @torch.inference_mode()
     def prefill_chunk(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
-        """Run ``tokens`` at positions ``start..`` of ``slot``, whose cache holds positions ``0..start-1``.
+        """Run ``tokens`` at positions ``start..`` of ``slot`` at once; the last token's logits ([1, vocab]).
 
-        Fills the slot's cache for those positions and returns the logits of the last token ([1, vocab]). Each
-        query attends to the slot's cache up to itself, so a prompt run in any split of chunks sees exactly
-        the keys it would see in one pass.
+        Each query attends to the slot's cache up to itself, so a prompt run in any split of chunks sees
+        exactly the keys it would see in one pass.
         """
-        ids, pos, mask, n = self._chunk_inputs(tokens, start)
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        h = self.embed[ids]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            out = self._chunk_attention(i, q, k, v, slot, start, n, mask)
-            h = h + self._linear(out, layer.o, layer.o_bias)
-            h = h + self._mlp(layer, h)
-        return self._logits(h[n - 1 : n])
+        return ChunkedPrefill(self, tokens, slot, start).run()
 
     def save_blocks(self, slot: int, token_blocks: list[int], pool_blocks: list[int]) -> None:
         """Copy the slot's token blocks ``token_blocks`` (block ``j``: positions ``j*bs..``) to the pool."""
@@ -432,18 +356,3 @@ def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     steps. In float32 they go to MKL, which keeps nothing, and cost the same at these sizes.
     """
     return torch.float32 if device.type == "cpu" else dtype
-
-
-_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
-def bucket(rows: int) -> int:
-    """The row count a matmul is padded to: a few fixed shapes instead of one per batch size.
-
-    oneDNN (bf16 on CPU) builds and keeps kernels and buffers for every input shape it sees, a few MiB each:
-    with raw batch sizes and prompt lengths a replica's memory would creep up with every new shape.
-    """
-    for size in _BUCKETS:
-        if rows <= size:
-            return size
-    return -(-rows // 512) * 512

@@ -131,6 +131,10 @@ class NativeEngine(HFTokenizing, Engine):
         return self._vocab_size
 
     @property
+    def prefix_cache_tokens(self) -> int:
+        return int(self._info.get("prefix_cache_tokens", 0))
+
+    @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 

@@ -420,6 +420,12 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+#: The replica's prefix-cache report on each answer (see ``ReplicaApp._report_cache``).
+PREFIX_CACHE_HEADER = "x-skyfabric-prefix-cache"
+
+#: Where a request's prompt length is kept for the report.
+PROMPT_TOKENS = web.RequestKey("prompt_tokens", int)
+
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -440,6 +446,7 @@ class ReplicaApp:
         self.model_name = served_model_name
         self.model_root = model_root
         self.created = int(time.time())
+        self.epoch = uuid.uuid4().hex[:12]
         self.state = "loading"  # loading | ready | stopping | failed
         self._vocabulary: Vocabulary | None = None  # guided decoding's token masks, built on first use
 
@@ -448,12 +455,26 @@ class ReplicaApp:
     def application(self) -> web.Application:
         """The aiohttp application (usable in-process by tests and by other servers)."""
         app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[self._errors])
+        app.on_response_prepare.append(self._report_cache)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
+
+    async def _report_cache(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Tell the gateway this replica caches prompt prefixes: ``x-skyfabric-prefix-cache`` on answers.
+
+        ``capacity`` (tokens its prefix cache holds), ``prompt`` (this request's prompt tokens, now cached)
+        and ``epoch`` (this process: a restarted replica's cache is empty). The gateway mirrors each
+        replica's LRU from these (``gateway/affinity.py``) and routes a prefix back where it is cached.
+        """
+        prompt = request.get(PROMPT_TOKENS)
+        capacity = self.engine.prefix_cache_tokens
+        if prompt is None or capacity <= 0 or response.status != 200:
+            return
+        response.headers[PREFIX_CACHE_HEADER] = f"capacity={capacity}; prompt={prompt}; epoch={self.epoch}"
 
     @web.middleware
     async def _errors(
@@ -565,6 +586,7 @@ class ReplicaApp:
             generation_prompt=add_generation_prompt is not False and not continue_final,
             continue_final=continue_final,
         )
+        request[PROMPT_TOKENS] = len(requests[0].prompt_ids)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if opts.stream:
             return await self._stream(request, requests, opts, completion_id, chat=True)
@@ -626,6 +648,7 @@ class ReplicaApp:
         prompt_ids, requests = await self._chat_requests(
             base_messages, body, opts, generation_prompt=True, continue_final=False
         )
+        request[PROMPT_TOKENS] = len(prompt_ids)
         vocabulary = None
         if plan.tool_name is not None:
             if self._vocabulary is None:
@@ -668,6 +691,7 @@ class ReplicaApp:
             vocab_size=self.engine.vocab_size,
             what="prompt",
         )
+        request[PROMPT_TOKENS] = len(prompt_ids)
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if opts.stream:
             return await self._stream(request, requests, opts, completion_id, chat=False)

@@ -14,12 +14,22 @@ request, so one hot prefix spills over to its second choice (the next endpoint i
 which then warms a copy) instead of melting one replica. Ejected, cooling or already-tried endpoints are
 never candidates (the balancer filters them first), so under failure a prefix moves to its next choice
 and everything else is plain least-load.
+
+Replicas that report their cache state do better (:class:`PrefixTable`): skyfabric's replicas answer with
+``x-skyfabric-prefix-cache: capacity=<tokens>; prompt=<tokens>; epoch=<id>`` (their prefix cache's size,
+the prompt they have just cached, and their process). The gateway mirrors each such replica's LRU from
+those reports and prefers the endpoint that holds a prefix over the rendezvous choice: a conversation that
+spilled over to its second choice, or was moved by a failure, stays where its KV now is instead of being
+sent back to a replica that never saw its later turns, and a restarted replica (a new epoch) is known to
+hold nothing. Endpoints that report nothing (vLLM, llama.cpp, vendors) get rendezvous hashing alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from skyfabric.core.endpoints import Endpoint
@@ -91,8 +101,9 @@ def rendezvous(key: int, states: Sequence[C]) -> list[C]:
     return sorted(states, key=lambda s: _weight(key, s.endpoint.id), reverse=True)
 
 
-def prefer(key: int, states: Sequence[C], loads: Sequence[float]) -> C | None:
-    """The first endpoint in the key's rendezvous order whose load is within the bound, else None.
+def prefer(key: int, states: Sequence[C], loads: Sequence[float], holder: str | None = None) -> C | None:
+    """The endpoint reported to hold the key's prefix (``holder``), else the first in the key's rendezvous
+    order, whose load is within the bound; None when none is.
 
     ``loads`` are the balancer's (requests per unit of capacity), in the order of ``states``.
     """
@@ -100,7 +111,104 @@ def prefer(key: int, states: Sequence[C], loads: Sequence[float]) -> C | None:
         return None
     mean = sum(loads) / len(loads)
     load_of = {id(s): load for s, load in zip(states, loads, strict=True)}
+
+    def within(state: C) -> bool:
+        return load_of[id(state)] <= BOUND * mean + 1.0 / state.endpoint.concurrency
+
+    if holder is not None:
+        held = next((s for s in states if s.endpoint.id == holder), None)
+        if held is not None and within(held):
+            return held
     for state in rendezvous(key, states):
-        if load_of[id(state)] <= BOUND * mean + 1.0 / state.endpoint.concurrency:
+        if within(state):
             return state
     return None
+
+
+#: The report header replicas send (``engine/replica.py``).
+REPORT_HEADER = b"x-skyfabric-prefix-cache"
+
+
+def parse_report(value: bytes) -> tuple[int, int, str] | None:
+    """``capacity=<int>; prompt=<int>; epoch=<id>`` → (capacity, prompt, epoch); None if malformed."""
+    fields: dict[str, str] = {}
+    for part in value.decode("latin-1").split(";"):
+        name, sep, text = part.strip().partition("=")
+        if sep:
+            fields[name] = text
+    try:
+        capacity, prompt = int(fields["capacity"]), int(fields["prompt"])
+    except (KeyError, ValueError):
+        return None
+    if capacity <= 0 or prompt < 0:
+        return None
+    return capacity, prompt, fields.get("epoch", "")
+
+
+@dataclass(slots=True)
+class _Mirror:
+    """One reporting endpoint's cache as the gateway reconstructs it: prefix keys in LRU order."""
+
+    epoch: str
+    capacity: int
+    keys: OrderedDict[int, int] = field(default_factory=OrderedDict)  # key → tokens, oldest first
+    tokens: int = 0
+
+
+class PrefixTable:
+    """Which endpoint holds which prefix, from the reports of endpoints that send them.
+
+    Each report says an endpoint has just cached a prompt of ``prompt`` tokens under a prefix key; the
+    table keeps, per endpoint, the keys it holds in least-recently-used order within its reported
+    ``capacity`` (as the replica's own pool evicts), and for each key the endpoint that served it last
+    (which holds its newest turn). A new ``epoch`` (a restarted replica) empties that endpoint's mirror.
+    Bounded: at most ``max_keys`` keys in all, the least recently reported dropped first.
+    """
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._mirrors: dict[str, _Mirror] = {}
+        self._holder: OrderedDict[int, str] = OrderedDict()
+
+    def holder(self, key: int) -> str | None:
+        """The endpoint that reported holding the key's prefix last, if its cache still should."""
+        return self._holder.get(key)
+
+    def learn(self, key: int, endpoint: str, report: bytes) -> None:
+        """``endpoint`` answered a request under ``key`` with this report header."""
+        parsed = parse_report(report)
+        if parsed is None:
+            return
+        capacity, prompt, epoch = parsed
+        mirror = self._mirrors.get(endpoint)
+        if mirror is None or mirror.epoch != epoch:
+            if mirror is not None:
+                self.forget(endpoint)
+            mirror = self._mirrors[endpoint] = _Mirror(epoch, capacity)
+        mirror.capacity = capacity
+        previous = self._holder.pop(key, None)
+        if previous is not None and previous != endpoint:
+            self._drop(previous, key)
+        mirror.tokens += prompt - mirror.keys.pop(key, 0)
+        mirror.keys[key] = prompt
+        self._holder[key] = endpoint
+        while mirror.tokens > mirror.capacity and len(mirror.keys) > 1:
+            old, tokens = mirror.keys.popitem(last=False)
+            mirror.tokens -= tokens
+            self._holder.pop(old, None)
+        while len(self._holder) > self.max_keys:
+            old, owner = self._holder.popitem(last=False)
+            self._drop(owner, old)
+
+    def forget(self, endpoint: str) -> None:
+        """Everything ``endpoint`` was thought to hold (it restarted, or left the fleet)."""
+        mirror = self._mirrors.pop(endpoint, None)
+        if mirror is not None:
+            for key in mirror.keys:
+                if self._holder.get(key) == endpoint:
+                    del self._holder[key]
+
+    def _drop(self, endpoint: str, key: int) -> None:
+        mirror = self._mirrors.get(endpoint)
+        if mirror is not None and key in mirror.keys:
+            mirror.tokens -= mirror.keys.pop(key)

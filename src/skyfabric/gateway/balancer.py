@@ -160,11 +160,13 @@ class Cluster:
         need_continuation: bool = False,
         cooldowns: dict[str, float] | None = None,
         affinity: int | None = None,
+        holder: str | None = None,
     ) -> EndpointState | None:
         """Least-loaded available endpoint, preferring providers not in ``avoid_providers``.
 
         With ``affinity`` (a prefix key, :mod:`skyfabric.gateway.affinity`), the key's preferred endpoint
-        among those while its load stays within the bound; least-loaded otherwise.
+        among those while its load stays within the bound (``holder``, the endpoint reported to hold that
+        prefix, before the rendezvous choice); least-loaded otherwise.
 
         Ties are broken at random so that equal endpoints share load. Returns None only when no endpoint
         is left that was not already tried (or none can continue, when that is needed).
@@ -197,7 +199,7 @@ class Cluster:
             return min(eligible, key=lambda s: max(s.ejected_until, cool.get(s.endpoint.provider, 0.0)))
         fresh = [s for s in healthy if s.endpoint.provider not in avoid_p] or healthy
         loads = [s.load(now, self.slow_start) for s in fresh]
-        if affinity is not None and (chosen := prefer(affinity, fresh, loads)) is not None:
+        if affinity is not None and (chosen := prefer(affinity, fresh, loads, holder)) is not None:
             return chosen
         best = min(loads)
         ties = [s for s, load in zip(fresh, loads, strict=True) if load == best]

@@ -87,6 +87,8 @@ class RequestContext:
     request_id: str | None = None
     #: Headers the filters and observers add to the client's answer (rate limits, ``x-request-id``).
     headers: list[tuple[bytes, bytes]] | None = None
+    #: Its prefix key when a model it may go to routes by prefix (``gateway/affinity.py``), else None.
+    prefix_key: int | None = None
 
     def finish(self) -> None:
         """Run ``on_done`` once."""

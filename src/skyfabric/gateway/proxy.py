@@ -26,7 +26,7 @@ from skyfabric.core.errors import (
 )
 from skyfabric.core.fleet import Fleet
 from skyfabric.gateway.admission import Admission
-from skyfabric.gateway.affinity import prefix_key
+from skyfabric.gateway.affinity import REPORT_HEADER, PrefixTable, prefix_key
 from skyfabric.gateway.api_errors import upstream_error_response
 from skyfabric.gateway.balancer import EndpointState, record_success
 from skyfabric.gateway.classify import classify, request_fault
@@ -77,6 +77,8 @@ class Proxy(Router):
             queue_limit=fleet.admission.queue_limit,
             clock=clock,
         )
+        #: Where prefixes are cached, from the replicas that report it (``gateway/affinity.py``).
+        self.prefix_table = PrefixTable()
 
     # -- the request path -------------------------------------------------------------------------------
 
@@ -176,6 +178,8 @@ class Proxy(Router):
 
     async def _forward(self, ctx: RequestContext, chain: tuple[str, ...]) -> Response | StreamResponse:
         prefix = prefix_key(ctx.body) if any(self._models[m].affinity for m in chain) else None
+        ctx.prefix_key = prefix
+        holder = self.prefix_table.holder(prefix) if prefix is not None else None
         last: UpstreamError | None = None
         self.budget.active_requests += 1
         retrying = False
@@ -215,6 +219,7 @@ class Proxy(Router):
                             avoid_providers=ctx.failed_providers,
                             cooldowns=self.cooldowns,
                             affinity=prefix if self._models[model].affinity else None,
+                            holder=holder,
                         )
                         if state is None:
                             break
@@ -354,6 +359,8 @@ class Proxy(Router):
         try:
             extra = self.observer.upstream_headers(ctx, state)
             resp = await self.open(state, call, ctx.stream, ctx.deadline, extra)
+            if ctx.prefix_key is not None and (report := resp.header(REPORT_HEADER)) is not None:
+                self.prefix_table.learn(ctx.prefix_key, endpoint.id, report)
             if not ctx.stream:
                 remaining = max(0.001, ctx.deadline - self.clock())
                 data = await resp.read(min(self.timeouts.idle, remaining))
