@@ -1,4 +1,4 @@
-"""Validate generated SkyPilot YAML with SkyPilot's own schemas, offline: a command for any launch-spec output.
+"""Validate generated SkyPilot YAML with SkyPilot's own schemas, offline: for any launch-spec output.
 
 The test suite does the same on the worked example (tests/control/test_launch_skypilot.py). SkyPilot is
 installed into the project's venv by the Makefile (without its click<8.2 pin, which no resolver can

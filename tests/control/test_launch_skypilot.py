@@ -65,11 +65,16 @@ def test_every_file_of_the_worked_example_passes_skypilots_schemas(
     runner = CliRunner()
     out = runner.invoke(cli, ["plan", str(EXAMPLE), "--plan-out", str(tmp_path / "plan.yaml")])
     assert out.exit_code == 0, out.output
-    out = runner.invoke(
-        cli,
-        ["launch-spec", str(tmp_path / "plan.yaml"), "--hf-model", "meta-llama/Llama-2-70b-chat-hf"]
-        + ["--out", str(tmp_path / "launch")],
-    )
+    hf_model = "meta-llama/Llama-2-70b-chat-hf"
+    args = [
+        "launch-spec",
+        str(tmp_path / "plan.yaml"),
+        "--hf-model",
+        hf_model,
+        "--out",
+        str(tmp_path / "launch"),
+    ]
+    out = runner.invoke(cli, args)
     assert out.exit_code == 0, out.output
     services = sorted((tmp_path / "launch" / "skypilot").glob("*.yaml"))
     gateways = sorted((tmp_path / "launch" / "gateway").glob("*.yaml"))
@@ -90,7 +95,9 @@ def test_every_file_of_the_worked_example_passes_skypilots_schemas(
 @pytest.mark.parametrize("accelerator", sorted(HARDWARE))
 def test_every_accelerator_recipe_passes_skypilots_schemas(sky: SimpleNamespace, accelerator: str) -> None:
     engine = "vllm-tpu" if accelerator.startswith("tpu-") else "vllm"
-    offer = Offer("gcp" if accelerator.startswith("tpu-") else "aws", "us-east-1", accelerator, engine, 1.0, 1.0)
+    offer = Offer(
+        "gcp" if accelerator.startswith("tpu-") else "aws", "us-east-1", accelerator, engine, 1.0, 1.0
+    )
     validate(sky, skypilot_service(offer, 3, "meta-llama/Llama-2-70b-chat-hf"), accelerator)
 
 
