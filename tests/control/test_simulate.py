@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from skyfabric.cli import cli
 from skyfabric.control.plan import Offer, Plan, Requirements, plan, save_plan
 from skyfabric.sim.clock import VirtualClockLoop
-from skyfabric.sim.fleetsim import Loss, Workload, simulate
+from skyfabric.sim.fleetsim import Loss, Workload, render, simulate
 
 OFFERS = [
     Offer("aws", "us-east-1", "nvidia-h100", "vllm", 55.0, 84.2),
@@ -135,3 +135,44 @@ def test_blackhole_every_request_is_accounted_for_and_nothing_is_left_in_flight(
     assert answered == sum(p.requests for p in result.phases) == result.events
     assert result.phases[1].requests > 1000
     assert all(value == 0 for value in result.leftovers.values()), result.leftovers
+
+
+STREAMED = Workload(60.0, [(700, 290), (300, 100), (1200, 500)])
+
+
+def test_streams_lost_mid_answer_are_continued_whole_through_the_relay() -> None:
+    """Streams cut by the loss move to another endpoint mid-answer and every client gets the whole answer."""
+    result_plan = plan(OFFERS, Requirements(60.0))
+    for mode in ("refused", "blackhole"):
+        result = simulate(
+            result_plan, "m", STREAMED, 40.0, Loss("gcp", 15.0, 10.0, mode), seed=2, stream_share=1.0
+        )
+        before, during, after = result.phases
+        assert during.streams == during.requests > 300
+        assert during.continued > 5, mode  # streams in flight on gcp went on elsewhere …
+        assert during.broken == during.errors == 0, mode  # … each token once, in order, no in-band error
+        assert before.continued == after.continued == 0
+        assert len(during.stream_ttft) == during.streams
+        assert result.held, result.verdict
+        assert all(value == 0 for value in result.leftovers.values()), (mode, result.leftovers)
+        assert "continued" in render(result)
+
+
+def test_without_continuation_the_cut_streams_reach_the_client_broken() -> None:
+    """The check above can fail: with no failover after the first token, cut streams are broken."""
+    result_plan = plan(OFFERS, Requirements(60.0))
+    overrides = {"retry": {"budget_percent": 60, "max_continuations": 0}}
+    result = simulate(
+        result_plan,
+        "m",
+        STREAMED,
+        40.0,
+        Loss("gcp", 15.0, 10.0),
+        seed=2,
+        stream_share=1.0,
+        fleet_overrides=overrides,
+    )
+    during = result.phases[1]
+    assert during.continued == 0
+    assert during.broken > 5  # the in-band error the relay sends, seen by the client
+    assert not result.held
