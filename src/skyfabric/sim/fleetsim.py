@@ -327,6 +327,9 @@ class Workload:
     sizes: list[tuple[int, int]]  # (prompt tokens, output tokens)
     shape: list[float] = field(default_factory=lambda: [1.0])  # relative rate per shape_period seconds
     shape_period: float = 60.0
+    #: Exact arrivals instead of a Poisson process at ``rate``: (time, prompt tokens, output tokens,
+    #: streamed), e.g. a drill's own request log, for a like-for-like comparison at small scale.
+    arrivals: list[tuple[float, int, int, bool]] | None = None
 
     @property
     def mean_output(self) -> float:
@@ -611,7 +614,16 @@ async def _run(
     started = time.perf_counter()
     t = 0.0
     next_report = 60.0
-    while True:
+    for at, prompt, out, streamed in workload.arrivals or ():
+        if at >= duration:
+            break
+        if at > loop.time():
+            await asyncio.sleep(at - loop.time())
+        counter += 1
+        task = loop.create_task(client(SimRequest(at, prompt, out, stream=streamed), counter))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    while workload.arrivals is None:
         rate = workload.rate_at(t) / granularity
         t += rng.expovariate(rate)
         if t >= duration:
