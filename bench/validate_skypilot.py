@@ -1,10 +1,10 @@
-"""Validate generated SkyPilot YAML with SkyPilot's own schemas, offline.
+"""Validate generated SkyPilot YAML with SkyPilot's own schemas, offline: for any launch-spec output.
 
-SkyPilot is not a skyfabric dependency (0.14.1 pulls ~40 packages, ~570 MB, and pins click<8.2, which would
-downgrade the project's click), so this runs in a venv of its own:
+The test suite does the same on the worked example (tests/control/test_launch_skypilot.py). SkyPilot is
+installed into the project's venv by the Makefile (without its click<8.2 pin, which no resolver can
+combine with transformers' huggingface_hub; see there):
 
-    python -m venv /tmp/skyvenv && /tmp/skyvenv/bin/pip install skypilot
-    /tmp/skyvenv/bin/python bench/validate_skypilot.py OUT/skypilot OUT/gateway  # launch-spec --out OUT
+    python bench/validate_skypilot.py OUT/skypilot OUT/gateway  # launch-spec --out OUT
 
 It checks each file against ``sky.utils.schemas.get_task_schema()`` (which includes ``service``), the
 service section against ``get_service_schema()`` and SkyServe's own ``SkyServiceSpec.from_yaml_config``,

@@ -8,6 +8,7 @@ status records; fake engines behind the gateway, and the ``openai`` SDK in front
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import stat
@@ -26,7 +27,8 @@ from skyfabric.core.errors import ConfigError, DiscoveryError
 from skyfabric.core.fleet import parse_fleet
 from skyfabric.gateway import discovery as discovery_mod
 from skyfabric.gateway.app import Gateway
-from skyfabric.gateway.discovery import KubernetesSource, ready_addresses, ready_replicas
+from skyfabric.gateway.discovery import ready_replicas
+from skyfabric.gateway.discovery_kubernetes import KubernetesSource, ready_addresses
 from skyfabric.http.server import Listener
 from tests.conftest import RunningGateway
 from tests.support.fake_upstream import FakeUpstream, expected_text
@@ -35,7 +37,13 @@ TOKEN = "k8s-sa-token-0001"
 
 
 class FakeKubernetes:
-    """The part of the Kubernetes API discovery uses: list EndpointSlices of one Service."""
+    """The part of the Kubernetes API discovery uses: list and watch the EndpointSlices of one Service.
+
+    Like the API server: every change gets the next resourceVersion; a list answers with the current
+    version; a watch (``watch=1``) streams newline-delimited WatchEvents after the version asked for,
+    BOOKMARKs when asked, and ends after ``timeoutSeconds``; a version older than the compaction point
+    gets an ERROR event with a 410 Status (``gone_as="status"``: an HTTP 410 instead).
+    """
 
     def __init__(self, service: str = "llm", namespace: str = "serving") -> None:
         self.service = service
@@ -43,17 +51,88 @@ class FakeKubernetes:
         #: (address, port) → conditions.ready (None: the field is left out, which the API reads as ready).
         self.pods: dict[tuple[str, int], bool | None] = {}
         self.version = 100
+        #: slice name → the EndpointSlice object now.
+        self.slices: dict[str, dict[str, Any]] = {}
+        #: (resourceVersion, event type, object), oldest first; versions at or below `compacted` are gone.
+        self.history: list[tuple[int, str, dict[str, Any]]] = []
+        self.compacted = 0
+        self.gone_as = "event"
         #: "ok", or an HTTP status to answer with, or "hang".
         self.mode: str | int = "ok"
         self.queries: list[dict[str, str]] = []
         self.bad_tokens = 0
         self.runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.watching: list[web.Request] = []
         self.port = 0
 
+    def _slice(self, name: str, port: int, endpoints: list[dict[str, Any]], version: int) -> dict[str, Any]:
+        return {
+            "kind": "EndpointSlice",
+            "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": {"kubernetes.io/service-name": self.service},
+                "resourceVersion": str(version),
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "http", "protocol": "TCP", "port": port}],
+        }
+
     def set(self, pods: dict[tuple[str, int], bool | None]) -> None:
+        """New pod states: one slice per port; each slice that changed is an event at a new version."""
         self.pods = dict(pods)
+        by_port: dict[int, list[dict[str, Any]]] = {}
+        for (address, port), ready in sorted(self.pods.items()):
+            conditions: dict[str, Any] = {"serving": ready is not False, "terminating": ready is False}
+            if ready is not None:
+                conditions["ready"] = ready
+            by_port.setdefault(port, []).append(
+                {
+                    "addresses": [address],
+                    "conditions": conditions,
+                    "nodeName": "node-1",
+                    "targetRef": {"kind": "Pod", "namespace": self.namespace, "name": f"llm-{port}"},
+                }
+            )
+        wanted = {f"{self.service}-{port}": (port, eps) for port, eps in by_port.items()}
+        for name in sorted(set(self.slices) - set(wanted)):
+            self.version += 1
+            gone = self.slices.pop(name)
+            gone["metadata"]["resourceVersion"] = str(self.version)
+            self.history.append((self.version, "DELETED", gone))
+        for name, (port, eps) in sorted(wanted.items()):
+            old = self.slices.get(name)
+            if old is not None and old["endpoints"] == eps:
+                continue
+            self.version += 1
+            self.slices[name] = self._slice(name, port, eps, self.version)
+            self.history.append((self.version, "ADDED" if old is None else "MODIFIED", self.slices[name]))
+        self.version += 1  # an unrelated object's change: versions are cluster-wide, not per Service
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def compact(self) -> None:
+        """etcd compaction: every version up to now can no longer be watched from."""
+        self.compacted = self.version
+
+    def drop_watches(self) -> None:
+        """Cut every open watch connection (an API server restart, a load balancer's idle timeout)."""
+        for request in self.watching:
+            if request.transport is not None:
+                request.transport.abort()
+        self.watching = []
+        self.changed.set()  # the handlers see they were dropped and end
+        self.changed = asyncio.Event()
+
+    def bookmark(self) -> None:
         self.version += 1
+        self.history.append((self.version, "BOOKMARK", {}))
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     async def start(self, ssl_context: Any = None) -> FakeKubernetes:
         app = web.Application()
@@ -68,6 +147,7 @@ class FakeKubernetes:
 
     async def stop(self) -> None:
         self.stopping.set()
+        self.drop_watches()
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -75,51 +155,42 @@ class FakeKubernetes:
     def api(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
+    @property
+    def lists(self) -> list[dict[str, str]]:
+        return [q for q in self.queries if q.get("watch") != "1"]
+
+    @property
+    def watches(self) -> list[dict[str, str]]:
+        return [q for q in self.queries if q.get("watch") == "1"]
+
     def status(self, code: int, reason: str, message: str) -> web.Response:
+        return web.json_response(self._status(code, reason, message), status=code)
+
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> dict[str, Any]:
         body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message}
         body.update({"reason": reason, "code": code})
-        return web.json_response(body, status=code)
+        return body
+
+    def _ours(self, request: web.Request) -> bool:
+        selector = request.query.get("labelSelector", "")
+        return selector == f"kubernetes.io/service-name={self.service}" and (
+            request.match_info["ns"] == self.namespace
+        )
 
     async def list(self, request: web.Request) -> web.StreamResponse:
         self.queries.append(dict(request.query))
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        client_cert = request.transport.get_extra_info("peercert") if request.transport else None
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}" and not client_cert:
             self.bad_tokens += 1
             return self.status(401, "Unauthorized", "Unauthorized")
         if self.mode == "hang":
             await self.stopping.wait()
         if isinstance(self.mode, int):
             return self.status(self.mode, "Forbidden" if self.mode == 403 else "ServiceUnavailable", "no")
-        selector = request.query.get("labelSelector", "")
-        ns = request.match_info["ns"]
-        items = []
-        if selector == f"kubernetes.io/service-name={self.service}" and ns == self.namespace:
-            by_port: dict[int, list[dict[str, Any]]] = {}
-            for (address, port), ready in sorted(self.pods.items()):
-                conditions: dict[str, Any] = {"serving": ready is not False, "terminating": ready is False}
-                if ready is not None:
-                    conditions["ready"] = ready
-                by_port.setdefault(port, []).append(
-                    {
-                        "addresses": [address],
-                        "conditions": conditions,
-                        "nodeName": "node-1",
-                        "targetRef": {"kind": "Pod", "namespace": ns, "name": f"llm-{port}"},
-                    }
-                )
-            for i, (port, endpoints) in enumerate(sorted(by_port.items())):
-                items.append(
-                    {
-                        "metadata": {
-                            "name": f"{self.service}-{i}",
-                            "namespace": ns,
-                            "labels": {"kubernetes.io/service-name": self.service},
-                            "resourceVersion": str(self.version),
-                        },
-                        "addressType": "IPv4",
-                        "endpoints": endpoints,
-                        "ports": [{"name": "http", "protocol": "TCP", "port": port}],
-                    }
-                )
+        if request.query.get("watch") == "1":
+            return await self.watch(request)
+        items = [self.slices[name] for name in sorted(self.slices)] if self._ours(request) else []
         return web.json_response(
             {
                 "kind": "EndpointSliceList",
@@ -128,6 +199,42 @@ class FakeKubernetes:
                 "items": items,
             }
         )
+
+    async def watch(self, request: web.Request) -> web.StreamResponse:
+        since = int(request.query.get("resourceVersion") or self.version)
+        bookmarks = request.query.get("allowWatchBookmarks") == "true"
+        deadline = time.monotonic() + float(request.query.get("timeoutSeconds", "1800"))
+        gone = self._status(410, "Expired", f"too old resource version: {since} ({self.compacted})")
+        if since < self.compacted and self.gone_as == "status":
+            return web.json_response(gone, status=410)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        self.watching.append(request)
+        try:
+            if since < self.compacted:
+                await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+                return response
+            while time.monotonic() < deadline and request in self.watching:
+                for version, kind, obj in self.history:
+                    if version <= since or (kind == "BOOKMARK" and not bookmarks) or not self._ours(request):
+                        continue
+                    if kind == "BOOKMARK":
+                        obj = {
+                            "kind": "EndpointSlice",
+                            "apiVersion": "discovery.k8s.io/v1",
+                            "metadata": {"resourceVersion": str(version)},
+                        }
+                    await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+                    since = version
+                changed = self.changed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(0.01, deadline - time.monotonic()))
+        except (ConnectionResetError, RuntimeError):
+            pass  # dropped
+        finally:
+            if request in self.watching:
+                self.watching.remove(request)
+        return response
 
 
 def _fleet(pool: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -252,13 +359,15 @@ async def _first_request_on(gw: RunningGateway, backend: str, within: float) -> 
     return None
 
 
+@pytest.mark.parametrize("watch", [True, False])
 async def test_kubernetes_scale_up_reaches_the_new_pod_within_the_interval(
-    kube: FakeKubernetes, upstreams: list[FakeUpstream], tmp_path: Path, serve: Any
+    kube: FakeKubernetes, upstreams: list[FakeUpstream], tmp_path: Path, serve: Any, watch: bool
 ) -> None:
     u0, u1, u2 = upstreams
     # u1's pod is not ready yet (its readiness probe fails); u2's is terminating: neither gets traffic.
     kube.set({("127.0.0.1", u0.port): None, ("127.0.0.1", u1.port): False, ("127.0.0.1", u2.port): False})
-    gw = await serve(_fleet(_k8s_pool(kube, tmp_path)))
+    listed = str(kube.version)
+    gw = await serve(_fleet(_k8s_pool(kube, tmp_path, watch=watch)))
     proxy = gw.gateway.proxy
     assert sorted(proxy.states) == [_id(u0)]
     assert set(await _backends(gw, 4)) == {_id(u0)}
@@ -274,9 +383,16 @@ async def test_kubernetes_scale_up_reaches_the_new_pod_within_the_interval(
     assert u2.requests == []
     assert kube.bad_tokens == 0
     assert all(q["labelSelector"] == "kubernetes.io/service-name=llm" for q in kube.queries)
-    # Later lists ask for nothing older than what was seen (the API server may answer from its cache).
-    assert kube.queries[-1]["resourceVersionMatch"] == "NotOlderThan"
-    assert kube.queries[-1]["resourceVersion"] == str(kube.version)
+    if watch:
+        # one list, then a watch from its version that carried the change: no polling at all
+        assert len(kube.lists) == 1 and "resourceVersion" not in kube.lists[0]
+        assert kube.watches[0]["resourceVersion"] == listed  # the version the list answered with
+        assert kube.watches[0]["allowWatchBookmarks"] == "true"
+    else:
+        # Later lists ask for nothing older than what was seen (the API server may answer from its cache).
+        assert kube.queries[-1]["resourceVersionMatch"] == "NotOlderThan"
+        assert kube.queries[-1]["resourceVersion"] == str(kube.version)
+        assert kube.watches == []
     await _assert_idle(gw)
 
 
@@ -340,7 +456,9 @@ async def test_kubernetes_api_outage_keeps_the_last_known_endpoints(
 ) -> None:
     u0, u1, _ = upstreams
     kube.set({("127.0.0.1", u0.port): True, ("127.0.0.1", u1.port): True})
-    gw = await serve(_fleet(_k8s_pool(kube, tmp_path)))
+    # "empty_once" is the discovery loop's rule, tested on plain lists (a watch would deliver the
+    # emptying and the refilling as events, with no poll between to restore the pods at)
+    gw = await serve(_fleet(_k8s_pool(kube, tmp_path, watch=outage != "empty_once")))
     proxy = gw.gateway.proxy
     before = sorted(proxy.states)
     assert len(before) == 2
@@ -350,6 +468,8 @@ async def test_kubernetes_api_outage_keeps_the_last_known_endpoints(
         kube.set({})
     else:
         kube.mode = outage
+    # the API server going away (or the token expiring at the next watch) ends the open watch
+    kube.drop_watches()
     polls = len(kube.queries)
     worst = 0.0
     client = gw.client()
@@ -414,6 +534,224 @@ async def test_kubernetes_api_over_tls_is_checked_against_the_cluster_ca(tmp_pat
         assert len(kube.queries) == 1  # the request never left a connection it could not trust
     finally:
         await kube.stop()
+
+
+# -- the watch ------------------------------------------------------------------------------------------
+
+
+async def test_a_watch_applies_a_change_long_before_the_next_poll(
+    kube: FakeKubernetes, upstreams: list[FakeUpstream], tmp_path: Path, serve: Any
+) -> None:
+    u0, u1, _ = upstreams
+    kube.set({_pod(u0): True})
+    gw = await serve(_fleet(_k8s_pool(kube, tmp_path, interval=30.0)))  # a poll every 30 s only
+    assert sorted(gw.gateway.proxy.states) == [_id(u0)]
+    kube.set({_pod(u0): True, _pod(u1): True})
+    took = await _first_request_on(gw, _id(u1), within=5.0)
+    assert took is not None and took < 1.5, took  # the event, not the 30 s poll
+    kube.set({_pod(u1): True})  # u0 scaled away: DELETED from its slice, as a MODIFIED event
+    await asyncio.sleep(0.3)
+    assert sorted(gw.gateway.proxy.states) == [_id(u1)]
+    assert len(kube.lists) == 1 and len(kube.watches) == 1
+    await _assert_idle(gw)
+
+
+async def _until(check: Any, within: float = 3.0) -> bool:
+    deadline = time.monotonic() + within
+    while not check() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return bool(check())
+
+
+def _source(kube: FakeKubernetes, tmp_path: Path, **more: Any) -> KubernetesSource:
+    fleet = parse_fleet(_fleet(_k8s_pool(kube, tmp_path, **more)))
+    spec = fleet.providers[0].regions[0].pools[0].discovery
+    assert spec is not None
+    return KubernetesSource(spec)
+
+
+async def test_a_dropped_watch_resumes_from_the_last_version_and_misses_nothing(
+    kube: FakeKubernetes, tmp_path: Path
+) -> None:
+    kube.set({("10.0.0.1", 8000): True})
+    source = _source(kube, tmp_path, interval=30.0)
+    woken: list[float] = []
+    source.subscribe(lambda: woken.append(time.monotonic()))
+    try:
+        assert await source.fetch() == ["http://10.0.0.1:8000/v1"]
+        assert await _until(lambda: source.watches == 1 and source.broken is None)
+        kube.bookmark()  # nothing changed, but the place to resume from moved
+        assert await _until(lambda: source.version == str(kube.version))
+        resume_from = source.version
+        kube.drop_watches()  # the connection is cut…
+        kube.set({("10.0.0.1", 8000): True, ("10.0.0.2", 8000): True})  # …and a pod comes up meanwhile
+        assert await _until(lambda: len(kube.watches) == 2)
+        assert kube.watches[1]["resourceVersion"] == resume_from  # resumed, not re-listed from scratch
+        assert await _until(lambda: "10.0.0.2" in str(source.slices))  # the missed event was replayed
+        assert woken, "the discovery loop was not woken by the event"
+        assert await source.fetch() == ["http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1"]
+        assert source.gone == 0
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("gone_as", ["event", "status"])
+async def test_410_gone_lists_afresh_then_watches_from_the_new_version(
+    kube: FakeKubernetes, tmp_path: Path, gone_as: str
+) -> None:
+    """The version to resume from was compacted away while the watch was down: list, then watch again."""
+    kube.gone_as = gone_as
+    kube.set({("10.0.0.1", 8000): True})
+    source = _source(kube, tmp_path, interval=30.0)
+    try:
+        assert await source.fetch() == ["http://10.0.0.1:8000/v1"]
+        assert await _until(lambda: source.watches == 1 and source.broken is None)
+        kube.drop_watches()  # the watch is cut…
+        kube.set({("10.0.0.3", 8000): True})  # …the pods change…
+        kube.compact()  # …and etcd compacts past the version we saw, before the watch is resumed
+
+        def rewatched() -> bool:
+            latest = kube.watches[-1]["resourceVersion"]
+            return source.broken is None and int(latest) >= kube.compacted
+
+        assert await _until(rewatched, within=5.0)
+        assert await source.fetch() == ["http://10.0.0.3:8000/v1"]
+        resumes = [q for q in kube.watches if int(q["resourceVersion"]) < kube.compacted]
+        assert resumes, "the resume from the compacted version was never tried"
+        fresh = [q for q in kube.lists if "resourceVersion" not in q]
+        assert len(fresh) == 2  # the first list and the one after 410 (a quorum read, no cached version)
+        if gone_as == "event":
+            assert source.gone == 1
+    finally:
+        source.close()
+
+
+# -- kubeconfig ----------------------------------------------------------------------------------------
+
+
+def _kubeconfig(
+    tmp_path: Path, server: str, users: dict[str, dict[str, Any]], cluster: dict[str, Any]
+) -> Path:
+    data = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "prod",
+        "clusters": [{"name": "c1", "cluster": {"server": server, **cluster}}],
+        "users": [{"name": name, "user": user} for name, user in users.items()],
+        "contexts": [
+            {"name": name, "context": {"cluster": "c1", "user": name, "namespace": "serving"}}
+            for name in users
+        ],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def test_kubeconfig_token_and_ca_data_outside_the_cluster(tmp_path: Path) -> None:
+    import base64
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    kube = await FakeKubernetes().start(ssl_context=server)
+    try:
+        kube.set({("10.1.2.3", 8000): True})
+        ca_data = base64.b64encode(ca.cert_pem.bytes()).decode()
+        (tmp_path / "tok").write_text(TOKEN)
+        path = _kubeconfig(
+            tmp_path,
+            kube.api,
+            {"prod": {"token": TOKEN}, "expired": {"token": "old"}, "filed": {"tokenFile": "tok"}},
+            {"certificate-authority-data": ca_data},
+        )
+        for context in (None, "filed"):
+            spec = {"kind": "kubernetes", "namespace": "serving", "service": "llm", "kubeconfig": str(path)}
+            if context:
+                spec["context"] = context
+            pool = parse_fleet(_fleet({"discovery": spec})).providers[0].regions[0].pools[0]
+            assert pool.discovery is not None
+            source = KubernetesSource(pool.discovery, {})  # not in a pod: no KUBERNETES_SERVICE_HOST
+            assert await source.fetch() == ["http://10.1.2.3:8000/v1"]
+            source.close()
+        assert kube.bad_tokens == 0
+        spec = {"kind": "kubernetes", "service": "llm", "namespace": "serving", "watch": False}
+        spec.update(kubeconfig=str(path), context="expired")
+        pool = parse_fleet(_fleet({"discovery": spec})).providers[0].regions[0].pools[0]
+        assert pool.discovery is not None
+        source = KubernetesSource(pool.discovery, {})
+        with pytest.raises(DiscoveryError, match="401"):
+            await source.fetch()
+        source.close()
+        assert kube.bad_tokens == 1
+    finally:
+        await kube.stop()
+
+
+async def test_kubeconfig_client_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    server.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no TLS session
+    ca.configure_trust(server)
+    kube = await FakeKubernetes().start(ssl_context=server)
+    try:
+        kube.set({("10.9.9.9", 8000): True})
+        client = ca.issue_cert("gateway@skyfabric")
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+        client.cert_chain_pems[0].write_to_path(str(tmp_path / "gw.crt"))
+        client.private_key_pem.write_to_path(str(tmp_path / "gw.key"))
+        path = _kubeconfig(
+            tmp_path,
+            kube.api,
+            {"prod": {"client-certificate": "gw.crt", "client-key": "gw.key"}, "anon": {}},
+            {"certificate-authority": "ca.crt"},  # relative to the kubeconfig, as kubectl reads it
+        )
+        spec = {"kind": "kubernetes", "service": "llm", "namespace": "serving", "kubeconfig": str(path)}
+        pool = parse_fleet(_fleet({"discovery": spec})).providers[0].regions[0].pools[0]
+        assert pool.discovery is not None
+        source = KubernetesSource(pool.discovery, {})
+        assert await source.fetch() == ["http://10.9.9.9:8000/v1"]
+        source.close()
+        pool = (
+            parse_fleet(_fleet({"discovery": {**spec, "context": "anon"}})).providers[0].regions[0].pools[0]
+        )
+        assert pool.discovery is not None
+        source = KubernetesSource(pool.discovery, {})
+        with pytest.raises(DiscoveryError):  # the server wants a certificate this user does not have
+            await source.fetch()
+        source.close()
+    finally:
+        await kube.stop()
+
+
+def test_kubeconfig_refusals(tmp_path: Path) -> None:
+    from skyfabric.gateway.kubeconfig import from_kubeconfig
+
+    path = _kubeconfig(
+        tmp_path,
+        "https://10.0.0.1:6443",
+        {
+            "prod": {"exec": {"command": "aws", "args": ["eks", "get-token"]}},
+            "half": {"client-key-data": "eA=="},
+        },
+        {},
+    )
+    with pytest.raises(ConfigError, match="`exec` plugin"):
+        from_kubeconfig(path)
+    with pytest.raises(ConfigError, match="no context named 'staging'"):
+        from_kubeconfig(path, "staging")
+    with pytest.raises(ConfigError, match="both a client certificate and its key"):
+        from_kubeconfig(path, "half")
+    with pytest.raises(ConfigError, match="set `kubeconfig` too"):
+        parse_fleet(_fleet({"discovery": {"kind": "kubernetes", "service": "a", "context": "x"}}))
 
 
 def test_in_cluster_defaults_and_the_error_outside_a_cluster(tmp_path: Path) -> None:

@@ -41,6 +41,28 @@ from skyfabric.core.errors import ConfigError
     show_default=True,
     help="each pool's URL in the fleet file; {service} {provider} {region} {pool}",
 )
+@click.option(
+    "--discovery",
+    type=click.Choice(["none", "skypilot", "kubernetes"]),
+    default="none",
+    show_default=True,
+    help="how the fleet file's pools find their replicas: one service URL each (none), the SkyServe "
+    "service of launch-spec's SkyPilot YAML, or the EndpointSlices of its Kubernetes Service",
+)
+@click.option(
+    "--namespace",
+    default="skyfabric",
+    show_default=True,
+    help="kubernetes discovery: launch-spec's namespace",
+)
+@click.option(
+    "--kubeconfig", default=None, help="kubernetes discovery: the gateway's kubeconfig (else in-cluster)"
+)
+@click.option(
+    "--kube-context",
+    default=None,
+    help="kubernetes discovery: the kubeconfig context of each pool's cluster; {provider} {region}",
+)
 def plan_command(
     offers: Path,
     profiles: Path | None,
@@ -51,11 +73,31 @@ def plan_command(
     fleet_out: Path | None,
     plan_out: Path | None,
     endpoint_template: str,
+    discovery: str,
+    namespace: str,
+    kubeconfig: str | None,
+    kube_context: str | None,
 ) -> None:
     """The cheapest replica counts over OFFERS (YAML) that carry the peak after losing any one provider."""
     from dataclasses import replace
 
-    from skyfabric.control.plan import load_offers, load_profiles, plan, render_table, save_plan, to_fleet
+    from skyfabric.control.plan import (
+        DiscoveryPlan,
+        load_offers,
+        load_profiles,
+        plan,
+        render_table,
+        save_plan,
+        to_fleet,
+    )
+
+    if discovery != "kubernetes" and (kubeconfig or kube_context):
+        raise click.UsageError("--kubeconfig and --kube-context are for --discovery kubernetes")
+    if kube_context and not kubeconfig:
+        raise click.UsageError("--kube-context names a context of --kubeconfig: give that too")
+    found = (
+        None if discovery == "none" else DiscoveryPlan(discovery, namespace, kubeconfig, kube_context)  # type: ignore[arg-type]
+    )
     from skyfabric.core.fleet import parse_fleet
 
     try:
@@ -77,7 +119,7 @@ def plan_command(
     click.echo(render_table(result))
     click.echo(f"solved {len(offer_list)} offers with HiGHS in {took:.3f}s (optimality gap 0)")
     if fleet_out is not None:
-        data = to_fleet(result, meta["model"], endpoint_template)
+        data = to_fleet(result, meta["model"], endpoint_template, found)
         try:
             parse_fleet(data, str(fleet_out))  # the loader's own check: never write a fleet it would refuse
         except ConfigError as exc:

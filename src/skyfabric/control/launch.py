@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from skyfabric.control.plan import Offer, Plan, service_name
+from skyfabric.control.plan import SERVICE_PORT, SERVICE_PORT_NAME, Offer, Plan, service_name
 
-PORT = 8000
+PORT = SERVICE_PORT
 
 
 class _Dumper(yaml.SafeDumper):
@@ -170,7 +170,7 @@ def kubernetes_manifests(offer: Offer, replicas: int, hf_model: str, namespace: 
         "image": hw.image,
         "command": ["/bin/sh", "-c"],
         "args": [vllm_command(offer, hf_model)],
-        "ports": [{"name": "http", "containerPort": PORT}],
+        "ports": [{"name": SERVICE_PORT_NAME, "containerPort": PORT}],
         "env": [
             {
                 "name": "HF_TOKEN",
@@ -212,7 +212,7 @@ def kubernetes_manifests(offer: Offer, replicas: int, hf_model: str, namespace: 
             "spec": {
                 "type": "LoadBalancer",
                 "selector": dict(selector),
-                "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
+                "ports": [{"name": SERVICE_PORT_NAME, "port": PORT, "targetPort": SERVICE_PORT_NAME}],
             },
         },
         {

@@ -487,6 +487,41 @@ def unique_pools(offers: list[Offer]) -> list[Offer]:
     return out
 
 
+#: The port of every pool's service (vLLM's), and its name in the Kubernetes Service launch-spec writes:
+#: the EndpointSlices carry it by that name, which is what a planned ``kubernetes`` discovery asks for.
+SERVICE_PORT = 8000
+SERVICE_PORT_NAME = "http"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryPlan:
+    """How the fleet file's pools learn their replicas (``skyfabric plan --discovery``).
+
+    ``skypilot``: the READY replicas of the SkyServe service that launch-spec's SkyPilot YAML starts
+    (``sky serve up … -n <service>``); ``kubernetes``: the ready pods behind the Service that launch-spec's
+    manifests create, in ``namespace``, through ``kubeconfig`` (``context`` may name ``{provider}`` and
+    ``{region}``: one cluster per provider) or in-cluster when no kubeconfig is given. Either way the
+    gateway balances per replica instead of per service, and follows scaling without a restart.
+    """
+
+    kind: Literal["skypilot", "kubernetes"]
+    namespace: str = "skyfabric"
+    kubeconfig: str | None = None
+    context: str | None = None
+    interval: float = 5.0
+
+    def block(self, offer: Offer) -> dict[str, Any]:
+        """The pool's ``discovery`` mapping."""
+        out: dict[str, Any] = {"kind": self.kind, "service": service_name(offer), "interval": self.interval}
+        if self.kind == "kubernetes":
+            out.update(namespace=self.namespace, port=SERVICE_PORT_NAME)
+            if self.kubeconfig:
+                out["kubeconfig"] = self.kubeconfig
+                if self.context:
+                    out["context"] = self.context.format(provider=offer.provider, region=offer.region)
+        return out
+
+
 def service_name(offer: Offer) -> str:
     """A DNS-safe name for the pool's service: sf-<provider>-<region>-<pool>."""
     raw = f"sf-{offer.provider}-{offer.region}-{offer.pool}".lower()
@@ -563,12 +598,16 @@ def retry_budget_percent(result: Plan) -> float:
     return float(min(100, max(20, math.ceil(100 * largest) + 5)))
 
 
-def to_fleet(result: Plan, model: str, endpoint_template: str) -> dict[str, Any]:
-    """The fleet file (a mapping; dump as YAML) that serves the plan through one URL per pool.
+def to_fleet(
+    result: Plan, model: str, endpoint_template: str, discovery: DiscoveryPlan | None = None
+) -> dict[str, Any]:
+    """The fleet file (a mapping; dump as YAML) that serves the plan.
 
-    Each pool is reached at its service's URL (a SkyServe or Kubernetes Service load balancer in front of
-    its replicas, as made by ``skyfabric launch-spec``), so ``capacity.concurrency`` is the pool's whole
-    concurrency: replicas × the profile's per-replica concurrency.
+    Without ``discovery`` each pool is one URL, its service's (a SkyServe or Kubernetes Service load
+    balancer in front of its replicas, as made by ``skyfabric launch-spec``), so ``capacity.concurrency``
+    is the pool's whole concurrency: replicas × the profile's per-replica concurrency. With it, the pool
+    has no static URL and learns one endpoint per replica from the service launch-spec names the same
+    way; capacity and price are then per replica.
     """
     providers: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for offer, count in zip(result.offers, result.replicas, strict=True):
@@ -577,15 +616,18 @@ def to_fleet(result: Plan, model: str, endpoint_template: str) -> dict[str, Any]
         url = endpoint_template.format(
             service=service_name(offer), provider=offer.provider, region=offer.region, pool=offer.pool
         )
+        per = 1 if discovery is not None else count  # replicas behind one endpoint
         pool: dict[str, Any] = {
             "name": offer.pool,
             "accelerator": offer.accelerator,
             "engine": offer.engine,
             "model": model,
-            "endpoints": [url],
-            "price_per_hour": round(offer.price_per_hour * count, 4),
-            "capacity": {"concurrency": offer.concurrency * count},
+            "endpoints": [url] if discovery is None else [],
+            "price_per_hour": round(offer.price_per_hour * per, 4),
+            "capacity": {"concurrency": offer.concurrency * per},
         }
+        if discovery is not None:
+            pool["discovery"] = discovery.block(offer)
         providers.setdefault(offer.provider, {}).setdefault(offer.region, []).append(pool)
     return {
         "version": 1,

@@ -87,7 +87,8 @@ class DiscoverySource(_Strict):
     """Where a pool's endpoints are learned at run time, besides its static ``endpoints``.
 
     ``kubernetes``: the ready addresses of a Service's EndpointSlices; ``skypilot``: the READY replicas of
-    a SkyServe service. Membership is polled every ``interval`` seconds and applied without a restart.
+    a SkyServe service. Kubernetes membership is followed with a watch (or listed every ``interval``
+    seconds), SkyPilot's is polled every ``interval``; either is applied without a restart.
     """
 
     kind: Literal["kubernetes", "skypilot"]
@@ -104,8 +105,26 @@ class DiscoverySource(_Strict):
     api: str | None = Field(
         None, description="kubernetes API base URL; default in-cluster (KUBERNETES_SERVICE_HOST/PORT)"
     )
-    token_file: str | None = Field(SERVICE_ACCOUNT_TOKEN, description="bearer token, re-read each poll")
-    ca_file: str | None = Field(None, description="CA for the API; default the service account's, if any")
+    kubeconfig: str | None = Field(
+        None,
+        description="kubernetes: a kubeconfig file, for a gateway outside the cluster (server, CA, token or "
+        "client certificate of its context); default: in-cluster service account",
+    )
+    context: str | None = Field(
+        None, description="kubernetes: the kubeconfig context; default its current one"
+    )
+    watch: bool = Field(
+        True,
+        description="kubernetes: follow the EndpointSlices with a watch (changes applied as they happen); "
+        "false: list every `interval`",
+    )
+    token_file: str | None = Field(
+        SERVICE_ACCOUNT_TOKEN,
+        description="bearer token, re-read each request (default: the service account's)",
+    )
+    ca_file: str | None = Field(
+        None, description="CA for the API; default the kubeconfig's or service account's"
+    )
     # skypilot
     command: list[str] | None = Field(
         None,
@@ -116,11 +135,23 @@ class DiscoverySource(_Strict):
     @model_validator(mode="after")
     def _kind_fields(self) -> DiscoverySource:
         if self.kind == "skypilot":
-            k8s_only = {"namespace", "port", "scheme", "api", "token_file", "ca_file"} & self.model_fields_set
+            k8s_only = {
+                "namespace",
+                "port",
+                "scheme",
+                "api",
+                "token_file",
+                "ca_file",
+                "kubeconfig",
+                "context",
+                "watch",
+            } & self.model_fields_set
             if k8s_only:
                 raise ValueError(f"kind 'skypilot' takes no {', '.join(sorted(k8s_only))}")
         elif self.command is not None:
             raise ValueError("`command` is for kind 'skypilot'")
+        if self.context is not None and self.kubeconfig is None:
+            raise ValueError("`context` names a context of `kubeconfig`: set `kubeconfig` too")
         if self.api is not None and not self.api.startswith(("http://", "https://")):
             raise ValueError(f"api {self.api!r} must be an http:// or https:// URL")
         if self.path and not self.path.startswith("/"):

@@ -5,7 +5,8 @@ Three sources, each polled on its own interval:
 * the **fleet file** itself (when the gateway was started from one): a change to a pool's ``endpoints``
   list is applied; any other change is logged as needing a restart, and left alone;
 * **Kubernetes**: the ready addresses of a Service's EndpointSlices (``discovery.k8s.io/v1``), listed
-  with the service account's bearer token;
+  and then watched (``discovery_kubernetes.py``), in-cluster with the service account or from outside
+  with a kubeconfig (``kubeconfig.py``);
 * **SkyPilot**: the READY replicas of a SkyServe service, from SkyPilot's own status records.
 
 What is applied is the *difference* between the endpoints a pool has and the ones it should have. A new
@@ -18,33 +19,31 @@ blinking must never empty a pool of endpoints that are still serving. Failures a
 (``skyfabric_discovery_errors``); an answer with no endpoint at all is believed only when the next poll
 says the same.
 
-Polling, not a watch: a list every few seconds bounds staleness by the interval, costs one small request
-per pool, and a failure shows at once (a broken watch looks like a quiet one). The list asks for
-``resourceVersionMatch=NotOlderThan`` the last version seen, so the API server may answer from its watch
-cache (no etcd quorum read) and the gateway never sees membership go backwards.
+SkyPilot is polled every ``interval`` (``sky serve status`` has no watch). Kubernetes is watched: a
+change is applied as the event arrives — the source wakes the loop — and the watch is resumed from the
+last resourceVersion when it ends, re-listed on 410 Gone; while it cannot be re-opened, each ``interval``
+lists instead, so an API outage is seen at once rather than looking like a quiet watch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 from prometheus_client import Counter, Gauge
 
 from skyfabric.core.endpoints import Endpoint, pool_endpoint
-from skyfabric.core.errors import ConfigError, DiscoveryError, UpstreamError
-from skyfabric.core.fleet import SERVICE_ACCOUNT_CA, DiscoverySource, Fleet, Pool, load_fleet
+from skyfabric.core.errors import ConfigError, DiscoveryError
+from skyfabric.core.fleet import DiscoverySource, Fleet, Pool, load_fleet
 from skyfabric.gateway.balancer import EndpointState
+from skyfabric.gateway.discovery_kubernetes import KubernetesSource
 from skyfabric.gateway.proxy import Proxy
-from skyfabric.http.client import ConnectionPool, HTTPClient
 
 log = logging.getLogger("skyfabric.gateway.discovery")
 
@@ -72,144 +71,13 @@ class Source(Protocol):
         """The pool's base URLs now; raises :class:`DiscoveryError` when the source cannot say."""
         ...
 
-    def close(self) -> None:
-        """Release connections."""
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        """``wake`` is called when the source learns of a change by itself (a watch), between polls."""
         ...
 
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-# -- Kubernetes ----------------------------------------------------------------------------------------
-
-
-def ready_addresses(body: Any, port: int | str | None) -> tuple[str, list[tuple[str, int]]]:
-    """(resourceVersion, ready (address, port) pairs) from an ``EndpointSliceList``.
-
-    An endpoint is taken when ``conditions.ready`` is true — or absent, which the API defines as ready
-    — and only its first address (the API's rule: the others are the same endpoint). ``port`` picks the
-    slice port by name; a number is used as is; None takes the slice's only port.
-    """
-    if not isinstance(body, dict) or body.get("kind") != "EndpointSliceList":
-        kind = body.get("kind") if isinstance(body, dict) else type(body).__name__
-        raise DiscoveryError(f"expected an EndpointSliceList, got {kind!r}")
-    version = str((body.get("metadata") or {}).get("resourceVersion") or "")
-    found: set[tuple[str, int]] = set()
-    for item in body.get("items") or []:
-        ports = item.get("ports") or []
-        if isinstance(port, int):
-            number: int | None = port
-        else:
-            chosen = [p for p in ports if port is None or p.get("name") == port]
-            if port is None and len(chosen) > 1:
-                names = ", ".join(str(p.get("name")) for p in chosen)
-                raise DiscoveryError(f"the service has several ports ({names}): name one in `port`")
-            number = chosen[0].get("port") if chosen else None
-        if not isinstance(number, int):
-            continue  # a slice without the port (yet): nothing to reach there
-        for ep in item.get("endpoints") or []:
-            ready = (ep.get("conditions") or {}).get("ready")
-            addresses = ep.get("addresses") or []
-            if ready is False or not addresses:
-                continue
-            found.add((str(addresses[0]), number))
-    return version, sorted(found)
-
-
-def _read_token(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise DiscoveryError(f"cannot read token file {path}: {exc.strerror}") from None
-
-
-class KubernetesSource:
-    """Ready endpoints of a Service, from its EndpointSlices (``GET .../endpointslices?labelSelector=``)."""
-
-    def __init__(self, spec: DiscoverySource, environ: dict[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        self.spec = spec
-        api = spec.api
-        if api is None:
-            host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
-            if not host:
-                raise ConfigError(
-                    f"discovery of service {spec.service!r}: not running in a Kubernetes pod "
-                    "(no KUBERNETES_SERVICE_HOST): set `api`"
-                )
-            api = f"https://{_host_port(host, int(port))}"
-        parts = urlsplit(api)
-        scheme = parts.scheme
-        self.origin = (
-            scheme,
-            parts.hostname or "127.0.0.1",
-            parts.port or (443 if scheme == "https" else 80),
-        )
-        self.client = HTTPClient()
-        if scheme == "https":
-            ca = spec.ca_file or (SERVICE_ACCOUNT_CA if Path(SERVICE_ACCOUNT_CA).exists() else None)
-            try:
-                context = ssl.create_default_context(cafile=ca)
-            except OSError as exc:
-                raise ConfigError(f"discovery: cannot read CA file {ca}: {exc.strerror}") from None
-            self.client.pools[self.origin] = ConnectionPool(*self.origin, ssl_context=context)
-        selector = quote(f"kubernetes.io/service-name={spec.service}", safe="")
-        self.base = (
-            f"{parts.path.rstrip('/')}/apis/discovery.k8s.io/v1/namespaces/{spec.namespace}"
-            f"/endpointslices?labelSelector={selector}"
-        )
-        self.version = ""
-
-    async def fetch(self) -> list[str]:
-        """List the Service's EndpointSlices; the base URLs of its ready endpoints."""
-        spec = self.spec
-        headers = [(b"accept", b"application/json")]
-        if spec.token_file:
-            token = _read_token(spec.token_file)  # re-read each poll: bound tokens rotate
-            headers.append((b"authorization", b"Bearer " + token.encode()))
-        path = self.base
-        if self.version:
-            path += f"&resourceVersion={self.version}&resourceVersionMatch=NotOlderThan"
-        try:
-            resp = await self.client.request(
-                self.origin,
-                b"GET",
-                path.encode(),
-                headers,
-                b"",
-                connect_timeout=spec.timeout,
-                first_byte_timeout=spec.timeout,
-                endpoint="kubernetes-api",
-            )
-        except UpstreamError as exc:
-            raise DiscoveryError(f"kubernetes API: {exc}") from None
-        try:
-            data = await resp.read(spec.timeout)
-        except UpstreamError as exc:
-            resp.abort()
-            raise DiscoveryError(f"kubernetes API: {exc}") from None
-        if resp.status != 200:
-            try:
-                message = orjson.loads(data).get("message", "")
-            except (orjson.JSONDecodeError, AttributeError):
-                message = data[:200].decode(errors="replace")
-            if resp.status == 410:
-                self.version = ""  # our version was compacted away: list afresh next time
-            raise DiscoveryError(f"kubernetes API answered {resp.status}: {message}")
-        try:
-            body = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise DiscoveryError(f"kubernetes API sent something that is not JSON: {exc}") from None
-        try:
-            version, pairs = ready_addresses(body, spec.port)
-        except (AttributeError, TypeError) as exc:
-            raise DiscoveryError(f"kubernetes API: not an EndpointSlice list as expected: {exc}") from None
-        self.version = version
-        return [f"{spec.scheme}://{_host_port(host, port)}{spec.path}" for host, port in pairs]
-
     def close(self) -> None:
-        self.client.close()
+        """Release connections, stop what the source started."""
+        ...
 
 
 # -- SkyPilot ------------------------------------------------------------------------------------------
@@ -273,6 +141,9 @@ class SkyPilotSource:
         except (AttributeError, TypeError) as exc:
             raise DiscoveryError(f"SkyPilot status records not as expected: {exc}") from None
         return [url.rstrip("/") + spec.path for url in urls]
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        pass  # polled only: SkyPilot has no watch
 
     def close(self) -> None:
         pass
@@ -349,6 +220,8 @@ class Discovery:
                     key = (provider.name, region.name, pool.name)
                     source = make_source(pool.discovery) if pool.discovery else None
                     members = self.pools[key] = _PoolMembers(key, pool, source)
+                    if source is not None:
+                        source.subscribe(self._waker(members))
                     for index, url in enumerate(pool.endpoints):
                         members.indexes.setdefault(url, index)
                         endpoint_id = f"{'/'.join(key)}/{index}"
@@ -356,6 +229,8 @@ class Discovery:
                             members.active[url] = proxy.states[endpoint_id].endpoint
         #: endpoint id → when it began draining.
         self.draining: dict[str, float] = {}
+        #: Set by a source that learned of a change by itself: the loop runs a round now.
+        self.woken = asyncio.Event()
         self._stamp = self._file_stamp()
         self._file_due = 0.0
         registry = proxy.metrics.registry
@@ -385,9 +260,23 @@ class Discovery:
                     await self.step()
                 except Exception:  # a bug here must not end discovery for good, nor the gateway
                     log.exception("discovery round failed; trying again next round")
-                await asyncio.sleep(self.tick)
+                try:
+                    async with asyncio.timeout(self.tick):
+                        await self.woken.wait()
+                except TimeoutError:
+                    pass
+                self.woken.clear()
         finally:
             await self.close()
+
+    def _waker(self, members: _PoolMembers) -> Callable[[], None]:
+        """What a source calls on a change it saw by itself: make its pool due and wake the loop."""
+
+        def wake() -> None:
+            members.due = 0.0
+            self.woken.set()
+
+        return wake
 
     @property
     def tick(self) -> float:

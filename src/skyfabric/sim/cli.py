@@ -45,6 +45,13 @@ from skyfabric.core.errors import ConfigError
     show_default=True,
     help="replicas behind one gateway endpoint (a pool's service load balancer); 1: per replica",
 )
+@click.option(
+    "--stream-share",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="share of requests streamed through the gateway's relay (mid-stream continuation on a loss)",
+)
 @click.option("--probe-interval", type=float, default=None, help="override the fleet's health.probe_interval")
 @click.option("--slo-ttft-p99", type=float, default=5.0, show_default=True)
 @click.option("--max-error-rate", type=float, default=0.01, show_default=True)
@@ -60,6 +67,7 @@ def simulate_command(
     mode: str,
     granularity: int,
     group: int,
+    stream_share: float,
     probe_interval: float | None,
     slo_ttft_p99: float,
     max_error_rate: float,
@@ -82,6 +90,8 @@ def simulate_command(
         )
     if granularity < 1 or group < 1:
         raise click.ClickException("--granularity and --group must be ≥ 1")
+    if not 0.0 <= stream_share <= 1.0:
+        raise click.ClickException("--stream-share is a share: between 0 and 1")
     if plan.requirements.unit == "requests":
         default_rate = plan.requirements.demand
     elif trace is None:
@@ -114,6 +124,7 @@ def simulate_command(
         loss,
         granularity=granularity,
         group=group,
+        stream_share=stream_share,
         seed=seed,
         fleet_overrides=overrides,
         slo_ttft_p99=slo_ttft_p99,

@@ -21,12 +21,17 @@ Granularity: at fleet scale one simulated request stands for ``k`` client reques
 (``granularity``); replica slots, admission's queue limit and the retry budget's floor are divided by
 ``k`` so every ratio the policies act on is unchanged. ``k = 1`` simulates every request.
 
-Requests are sent non-streaming (the stream relay and mid-stream continuation are not simulated). A
-``refused`` loss resets what is in flight there; a ``blackhole`` freezes it (and new connections hang
-until the connect timeout) until the gateway gives up on it — its response timeout, or the health
-loop finding the endpoint dead and aborting its connections — and the router retries it from scratch.
-TTFT is measured at the replica, on the attempt that answered, from the client's arrival; "queueing" is
-the time from arrival to the first attempt a live replica accepted (admission, backoff, dead attempts).
+A share of the requests (``stream_share``) is streamed: those go through the gateway's own stream relay
+— commit at the first token, the stall watchdog, mid-stream continuation on another endpoint when theirs
+is lost — against a replica that writes vLLM's SSE stream at the times its tokens are made
+(``sim/streams.py``); the client checks it got every token once, in order. The others are sent
+non-streaming. A ``refused`` loss resets what is in flight there; a ``blackhole`` freezes it (and new
+connections hang until the connect timeout) until the gateway gives up on it — its response or idle
+timeout, the stall watchdog, or the health loop finding the endpoint dead and aborting its connections —
+and the router retries it from scratch (a stream past its first token: continues it elsewhere).
+TTFT is from the client's arrival: for a stream, to its first content at the client (through the relay);
+for a plain answer, to the first token at the replica, on the attempt that answered. "Queueing" is the
+time from arrival to the first attempt a live replica accepted (admission, backoff, dead attempts).
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from skyfabric.control.plan import Plan, load_profiles, retry_budget_percent, service_name
 from skyfabric.core.endpoints import fleet_endpoints
@@ -52,6 +60,7 @@ from skyfabric.gateway.proxy import Proxy
 from skyfabric.protocols.canonical import CanonicalRequest
 from skyfabric.protocols.frontends.openai import OpenAIFrontend
 from skyfabric.sim.clock import VirtualClockLoop
+from skyfabric.sim.streams import CHUNK_TOKENS, SimStream, continuation_of, read_client_chunk, token_text
 
 # ------------------------------------------------------------------------------------------ the replicas
 
@@ -61,6 +70,7 @@ class _Job:
     req: SimRequest
     future: asyncio.Future[None]
     handles: list[asyncio.TimerHandle] = field(default_factory=list)
+    stream: SimStream | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +83,9 @@ class SimRequest:
     done: float | None = None
     status: int = 0
     attempts: int = 0
+    stream: bool = False
+    client_first: float | None = None  # a stream's first content at the client, through the relay
+    continued: int = 0  # times its stream moved to another endpoint mid-answer
 
 
 class Replica:
@@ -89,8 +102,8 @@ class Replica:
         self.waiting: list[_Job] = []
         self.up = True
 
-    def submit(self, req: SimRequest) -> asyncio.Future[None]:
-        job = _Job(req, self.loop.create_future())
+    def submit(self, req: SimRequest, stream: SimStream | None = None) -> asyncio.Future[None]:
+        job = _Job(req, self.loop.create_future(), stream=stream)
         if len(self.running) < self.slots:
             self._start(job)
         else:
@@ -102,17 +115,26 @@ class Replica:
         load = 0.5 + 0.5 * len(self.running) / self.slots
         self.running.append(job)
         ttft = self.ttft0 * load
-        total = ttft + job.req.output_tokens * self.tpot_full * load
+        tpot = self.tpot_full * load
+        stream = job.stream
+        tokens = job.req.output_tokens if stream is None else stream.tokens
+        total = ttft + tokens * tpot
         job.handles = [
             self.loop.call_at(now + ttft, self._first_token, job),
             self.loop.call_at(now + total, self._finish, job),
         ]
+        if stream is not None:
+            # the first token alone at the TTFT, then a chunk every CHUNK_TOKENS tokens
+            marks = [1, *range(1 + CHUNK_TOKENS, tokens, CHUNK_TOKENS)]
+            job.handles += [self.loop.call_at(now + ttft + (m - 1) * tpot, stream.emit, m) for m in marks]
 
     def _first_token(self, job: _Job) -> None:
         job.req.first_token = self.loop.time()
 
     def _finish(self, job: _Job) -> None:
         self.running.remove(job)
+        if job.stream is not None:
+            job.stream.finish()
         if not job.future.done():
             job.future.set_result(None)
         while self.waiting and len(self.running) < self.slots:
@@ -128,7 +150,7 @@ class Replica:
                     for h in job.handles:
                         h.cancel()
                     jobs.remove(job)
-                    if jobs is self.running:
+                    if jobs is self.running and self.up:  # a frozen host starts nothing new
                         job.handles = []
                         self._finish_slot()
                     return
@@ -163,6 +185,8 @@ class Replica:
         for job in [*self.running, *self.waiting]:
             for h in job.handles:
                 h.cancel()
+            if job.stream is not None:
+                job.stream.reset("connection reset by peer")
             if not job.future.done():
                 job.future.set_exception(RemoteProtocolError("connection reset by peer", endpoint=endpoint))
         self.running.clear()
@@ -191,6 +215,9 @@ class _SimConnection:
     """An open request as the gateway's ``EndpointState.inflight`` holds it: ``abort()`` drops it."""
 
     __slots__ = ("endpoint", "future", "replica")
+
+    #: Never waiting on the endpoint mid-stream (it is not a stream): the stall watchdog's cue.
+    awaited = False
 
     def __init__(self, replica: Replica, future: asyncio.Future[None], endpoint: str) -> None:
         self.replica = replica
@@ -223,7 +250,7 @@ class SimTransport:
         endpoint: str = "",
         tracker: set[Any] | None = None,
         **options: Any,  # the real client's other keywords (e.g. resend policy): nothing to do here
-    ) -> _SimResponse:
+    ) -> _SimResponse | SimStream:
         replica = self.replicas[endpoint]
         if not replica.up:
             if self.mode == "blackhole":
@@ -239,6 +266,8 @@ class SimTransport:
                 )
                 return _SimResponse(200, text, endpoint)
             return _SimResponse(200, b'{"object":"list","data":[]}', endpoint)
+        if body[:1] == b"{":  # a streamed request (JSON, as the backend built it)
+            return self._stream(replica, body, endpoint, tracker)
         req = self.current[int(body)]
         req.attempts += 1
         if req.started is None:
@@ -258,6 +287,34 @@ class SimTransport:
                 tracker.discard(conn)
         return _SimResponse(200, b"{}", endpoint)
 
+    def _stream(self, replica: Replica, body: bytes, endpoint: str, tracker: set[Any] | None) -> SimStream:
+        """Start a streamed answer; it is returned at once, as vLLM sends its headers before any token."""
+        req = CURRENT.get()
+        req.attempts += 1
+        if req.started is None:
+            req.started = self.loop.time()
+        req.first_token = None
+        start, tokens = continuation_of(orjson.loads(body), req.output_tokens)
+        holder: list[asyncio.Future[None]] = []
+        stream = SimStream(
+            self.loop, endpoint, start, tokens, req.prompt_tokens, lambda: replica.abandon(holder[0]), tracker
+        )
+        holder.append(replica.submit(req, stream))
+        holder[0].add_done_callback(_retrieve)
+        if tracker is not None:
+            tracker.add(stream)  # what the gateway aborts when it finds the endpoint dead
+        return stream
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """A stream's completion future is read by nobody (the stream carries the outcome): mark it seen."""
+    if not future.cancelled():
+        future.exception()
+
+
+#: The simulated request the current client task is sending (a streamed body does not name it).
+CURRENT: ContextVar[SimRequest] = ContextVar("skyfabric_sim_request")
+
 
 # ------------------------------------------------------------------------------------------ the workload
 
@@ -270,6 +327,9 @@ class Workload:
     sizes: list[tuple[int, int]]  # (prompt tokens, output tokens)
     shape: list[float] = field(default_factory=lambda: [1.0])  # relative rate per shape_period seconds
     shape_period: float = 60.0
+    #: Exact arrivals instead of a Poisson process at ``rate``: (time, prompt tokens, output tokens,
+    #: streamed), e.g. a drill's own request log, for a like-for-like comparison at small scale.
+    arrivals: list[tuple[float, int, int, bool]] | None = None
 
     @property
     def mean_output(self) -> float:
@@ -378,6 +438,12 @@ class Phase:
     ttft: list[float] = field(default_factory=list)
     queueing: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
+    #: streamed requests: how many, how many moved endpoint mid-answer, how many reached the client
+    #: broken (an in-band error, or an answer with a token lost or repeated), TTFT at the client
+    streams: int = 0
+    continued: int = 0
+    broken: int = 0
+    stream_ttft: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -414,6 +480,7 @@ async def _run(
     progress: Callable[[float], None] | None,
     group: int,
     ttft0: float | None,
+    stream_share: float,
 ) -> Result:
     loop = asyncio.get_running_loop()
     rng = random.Random(seed)
@@ -460,15 +527,38 @@ async def _run(
 
     async def client(req: SimRequest, ident: int) -> None:
         transport.current[ident] = req
-        raw = str(ident).encode()  # the transport knows the request by it
-        body = {"model": model}
-        request = CanonicalRequest(protocol="openai.chat", model=model, body=body, raw=raw)
-        ctx = RequestContext(
-            "chat", body, raw, model, False, req.arrival + fleet.timeouts.total, request, openai
-        )
+        CURRENT.set(req)  # this task's own context: the transport finds a streamed request by it
+        if req.stream:
+            raw = orjson.dumps(
+                {
+                    "model": model,
+                    "messages": [{"role": "user", "content": "…"}],
+                    "stream": True,
+                    "max_tokens": req.output_tokens,
+                }
+            )
+            request = openai.parse(b"/v1/chat/completions", raw, [])
+            body = request.body
+        else:
+            raw = str(ident).encode()  # the transport knows the request by it
+            body = {"model": model}
+            request = CanonicalRequest(protocol="openai.chat", model=model, body=body, raw=raw)
+        deadline = req.arrival + fleet.timeouts.total
+        ctx = RequestContext("chat", body, raw, model, req.stream, deadline, request, openai)
+        broken = False
         try:
             response = await proxy.forward(ctx)
             req.status = response.status
+            if not isinstance(response.body, bytes):  # a stream (the relay's), not an error answer
+                texts: list[str] = []
+                async for piece in response.body:
+                    if read_client_chunk(piece, texts):
+                        broken = True
+                    if req.client_first is None and texts:
+                        req.client_first = loop.time()
+                # the whole answer, each token once and in order, or the client got a broken one
+                broken = broken or "".join(texts) != token_text(0, req.output_tokens)
+                req.continued = ctx.rescued
         except Overloaded:
             req.status = 429
         finally:
@@ -478,11 +568,21 @@ async def _run(
         # (+1 µs: the virtual clock reaches a timer's time within the loop's clock resolution, not exactly)
         phase = phases[min(len(phases) - 1, max(0, bisect.bisect_right(bounds, req.done + 1e-6) - 1))]
         phase.requests += 1
-        phase.retries += max(0, req.attempts - 1)
+        phase.retries += max(0, req.attempts - 1 - req.continued)
+        if req.stream:
+            phase.streams += 1
+            phase.continued += req.continued > 0
+            if req.status == 200 and broken:
+                phase.broken += 1
+                req.status = 502  # what the client holds is not the answer
+            elif req.client_first is not None:
+                phase.stream_ttft.append(req.client_first - req.arrival)
         if req.status == 200:
             phase.ok += 1
-            if req.first_token is not None:
-                phase.ttft.append(req.first_token - req.arrival)
+            # a stream's TTFT is the client's, through the relay; a plain answer's, at the replica
+            first = req.client_first if req.stream else req.first_token
+            if first is not None:
+                phase.ttft.append(first - req.arrival)
             phase.latency.append(req.done - req.arrival)
         elif req.status == 429:
             phase.shed += 1
@@ -514,7 +614,16 @@ async def _run(
     started = time.perf_counter()
     t = 0.0
     next_report = 60.0
-    while True:
+    for at, prompt, out, streamed in workload.arrivals or ():
+        if at >= duration:
+            break
+        if at > loop.time():
+            await asyncio.sleep(at - loop.time())
+        counter += 1
+        task = loop.create_task(client(SimRequest(at, prompt, out, stream=streamed), counter))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    while workload.arrivals is None:
         rate = workload.rate_at(t) / granularity
         t += rng.expovariate(rate)
         if t >= duration:
@@ -523,7 +632,8 @@ async def _run(
             await asyncio.sleep(t - loop.time())
         prompt, out = workload.sizes[rng.randrange(len(workload.sizes))]
         counter += 1
-        task = loop.create_task(client(SimRequest(t, prompt, out), counter))
+        streamed = stream_share > 0 and rng.random() < stream_share
+        task = loop.create_task(client(SimRequest(t, prompt, out, stream=streamed), counter))
         pending.add(task)
         task.add_done_callback(pending.discard)
         if progress is not None and t >= next_report:
@@ -575,6 +685,7 @@ def simulate(
     granularity: int = 1,
     group: int = 1,
     ttft0: float | None = None,
+    stream_share: float = 0.0,
     seed: int = 0,
     fleet_overrides: dict[str, Any] | None = None,
     slo_ttft_p99: float = 5.0,
@@ -597,6 +708,7 @@ def simulate(
                 progress,
                 group,
                 ttft0,
+                stream_share,
             )
         )
     finally:
@@ -638,6 +750,18 @@ def render(result: Result) -> str:
             f"{_pct(p.ttft, 0.95):>8.3f} "
             f"{_pct(p.ttft, 0.99):>8.3f} {max(p.ttft, default=float('nan')):>8.3f}"
         )
+    if any(p.streams for p in result.phases):
+        lines += [
+            "",
+            f"{'streams':<8} {'streamed':>10} {'continued':>10} {'broken':>7} "
+            f"{'TTFT p50':>8} {'TTFT p99':>8} {'TTFT max':>8}   (at the client, through the relay)",
+        ]
+        for p in result.phases:
+            lines.append(
+                f"{p.name:<8} {p.streams * k:>10,} {p.continued * k:>10,} {p.broken * k:>7,} "
+                f"{_pct(p.stream_ttft, 0.5):>8.3f} {_pct(p.stream_ttft, 0.99):>8.3f} "
+                f"{max(p.stream_ttft, default=float('nan')):>8.3f}"
+            )
     lines += [
         "",
         result.verdict,
