@@ -14,7 +14,7 @@ that only an enabled observer ever creates.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from skyfabric.gateway.balancer import EndpointState
@@ -72,6 +72,14 @@ class Observer:
         """An endpoint left rotation; ``reason`` is the failure that ejected it."""
 
 
+class Sampler(Protocol):
+    """Head sampling of traces: whether a request is traced, decided once before any of its hooks runs."""
+
+    def sampled(self, ctx: RequestContext) -> bool:
+        """Trace ``ctx``? (The client's ``traceparent`` decides when it carries a decision.)"""
+        ...
+
+
 class Observers(Observer):
     """Several observers as one: each call goes, in order, to those that override that hook."""
 
@@ -93,6 +101,11 @@ class Observers(Observer):
         self._stream_end = hook("stream_end")
         self._continued = hook("continued")
         self._ejected = hook("ejected")
+        # A point only one observer watches calls it directly: no loop, no extra frame on the request path.
+        for name in ("request_start", "request_end", "attempt_start", "attempt_end", "stream_end"):
+            found = getattr(self, f"_{name}")
+            if len(found) == 1:
+                setattr(self, name, found[0])
 
     def request_start(self, ctx: RequestContext) -> None:
         for f in self._request_start:
@@ -141,6 +154,17 @@ class Observers(Observer):
     def ejected(self, state: EndpointState, reason: str) -> None:
         for f in self._ejected:
             f(state, reason)
+
+
+def upstream_headers(
+    observer: Observer, ctx: RequestContext, state: EndpointState
+) -> list[tuple[bytes, bytes]]:
+    """What an attempt adds to its upstream request: its observers' headers (a traced request's own
+    ``traceparent``), or the client's ``traceparent`` unchanged when the gateway does not trace it."""
+    extra = observer.upstream_headers(ctx, state)
+    if ctx.traceparent is not None:
+        return [*extra, (b"traceparent", ctx.traceparent)]
+    return extra
 
 
 def combine(observers: list[Observer]) -> Observer:

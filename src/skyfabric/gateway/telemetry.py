@@ -1,8 +1,9 @@
 """Assembles the gateway's telemetry from the fleet file's ``observability`` section, in one place.
 
-Each kind — the dashboard's recorder, and later metrics and traces — is an observer of the router; this
-function builds the ones that are on and hands the router their combination (the no-op observer when
-all are off, so that off costs nothing beyond a method call per hook).
+Each kind — the dashboard's recorder, the GenAI metrics, the decision log, the tracer — is an observer of
+the router; this function builds the ones that are on and hands the router their combination (the no-op
+observer when all are off, so that off costs nothing beyond a method call per hook). The tracer is also
+the router's head sampler: only the requests it samples get the combination that includes it.
 """
 
 from __future__ import annotations
@@ -32,13 +33,21 @@ def install(proxy: Proxy, keys: set[bytes], extra: list[Observer] | None = None)
         if config.dashboard:
             dashboard = Dashboard(proxy, metrics, keys, interval=config.dashboard_interval)
             observers.append(dashboard.recorder)
+    tracer = None
     if config.tracing.enabled:
         from skyfabric.gateway.tracing import Tracer, tracer_provider
 
-        observers.append(Tracer(proxy, tracer_provider(config.tracing), config.tracing.sample_ratio))
+        tracer = Tracer(proxy, tracer_provider(config.tracing), config.tracing.sample_ratio)
     if config.logs.format == "json":
         use_json_logs()
-    if config.logs.decisions:
-        observers.append(DecisionLog())  # after the tracer: it reads the request's trace id
-    proxy.observer = combine(observers)
+    after: list[Observer] = [DecisionLog()] if config.logs.decisions else []
+    proxy.observer = combine(observers + after)
+    if tracer is not None:
+        # A sampled request's observers: the same plus the tracer, before the decision log (it reads the
+        # request's trace id). The router picks one of the two once per request.
+        proxy.sampler = tracer
+        proxy.traced_observer = combine([*observers, tracer, *after])
+    else:
+        proxy.sampler = None
+        proxy.traced_observer = proxy.observer
     return dashboard
