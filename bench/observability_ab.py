@@ -56,7 +56,10 @@ async def serve(config: Path, out: Path, slice_s: float, profile: bool) -> None:
     fleet = load_fleet(config)
     gateway = Gateway(fleet, fleet_endpoints(fleet))
     proxy = gateway.proxy
-    modes = {"on": (proxy.observer, proxy.sampler, proxy.traced_observer), "off": (Observer(), None, Observer())}
+    modes = {
+        "on": (proxy.observer, proxy.sampler, proxy.traced_observer),
+        "off": (Observer(), None, Observer()),
+    }
     hook_ns = [0]
     if os.environ.get("TIME_HOOKS"):  # how long the hooks themselves take in place (wall, ns)
         from skyfabric.gateway.observe import Observers
@@ -92,6 +95,8 @@ async def serve(config: Path, out: Path, slice_s: float, profile: bool) -> None:
     loop.add_signal_handler(signal.SIGUSR2, end.set)
     await gateway.start()
     await Listener(gateway).start("127.0.0.1", GATEWAY_PORT)
+    if os.environ.get("GC_FREEZE"):  # what the collector costs once start-up's objects are frozen
+        gc.freeze()
     await begin.wait()
     profilers = {}
     if profile:
@@ -120,7 +125,7 @@ async def serve(config: Path, out: Path, slice_s: float, profile: bool) -> None:
         rows.append((mode, time.process_time() - cpu, answered[0] - n, gc_time[0] - g, gc_runs[0] - r))
         if profilers:
             profilers[mode].disable()
-    out.write_text(json.dumps(rows))
+    await asyncio.to_thread(out.write_text, json.dumps(rows))
     if hook_ns[0]:
         on_requests = sum(r[2] for r in rows if r[0] == "on")
         print(f"hooks in place: {hook_ns[0] / on_requests / 1000:.2f} µs/request (wall)", file=sys.stderr)
@@ -129,7 +134,9 @@ async def serve(config: Path, out: Path, slice_s: float, profile: bool) -> None:
 
         for m, p in profilers.items():
             print(f"==== {m}", file=sys.stderr)
-            pstats.Stats(p, stream=sys.stderr).sort_stats("tottime").print_stats(os.environ.get("PROFILE_FILTER", ""), 40)
+            pstats.Stats(p, stream=sys.stderr).sort_stats("tottime").print_stats(
+                os.environ.get("PROFILE_FILTER", ""), 40
+            )
     await asyncio.Event().wait()
 
 

@@ -176,20 +176,21 @@ def combine(observers: list[Observer]) -> Observer:
     return Observers(observers)
 
 
-_NUMBER = re.compile(rb"\s*:\s*(\d+)")
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 def usage_counts(body: bytes) -> tuple[int, int]:
     """``usage``'s (prompt_tokens, completion_tokens) of a non-streaming answer, without parsing the body.
 
-    Both are 0 when the answer reports no usage. Searched from the end, where servers put ``usage``; the
-    closing quote in each key keeps ``prompt_tokens_details`` from matching.
+    Both are 0 when the answer reports no usage. Searched from the last ``"usage"`` key (servers put it
+    last, and a quote inside content is escaped, so the content cannot fake it); the closing quote in each
+    key keeps ``prompt_tokens_details`` from matching. Two compiled searches, no JSON parse: this runs once
+    per non-streaming answer while metrics are on.
     """
-    at = body.rfind(b'"completion_tokens"')
+    at = body.rfind(b'"usage"')
     if at < 0:
         return 0, 0
-    found = _NUMBER.match(body, at + 19)
-    completion = int(found.group(1)) if found else 0
-    at = body.rfind(b'"prompt_tokens"')
-    found = _NUMBER.match(body, at + 15) if at >= 0 else None
-    return (int(found.group(1)) if found else 0), completion
+    prompt = _PROMPT.search(body, at)
+    completion = _COMPLETION.search(body, at)
+    return (int(prompt[1]) if prompt else 0), (int(completion[1]) if completion else 0)

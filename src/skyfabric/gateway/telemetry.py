@@ -15,10 +15,13 @@ from skyfabric.gateway.observe import Observer, combine
 from skyfabric.gateway.proxy import Proxy
 
 
-def install(proxy: Proxy, keys: set[bytes], extra: list[Observer] | None = None) -> Dashboard | None:
+def install(
+    proxy: Proxy, keys: set[bytes], extra: list[Observer] | None = None, admin: bytes | None = None
+) -> Dashboard | None:
     """Attach the observers the fleet file turns on to ``proxy``; returns the dashboard when it is on.
 
-    ``keys`` are the credentials that open the dashboard (the fleet's API keys and the admin credential).
+    ``keys`` are the credentials that open the dashboard (the fleet's API keys and the admin credential);
+    ``admin``, the admin credential alone, is what a drill runner announces its phases with.
     ``extra`` observers (operations: the keys' settlement, the usage ledger, shared fleet state) come
     first.
     """
@@ -31,7 +34,7 @@ def install(proxy: Proxy, keys: set[bytes], extra: list[Observer] | None = None)
         if config.metrics:
             proxy.metrics.registry.register(metrics)
         if config.dashboard:
-            dashboard = Dashboard(proxy, metrics, keys, interval=config.dashboard_interval)
+            dashboard = Dashboard(proxy, metrics, keys, interval=config.dashboard_interval, admin=admin)
             observers.append(dashboard.recorder)
     tracer = None
     if config.tracing.enabled:
