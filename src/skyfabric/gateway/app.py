@@ -202,12 +202,12 @@ class Gateway:
 
     async def metrics(self, request: Request) -> Response:
         peers = self.peers
-        body = (
-            self.proxy.metrics.render()
-            if peers is None
-            else await peers.render_metrics(self.proxy.metrics.registry)
-        )
-        return Response(200, body, content_type=b"text/plain; version=0.0.4")
+        if peers is None:
+            return Response(200, self.proxy.metrics.render(), content_type=b"text/plain; version=0.0.4")
+        body = await peers.render_metrics(self.proxy.metrics.registry)
+        # Which worker merged this scrape (the figures are the instance's either way): for debugging.
+        worker = [(b"x-skyfabric-worker", str(peers.worker).encode())]
+        return Response(200, body, worker, content_type=b"text/plain; version=0.0.4")
 
     def join_workers(self, peers: WorkerPeers) -> None:
         """Serve ``/metrics`` and the dashboard for the whole instance (``peers``: its other workers)."""
