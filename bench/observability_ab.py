@@ -45,7 +45,7 @@ http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_foreve
 """
 
 
-async def serve(config: Path, out: Path, slice_s: float, profile: bool) -> None:
+async def serve(config: Path, out: Path, slice_s: float, profile: bool, aa: bool = False) -> None:
     """The gateway; on SIGUSR1 it alternates its observers with the no-op one until SIGUSR2."""
     from skyfabric.core.endpoints import fleet_endpoints
     from skyfabric.core.fleet import load_fleet
@@ -60,6 +60,8 @@ async def serve(config: Path, out: Path, slice_s: float, profile: bool) -> None:
         "on": (proxy.observer, proxy.sampler, proxy.traced_observer),
         "off": (Observer(), None, Observer()),
     }
+    if aa:
+        modes["on"] = (Observer(), None, Observer())
     hook_ns = [0]
     if os.environ.get("TIME_HOOKS"):  # how long the hooks themselves take in place (wall, ns)
         from skyfabric.gateway.observe import Observers
@@ -150,6 +152,7 @@ def main() -> None:
     ap.add_argument("--no-metrics", action="store_true", help="on = tracing only")
     ap.add_argument("--no-otlp", action="store_true", help="tracing into the global provider (no export)")
     ap.add_argument("--profile", action="store_true", help="cProfile each mode (stderr of the gateway)")
+    ap.add_argument("--aa", action="store_true", help="calibration: 'on' is the no-op observer too (A/A)")
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -157,7 +160,7 @@ def main() -> None:
         import uvloop
 
         uvloop.install()
-        asyncio.run(serve(a.serve, a.out, a.slice, a.profile))
+        asyncio.run(serve(a.serve, a.out, a.slice, a.profile, a.aa))
         return
     otlp = f"http://127.0.0.1:{SINK_PORT}/v1/traces"
     text = (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT))
@@ -174,7 +177,7 @@ def main() -> None:
             config, out = Path(tmp) / "fleet.yaml", Path(tmp) / "slices.json"
             config.write_text(text)
             cmd = [sys.executable, __file__, "--serve", str(config), "--out", str(out)]
-            cmd += ["--slice", str(a.slice)] + (["--profile"] if a.profile else [])
+            cmd += ["--slice", str(a.slice)] + (["--profile"] if a.profile else []) + (["--aa"] if a.aa else [])
             gw = start(cmd, 0, GATEWAY_PORT, quiet=not (a.profile or os.environ.get("TIME_HOOKS")))
             try:
                 wrk(GATEWAY_PORT, 2, a.conns)  # warm: connections, caches, first-request costs
@@ -215,6 +218,8 @@ def report(full: list[tuple[str, float, int, float, int]], a: argparse.Namespace
     if not a.no_tracing:
         sink = "global provider" if a.no_otlp else "OTLP to a local sink"
         what += f"{' + ' if what else ''}tracing {a.ratio:.0%} ({sink})"
+    if a.aa:
+        what = "off as well (A/A calibration: the method's own bias and spread)"
     print(f"on = {what}; {len(rows)} slices of {a.slice}s over {a.seconds}s at {a.conns} connections")
     print(f"requests/slice median {statistics.median(n for _, _, n in rows):.0f}")
     print(f"CPU µs/req: off total {total['off']:.1f} (slice median {statistics.median(per['off']):.1f})")
