@@ -177,7 +177,9 @@ def main() -> None:
             config, out = Path(tmp) / "fleet.yaml", Path(tmp) / "slices.json"
             config.write_text(text)
             cmd = [sys.executable, __file__, "--serve", str(config), "--out", str(out)]
-            cmd += ["--slice", str(a.slice)] + (["--profile"] if a.profile else []) + (["--aa"] if a.aa else [])
+            cmd += (
+                ["--slice", str(a.slice)] + (["--profile"] if a.profile else []) + (["--aa"] if a.aa else [])
+            )
             gw = start(cmd, 0, GATEWAY_PORT, quiet=not (a.profile or os.environ.get("TIME_HOOKS")))
             try:
                 wrk(GATEWAY_PORT, 2, a.conns)  # warm: connections, caches, first-request costs

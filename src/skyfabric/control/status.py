@@ -132,7 +132,9 @@ def drill_line(drill: dict[str, Any], now: float) -> Text:
     line.append(f"  {'ended after' if ended else 'running'} {seconds:.0f} s", style="dim")
     on = [f for f in drill["faults"] if f["windows"] and f["windows"][-1][1] is None]
     for fault in on:
-        line.append(f"  {fault.get('target') or fault['fault']}: {fault.get('mode') or 'fault'} on", style="red")
+        line.append(
+            f"  {fault.get('target') or fault['fault']}: {fault.get('mode') or 'fault'} on", style="red"
+        )
     if not on and not ended:
         line.append("  no fault on", style="green")
     return line
