@@ -129,10 +129,12 @@ class FleetRecorder(Observer):
         self.cost_per_hour = {p: 0.0 for p in self.providers}
         for s in proxy.states.values():
             self.cost_per_hour[s.endpoint.provider] += s.endpoint.price_per_hour
+        metrics.rare_attempts.append(self._rare_attempt)
 
     # -- the hooks --------------------------------------------------------------------------------------
 
-    def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
+    def _rare_attempt(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
+        """A retry, hedge or continuation starting (told by the metrics: no hook call per first try)."""
         if kind == HEDGE:
             self._note("hedge", f"hedged on {state.endpoint.id}", state.endpoint.id, ctx.model)
         elif kind != CONTINUATION and ctx.attempts > 1:
