@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -105,7 +106,7 @@ async def test_two_workers_every_scrape_shows_the_whole_instance(tmp_path: Path)
         "providers: [{name: p, regions: [{name: r, pools: [{name: x, accelerator: cpu, engine: vllm,"
         f" model: m, endpoints: ['{upstream.url}']}}]}}]}}]\n"
         "health: {probe_interval: 0}\n"
-        "observability: {metrics: true, dashboard: true}\n"
+        "observability: {metrics: true, dashboard: true, dashboard_interval: 0.2}\n"
     )
     port = free_port()
     root = f"http://127.0.0.1:{port}"
@@ -163,6 +164,25 @@ async def test_two_workers_every_scrape_shows_the_whole_instance(tmp_path: Path)
             state = (await http.get(f"{root}/dashboard/state")).json()
         [endpoint] = state["topology"][0]["regions"][0]["pools"][0]["endpoints"]
         assert state["workers"] == 2 and endpoint["successes"] == whole + streams
+        # A live dashboard's chart points count both workers' attempts, tick by tick.
+        async with (
+            httpx.AsyncClient(timeout=10) as http,
+            http.stream("GET", f"{root}/dashboard/events") as events,
+        ):
+            lines = events.aiter_lines()
+            assert (await anext(lines)).startswith("retry:")
+            more = 12
+            for _ in range(more):
+                async with AsyncOpenAI(base_url=f"{root}/v1", api_key="none") as client:
+                    await client.chat.completions.create(model="m", messages=messages)
+            counted, deadline = 0, time.monotonic() + 10
+            while counted < more and time.monotonic() < deadline:
+                line = await asyncio.wait_for(anext(lines), 5)
+                if line.startswith("data: ") and '"points"' in line:
+                    tick = orjson.loads(line[6:])
+                    assert tick["workers"] == 2
+                    counted += tick["points"]["p"][2]  # [time, seconds, attempts, failed, …]
+            assert counted == more
     finally:
         os.killpg(parent.pid, signal.SIGTERM)
         await asyncio.wait_for(parent.wait(), 10)

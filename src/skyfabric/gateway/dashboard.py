@@ -446,6 +446,7 @@ class DashboardHub:
     async def run(self) -> None:
         """Tick while anyone watches; the charts keep accruing between ticks through the recorder."""
         try:
+            await self._start()
             while self.subscribers:
                 await asyncio.sleep(self.interval)
                 event = await self.tick()
@@ -458,12 +459,9 @@ class DashboardHub:
     async def subscribe(self) -> AsyncIterator[bytes]:
         """The event stream of one dashboard: the history first, then a tick each interval."""
         queue: asyncio.Queue[bytes] = asyncio.Queue()
-        if self._task is None:
-            await self._start()
-            self.subscribers.add(queue)
+        self.subscribers.add(queue)
+        if self._task is None:  # set before any await: two dashboards opening at once start one ticker
             self._task = asyncio.get_running_loop().create_task(self.run())
-        else:
-            self.subscribers.add(queue)
         try:
             hello = await self.history()
             yield b"retry: 1000\nevent: hello\ndata: " + orjson.dumps(hello) + b"\n\n"
