@@ -218,6 +218,8 @@ class Tracer(Observer):
         if span is None:
             return _NONE
         c = span.get_span_context()
+        if not c.is_valid:
+            return _NONE  # a non-recording span of the API's no-op provider (no SDK installed): no trace
         header = b"00-%032x-%016x-%02x" % (c.trace_id, c.span_id, c.trace_flags)
         out = [(b"traceparent", header)]
         if c.trace_state:
