@@ -164,6 +164,22 @@ async def test_two_workers_every_scrape_shows_the_whole_instance(tmp_path: Path)
             state = (await http.get(f"{root}/dashboard/state")).json()
         [endpoint] = state["topology"][0]["regions"][0]["pools"][0]["endpoints"]
         assert state["workers"] == 2 and endpoint["successes"] == whole + streams
+        # A drill's phases land on whichever worker accepts each POST; the timeline is the union.
+        phases = [
+            {"event": "start", "scenario": "provider-down", "duration": 30},
+            {"event": "fault_on", "fault": "refuse p", "target": "p", "mode": "refuse"},
+            {"event": "fault_off", "fault": "refuse p", "target": "p", "mode": "refuse"},
+            {"event": "end"},
+        ]
+        for seq, phase in enumerate(phases, 1):
+            async with httpx.AsyncClient() as http:  # a fresh connection each time
+                posted = await http.post(f"{root}/dashboard/drill", json={"drill": "d", "seq": seq, **phase})
+                assert posted.status_code == 202
+        for _ in range(4):
+            async with httpx.AsyncClient() as http:
+                drill = (await http.get(f"{root}/dashboard/state")).json()["drill"]
+            assert drill["scenario"] == "provider-down" and drill["ended"] is not None
+            assert [len(f["windows"]) for f in drill["faults"]] == [1] and drill["faults"][0]["windows"][0][1]
         # A live dashboard's chart points count both workers' attempts, tick by tick.
         async with (
             httpx.AsyncClient(timeout=10) as http,
