@@ -131,11 +131,15 @@ class WorkerPeers:
         self._server = await asyncio.start_unix_server(self._answer, path=str(path))
 
     async def close(self) -> None:
+        """Stop answering; the last worker out removes the run directory (the supervisor does too, but
+        a supervisor killed outright cannot, and its workers still stop on SIGTERM: PR_SET_PDEATHSIG)."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             with contextlib.suppress(FileNotFoundError):
                 self.path(self.worker).unlink()
+            with contextlib.suppress(OSError):  # not empty: another worker is still there
+                self.run_dir.rmdir()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
