@@ -178,6 +178,8 @@ def combine(observers: list[Observer]) -> Observer:
 
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+#: The compact form vLLM, SGLang and most engines write (prompt, maybe total, then completion): one search.
+_COMPACT = re.compile(rb'"usage":\{"prompt_tokens":(\d+),(?:"total_tokens":\d+,)?"completion_tokens":(\d+)')
 
 
 def usage_counts(body: bytes) -> tuple[int, int]:
@@ -185,12 +187,15 @@ def usage_counts(body: bytes) -> tuple[int, int]:
 
     Both are 0 when the answer reports no usage. Searched from the last ``"usage"`` key (servers put it
     last, and a quote inside content is escaped, so the content cannot fake it); the closing quote in each
-    key keeps ``prompt_tokens_details`` from matching. Two compiled searches, no JSON parse: this runs once
-    per non-streaming answer while metrics are on.
+    key keeps ``prompt_tokens_details`` from matching. One compiled search for the engines' compact form,
+    two for any other layout, no JSON parse: this runs once per non-streaming answer while metrics are on.
     """
     at = body.rfind(b'"usage"')
     if at < 0:
         return 0, 0
+    compact = _COMPACT.match(body, at)
+    if compact is not None:
+        return int(compact[1]), int(compact[2])
     prompt = _PROMPT.search(body, at)
     completion = _COMPLETION.search(body, at)
     return (int(prompt[1]) if prompt else 0), (int(completion[1]) if completion else 0)
