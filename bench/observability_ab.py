@@ -1,20 +1,28 @@
-"""Telemetry on vs off in ONE gateway process, switched by signals: paired runs that cancel load drift.
+"""Telemetry on vs off in ONE gateway process, alternated every few hundred milliseconds under steady load.
 
 On a shared machine the CPU per request of separately started gateways drifts by ±20 % from run to run,
-far more than the few percent telemetry costs. Here one gateway runs with metrics, the dashboard recorder
-and tracing (OTLP to a local sink, default 1 % sampling; ``--ratio`` to change) installed; SIGUSR1 swaps
-in the no-op observer, SIGUSR2 swaps the real ones back. Short wrk runs alternate off/on (order
-randomized per pair) and the median of the paired ratios is the overhead.
+and even 3-second paired runs drift by more than the few percent telemetry costs (other engineers'
+jobs come and go within seconds). So the gateway here switches between its real observers ("on") and
+the no-op one ("off") itself, every ``--slice`` seconds, while one long wrk run keeps it busy; each slice
+records the process's CPU time (every thread: the OTLP export thread counts) and the requests answered.
+Adjacent slices form pairs; the median of the pairs' on/off ratios is the overhead, and the total CPU of
+each mode over its total requests is printed beside it.
 
-    .venv/bin/python bench/observability_ab.py [--pairs 12] [--seconds 3] [--ratio 0.01]
+"on" is what the fleet file asks for: by default the GenAI metrics, the dashboard's recorder and
+tracing (OTLP/HTTP to a local collector stand-in, default 1 % sampling; ``--ratio`` to change,
+``--no-otlp`` for the process's global provider, ``--no-tracing`` for metrics and dashboard only).
+
+    .venv/bin/python bench/observability_ab.py [--seconds 40] [--slice 0.25] [--ratio 0.01]
+    .venv/bin/python bench/observability_ab.py --profile   # cProfile of each mode, top functions
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
 import os
-import random
 import signal
 import statistics
 import sys
@@ -22,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from layers import cpu_seconds
-from procs import HERE, MOCK_PY, SHARED, start, stop, wrk
+from procs import HERE, MOCK_PY, SHARED, start, stop, wrk, wrk_start
 
 MOCK_PORT, GATEWAY_PORT, SINK_PORT = 9140, 9341, 9142
 
@@ -38,8 +45,8 @@ http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_foreve
 """
 
 
-async def serve(config: Path) -> None:
-    """The gateway, with a signal switch between its observers and the no-op one."""
+async def serve(config: Path, out: Path, slice_s: float, profile: bool, aa: bool = False) -> None:
+    """The gateway; on SIGUSR1 it alternates its observers with the no-op one until SIGUSR2."""
     from skyfabric.core.endpoints import fleet_endpoints
     from skyfabric.core.fleet import load_fleet
     from skyfabric.gateway.app import Gateway
@@ -48,30 +55,112 @@ async def serve(config: Path) -> None:
 
     fleet = load_fleet(config)
     gateway = Gateway(fleet, fleet_endpoints(fleet))
-    on, off = gateway.proxy.observer, Observer()
+    proxy = gateway.proxy
+    modes = {
+        "on": (proxy.observer, proxy.sampler, proxy.traced_observer),
+        "off": (Observer(), None, Observer()),
+    }
+    if aa:
+        modes["on"] = (Observer(), None, Observer())
+    hook_ns = [0]
+    if os.environ.get("TIME_HOOKS"):  # how long the hooks themselves take in place (wall, ns)
+        from skyfabric.gateway.observe import Observers
+
+        inner = proxy.observer
+        timed = Observers([inner, Observer()])
+        for name in ("request_start", "request_end", "attempt_start", "attempt_end", "upstream_headers"):
+            f = getattr(inner, name)
+
+            def wrap(*args, _f=f):  # type: ignore[no-untyped-def]
+                t = time.perf_counter_ns()
+                try:
+                    return _f(*args)
+                finally:
+                    hook_ns[0] += time.perf_counter_ns() - t
+
+            setattr(timed, name, wrap)
+        timed.counts_tokens = inner.counts_tokens
+        modes["on"] = (timed, None, timed)
+    answered = [0]
+    forward = proxy.forward
+
+    async def counted(ctx):  # type: ignore[no-untyped-def]
+        try:
+            return await forward(ctx)
+        finally:
+            answered[0] += 1
+
+    proxy.forward = counted  # type: ignore[method-assign]
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(gateway.proxy, "observer", off))
-    loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(gateway.proxy, "observer", on))
+    begin, end = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, begin.set)
+    loop.add_signal_handler(signal.SIGUSR2, end.set)
     await gateway.start()
     await Listener(gateway).start("127.0.0.1", GATEWAY_PORT)
+    if os.environ.get("GC_FREEZE"):  # what the collector costs once start-up's objects are frozen
+        gc.freeze()
+    await begin.wait()
+    profilers = {}
+    if profile:
+        import cProfile
+
+        profilers = {m: cProfile.Profile() for m in modes}
+    rows: list[tuple[str, float, int, float, int]] = []
+    mode = "off"
+    gc_time, gc_runs, gc_started = [0.0], [0], [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:  # the collector's share of each slice
+        if phase == "start":
+            gc_started[0] = time.process_time()
+        else:
+            gc_time[0] += time.process_time() - gc_started[0]
+            gc_runs[0] += 1
+
+    gc.callbacks.append(on_gc)
+    while not end.is_set():
+        mode = "on" if mode == "off" else "off"
+        proxy.observer, proxy.sampler, proxy.traced_observer = modes[mode]
+        if profilers:
+            profilers[mode].enable()
+        cpu, n, g, r = time.process_time(), answered[0], gc_time[0], gc_runs[0]
+        await asyncio.sleep(slice_s)
+        rows.append((mode, time.process_time() - cpu, answered[0] - n, gc_time[0] - g, gc_runs[0] - r))
+        if profilers:
+            profilers[mode].disable()
+    await asyncio.to_thread(out.write_text, json.dumps(rows))
+    if hook_ns[0]:
+        on_requests = sum(r[2] for r in rows if r[0] == "on")
+        print(f"hooks in place: {hook_ns[0] / on_requests / 1000:.2f} µs/request (wall)", file=sys.stderr)
+    if profilers:
+        import pstats
+
+        for m, p in profilers.items():
+            print(f"==== {m}", file=sys.stderr)
+            pstats.Stats(p, stream=sys.stderr).sort_stats("tottime").print_stats(
+                os.environ.get("PROFILE_FILTER", ""), 40
+            )
     await asyncio.Event().wait()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=12)
-    ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=40)
+    ap.add_argument("--slice", type=float, default=0.25)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--no-tracing", action="store_true", help="on = metrics and dashboard only")
-    ap.add_argument("--no-otlp", action="store_true", help="tracing into the no-op global provider (no SDK)")
+    ap.add_argument("--no-metrics", action="store_true", help="on = tracing only")
+    ap.add_argument("--no-otlp", action="store_true", help="tracing into the global provider (no export)")
+    ap.add_argument("--profile", action="store_true", help="cProfile each mode (stderr of the gateway)")
+    ap.add_argument("--aa", action="store_true", help="calibration: 'on' is the no-op observer too (A/A)")
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
         import uvloop
 
         uvloop.install()
-        asyncio.run(serve(a.serve))
+        asyncio.run(serve(a.serve, a.out, a.slice, a.profile, a.aa))
         return
     otlp = f"http://127.0.0.1:{SINK_PORT}/v1/traces"
     text = (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT))
@@ -79,39 +168,82 @@ def main() -> None:
     enabled = "false" if a.no_tracing else "true"
     endpoint = "" if a.no_otlp else f", otlp_endpoint: '{otlp}'"
     tracing = f"{{enabled: {enabled}, sample_ratio: {a.ratio}{endpoint}}}"
-    text += f"observability: {{tracing: {tracing}}}\n"
+    metrics = "false" if a.no_metrics else "true"
+    text += f"observability: {{metrics: {metrics}, dashboard: {metrics}, tracing: {tracing}}}\n"
     mock = start([MOCK_PY, str(SHARED / "mock_upstream.py"), str(MOCK_PORT)], 1, MOCK_PORT)
     sink = start([sys.executable, "-c", SINK, str(SINK_PORT)], 1, SINK_PORT)
-    ratios, rows = [], []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            config = Path(tmp) / "fleet.yaml"
+            config, out = Path(tmp) / "fleet.yaml", Path(tmp) / "slices.json"
             config.write_text(text)
-            gw = start([sys.executable, __file__, "--serve", str(config)], 0, GATEWAY_PORT)
+            cmd = [sys.executable, __file__, "--serve", str(config), "--out", str(out)]
+            cmd += (
+                ["--slice", str(a.slice)] + (["--profile"] if a.profile else []) + (["--aa"] if a.aa else [])
+            )
+            gw = start(cmd, 0, GATEWAY_PORT, quiet=not (a.profile or os.environ.get("TIME_HOOKS")))
             try:
-                wrk(GATEWAY_PORT, 2, a.conns)
-                for _ in range(a.pairs):
-                    pair = {}
-                    for mode in random.sample(["off", "on"], 2):
-                        os.kill(gw.pid, signal.SIGUSR1 if mode == "off" else signal.SIGUSR2)
-                        time.sleep(0.3)
-                        before = cpu_seconds(gw.pid)
-                        result = wrk(GATEWAY_PORT, a.seconds, a.conns)
-                        pair[mode] = (cpu_seconds(gw.pid) - before) / result["requests"] * 1e6
-                    ratios.append(pair["on"] / pair["off"])
-                    rows.append(pair)
+                wrk(GATEWAY_PORT, 2, a.conns)  # warm: connections, caches, first-request costs
+                load = wrk_start(GATEWAY_PORT, a.seconds, a.conns)
+                time.sleep(0.5)
+                os.kill(gw.pid, signal.SIGUSR1)
+                time.sleep(a.seconds - 1.0)
+                os.kill(gw.pid, signal.SIGUSR2)
+                load.wait()
+                deadline = time.monotonic() + 10
+                while not out.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                rows = json.loads(out.read_text())
             finally:
                 stop(gw)
     finally:
         stop(sink)
         stop(mock)
-    for pair in rows:
-        off_us, on_us = pair["off"], pair["on"]
-        print(f"off {off_us:6.1f} µs/req   on {on_us:6.1f} µs/req   on/off {on_us / off_us:.3f}")
-    off = statistics.median(p["off"] for p in rows)
-    on = statistics.median(p["on"] for p in rows)
-    overhead = statistics.median(ratios) - 1
-    print(f"median off {off:.1f} µs/req, on {on:.1f} µs/req; median paired overhead {overhead:+.1%}")
+    report(rows, a)
+
+
+def report(full: list[tuple[str, float, int, float, int]], a: argparse.Namespace) -> None:
+    """Paired slices (each on with the off next to it) and the totals of each mode."""
+    full = [r for r in full if r[2] > 0]
+    rows = [(m, c, n) for m, c, n, _, _ in full]
+    per = {m: [cpu / n * 1e6 for mode, cpu, n in rows if mode == m] for m in ("on", "off")}
+    ratios = []
+    for i in range(len(rows) - 1):
+        (m1, c1, n1), (m2, c2, n2) = rows[i], rows[i + 1]
+        if m1 != m2:
+            on, off = ((c1, n1), (c2, n2)) if m1 == "on" else ((c2, n2), (c1, n1))
+            ratios.append((on[0] / on[1]) / (off[0] / off[1]))
+    total = {
+        m: sum(c for mode, c, _ in rows if mode == m) / sum(n for mode, _, n in rows if mode == m) * 1e6
+        for m in ("on", "off")
+    }
+    what = "metrics+dashboard" if not a.no_metrics else ""
+    if not a.no_tracing:
+        sink = "global provider" if a.no_otlp else "OTLP to a local sink"
+        what += f"{' + ' if what else ''}tracing {a.ratio:.0%} ({sink})"
+    if a.aa:
+        what = "off as well (A/A calibration: the method's own bias and spread)"
+    print(f"on = {what}; {len(rows)} slices of {a.slice}s over {a.seconds}s at {a.conns} connections")
+    print(f"requests/slice median {statistics.median(n for _, _, n in rows):.0f}")
+    print(f"CPU µs/req: off total {total['off']:.1f} (slice median {statistics.median(per['off']):.1f})")
+    print(f"            on  total {total['on']:.1f} (slice median {statistics.median(per['on']):.1f})")
+    for m in ("off", "on"):
+        n = sum(r[2] for r in full if r[0] == m)
+        gc_us = sum(r[3] for r in full if r[0] == m) / n * 1e6
+        runs = sum(r[4] for r in full if r[0] == m) / n * 1000
+        print(f"garbage collector, {m:3}: {gc_us:.1f} µs/req, {runs:.1f} collections per 1000 requests")
+    # Full collections are lumpy (tens of ms, landing in one slice or another): the totals without the
+    # collector's time are steadier, though the collections telemetry's allocations cause are real.
+    bare = {}
+    for m in ("off", "on"):
+        n = sum(r[2] for r in full if r[0] == m)
+        bare[m] = (sum(r[1] - r[3] for r in full if r[0] == m)) / n * 1e6
+    change = bare["on"] / bare["off"] - 1
+    print(f"without the collector: off {bare['off']:.1f}, on {bare['on']:.1f} µs/req, {change:+.1%}")
+    q = statistics.quantiles(ratios, n=4)
+    print(
+        f"overhead: totals {total['on'] / total['off'] - 1:+.1%}; median of {len(ratios)} adjacent pairs "
+        f"{statistics.median(ratios) - 1:+.1%} (quartiles {q[0] - 1:+.1%} … {q[2] - 1:+.1%})"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from skyfabric.core.fleet import load_fleet
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.dashboard import FleetRecorder
 from skyfabric.gateway.genai_metrics import GenAIMetrics
-from skyfabric.gateway.observe import Observer, combine
+from skyfabric.gateway.observe import combine, upstream_headers
 from skyfabric.gateway.proxy import Proxy
 from skyfabric.gateway.tracing import Tracer
 
@@ -35,25 +35,40 @@ body = (
 )
 
 
-def run(obs, n):
+def run(variant, n):
+    observer, sampler, traced = variant
     t = time.process_time()
-    for _ in range(n):
-        ctx = RequestContext("chat", {}, b"", "tiny", False, 0.0)
+    for _ in range(n):  # what Proxy.forward and Proxy.attempt do around one non-streaming request
+        ctx = RequestContext("chat", {}, b"", "tiny", False, 0.0, None, None)  # type: ignore[arg-type]
+        obs = observer
+        if sampler is not None and sampler.sampled(ctx):
+            obs, ctx.traced = traced, True
         obs.request_start(ctx)
         ctx.attempts = 1
         obs.attempt_start(ctx, state, "attempt")
-        obs.upstream_headers(ctx, state)
+        upstream_headers(obs, ctx, state)
         obs.attempt_end(ctx, state, "ok", 0.01, body)
         obs.request_end(ctx, 200, 0.01)
     return (time.process_time() - t) / n * 1e6
 
 
+def untraced(observers):
+    return (combine(observers), None, None)
+
+
+def traced(observers, ratio):
+    tracer = Tracer(proxy, TracerProvider(), ratio)
+    return (combine(observers), tracer, combine([*observers, tracer]))
+
+
 m = GenAIMetrics(proxy)
+r = FleetRecorder(proxy, m)
 variants = {
-    "off (no-op observer)": Observer(),
-    "default (metrics+dashboard)": combine([m, FleetRecorder(proxy, m)]),
-    "default+tracing 1%": combine([m, FleetRecorder(proxy, m), Tracer(proxy, TracerProvider(), 0.01)]),
-    "default+tracing 100%": combine([m, FleetRecorder(proxy, m), Tracer(proxy, TracerProvider(), 1.0)]),
+    "off (no-op observer)": untraced([]),
+    "default (metrics+dashboard)": untraced([m, r]),
+    "default+tracing 0%": traced([m, r], 0.0),
+    "default+tracing 1%": traced([m, r], 0.01),
+    "default+tracing 100%": traced([m, r], 1.0),
 }
 res = {k: [] for k in variants}
 for _ in range(7):

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "bench"
+#: The shared harness (mock upstream, wrk script); SHARED_BENCH points elsewhere (a git worktree).
+SHARED = Path(os.environ.get("SHARED_BENCH") or HERE.parent.parent / "shared" / "bench")
 #: A Python with aiohttp for the shared mock upstream (the LiteLLM venv setup-peers.sh makes has it).
 MOCK_PY = os.environ.get("MOCK_PY", "/tmp/peers/litellm-venv/bin/python")
 
@@ -37,14 +38,18 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise SystemExit(f"port {port} never opened")
 
 
-def start(cmd: list[str], cpu: int, port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` pinned to ``cpu`` in its own session and wait for it to listen on ``port``."""
+def start(
+    cmd: list[str], cpu: int, port: int, env: dict[str, str] | None = None, *, quiet: bool = True
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` pinned to ``cpu`` in its own session and wait for it to listen on ``port``.
+
+    ``quiet=False`` lets its stderr through (a profile it prints)."""
     if port_open(port):
         raise SystemExit(f"port {port} is already taken: stop whatever listens there first")
     proc = subprocess.Popen(
         ["taskset", "-c", str(cpu), *cmd],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if quiet else None,
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
@@ -82,3 +87,12 @@ def wrk(port: int, seconds: int, conns: int) -> dict[str, float]:
         raise SystemExit(f"wrk got no answers from port {port}:\n{out}")
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p50.group(2)]
     return {"rps": float(rps.group(1)), "p50": float(p50.group(1)) * scale, "requests": float(total.group(1))}
+
+
+def wrk_start(port: int, seconds: int, conns: int) -> subprocess.Popen[bytes]:
+    """The same wrk run in the background (its output discarded): load while something else measures."""
+    return subprocess.Popen(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s",
+         "-s", str(SHARED / "post.lua"), f"http://127.0.0.1:{port}/v1/chat/completions"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip

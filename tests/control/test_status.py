@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from skyfabric.control.status import recent, run
+from skyfabric.drills.announce import DrillAnnouncer
 from tests.conftest import MakeGateway
 from tests.support.fake_upstream import FakeUpstream
 
@@ -37,6 +38,16 @@ async def test_status_shows_a_down_provider_with_its_cause(make_gateway: MakeGat
     assert "aws/r1/pool/0  down" in text
     assert "upstream connection lost: upstream closed the connection" in text
     assert "gcp/r1/pool/0  up" in text and "ejection" in text and "failover" in text
+    assert "drill" not in text  # none announced
+
+    # A drill announces itself (as `skyfabric drill` does): the status names it and the fault that is on.
+    announcer = DrillAnnouncer(gw.root, KEY, "d1")
+    assert await announcer.send("start", scenario="provider-down", duration=60)
+    assert await announcer.send("fault_on", fault="refuse aws", target="aws", mode="refuse")
+    await announcer.close()
+    out = io.StringIO()
+    await asyncio.to_thread(run, gw.root, KEY, 1.0, True, Console(file=out, width=140, color_system=None))
+    assert "drill provider-down  running" in out.getvalue() and "aws: refuse on" in out.getvalue()
 
     denied = io.StringIO()
     code = await asyncio.to_thread(run, gw.root, "sk-wrong-key-00", 1.0, True, Console(file=denied))

@@ -1,8 +1,10 @@
 """The dashboard in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``, via Selenium).
 
-While traffic flows, one provider is taken down (its upstreams stop listening); the page — updated by
-server-sent events, never reloaded — must show it down within two seconds, and back up after it
-recovers. ``SKYFABRIC_SCREENSHOT=docs/dashboard.png`` also saves what the operator sees mid-outage.
+While traffic flows, a drill takes one provider down (its upstreams stop listening) and announces it the
+way ``skyfabric drill`` does (``drills/announce.py`` → ``POST /dashboard/drill``); the page — updated by
+server-sent events, never reloaded — must show the provider down within two seconds, the drill's
+timeline with the fault on, and then the provider back, the fault off and the recovery on the timeline.
+``SKYFABRIC_SCREENSHOT=docs/dashboard.png`` also saves what the operator sees mid-outage.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from skyfabric.drills.announce import DrillAnnouncer
 from tests.conftest import MakeGateway
 from tests.support.fake_upstream import FakeUpstream
 
@@ -48,6 +51,29 @@ def health_of(driver: Any, provider: str) -> str | None:
         provider,
     )
     return value
+
+
+DRILL = (
+    "const d = document.getElementById('drill');"
+    "const faults = [...d.querySelectorAll('g.fault')]"
+    "  .map(g => [g.dataset.fault, g.dataset.state, g.dataset.windows]);"
+    "const marks = [...d.querySelectorAll('line.marker')].map(m => m.dataset.kind);"
+    "const lines = [...d.querySelectorAll('polyline')].map(p => p.dataset.series);"
+    "return {hidden: d.hidden, state: d.dataset.state, faults, marks, lines,"
+    " title: document.getElementById('drill-title').textContent};"
+)
+
+
+def drill_shown(driver: Any, predicate: Any, timeout: float) -> dict[str, Any]:
+    """The drill panel as the page shows it, once ``predicate`` holds of it; fails after ``timeout``."""
+    start = time.monotonic()
+    shown: dict[str, Any] = {}
+    while time.monotonic() - start < timeout:
+        shown = driver.execute_script(DRILL)
+        if predicate(shown):
+            return shown
+        time.sleep(0.05)
+    raise AssertionError(f"the drill timeline never showed what was expected: {shown}")
 
 
 def wait_for(driver: Any, provider: str, health: str, timeout: float) -> float:
@@ -97,11 +123,16 @@ async def test_browser_shows_a_provider_down_within_two_seconds_and_back(
         await asyncio.to_thread(wait_for, driver, "aws", "up", 10.0)
         url = await asyncio.to_thread(lambda: driver.current_url)
         assert url.endswith("/dashboard")
+        # No drill yet: no timeline.
+        assert (await asyncio.to_thread(driver.execute_script, DRILL))["hidden"] is True
+        announcer = DrillAnnouncer(gw.root, KEY, "provider-down-test")
+        assert await announcer.send("start", scenario="provider-down", duration=40.0)
         # A few seconds of charts before the outage (more when the picture is kept for the docs).
-        await asyncio.sleep(20.0 if os.environ.get("SKYFABRIC_SCREENSHOT") else 3.0)
+        await asyncio.sleep(12.0 if os.environ.get("SKYFABRIC_SCREENSHOT") else 3.0)
 
         for up in aws:
             await up.stop()
+        assert await announcer.send("fault_on", fault="refuse aws", target="aws", mode="refuse")
         down_after = await asyncio.to_thread(wait_for, driver, "aws", "down", 2.0)
         assert down_after < 2.0
         assert await asyncio.to_thread(driver.current_url.__str__) == url  # no reload, no navigation
@@ -116,17 +147,33 @@ async def test_browser_shows_a_provider_down_within_two_seconds_and_back(
         await asyncio.sleep(4.0 if os.environ.get("SKYFABRIC_SCREENSHOT") else 2.0)
         feed = await asyncio.to_thread(driver.execute_script, FEED_KINDS)
         assert "ejection" in feed
+        # The drill's timeline: the fault on (one open window), the gateway's ejections marked under it,
+        # and what it saw on the same axis.
+        during = await asyncio.to_thread(
+            drill_shown, driver, lambda d: not d["hidden"] and "ejection" in d["marks"], 3.0
+        )
+        assert during["state"] == "running" and during["faults"] == [["refuse aws", "on", "1"]], during
+        assert {"rps", "errors"} <= set(during["lines"]) and "provider-down" in during["title"]
         shot = os.environ.get("SKYFABRIC_SCREENSHOT") or str(tmp_path / "dashboard.png")
         await asyncio.to_thread(driver.save_screenshot, shot)
         assert (await asyncio.to_thread(os.path.getsize, shot)) > 10_000
 
         for up in aws:
             await up.start()
+        assert await announcer.send("fault_off", fault="refuse aws", target="aws", mode="refuse")
         # Back: the ejection (1 s, then longer for a repeat) runs out and a probe (every 0.25 s) readmits.
         back_after = await asyncio.to_thread(wait_for, driver, "aws", "up", 8.0)
         assert back_after < 8.0
         feed = await asyncio.to_thread(driver.execute_script, FEED_KINDS)
         assert "recovery" in feed
+        after = await asyncio.to_thread(
+            drill_shown, driver, lambda d: "recovery" in d["marks"] and d["faults"][0][1] == "off", 3.0
+        )
+        assert after["faults"] == [["refuse aws", "off", "1"]], after
+        assert await announcer.send("end")
+        ended = await asyncio.to_thread(drill_shown, driver, lambda d: d["state"] == "ended", 3.0)
+        assert "ended after" in ended["title"]
+        await announcer.close()
     finally:
         for task in load:
             task.cancel()

@@ -129,3 +129,16 @@ def test_usage_is_read_from_the_end_of_an_answer_without_parsing_it() -> None:
     )
     assert usage_counts(body) == (12, 7)
     assert usage_counts(b'{"choices":[]}') == (0, 0)
+    # The compact layouts engines write (vLLM puts total_tokens between the two), and a spaced one.
+    assert usage_counts(b'{"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}') == (5, 2)
+    assert usage_counts(b'{"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}') == (5, 2)
+    assert usage_counts(b'{"usage": {"total_tokens": 7, "completion_tokens": 2, "prompt_tokens": 5}}') == (
+        5,
+        2,
+    )
+    # Content that mentions usage is escaped JSON: it cannot pass for the real key.
+    fake = (
+        b'{"choices":[{"message":{"content":"\\"usage\\":{\\"prompt_tokens\\":1}"}}],'
+        b'"usage":{"prompt_tokens":9,"completion_tokens":4}}'
+    )
+    assert usage_counts(fake) == (9, 4)

@@ -117,7 +117,27 @@ def render(state: dict[str, Any], source: str) -> Group:
         )
     if not state.get("feed"):
         feed.add_row(Text("no failover, continuation or ejection yet", style="dim"))
-    return Group(header, Panel(tree, title="fleet"), figures, Panel(feed, title="events"))
+    parts: list[Any] = [header]
+    drill = state.get("drill")
+    if drill:
+        parts.append(drill_line(drill, state["time"]))
+    return Group(*parts, Panel(tree, title="fleet"), figures, Panel(feed, title="events"))
+
+
+def drill_line(drill: dict[str, Any], now: float) -> Text:
+    """The drill the gateway was told of (``POST /dashboard/drill``): running or ended, faults on now."""
+    ended = drill.get("ended")
+    seconds = (ended or now) - drill["started"]
+    line = Text.assemble(("drill ", "bold"), (drill.get("scenario") or drill["id"], "bold"))
+    line.append(f"  {'ended after' if ended else 'running'} {seconds:.0f} s", style="dim")
+    on = [f for f in drill["faults"] if f["windows"] and f["windows"][-1][1] is None]
+    for fault in on:
+        line.append(
+            f"  {fault.get('target') or fault['fault']}: {fault.get('mode') or 'fault'} on", style="red"
+        )
+    if not on and not ended:
+        line.append("  no fault on", style="green")
+    return line
 
 
 def run(url: str, key: str | None, interval: float, once: bool, console: Console | None = None) -> int:

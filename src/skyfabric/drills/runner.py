@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skyfabric.core.fleet import Fleet
+from skyfabric.drills.announce import DrillAnnouncer, drill_credential, drill_id
 from skyfabric.drills.faultproxy import PASS, FaultProxy, ProxyEvent
 from skyfabric.drills.harness import Harness, baseline_fleet
 from skyfabric.drills.loadclient import LoadClient, RequestRecord
@@ -159,13 +160,18 @@ async def _run_pass(
             t0=t0,
         )
         sampler = MetricsSampler(f"{base}/metrics", clock=clock, t0=t0)
+        announcer = DrillAnnouncer(base, drill_credential(options.fleet), drill_id(scenario.name, label))
+        await announcer.send("start", scenario=scenario.name, duration=options.seconds)
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler.run(stop))
         switches: list[tuple[float, str, str]] = []
         lag: list[tuple[float, float]] = []
         load_before = os.getloadavg()[0]
         watching = asyncio.create_task(_watch_loop(lag, t0, clock))
-        playing = asyncio.create_task(_play(spans, harness.proxies, t0, clock, switches))
+        faults_on: set[str] = set()
+        playing = asyncio.create_task(
+            _play(spans, harness.proxies, t0, clock, switches, announcer, faults_on)
+        )
         try:
             records, dropped = await _drive(client, options, plan, t0, clock)
         finally:
@@ -176,6 +182,11 @@ async def _run_pass(
             for proxy in harness.proxies.values():
                 await proxy.set_mode(PASS)
             ended = clock() - t0
+            for span in spans:  # a fault the workload's end cut short is over now
+                if span.label in faults_on:
+                    await _announce(announcer, span, on=False)
+            await announcer.send("end")
+            await announcer.close()
             stop.set()
             await sampling
             await client.close()
@@ -215,9 +226,13 @@ async def _play(
     t0: float,
     clock: Callable[[], float],
     switches: list[tuple[float, str, str]],
+    announcer: DrillAnnouncer | None = None,
+    on: set[str] | None = None,
 ) -> None:
-    """Switch each proxy's mode at every change point of the timeline."""
+    """Switch each proxy's mode at every change point of the timeline (and tell the gateway's dashboard
+    which faults went on or off, after the switch, so the timeline never shows a fault early)."""
     ids = list(proxies)
+    on = set() if on is None else on  # the labels of the faults announced on
     for t in change_points(spans):
         delay = t0 + t - clock()
         if delay > 0:
@@ -226,6 +241,17 @@ async def _play(
             if proxies[eid].mode != mode:
                 await proxies[eid].set_mode(mode)
                 switches.append((clock() - t0, eid, mode.describe()))
+        if announcer is not None:
+            for span in spans:
+                if span.active(t) != (span.label in on):
+                    on.symmetric_difference_update({span.label})
+                    await _announce(announcer, span, on=span.active(t))
+
+
+async def _announce(announcer: DrillAnnouncer, span: FaultSpan, *, on: bool) -> None:
+    await announcer.send(
+        "fault_on" if on else "fault_off", fault=span.label, target=span.target, mode=span.kind
+    )
 
 
 async def _drive(

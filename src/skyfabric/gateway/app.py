@@ -19,6 +19,7 @@ from skyfabric.gateway import pipeline
 from skyfabric.gateway.admin import handle_admin
 from skyfabric.gateway.api_errors import client_error_response, error_response, frontend_client_error
 from skyfabric.gateway.counting import count_tokens
+from skyfabric.gateway.instance import WorkerPeers, families_of
 from skyfabric.gateway.operations import Operations
 from skyfabric.gateway.proxy import Proxy
 from skyfabric.gateway.selftest import SelfTests
@@ -85,8 +86,13 @@ class Gateway:
         for method, path in self._routes:
             allowed.setdefault(path, []).append(method)
         self._allow = {path: b", ".join(sorted(methods)) for path, methods in allowed.items()}
-        self.dashboard = install(self.proxy, self.keys, self.operations.observers())
+        admin = self.operations.admin_secret
+        self.dashboard = install(
+            self.proxy, self.keys, self.operations.observers(), admin.encode() if admin is not None else None
+        )
         self.traceparent = fleet.observability.tracing.enabled
+        #: The instance's other workers (``--workers N``): /metrics and the dashboard sum over them.
+        self.peers: WorkerPeers | None = None
 
     async def start(self) -> None:
         """Start the background loops: health (probes, load signals, stall watchdog) and discovery."""
@@ -195,7 +201,21 @@ class Gateway:
         return _ROOT
 
     async def metrics(self, request: Request) -> Response:
-        return Response(200, self.proxy.metrics.render(), content_type=b"text/plain; version=0.0.4")
+        peers = self.peers
+        if peers is None:
+            return Response(200, self.proxy.metrics.render(), content_type=b"text/plain; version=0.0.4")
+        body = await peers.render_metrics(self.proxy.metrics.registry)
+        # Which worker merged this scrape (the figures are the instance's either way): for debugging.
+        worker = [(b"x-skyfabric-worker", str(peers.worker).encode())]
+        return Response(200, body, worker, content_type=b"text/plain; version=0.0.4")
+
+    def join_workers(self, peers: WorkerPeers) -> None:
+        """Serve ``/metrics`` and the dashboard for the whole instance (``peers``: its other workers)."""
+        self.peers = peers
+        registry = self.proxy.metrics.registry
+        peers.providers["metrics"] = lambda: families_of(registry)
+        if self.dashboard is not None:
+            self.dashboard.join_workers(peers)
 
     async def readyz(self, request: Request) -> Response:
         now = self.proxy.clock()

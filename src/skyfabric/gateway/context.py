@@ -73,11 +73,16 @@ class RequestContext:
     wants_usage: bool = False
     #: Telemetry's per-request scratch (see ``gateway/observe.py``); None unless an observer is on.
     observed: dict[str, Any] | None = None
+    #: Head sampling chose to trace this request: its hooks go to ``Router.traced_observer`` (which has
+    #: the tracer) instead of ``Router.observer``. Decided once, in ``Proxy.forward``, so an unsampled
+    #: request never reaches the tracer.
+    traced: bool = False
     #: Each backend's own usage of a streamed answer, in order (what every part cost: the ledger's).
     usage_parts: list[Usage] = field(default_factory=list)
     #: The endpoint that served each part of a streamed answer, in order (``usage_parts``' owners).
     parts_endpoints: list[str] = field(default_factory=list)
-    #: The client's W3C ``traceparent`` (kept only while tracing is on).
+    #: The client's W3C ``traceparent``, passed upstream unchanged (kept only while tracing is on; None
+    #: once the gateway traces the request itself: then each attempt sends its own span's).
     traceparent: bytes | None = None
     #: The API key the request came with (managed or the fleet file's; None: the gateway needs none).
     key: KeyRecord | None = None

@@ -16,7 +16,10 @@ Three parts, each with one job:
   fleet's API keys as the credential. A browser signs in once through a form that sets an ``HttpOnly``,
   ``SameSite=Strict`` cookie holding a digest of the key (never the key itself).
 
-The view is the serving process's own: with several gateway workers each shows what it routed.
+With several gateway workers (``--workers N``) the worker that ticks a dashboard asks the others for their
+totals, health, feed and drill events each tick and shows the whole instance (``gateway/instance.py``).
+A drill runner announces its phases at ``POST /dashboard/drill`` (``gateway/drill_log.py``); the page
+draws that drill's timeline over the charts while it runs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import contextlib
 import hashlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,8 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from skyfabric.core.errors import ClientError
+from skyfabric.gateway.drill_log import DrillLog, timeline
 from skyfabric.gateway.genai_metrics import SECONDS_BUCKETS, GenAIMetrics
 from skyfabric.gateway.observe import CONTINUATION, HEDGE, Observer
 from skyfabric.http.messages import Request, Response, StreamResponse
@@ -41,7 +46,12 @@ from skyfabric.http.messages import Request, Response, StreamResponse
 if TYPE_CHECKING:
     from skyfabric.gateway.balancer import EndpointState
     from skyfabric.gateway.context import RequestContext
+    from skyfabric.gateway.instance import WorkerPeers
     from skyfabric.gateway.proxy import Proxy
+
+#: An endpoint's health words, least to most severe: the instance shows the worst any worker sees.
+SEVERITY = {"up": 0, "cooling": 1, "probing": 2, "down": 3}
+_SUMMED = ("outstanding", "streaming", "ejections", "successes", "failures")
 
 #: Seconds of chart history a freshly opened dashboard receives.
 HISTORY = 300
@@ -119,10 +129,12 @@ class FleetRecorder(Observer):
         self.cost_per_hour = {p: 0.0 for p in self.providers}
         for s in proxy.states.values():
             self.cost_per_hour[s.endpoint.provider] += s.endpoint.price_per_hour
+        metrics.rare_attempts.append(self._rare_attempt)
 
     # -- the hooks --------------------------------------------------------------------------------------
 
-    def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
+    def _rare_attempt(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
+        """A retry, hedge or continuation starting (told by the metrics: no hook call per first try)."""
         if kind == HEDGE:
             self._note("hedge", f"hedged on {state.endpoint.id}", state.endpoint.id, ctx.model)
         elif kind != CONTINUATION and ctx.attempts > 1:
@@ -179,7 +191,29 @@ class FleetRecorder(Observer):
                 t.ttft[i] += count
         return totals
 
-    def roll(self, elapsed: float) -> dict[str, list[Any]]:
+    def totals(self, peers: Sequence[dict[str, Any]] = ()) -> dict[str, _Totals]:
+        """This worker's totals (:meth:`_read`) plus the peers' (their :meth:`peer_totals`)."""
+        totals = self._read()
+        for view in peers:
+            for provider, (attempts, errors, tokens, ttft) in view.get("totals", {}).items():
+                t = totals.get(provider)
+                if t is None:
+                    continue
+                t.attempts += attempts
+                t.errors += errors
+                t.tokens += tokens
+                t.ttft = [a + b for a, b in zip(t.ttft, ttft, strict=True)]
+        return totals
+
+    def peer_totals(self) -> dict[str, list[Any]]:
+        """This worker's totals as a peer sends them."""
+        return {p: [t.attempts, t.errors, t.tokens, t.ttft] for p, t in self._read().items()}
+
+    def rebase(self, totals: dict[str, _Totals]) -> None:
+        """Start the next chart point from ``totals`` (a dashboard opened after a quiet spell)."""
+        self._totals = totals
+
+    def roll(self, elapsed: float, totals: dict[str, _Totals] | None = None) -> dict[str, list[Any]]:
         """Close the last ``elapsed`` seconds into one chart point per provider.
 
         A point is ``[wall time, seconds, attempts, failed attempts, ttft p50, ttft p99, tokens]`` — counts,
@@ -187,7 +221,8 @@ class FleetRecorder(Observer):
         token of the streams whose first token this provider sent) are None when there was none.
         """
         now = self.wall()
-        totals = self._read()
+        if totals is None:
+            totals = self._read()
         points: dict[str, list[Any]] = {}
         for provider in self.providers:
             new, old = totals[provider], self._totals[provider]
@@ -277,55 +312,144 @@ def summarize(topology: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+def merge_topology(own: list[dict[str, Any]], others: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The instance's tree from each worker's: an endpoint shows the worst health any worker sees (with
+    that worker's cause), and its counters summed over the workers."""
+    if not others:
+        return own
+    found: dict[str, list[dict[str, Any]]] = {}
+    for tree in others:
+        for provider in tree:
+            for region in provider["regions"]:
+                for pool in region["pools"]:
+                    for e in pool["endpoints"]:
+                        found.setdefault(e["id"], []).append(e)
+    for provider in own:
+        for region in provider["regions"]:
+            for pool in region["pools"]:
+                for e in pool["endpoints"]:
+                    for other in found.get(e["id"], ()):
+                        for name in _SUMMED:
+                            e[name] += other[name]
+                        if SEVERITY.get(other["health"], 0) > SEVERITY.get(e["health"], 0):
+                            for name in ("health", "cause", "since", "back_in"):
+                                e[name] = other[name]
+    return own
+
+
 class DashboardHub:
     """One snapshot per tick, broadcast as the same bytes to every subscriber."""
 
-    def __init__(self, recorder: FleetRecorder, interval: float = 1.0) -> None:
+    def __init__(self, recorder: FleetRecorder, drills: DrillLog, interval: float = 1.0) -> None:
         self.recorder = recorder
+        self.drills = drills
         self.interval = interval
+        #: The instance's other workers, when there are (their figures join every tick).
+        self.peers: WorkerPeers | None = None
         self.subscribers: set[asyncio.Queue[bytes]] = set()
         self._task: asyncio.Task[None] | None = None
         self._last = time.monotonic()
-        self._last_seq = 0
+        #: Worker index → the newest feed item already sent (this worker's own is -1).
+        self._sent: dict[int, int] = {}
         self.ticks = 0
 
-    def snapshot(self, *, history: bool) -> dict[str, Any]:
-        """The whole picture now; with ``history``, every stored chart point and feed item."""
+    def peer_view(self) -> dict[str, Any]:
+        """What this worker tells the worker that ticks a dashboard: totals, health, feed, drill events."""
         rec = self.recorder
         now = rec.proxy.clock()
         rec.readmissions(now)
-        topology = rec.topology(now)
         waiting = getattr(rec.proxy.admission, "waiting", None)
+        return {
+            "totals": rec.peer_totals(),
+            "topology": rec.topology(now),
+            "feed": list(rec.feed),
+            "drill": list(self.drills.events),
+            "queued": {name: waiting(name) for name in rec.proxy.clusters} if waiting else {},
+        }
+
+    async def _peers(self) -> list[tuple[int, dict[str, Any]]]:
+        return await self.peers.gather("dashboard") if self.peers is not None else []
+
+    def _feed(self, views: Sequence[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+        """Every worker's feed items as (worker, item), oldest first (this worker's is -1)."""
+        items = [(-1, item) for item in self.recorder.feed]
+        for worker, view in views:
+            items.extend((worker, item) for item in view.get("feed", ()))
+        items.sort(key=lambda pair: pair[1]["t"])
+        return items
+
+    @staticmethod
+    def _keyed(worker: int, item: dict[str, Any]) -> dict[str, Any]:
+        # Each worker numbers its own feed: the page tells items apart by worker and number together.
+        return item if worker < 0 else {**item, "seq": f"{worker}.{item['seq']}"}
+
+    def snapshot(self, *, history: bool, views: Sequence[tuple[int, dict[str, Any]]] = ()) -> dict[str, Any]:
+        """The whole picture now (``views``: the peers' :meth:`peer_view`); with ``history``, every
+        stored chart point and feed item."""
+        rec = self.recorder
+        now = rec.proxy.clock()
+        rec.readmissions(now)
+        topology = merge_topology(rec.topology(now), [v["topology"] for _, v in views])
+        waiting = getattr(rec.proxy.admission, "waiting", None)
+        queued = {name: waiting(name) for name in rec.proxy.clusters} if waiting else {}
+        for _, view in views:
+            for name, n in view.get("queued", {}).items():
+                queued[name] = queued.get(name, 0) + n
+        events = list(self.drills.events)
+        for _, view in views:
+            events.extend(view.get("drill", ()))
         out: dict[str, Any] = {
             "time": rec.wall(),
             "interval": self.interval,
             "topology": topology,
             "summary": summarize(topology),
-            "queued": {name: waiting(name) for name in rec.proxy.clusters} if waiting else {},
+            "queued": queued,
+            "drill": timeline(events),
+            "workers": 1 + len(views),
         }
         if history:
             out["series"] = {p: list(points) for p, points in rec.series.items()}
-            out["feed"] = list(rec.feed)
+            out["feed"] = [self._keyed(w, item) for w, item in self._feed(views)][-FEED:]
         return out
 
-    def tick(self) -> bytes:
-        """Roll the recorder's second and encode the event every subscriber receives."""
+    async def history(self) -> dict[str, Any]:
+        """The snapshot a freshly opened dashboard (or ``skyfabric status``) gets."""
+        return self.snapshot(history=True, views=await self._peers())
+
+    async def tick(self) -> bytes:
+        """Roll the instance's second and encode the event every subscriber receives."""
+        views = await self._peers()
         now = time.monotonic()
-        points = self.recorder.roll(now - self._last)
+        points = self.recorder.roll(now - self._last, self.recorder.totals([v for _, v in views]))
         self._last = now
-        data = self.snapshot(history=False)
+        data = self.snapshot(history=False, views=views)
         data["points"] = points
-        data["feed"] = [item for item in self.recorder.feed if item["seq"] > self._last_seq]
-        self._last_seq = self.recorder.seq
+        fresh = []
+        for worker, item in self._feed(views):
+            if item["seq"] > self._sent.get(worker, 0):
+                fresh.append(self._keyed(worker, item))
+                self._sent[worker] = item["seq"]
+        data["feed"] = fresh
         self.ticks += 1
         return b"event: tick\ndata: " + orjson.dumps(data) + b"\n\n"
+
+    async def _start(self) -> None:
+        """The first subscriber: charts start from now, the feed from what it was sent in its hello."""
+        views = await self._peers()
+        self.recorder.rebase(self.recorder.totals([v for _, v in views]))
+        self._last = time.monotonic()
+        self._sent = {-1: self.recorder.seq}
+        for worker, view in views:
+            feed = view.get("feed") or [{"seq": 0}]
+            self._sent[worker] = feed[-1]["seq"]
 
     async def run(self) -> None:
         """Tick while anyone watches; the charts keep accruing between ticks through the recorder."""
         try:
+            await self._start()
             while self.subscribers:
                 await asyncio.sleep(self.interval)
-                event = self.tick()
+                event = await self.tick()
                 for queue in self.subscribers:
                     if queue.qsize() < 8:  # a dashboard that stopped reading loses ticks, not memory
                         queue.put_nowait(event)
@@ -336,12 +460,10 @@ class DashboardHub:
         """The event stream of one dashboard: the history first, then a tick each interval."""
         queue: asyncio.Queue[bytes] = asyncio.Queue()
         self.subscribers.add(queue)
-        if self._task is None:
-            self._last = time.monotonic()
-            self._last_seq = self.recorder.seq
+        if self._task is None:  # set before any await: two dashboards opening at once start one ticker
             self._task = asyncio.get_running_loop().create_task(self.run())
         try:
-            hello = self.snapshot(history=True)
+            hello = await self.history()
             yield b"retry: 1000\nevent: hello\ndata: " + orjson.dumps(hello) + b"\n\n"
             while True:
                 try:
@@ -365,13 +487,28 @@ class Dashboard:
     """The routes under ``/dashboard``; authenticated by the fleet's API keys (none: open)."""
 
     def __init__(
-        self, proxy: Proxy, metrics: GenAIMetrics, keys: set[bytes], *, interval: float = 1.0
+        self,
+        proxy: Proxy,
+        metrics: GenAIMetrics,
+        keys: set[bytes],
+        *,
+        interval: float = 1.0,
+        admin: bytes | None = None,
     ) -> None:
         self.recorder = FleetRecorder(proxy, metrics)
-        self.hub = DashboardHub(self.recorder, interval)
+        self.drills = DrillLog()
+        self.hub = DashboardHub(self.recorder, self.drills, interval)
         self.keys = keys
         self.tokens = {cookie_token(k) for k in keys}
+        #: Who may announce a drill: the admin credential when the gateway has one, else whoever may
+        #: open the dashboard (a fleet file's keys; nobody needs one on a fleet without keys).
+        self.writers = {admin} if admin is not None else keys
         self._files: dict[str, bytes] = {}
+
+    def join_workers(self, peers: WorkerPeers) -> None:
+        """Show the whole instance: tick with the other workers' figures, and answer theirs."""
+        self.hub.peers = peers
+        peers.providers["dashboard"] = self.hub.peer_view
 
     def _asset(self, name: str) -> bytes:
         data = self._files.get(name)
@@ -416,6 +553,8 @@ class Dashboard:
             return self._page(
                 303, b"", b"text/plain", [(b"location", b"/dashboard"), (b"set-cookie", cookie)]
             )
+        if path == b"/dashboard/drill":
+            return self._drill_event(request)
         if method != b"GET":
             return self._page(405, b"method not allowed", b"text/plain")
         if not self._authorized(request):
@@ -431,8 +570,24 @@ class Dashboard:
         if path == b"/dashboard/events":
             return StreamResponse(200, self.hub.subscribe(), list(SECURITY_HEADERS))
         if path == b"/dashboard/state":
-            return self._page(200, orjson.dumps(self.hub.snapshot(history=True)), b"application/json")
+            return self._page(200, orjson.dumps(await self.hub.history()), b"application/json")
         return self._page(404, b"no such page", b"text/plain")
+
+    def _drill_event(self, request: Request) -> Response:
+        """``POST /dashboard/drill``: a drill runner's phase (bearer credential only: no cookie, so a
+        page cannot be made to post one)."""
+        if request.method != b"POST":
+            return self._page(405, b"method not allowed", b"text/plain", [(b"allow", b"POST")])
+        if self.writers:
+            value = request.header(b"authorization") or b""
+            if value[:7].lower() != b"bearer " or value[7:].strip() not in self.writers:
+                body = b'{"error":"announcing a drill needs the admin credential (Authorization: Bearer)"}'
+                return self._page(401, body, b"application/json")
+        try:
+            event = self.drills.record(request.body)
+        except ClientError as exc:
+            return self._page(400, orjson.dumps({"error": str(exc)}), b"application/json")
+        return self._page(202, orjson.dumps(event), b"application/json")
 
     def _login(self, *, failed: bool) -> bytes:
         page = self._asset("login.html")

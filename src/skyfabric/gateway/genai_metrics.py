@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -138,6 +138,9 @@ class GenAIMetrics(Observer, Collector):
         self.failovers: dict[tuple[str, ...], float] = {}
         self.ejections: dict[tuple[str, ...], float] = {}
         self._last_outcome: dict[str, str] = {}
+        #: Called for every attempt but a first try (retries, hedges, continuations): the dashboard's feed
+        #: hears of them here, so that a first try costs one hook call, not one per observer.
+        self.rare_attempts: list[Callable[[RequestContext, EndpointState, str], None]] = []
 
     def _series(self, ctx: RequestContext, endpoint: Endpoint) -> _Series:
         key = (ctx.kind, ctx.model, endpoint.id)
@@ -165,17 +168,14 @@ class GenAIMetrics(Observer, Collector):
 
     # -- the hooks --------------------------------------------------------------------------------------
 
-    def request_start(self, ctx: RequestContext) -> None:
-        # Only a stream needs its start: its duration is measured here, when it ends.
-        if ctx.observed is None:
-            ctx.observed = {"started": self.proxy.clock()} if ctx.stream else {}
-        elif ctx.stream:
-            ctx.observed["started"] = self.proxy.clock()
-
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
-        if kind == ATTEMPT and ctx.attempts > 1:
+        if kind == ATTEMPT and ctx.attempts == 1:
+            return  # the common case: a first try
+        if kind == ATTEMPT:
             key = (ctx.model, "before_first_token")
             self.failovers[key] = self.failovers.get(key, 0) + 1
+        for listener in self.rare_attempts:
+            listener(ctx, state, kind)
 
     def attempt_end(
         self,
@@ -191,9 +191,13 @@ class GenAIMetrics(Observer, Collector):
         if outcome != "ok":
             self._last_outcome[e.id] = outcome
             return
-        series = self._series(ctx, e)
-        if ctx.observed is not None:
-            ctx.observed["series"] = series
+        key = (ctx.kind, ctx.model, e.id)
+        series = self.series.get(key) or self._series(ctx, e)
+        observed = ctx.observed
+        if observed is None:
+            ctx.observed = {"series": series}
+        else:
+            observed["series"] = series
         if body is not None:
             prompt, completion = usage_counts(body)
             series.input_tokens += prompt
@@ -209,6 +213,9 @@ class GenAIMetrics(Observer, Collector):
         else:
             series.ttfc.observe(seconds)
             observed["ttfc"] = seconds  # type: ignore[index]
+            # The stream's start, for its duration when it ends: from the arrival the router measured,
+            # so that no hook is needed when a request starts.
+            observed["started"] = self.proxy.clock() - seconds  # type: ignore[index]
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
         observed = ctx.observed

@@ -14,7 +14,7 @@ that only an enabled observer ever creates.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from skyfabric.gateway.balancer import EndpointState
@@ -72,6 +72,14 @@ class Observer:
         """An endpoint left rotation; ``reason`` is the failure that ejected it."""
 
 
+class Sampler(Protocol):
+    """Head sampling of traces: whether a request is traced, decided once before any of its hooks runs."""
+
+    def sampled(self, ctx: RequestContext) -> bool:
+        """Trace ``ctx``? (The client's ``traceparent`` decides when it carries a decision.)"""
+        ...
+
+
 class Observers(Observer):
     """Several observers as one: each call goes, in order, to those that override that hook."""
 
@@ -93,6 +101,11 @@ class Observers(Observer):
         self._stream_end = hook("stream_end")
         self._continued = hook("continued")
         self._ejected = hook("ejected")
+        # A point only one observer watches calls it directly: no loop, no extra frame on the request path.
+        for name in ("request_start", "request_end", "attempt_start", "attempt_end", "stream_end"):
+            found = getattr(self, f"_{name}")
+            if len(found) == 1:
+                setattr(self, name, found[0])
 
     def request_start(self, ctx: RequestContext) -> None:
         for f in self._request_start:
@@ -143,6 +156,17 @@ class Observers(Observer):
             f(state, reason)
 
 
+def upstream_headers(
+    observer: Observer, ctx: RequestContext, state: EndpointState
+) -> list[tuple[bytes, bytes]]:
+    """What an attempt adds to its upstream request: its observers' headers (a traced request's own
+    ``traceparent``), or the client's ``traceparent`` unchanged when the gateway does not trace it."""
+    extra = observer.upstream_headers(ctx, state)
+    if ctx.traceparent is not None:
+        return [*extra, (b"traceparent", ctx.traceparent)]
+    return extra
+
+
 def combine(observers: list[Observer]) -> Observer:
     """The cheapest observer that does what ``observers`` do together (the no-op one when empty)."""
     if not observers:
@@ -152,20 +176,26 @@ def combine(observers: list[Observer]) -> Observer:
     return Observers(observers)
 
 
-_NUMBER = re.compile(rb"\s*:\s*(\d+)")
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+#: The compact form vLLM, SGLang and most engines write (prompt, maybe total, then completion): one search.
+_COMPACT = re.compile(rb'"usage":\{"prompt_tokens":(\d+),(?:"total_tokens":\d+,)?"completion_tokens":(\d+)')
 
 
 def usage_counts(body: bytes) -> tuple[int, int]:
     """``usage``'s (prompt_tokens, completion_tokens) of a non-streaming answer, without parsing the body.
 
-    Both are 0 when the answer reports no usage. Searched from the end, where servers put ``usage``; the
-    closing quote in each key keeps ``prompt_tokens_details`` from matching.
+    Both are 0 when the answer reports no usage. Searched from the last ``"usage"`` key (servers put it
+    last, and a quote inside content is escaped, so the content cannot fake it); the closing quote in each
+    key keeps ``prompt_tokens_details`` from matching. One compiled search for the engines' compact form,
+    two for any other layout, no JSON parse: this runs once per non-streaming answer while metrics are on.
     """
-    at = body.rfind(b'"completion_tokens"')
+    at = body.rfind(b'"usage"')
     if at < 0:
         return 0, 0
-    found = _NUMBER.match(body, at + 19)
-    completion = int(found.group(1)) if found else 0
-    at = body.rfind(b'"prompt_tokens"')
-    found = _NUMBER.match(body, at + 15) if at >= 0 else None
-    return (int(found.group(1)) if found else 0), completion
+    compact = _COMPACT.match(body, at)
+    if compact is not None:
+        return int(compact[1]), int(compact[2])
+    prompt = _PROMPT.search(body, at)
+    completion = _COMPLETION.search(body, at)
+    return (int(prompt[1]) if prompt else 0), (int(completion[1]) if completion else 0)

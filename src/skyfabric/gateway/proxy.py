@@ -33,7 +33,7 @@ from skyfabric.gateway.classify import classify, request_fault
 from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.fit import prompt_token_floor
 from skyfabric.gateway.hedge import race
-from skyfabric.gateway.observe import ATTEMPT, HEDGE
+from skyfabric.gateway.observe import ATTEMPT, HEDGE, upstream_headers
 from skyfabric.gateway.relay import StreamRelay
 from skyfabric.gateway.retry import backoff
 from skyfabric.gateway.router import Router
@@ -93,13 +93,18 @@ class Proxy(Router):
             self.metrics.request(ctx.model, "429")
             raise
         ctx.on_done = lambda: self.admission.release(charged, self.clock() - started)
-        ctx.wants_usage = self.observer.counts_tokens
-        self.observer.request_start(ctx)
+        observer = self.observer
+        sampler = self.sampler
+        if sampler is not None and sampler.sampled(ctx):
+            observer = self.traced_observer
+            ctx.traced = True
+        ctx.wants_usage = observer.counts_tokens
+        observer.request_start(ctx)
         try:
             result = await self._forward(ctx, chain)
         except BaseException:
             ctx.finish()
-            self.observer.request_end(ctx, 499, self.clock() - started)
+            observer.request_end(ctx, 499, self.clock() - started)
             raise
         if not isinstance(result, StreamResponse):
             ctx.finish()  # a stream's relay frees the slot when the stream ends
@@ -109,7 +114,7 @@ class Proxy(Router):
             self.metrics.observe(self.metrics.ttft, ctx.model, self.clock() - started)
         else:
             self.metrics.observe(self.metrics.latency, ctx.model, self.clock() - started)
-        self.observer.request_end(ctx, result.status, self.clock() - started)
+        observer.request_end(ctx, result.status, self.clock() - started)
         return result
 
     def _chain(self, ctx: RequestContext) -> tuple[str, ...]:
@@ -257,7 +262,7 @@ class Proxy(Router):
                                     break
                                 self._settle(ctx, pending)
                                 self.metrics.attempt(failed.endpoint.id, f"status_{exc.status}")
-                                self.observer.attempt_end(ctx, failed, f"status_{exc.status}")
+                                self.observer_of(ctx).attempt_end(ctx, failed, f"status_{exc.status}")
                                 return self._passthrough(ctx, exc)
                             why = request_fault(exc)
                             provider = failed.endpoint.provider
@@ -355,9 +360,10 @@ class Proxy(Router):
         state.outstanding += 1
         handed_off = False
         started = self.clock()
-        self.observer.attempt_start(ctx, state, kind)
+        observer = self.traced_observer if ctx.traced else self.observer
+        observer.attempt_start(ctx, state, kind)
         try:
-            extra = self.observer.upstream_headers(ctx, state)
+            extra = upstream_headers(observer, ctx, state)
             resp = await self.open(state, call, ctx.stream, ctx.deadline, extra)
             if ctx.prefix_key is not None and (report := resp.header(REPORT_HEADER)) is not None:
                 self.prefix_table.learn(ctx.prefix_key, endpoint.id, report)
@@ -368,7 +374,7 @@ class Proxy(Router):
                     data = ctx.frontend.response(ctx.request, self._decoded(backend, endpoint, data))
                 record_success(state, self.clock())
                 self.metrics.attempt(endpoint.id, "ok")
-                self.observer.attempt_end(ctx, state, "ok", self.clock() - started, data)
+                observer.attempt_end(ctx, state, "ok", self.clock() - started, data)
                 return Response(200, data, self._backend_headers[endpoint.id])
             # The relay strips usage it asked for and the client did not: only an OpenAI client can
             # not ask (Anthropic's protocol always reports usage).
@@ -380,7 +386,7 @@ class Proxy(Router):
             handed_off = True
             self.ttft[model].add(self.clock() - started)
             self.metrics.attempt(endpoint.id, "ok")
-            self.observer.attempt_end(ctx, state, "ok", self.clock() - started)
+            observer.attempt_end(ctx, state, "ok", self.clock() - started)
             headers = self._backend_headers[endpoint.id]
             return StreamResponse(
                 200,

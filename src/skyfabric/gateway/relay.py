@@ -45,7 +45,7 @@ from skyfabric.core.errors import (
 )
 from skyfabric.gateway.balancer import EndpointState, record_success
 from skyfabric.gateway.context import RequestContext
-from skyfabric.gateway.observe import CONTINUATION
+from skyfabric.gateway.observe import CONTINUATION, upstream_headers
 from skyfabric.gateway.router import Router
 from skyfabric.http.client import UpstreamResponse
 from skyfabric.protocols.base import Backend, Decoder, Encoder, UpstreamCall
@@ -615,7 +615,7 @@ class StreamRelay:
                 sent = self._tokens_sent()
                 self.ctx.usage_parts = self.parts_usage
                 self.ctx.parts_endpoints = self.backends
-                self.router.observer.stream_end(
+                self.router.observer_of(self.ctx).stream_end(
                     self.ctx, self.state, sent if sent is not None else self.progress.chunks, completed
                 )
             finally:
@@ -725,9 +725,9 @@ class StreamRelay:
             ctx.attempts += 1
             ctx.tried.add(state.endpoint.id)
             state.outstanding += 1
-            router.observer.attempt_start(ctx, state, CONTINUATION)
+            router.observer_of(ctx).attempt_start(ctx, state, CONTINUATION)
             try:
-                extra = router.observer.upstream_headers(ctx, state)
+                extra = upstream_headers(router.observer_of(ctx), ctx, state)
                 resp = await router.open(state, call, True, ctx.deadline, extra)
             except UpstreamStatus as err:
                 state.outstanding -= 1
@@ -751,7 +751,7 @@ class StreamRelay:
                 state.outstanding -= 1
                 raise
             self._switch(state, resp, mode, given, tokens)
-            router.observer.continued(
+            router.observer_of(ctx).continued(
                 ctx, failed, state, tokens if tokens is not None else self.progress.chunks
             )
             return None

@@ -39,7 +39,7 @@ from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.fit import MAX_CHARS_PER_TOKEN
 from skyfabric.gateway.hedge import TtftWindow
 from skyfabric.gateway.metrics import GatewayMetrics
-from skyfabric.gateway.observe import Observer
+from skyfabric.gateway.observe import Observer, Sampler
 from skyfabric.gateway.retry import RetryBudget
 from skyfabric.http.client import HTTPClient, UpstreamResponse
 from skyfabric.protocols.base import Backend, UpstreamCall
@@ -111,8 +111,13 @@ class Router:
             for name, reach in self._reaches.items()
         }
         self.metrics = GatewayMetrics(list(self.states.values()), clock)
-        #: Telemetry's hooks (dashboard, GenAI metrics, traces); the no-op observer when all are off.
+        #: Telemetry's hooks (dashboard, GenAI metrics, logs); the no-op observer when all are off.
         self.observer: Observer = Observer()
+        #: Tracing's head sampling (None: tracing off) and the hooks of a request it chose to trace (the
+        #: same plus the tracer): the choice is made once per request, so an unsampled one costs the
+        #: tracer nothing past the choice.
+        self.sampler: Sampler | None = None
+        self.traced_observer: Observer = self.observer
         #: The protocol adapter of each engine kind in the fleet, resolved now: a kind with none is a
         #: configuration error at load, not a surprise at the first request.
         self.backends: dict[str, Backend] = backends_for(fleet, endpoints)
@@ -120,6 +125,10 @@ class Router:
             e.id: [(b"x-skyfabric-backend", e.id.encode()), (b"x-skyfabric-model", e.model.encode())]
             for e in endpoints
         }
+
+    def observer_of(self, ctx: RequestContext) -> Observer:
+        """The hooks of ``ctx``: the traced request's (with the tracer) or everyone else's."""
+        return self.traced_observer if ctx.traced else self.observer
 
     # -- chains: which models may serve a request, in which order ---------------------------------------
 
@@ -235,7 +244,7 @@ class Router:
         )
         outcome = f"status_{exc.status}" if isinstance(exc, UpstreamStatus) else type(exc).__name__
         self.metrics.attempt(state.endpoint.id, outcome)
-        self.observer.attempt_end(ctx, state, outcome)
+        self.observer_of(ctx).attempt_end(ctx, state, outcome)
         ctx.failed_providers.add(state.endpoint.provider)
         if isinstance(exc, EndpointAborted):
             return  # we aborted it ourselves when its endpoint was ejected: nothing new to count

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 from skyfabric.core.endpoints import fleet_endpoints
 from skyfabric.core.fleet import Fleet
@@ -15,6 +17,7 @@ from skyfabric.core.fleet import Listener as ListenerSettings
 from skyfabric.core.lifetime import die_with_parent
 from skyfabric.gateway.api_errors import error_body
 from skyfabric.gateway.app import Gateway
+from skyfabric.gateway.instance import WorkerPeers
 from skyfabric.http.server import Listener
 
 log = logging.getLogger("skyfabric.gateway")
@@ -76,6 +79,7 @@ async def serve_fleet(
     worker: int = 0,
     workers: int = 1,
     fleet_path: str | None = None,
+    run_dir: str | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; finishes responses in flight before returning.
 
@@ -86,9 +90,16 @@ async def serve_fleet(
     kernel spreads connections over the workers (SO_REUSEPORT), so the shares fill about evenly.
 
     With ``fleet_path``, changes to the pools' endpoint lists in that file are applied while serving.
+    With ``run_dir`` (the supervisor's, shared by the workers), ``/metrics`` and the dashboard show the
+    whole instance: the answering worker merges its peers' figures (``gateway/instance.py``).
     """
     gateway = Gateway(fleet, fleet_endpoints(fleet), fleet_path=fleet_path)
     gateway.proxy.admission.set_share(worker, workers)
+    peers = None
+    if run_dir is not None and workers > 1:
+        peers = WorkerPeers(run_dir, worker, workers)
+        gateway.join_workers(peers)
+        await peers.start()
     await gateway.start()
     listener = make_listener(gateway, fleet.listener)
     tls = fleet.listener.ssl_context()
@@ -102,6 +113,8 @@ async def serve_fleet(
     await stop.wait()
     await listener.stop(grace=5.0)
     await gateway.close()
+    if peers is not None:
+        await peers.close()
 
 
 def run(fleet: Fleet, host: str, port: int, workers: int = 1, fleet_path: str | None = None) -> None:
@@ -111,6 +124,8 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1, fleet_path: str | 
         asyncio.run(serve_fleet(fleet, host, port, fleet_path=fleet_path))
         return
     children: list[int] = []
+    # The workers' meeting place: each answers its peers on a Unix socket here (fleet-wide /metrics).
+    run_dir = tempfile.mkdtemp(prefix="skyfabric-workers-")
     for worker in range(workers):
         pid = os.fork()
         if pid == 0:  # child
@@ -118,7 +133,14 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1, fleet_path: str | 
             try:
                 _install_uvloop()
                 serve = serve_fleet(
-                    fleet, host, port, reuse_port=True, worker=worker, workers=workers, fleet_path=fleet_path
+                    fleet,
+                    host,
+                    port,
+                    reuse_port=True,
+                    worker=worker,
+                    workers=workers,
+                    fleet_path=fleet_path,
+                    run_dir=run_dir,
                 )
                 asyncio.run(serve)
             finally:
@@ -143,4 +165,5 @@ def run(fleet: Fleet, host: str, port: int, workers: int = 1, fleet_path: str | 
                 break
             except InterruptedError:
                 continue
+    shutil.rmtree(run_dir, ignore_errors=True)
     sys.exit(status)

@@ -9,8 +9,8 @@ span stays open until its part of the stream ends: a break mid-stream closes it 
 a ``continuation`` span on the next backend, with the number of tokens it continued from.
 
 Off by default; when off no observer is installed and ``opentelemetry`` is never imported, so it costs
-nothing. On, spans go to the fleet file's OTLP endpoint (``pip install skyfabric[otlp]``) or, without
-one, to the process's global tracer provider (an application embedding the gateway, or a test).
+nothing. On, spans go to the fleet file's OTLP endpoint (OTLP/HTTP, JSON by default) or, without one, to
+the process's global tracer provider (an application embedding the gateway, or a test).
 """
 
 from __future__ import annotations
@@ -34,31 +34,73 @@ if TYPE_CHECKING:
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NONE: list[tuple[bytes, bytes]] = []
+_ZERO_TRACE = b"0" * 32
+
+
+def client_decision(header: bytes) -> bool | None:
+    """The sampled flag of a W3C ``traceparent`` (``00-<trace id>-<parent id>-<flags>``); None when the
+    header is not a valid one (then the gateway decides, as if none had been sent)."""
+    if len(header) < 55 or header[2:3] != b"-" or header[35:36] != b"-" or header[52:53] != b"-":
+        return None
+    if header[:2] == b"ff" or header[3:35] == _ZERO_TRACE or header[36:52] == b"0" * 16:
+        return None
+    if len(header) > 55 and (header[:2] == b"00" or header[55:56] != b"-"):
+        return None  # version 00 has exactly four fields; later versions may append more after a dash
+    try:
+        int(header[:2], 16), int(header[3:35], 16), int(header[36:52], 16)
+        flags = int(header[53:55], 16)
+    except ValueError:
+        return None
+    return bool(flags & 1)
 
 
 def tracer_provider(config: Tracing) -> Any:
-    """The provider spans go to: an OTLP exporter when an endpoint is configured, else the global one."""
+    """The provider spans go to: an OTLP exporter when an endpoint is configured, else the global one.
+
+    Spans are exported in batches by the SDK's ``BatchSpanProcessor``, on its own thread: never on the
+    event loop. The default encoding is OTLP/JSON (``gateway/otlp_json.py``), a tenth of the protobuf
+    exporter's CPU per span.
+    """
     if not config.otlp_endpoint:
         return trace.get_tracer_provider()
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         raise ConfigError(
-            "observability.tracing.otlp_endpoint is set but the OTLP exporter is not installed: "
+            "observability.tracing.otlp_endpoint is set but the OpenTelemetry SDK is not installed: "
             "pip install 'skyfabric[otlp]'"
         ) from None
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    exporter: Any
+    if config.otlp_encoding == "json":
+        from skyfabric.gateway.otlp_json import OTLPJsonExporter
 
+        exporter = OTLPJsonExporter(config.otlp_endpoint)
+    else:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise ConfigError(
+                "observability.tracing.otlp_encoding is protobuf but the OTLP exporter is not installed: "
+                "pip install 'skyfabric[otlp]'"
+            ) from None
+        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint)
     provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint)))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 
 class Tracer(Observer):
+    """Head sampling and the spans of sampled requests; per-request state lives in ``ctx.observed``.
+
+    Installed as the router's ``sampler``, and in its ``traced_observer`` only: the hooks below run for
+    sampled requests alone, so they need not ask whether the request is traced. The spans are never made
+    the current context (nothing on the request path reads it), and an ejection, which no request owns,
+    is not an event of any span (the dashboard's feed and the decision log have it).
+    """
+
     counts_tokens = True
-    """Turns the router's events into spans; per-request state lives in ``ctx.observed``."""
 
     def __init__(self, proxy: Proxy, provider: Any, sample_ratio: float = 1.0) -> None:
         self.proxy = proxy
@@ -66,28 +108,29 @@ class Tracer(Observer):
         self.tracer = provider.get_tracer("skyfabric.gateway")
         self.sample_ratio = sample_ratio
 
+    # -- head sampling, once per request (the router asks before any hook runs) ----------------------------
+
+    def sampled(self, ctx: RequestContext) -> bool:
+        """The client's decision when its ``traceparent`` carries a valid one (parent-based), else
+        ``sample_ratio``. Only a sampled request reaches the hooks below: an unsampled one costs this
+        method (a ``random()``, or a look at the header's flags) and nothing else — no span, no context,
+        no header formatting; its client's ``traceparent`` goes upstream unchanged."""
+        header = ctx.traceparent
+        if header is not None:
+            decision = client_decision(header)
+            if decision is not None:
+                return decision
+        ratio = self.sample_ratio
+        return ratio >= 1.0 or (ratio > 0.0 and random.random() < ratio)
+
     # -- the request ------------------------------------------------------------------------------------
 
     def request_start(self, ctx: RequestContext) -> None:
-        # Head sampling before any span exists: the client's decision when it sent a valid traceparent
-        # (parent-based), else ``sample_ratio``. An unsampled request costs a random() and passes the
-        # client's traceparent on unchanged, as a proxy outside the trace should.
         parent = None
-        sampled = None
-        if ctx.traceparent:
+        if ctx.traceparent is not None:
             parent = _PROPAGATOR.extract({"traceparent": ctx.traceparent.decode("latin-1")})
-            client = trace.get_current_span(parent).get_span_context()
-            if client.is_valid:
-                sampled = client.trace_flags.sampled
-        if sampled is None:
-            sampled = random.random() < self.sample_ratio
+            ctx.traceparent = None  # this gateway's spans continue the trace: attempts send their own
         observed = ctx.observed
-        if not sampled:
-            if ctx.traceparent:
-                if observed is None:
-                    observed = ctx.observed = {}
-                observed["traceparent"] = [(b"traceparent", ctx.traceparent)]
-            return
         if observed is None:
             observed = ctx.observed = {}
         operation = OPERATIONS[ctx.kind]
@@ -171,17 +214,17 @@ class Tracer(Observer):
 
     def upstream_headers(self, ctx: RequestContext, state: EndpointState) -> list[tuple[bytes, bytes]]:
         observed = ctx.observed
-        if observed is None:
-            return _NONE
-        if "span" not in observed:
-            passthrough: list[tuple[bytes, bytes]] = observed.get("traceparent", _NONE)
-            return passthrough
-        span = observed["attempt_spans"].get(state.endpoint.id)
+        span = observed["attempt_spans"].get(state.endpoint.id) if observed else None
         if span is None:
             return _NONE
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-        return [(k.encode(), v.encode()) for k, v in carrier.items()]
+        c = span.get_span_context()
+        if not c.is_valid:
+            return _NONE  # a non-recording span of the API's no-op provider (no SDK installed): no trace
+        header = b"00-%032x-%016x-%02x" % (c.trace_id, c.span_id, c.trace_flags)
+        out = [(b"traceparent", header)]
+        if c.trace_state:
+            out.append((b"tracestate", c.trace_state.to_header().encode()))
+        return out
 
     def attempt_end(
         self,
@@ -228,11 +271,6 @@ class Tracer(Observer):
             "continuation",
             {"from": failed.endpoint.id, "to": state.endpoint.id, "tokens_before": tokens},
         )
-
-    def ejected(self, state: EndpointState, reason: str) -> None:
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.add_event("ejection", {"endpoint": state.endpoint.id, "reason": reason})
 
     @staticmethod
     def _close_attempts(observed: dict[str, Any], error: str | None) -> None:

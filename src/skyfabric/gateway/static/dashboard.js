@@ -6,6 +6,7 @@ const series = {};          // provider -> [[t, seconds, attempts, failed, ttft 
 let lastState = null;
 let lastTick = 0;
 const feedSeen = new Set();
+const feedItems = [];        // every feed item received (the drill timeline marks ejections and recoveries)
 
 const $ = (id) => document.getElementById(id);
 function el(tag, cls, text) {
@@ -172,6 +173,8 @@ function addFeed(items) {
   for (const item of items) {
     if (feedSeen.has(item.seq)) continue;
     feedSeen.add(item.seq);
+    feedItems.push(item);
+    if (feedItems.length > 1000) feedItems.shift();
     if (empty) empty.remove();
     const li = el("li");
     li.dataset.kind = item.kind;
@@ -182,6 +185,105 @@ function addFeed(items) {
   if (!list.children.length) list.append(el("li", "empty", "Nothing yet: no failover, continuation or ejection."));
 }
 
+// -- the drill timeline ---------------------------------------------------------------------------------
+// A drill runner announces its phases (POST /dashboard/drill): each fault is a lane with a bar while it is
+// on; under the lanes, what the gateway saw on the same time axis (all providers together: requests/s,
+// failed attempts/s, the worst provider's TTFT p50), with its ejections (red) and recoveries (green).
+
+function fleetPoints() {
+  const byTime = new Map();
+  for (const points of Object.values(series)) for (const p of points) {
+    const t = Math.round(p[0] * 10) / 10;
+    const row = byTime.get(t) || { t: p[0], seconds: p[1], attempts: 0, failed: 0, ttft: null };
+    row.attempts += p[2];
+    row.failed += p[3];
+    if (p[4] !== null && (row.ttft === null || p[4] > row.ttft)) row.ttft = p[4];
+    byTime.set(t, row);
+  }
+  return [...byTime.values()].sort((a, b) => a.t - b.t);
+}
+
+function renderDrill(drill, now) {
+  const box = $("drill");
+  if (!drill) { box.hidden = true; return; }
+  box.hidden = false;
+  box.dataset.drill = drill.id;
+  box.dataset.state = drill.ended ? "ended" : "running";
+  const end = drill.ended || now;
+  const elapsed = Math.max(0, end - drill.started);
+  const planned = drill.duration ? " / " + Math.round(drill.duration) + " s planned" : "";
+  $("drill-title").textContent = (drill.scenario || drill.id) + " · " + (drill.ended ? "ended after " : "running ") +
+    Math.round(elapsed) + " s" + planned + " · started " + clock(drill.started);
+  const from = drill.started - 10;
+  const to = Math.max(end, drill.ended ? end : drill.started + (drill.duration || 0)) + 5;
+  const W = 900, LEFT = 150, LANE = 18, CH = 34;
+  const lanes = drill.faults.length;
+  const H = 16 + lanes * (LANE + 4) + 3 * (CH + 6) + 4;
+  const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "drill timeline" });
+  const x = (t) => LEFT + ((t - from) / Math.max(1, to - from)) * (W - LEFT - 4);
+  // time axis: a tick every 10 s from the start
+  for (let t = drill.started; t <= to; t += 10) {
+    s.append(svg("line", { x1: x(t), x2: x(t), y1: 12, y2: H, class: "axis" }));
+    const label = svg("text", { x: x(t) + 2, y: 10, class: "muted" });
+    label.textContent = "+" + Math.round(t - drill.started) + "s";
+    s.append(label);
+  }
+  drill.faults.forEach((fault, n) => {
+    const y = 16 + n * (LANE + 4);
+    const g = svg("g", { class: "fault" });
+    const open = fault.windows.length && fault.windows[fault.windows.length - 1][1] === null;
+    g.dataset.fault = fault.fault;
+    g.dataset.target = fault.target || "";
+    g.dataset.state = open ? "on" : "off";
+    g.dataset.windows = fault.windows.length;
+    g.append(svg("rect", { x: LEFT, y, width: W - LEFT - 4, height: LANE, class: "lane" }));
+    const name = svg("text", { x: 0, y: y + 13 });
+    name.textContent = (fault.target || fault.fault) + (fault.mode ? ": " + fault.mode : "");
+    g.append(name);
+    for (const [on, off] of fault.windows) {
+      const bar = svg("rect", { x: x(on), y: y + 2, width: Math.max(1.5, x(off === null ? now : off) - x(on)),
+                                height: LANE - 4, class: off === null ? "bar" : "bar closed" });
+      const tip = svg("title");
+      tip.textContent = fault.fault + ": on at +" + (on - drill.started).toFixed(1) + " s" +
+        (off === null ? ", still on" : ", off at +" + (off - drill.started).toFixed(1) + " s");
+      bar.append(tip);
+      g.append(bar);
+    }
+    s.append(g);
+  });
+  const points = fleetPoints().filter((p) => p.t >= from && p.t <= to);
+  const rows = [
+    { label: "requests/s", cls: "rps", f: (p) => p.attempts / p.seconds },
+    { label: "failed/s", cls: "errors", f: (p) => p.failed / p.seconds },
+    { label: "TTFT p50", cls: "ttft", f: (p) => p.ttft, unit: "ms" },
+  ];
+  const top = 16 + lanes * (LANE + 4) + 2;
+  rows.forEach((row, n) => {
+    const y0 = top + n * (CH + 6);
+    s.append(svg("rect", { x: LEFT, y: y0, width: W - LEFT - 4, height: CH, class: "lane" }));
+    const values = points.map(row.f).filter((v) => v !== null);
+    const max = Math.max(1e-9, ...values) * 1.1;
+    const coords = points.filter((p) => row.f(p) !== null)
+      .map((p) => `${x(p.t).toFixed(1)},${(y0 + CH - 2 - (row.f(p) / max) * (CH - 4)).toFixed(1)}`);
+    if (coords.length) s.append(svg("polyline", { points: coords.join(" "), class: row.cls, "data-series": row.cls }));
+    const label = svg("text", { x: 0, y: y0 + 14 });
+    const latest = points.length ? row.f(points[points.length - 1]) : null;
+    label.textContent = row.label + "  " + fmt(latest, row.unit);
+    s.append(label);
+  });
+  for (const item of feedItems) {
+    if ((item.kind !== "ejection" && item.kind !== "recovery") || item.t < from || item.t > to) continue;
+    const line = svg("line", { x1: x(item.t), x2: x(item.t), y1: top - 2, y2: H, class: "marker " + item.kind });
+    line.dataset.kind = item.kind;
+    const tip = svg("title");
+    tip.textContent = clock(item.t) + " " + item.text;
+    line.append(tip);
+    s.append(line);
+  }
+  if (!drill.ended) s.append(svg("line", { x1: x(now), x2: x(now), y1: 12, y2: H, class: "now" }));
+  $("drill-timeline").replaceChildren(s);
+}
+
 // -- the event stream -----------------------------------------------------------------------------------
 
 function apply(state) {
@@ -190,6 +292,7 @@ function apply(state) {
   renderTree(state.topology);
   renderCharts();
   addFeed(state.feed || []);
+  renderDrill(state.drill, state.time);
   $("updated").textContent = "updated " + clock(state.time);
   $("link").className = "dot";
 }
