@@ -12,6 +12,7 @@ from skyfabric.core.fleet import LedgerConfig, parse_fleet
 from skyfabric.ops.database import Database
 from skyfabric.ops.ledger import Ledger, outbox_dir
 from skyfabric.ops.outbox import Outbox
+from skyfabric.ops.outbox_reader import OutboxReader
 from skyfabric.ops.pricing import PriceBook
 from skyfabric.ops.record import INTERRUPTED, OK, OPEN, UsageRecord, from_line, newest, row_of
 from skyfabric.ops.report import parse_when, render, usage_rows
@@ -23,11 +24,11 @@ def rec(rid: str, outcome: str = OK, tokens_out: int = 5, **kw: object) -> Usage
     return UsageRecord(request_id=rid, ts=1000.0, model="m", tokens_out=tokens_out, outcome=outcome, **kw)  # type: ignore[arg-type]
 
 
-def drain(box: Outbox) -> list[UsageRecord]:
+def drain(reader: OutboxReader) -> list[UsageRecord]:
     out = []
-    while (batch := box.read(1000)) is not None:
-        out.extend(from_line(line) for line in batch.lines)
-        box.confirm(batch)
+    while (batch := reader.read(1000)) is not None:
+        out.extend(from_line(line, batch.instance) for line in batch.lines)
+        reader.confirm(batch)
     return out
 
 
@@ -42,11 +43,16 @@ def test_outbox_rotates_ships_and_deletes_confirmed_segments(tmp_path: Path) -> 
     slot = box.slot
     assert slot is not None
     assert len(list(slot.glob("*.jsonl"))) > 3  # rotated
-    got = drain(box)
+    reader = OutboxReader.of(box)  # the shipper's side, as its process builds it
+    got = drain(reader)
     assert [r.request_id for r in got] == [f"r{i}" for i in range(100)]
-    box.sync()
+    assert {r.instance for r in got} == {box.instance}  # the slot's tag, not carried in each line
+    reader.sync()
     assert len(list(slot.glob("*.jsonl"))) == 1  # only the segment being written is left
-    assert box.pending_bytes() == 0
+    assert reader.pending_bytes() == 0 and reader.confirmed == box.written
+    box.append(rec("late").to_line())  # the writer goes on: the reader follows it
+    assert [r.request_id for r in drain(reader)] == ["late"]
+    reader.close()
     box.close()
 
 
@@ -58,13 +64,16 @@ def test_a_second_process_gets_its_own_slot_and_a_dead_ones_records_are_replayed
     second = Outbox(tmp_path)  # flock is per open file: this is another owner, as another process is
     second.open()
     assert second.slot != first.slot
-    assert drain(second) == []  # the live slot is not touched
+    assert drain(OutboxReader.of(second)) == []  # the live slot is not touched
     first.close()  # its process dies: the lock goes with it, the records stay
     third = Outbox(tmp_path)
     third.open()
-    assert third.replaying
-    assert [r.request_id for r in drain(third)] == [f"a{i}" for i in range(10)]
-    assert not third.replaying
+    reader = OutboxReader.of(third)
+    assert reader.replaying and third.leftover_bytes == first.written
+    got = drain(reader)
+    assert [r.request_id for r in got] == [f"a{i}" for i in range(10)]
+    assert {r.instance for r in got} == {third.instance}  # it took the dead process's slot, tag and all
+    assert not reader.replaying
     assert len(third.instances) == 1 and str(first.slot) in third.instances[0]
     second.close()
     third.close()
@@ -81,7 +90,7 @@ def test_a_torn_last_line_is_dropped_and_the_rest_replayed(tmp_path: Path) -> No
         f.write(b'{"request_id": "torn", "ts"')  # a machine crash mid-write
     again = Outbox(tmp_path)
     again.open()
-    assert [r.request_id for r in drain(again)] == ["whole"]
+    assert [r.request_id for r in drain(OutboxReader.of(again))] == ["whole"]
     again.close()
 
 
@@ -95,6 +104,24 @@ def test_a_final_record_wins_over_the_open_one_and_a_replayed_final_changes_noth
     assert by_id["a"].outcome == OK and by_id["a"].tokens_out == 7
     assert by_id["b"].outcome == OPEN
     assert from_line(rec("x", tokens_cached=3).to_line()) == rec("x", tokens_cached=3)
+
+
+def test_an_outbox_line_is_positional_and_older_or_newer_lines_still_read() -> None:
+    record = rec("x", tokens_in=4, cost=0.5, key_id="key_1", provider="aws", ttft_ms=12.5)
+    line = record.to_line()
+    assert line.startswith(b'["x",') and b"request_id" not in line and line.endswith(b"\n")
+    assert from_line(line, "host:/slot-0") == rec(
+        "x", tokens_in=4, cost=0.5, key_id="key_1", provider="aws", ttft_ms=12.5, instance="host:/slot-0"
+    )
+    # An object line (an older gateway's outbox) keeps its own instance tag.
+    old = b'{"request_id":"y","ts":1000.0,"model":"m","tokens_out":5,"outcome":"ok","instance":"i9"}\n'
+    assert from_line(old, "host:/slot-0") == rec("y", instance="i9")
+    # A newer gateway's extra trailing fields are ignored; missing trailing ones take their defaults.
+    assert from_line(line[:-2] + b',"future",7]\n', "i") == from_line(line, "i")
+    assert from_line(b'["z",1000.0,"m"]\n') == UsageRecord("z", 1000.0, "m")
+    for foreign in (b"[1,2,3]\n", b'["z"]\n', b"42\n", b'{"ts":1}\n'):
+        with pytest.raises(ValueError):
+            row_of(foreign)
 
 
 FLEET = {
