@@ -211,9 +211,7 @@ async def _main() -> None:
         job.table_prefix,
         job.database_timeout,
     )
-    reader = OutboxReader(
-        Path(job.first_segment), job.instance, [(Path(p), tag) for p, tag in job.leftovers]
-    )
+    reader = OutboxReader(Path(job.first_segment), job.instance, [(Path(p), tag) for p, tag in job.leftovers])
     shipper = Shipper(job, reader, make_store(database), emit)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
