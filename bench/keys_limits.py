@@ -7,13 +7,14 @@ ledger (outbox fsynced every 5 ms and shipped to the same SQLite file by the gat
 which inherits its CPU pin: the "+ children" column counts it). The bar (issue 13, part 6): with
 everything on, >= 80 % of "off"'s req/s and <= +0.3 ms p50 at one connection.
 
-    .venv/bin/python bench/keys_limits.py [--seconds 8] [--modes off,keys,all]
+    .venv/bin/python bench/keys_limits.py [--seconds 8] [--modes off,keys,all] [--rounds 2] [--conns 32,1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import procs
 import yaml
+from layers import cpu_seconds, cpu_total
 from procs import HERE, start, start_mock, stop, wrk
 
 if not (procs.SHARED / "post.lua").exists():  # run from a worktree: the harness is the main tree's neighbour
@@ -32,27 +34,6 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from skyfabric.ops.database import Database
 from skyfabric.ops.keys import KeyRecord, digest, hint
 from skyfabric.ops.keystore import KeyStore
-
-CLOCK_TICKS = 100
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid``'s living child processes and theirs (the ledger's shipper)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            out += [int(child), *descendants(int(child))]
-    return out
-
-
-def cpu_total(pid: int) -> float:
-    """CPU seconds of ``pid`` and of its living descendants (they inherit its CPU pin, so share its core)."""
-    return sum(cpu_seconds(p) for p in [pid, *descendants(pid)])
 
 
 def wait_limits_ok(within: float = 10.0) -> None:
@@ -108,6 +89,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--modes", default="off,keys,all")
     ap.add_argument("--conns", default="32,1")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every mode")
     a = ap.parse_args()
     modes = a.modes.split(",")
     conn_counts = [int(c) for c in a.conns.split(",")]
@@ -117,7 +99,7 @@ def main() -> None:
         mock = start_mock()
         try:
             for conns in conn_counts:
-                for mode in modes + modes:  # interleaved: drift on a shared machine hits all alike
+                for mode in modes * a.rounds:  # interleaved: drift on a shared machine hits all alike
                     cmd = [sys.executable, "-m", "skyfabric.cli", "serve", "--config", str(paths[mode])]
                     proc = start(cmd, 0, 9302, {"PYTHONPATH": str(HERE.parent / "src")})
                     try:
@@ -147,6 +129,12 @@ def main() -> None:
             on = [r for r in pick if r[1] == mode]
             rps = sum(r[2] for r in on) / sum(r[2] for r in off)
             p50 = sum(r[3] for r in on) / len(on) - sum(r[3] for r in off) / len(off)
+            print(
+                f"conns {conns}: {mode} median CPU µs/req gateway"
+                f" {statistics.median(r[4] for r in on):.1f}"
+                f" (off {statistics.median(r[4] for r in off):.1f}),"
+                f" with children {statistics.median(r[5] for r in on):.1f}"
+            )
             cpu = sum(r[4] for r in off) / sum(r[4] for r in on)
             cpu_all = sum(r[5] for r in off) / sum(r[5] for r in on)
             print(

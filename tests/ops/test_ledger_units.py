@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from skyfabric.core.fleet import LedgerConfig, parse_fleet
 from skyfabric.ops.database import Database
 from skyfabric.ops.ledger import Ledger, outbox_dir
-from skyfabric.ops.outbox import Outbox
+from skyfabric.ops.outbox import SEGMENT_BYTES, Outbox
 from skyfabric.ops.outbox_reader import OutboxReader
 from skyfabric.ops.pricing import PriceBook
 from skyfabric.ops.record import INTERRUPTED, OK, OPEN, UsageRecord, from_line, newest, row_of
@@ -49,7 +51,7 @@ def test_outbox_rotates_ships_and_deletes_confirmed_segments(tmp_path: Path) -> 
     assert {r.instance for r in got} == {box.instance}  # the slot's tag, not carried in each line
     reader.sync()
     assert len(list(slot.glob("*.jsonl"))) == 1  # only the segment being written is left
-    assert reader.pending_bytes() == 0 and reader.confirmed == box.written
+    assert reader.confirmed == box.written
     box.append(rec("late").to_line())  # the writer goes on: the reader follows it
     assert [r.request_id for r in drain(reader)] == ["late"]
     reader.close()
@@ -92,6 +94,75 @@ def test_a_torn_last_line_is_dropped_and_the_rest_replayed(tmp_path: Path) -> No
     again.open()
     assert [r.request_id for r in drain(OutboxReader.of(again))] == ["whole"]
     again.close()
+
+
+def test_the_reader_stops_at_a_record_still_being_copied_in(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.open()
+    box.append(rec("a").to_line())
+    line = rec("b").to_line()
+    mapped = box._map
+    assert mapped is not None
+    # A copy in flight, as another process may see it: the line's end is there, a byte of its middle not.
+    mapped[box._size + 10 : box._size + len(line)] = line[10:]
+    reader = OutboxReader.of(box)
+    assert [r.request_id for r in drain(reader)] == ["a"]
+    box.append(line)  # the writer copies the whole line (over the same bytes): now it is a record
+    assert [r.request_id for r in drain(reader)] == ["b"]
+    assert reader.confirmed == box.written
+    reader.close()
+    box.close()
+
+
+def test_a_segment_whose_writer_was_killed_mid_copy_ships_its_whole_records(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.open()
+    for i in range(3):
+        box.append(rec(f"k{i}").to_line())
+    mapped = box._map
+    assert mapped is not None
+    mapped[box._size : box._size + 12] = b'["torn",1000'  # killed mid-copy: no newline, then zeros
+    for fd in box._locks:  # the kill: the kernel drops the lock; the mapping's bytes stay in the file
+        os.close(fd)
+    box._locks.clear()
+    again = Outbox(tmp_path)
+    again.open()
+    assert again.leftover_bytes == SEGMENT_BYTES  # the killed segment was never cut to its records
+    reader = OutboxReader.of(again)
+    assert [r.request_id for r in drain(reader)] == ["k0", "k1", "k2"]
+    assert not reader.replaying and reader.confirmed == SEGMENT_BYTES  # zero tail and torn record too
+    reader.close()
+    again.close()
+
+
+def test_the_shipper_process_ships_on_stop_and_leaves_the_outbox_when_its_gateway_dies(
+    tmp_path: Path,
+) -> None:
+    config = LedgerConfig(enabled=True, ship_interval=30.0)  # nothing shipped but at start and at stop
+    database = Database.at(str(tmp_path / "l.sqlite"))
+    first = Ledger(config, database, outbox_dir(config, database))
+    first.start()
+    assert first.status()["shipper"] == "running"
+    process = first._process
+    assert process is not None and process.stdin is not None
+    deadline = time.monotonic() + 20
+    while first.reachable is None and time.monotonic() < deadline:  # its first (empty) shipment
+        time.sleep(0.02)
+    assert first.reachable is True
+    for i in range(20):
+        first.record(rec(f"d{i}"))
+    process.stdin.close()  # what the shipper sees when its gateway is SIGKILLed: stdin closes
+    assert process.wait(10) == 0
+    first._process = None
+    assert first.shipped == 0 and first.status()["pending_bytes"] > 0
+    first.outbox.close()  # the dead gateway's lock goes
+    second = Ledger(config, database, outbox_dir(config, database))
+    second.start()
+    second.close()  # "stop": the last shipment takes what the dead run left
+    assert second.shipped == 20 and second.status()["pending_bytes"] == 0
+    assert second.status()["shipper"] == "exited"
+    assert len(usage_rows(database, 0, 2000, "model")) == 1
+    assert usage_rows(database, 0, 2000, "model")[0]["requests"] == 20
 
 
 # -- records and prices -----------------------------------------------------------------------------------

@@ -1,11 +1,19 @@
 """The ledger's local outbox: an append-only log a record reaches before the client gets its answer.
 
 Why a file first: the database may be across a network that is down, and a gateway may be killed at any
-moment. A record written to the outbox with ``write(2)`` is in the kernel's page cache, so a SIGKILL of
-the gateway loses nothing; ``fsync`` (batched by the shipper every ``fsync_interval``, a few ms) bounds what
-a crash of the whole machine may lose. The shipper (``outbox_reader.py``, in a process of its own) reads
-the log behind the writer and deletes segments once the database has confirmed every record in them; at
-start, what is left is replayed (the database ignores records it already has, by request id).
+moment. A record copied into the outbox is in the kernel's page cache — the segment is a shared memory
+mapping of the file — so a SIGKILL of the gateway loses nothing; ``fsync`` (by the shipper, every
+``fsync_interval``, a few ms) bounds what a crash of the whole machine may lose. The shipper
+(``outbox_reader.py``, in a process of its own) reads the log behind the writer and deletes segments once
+the database has confirmed every record in them; at start, what is left is replayed (the database ignores
+records it already has, by request id).
+
+Why a mapping and not ``write(2)``: appending is then a memory copy (~0.3 µs) instead of a system call
+(2–7 µs under load, and one that waits while the shipper's fsync holds the file). A segment is allocated
+in full when begun (``posix_fallocate``: a full disk fails there, at the start of a segment, never as a
+fault in the middle of a copy) and filled with zeros, so the reader knows where the records end: at the
+first NUL byte, which no record contains (every byte it reads before that one is final: the file is
+written once, left to right). A finished segment is truncated to its records before the next is begun.
 
 Layout: ``<dir>/slot-<n>/<seq>.jsonl``, ``seq`` counting up by one per segment. Each gateway process
 holds one slot with an exclusive ``flock`` (released by the kernel when the process dies), so worker
@@ -18,8 +26,10 @@ which is how the reader knows a segment is finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
+import mmap
 import os
 import socket
 from pathlib import Path
@@ -53,8 +63,10 @@ class Outbox:
         self.first_segment: Path | None = None
         self._locks: list[int] = []
         self._fd = -1
+        self._map: mmap.mmap | None = None
         self._seq = 0
-        self._size = 0
+        self._size = 0  # bytes of records in the current segment
+        self._capacity = 0  # the current segment's allocated length
         #: Bytes and lines written by this process.
         self.written = 0
         self.appended = 0
@@ -123,37 +135,60 @@ class Outbox:
         assert self.slot is not None
         return self.slot / f"{seq:012d}{SUFFIX}"
 
-    def _begin_segment(self) -> None:
+    def _begin_segment(self, need: int = 0) -> None:
+        self._finish_segment()
         self._seq += 1
-        fd = os.open(self.segment_path(self._seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        # Created after the old segment's last write: from now on the reader may finish the old one. Its
-        # data is in the page cache; the reader fsyncs it through a descriptor of its own.
-        old, self._fd, self._size = self._fd, fd, 0
-        if old >= 0:
-            os.close(old)
+        capacity = max(self.segment_bytes, need)
+        fd = os.open(self.segment_path(self._seq), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, capacity)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, capacity)  # a file system without fallocate: sparse
+            self._map = mmap.mmap(fd, capacity)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._size, self._capacity = fd, 0, capacity
+
+    def _finish_segment(self) -> None:
+        """Unmap the current segment and cut it to its records (before the next one exists)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.ftruncate(self._fd, self._size)
+            os.close(self._fd)
+            self._fd = -1
 
     # -- the writer (event loop) ------------------------------------------------------------------------
 
     def append(self, line: bytes) -> None:
-        """Write one newline-terminated record. On return it survives a SIGKILL of this process."""
-        written = os.write(self._fd, line)
-        if written != len(line):  # a full disk: finish the line or fail loudly, never leave half a record
-            os.write(self._fd, line[written:])
-        self._size += len(line)
-        self.written += len(line)
+        """Copy one newline-terminated record in. On return it survives a SIGKILL of this process."""
+        n = len(line)
+        start = self._size
+        if start + n > self._capacity:
+            self._begin_segment(n)
+            start = 0
+        self._map[start : start + n] = line  # type: ignore[index]
+        self._size = start + n
+        self.written += n
         self.appended += 1
         if self.fsync_interval == 0:
-            os.fsync(self._fd)
-        if self._size >= self.segment_bytes:
-            self._begin_segment()
+            os.fsync(self._fd)  # writes the mapping's dirty pages too
 
     def close(self) -> None:
-        """fsync and close the current segment and release the slots (after the reader has stopped)."""
+        """Cut the current segment to its records, fsync it and release the slots (after the reader)."""
         if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            fd = os.dup(self._fd)
+            try:
+                self._finish_segment()
+                with contextlib.suppress(OSError):
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()

@@ -1,11 +1,17 @@
 """The shipper's side of the outbox: follow the writer's segments, fsync them, read whole lines, delete.
 
 It runs in the shipper process (``shipper.py``), never in the gateway's: the writer (``outbox.py``) only
-appends, and everything that costs — fsync, reading, deleting — happens here, under another interpreter
-lock. The reader finds the writer's next segment by its number (``seq + 1``): the writer creates it after
-its last write to the one before, so once it exists the one before is finished and may be read to its end
-and, once the database confirmed all of it, deleted. fsync goes through the reader's own descriptor (an
-fsync flushes a file's pages whoever wrote them).
+copies records into its mapped segment, and everything that costs — fsync, reading, deleting — happens
+here, under another interpreter lock. The reader finds the writer's next segment by its number
+(``seq + 1``): the writer creates it after cutting the one before to its records, so once it exists the
+one before is finished and may be read to its end and, once the database confirmed all of it, deleted.
+
+Where the records end: at the first NUL byte (a segment is allocated zero-filled and no record holds a
+NUL); every byte before it is final, so the whole lines before it are whole records — even while the
+writer is copying the next one in. A segment its writer was killed in keeps its zero tail (and perhaps
+the start of a record): both are dropped once it is known finished. fsync goes through the reader's own
+descriptor (an fsync flushes a file's pages, through a mapping or not, whoever wrote them); the reader
+fsyncs only when it sees records past the point it last synced.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class OutboxReader:
         #: Bytes confirmed (or dropped as torn) so far, leftovers included.
         self.confirmed = 0
         self._fd = -1  # the writer's current segment, for fsync
-        self._synced = 0
+        self._synced = 0  # where its records ended at the last fsync
         self._dir_dirty = True  # the current segment's directory entry is not fsynced yet
         self._open_current(first)
 
@@ -89,11 +95,19 @@ class OutboxReader:
         if self._dir_dirty:
             self._dir_dirty = False
             _fsync_dir(self.slot)
-        if self._fd >= 0:
-            size = os.fstat(self._fd).st_size
-            if size != self._synced:
-                os.fsync(self._fd)
-                self._synced = size
+        fd = self._fd
+        if fd < 0:
+            return
+        end = self._synced
+        while True:  # where the records end now: the first NUL at or after the last end
+            chunk = os.pread(fd, 65536, end)
+            zero = chunk.find(b"\0")
+            end += len(chunk) if zero < 0 else zero
+            if zero >= 0 or len(chunk) < 65536:
+                break
+        if end != self._synced:
+            os.fsync(fd)
+            self._synced = end
 
     @property
     def replaying(self) -> bool:
@@ -109,9 +123,11 @@ class OutboxReader:
             try:
                 with open(segment, "rb") as f:
                     f.seek(self._offset)
-                    data = f.read(_READ_BYTES)
+                    raw = f.read(_READ_BYTES)
             except FileNotFoundError:
-                data = b""
+                raw = b""
+            zero = raw.find(b"\0")
+            data = raw if zero < 0 else raw[:zero]  # the records end at the first NUL
             cut = data.rfind(b"\n") + 1
             lines = data[:cut].splitlines()
             if len(lines) > limit:
@@ -123,12 +139,14 @@ class OutboxReader:
                     return None
                 if data[cut:]:
                     log.warning(
-                        "ledger outbox: %s ends with a torn record (%d bytes), dropped", segment, len(data)
+                        "ledger outbox: %s ends with a torn record (%d bytes), dropped",
+                        segment,
+                        len(data) - cut,
                     )
-                self.confirmed += len(data) - cut
+                self.confirmed += len(raw) - cut  # the torn record and the zero tail
                 self.confirm(Batch([], segment, instance, end, True))
                 continue
-            exhausted = closed and len(data) == cut and len(data) < _READ_BYTES
+            exhausted = closed and len(raw) == cut and len(raw) < _READ_BYTES
             return Batch(lines, segment, instance, end, exhausted)
         return None
 
@@ -144,14 +162,6 @@ class OutboxReader:
             with contextlib.suppress(FileNotFoundError):
                 batch.segment.unlink()
             self._old.discard(batch.segment)
-
-    def pending_bytes(self) -> int:
-        """Bytes in the outbox not yet confirmed by the database."""
-        total = -self._offset
-        for segment, _ in list(self._queue):
-            with contextlib.suppress(FileNotFoundError):
-                total += segment.stat().st_size
-        return max(0, total)
 
     def close(self) -> None:
         """fsync and close the reader's descriptor."""
