@@ -38,6 +38,9 @@ from skyfabric.ops.store import Store, make_store
 
 log = logging.getLogger("skyfabric.ops.ledger")
 
+#: Seconds between two reports of the shipper's figures when only the counts changed.
+REPORT_INTERVAL = 0.25
+
 
 @dataclass(slots=True)
 class Job:
@@ -83,6 +86,7 @@ class Shipper:
         self.dropped = 0  # outbox lines that were not records (torn by a machine crash)
         self._swept = False
         self._sent: dict[str, Any] = {}
+        self._next_report = 0.0
 
     def status(self) -> dict[str, Any]:
         return {
@@ -93,11 +97,22 @@ class Shipper:
             "confirmed": self.reader.confirmed,
         }
 
-    def report(self) -> None:
-        """Send the status when it changed since the last report."""
+    def report(self, final: bool = False) -> None:
+        """Send the status: at once when the database's state changed (or at the end), else when the
+        figures changed, at most every :data:`REPORT_INTERVAL` (each report wakes a gateway thread)."""
         status = self.status()
-        if status != self._sent:
+        sent = self._sent
+        if status == sent:
+            return
+        now = time.monotonic()
+        urgent = (
+            final
+            or status["reachable"] != sent.get("reachable")
+            or status["last_error"] != sent.get("last_error")
+        )
+        if urgent or now >= self._next_report:
             self._sent = status
+            self._next_report = now + REPORT_INTERVAL
             self.emit({"status": status})
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -121,7 +136,7 @@ class Shipper:
         finally:
             self.reader.close()
             await self.store.close()
-            self.report()
+            self.report(final=True)
 
     async def ship(self) -> bool:
         """Ship everything new; False when the database failed (the records stay in the outbox)."""
