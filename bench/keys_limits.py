@@ -50,6 +50,14 @@ def wait_limits_ok(within: float = 10.0) -> None:
         time.sleep(0.2)
 
 
+def ledger_backlog() -> float:
+    """KiB of ledger records not yet in the database at the end of a run (0 without a ledger): a shipper
+    that fell behind would show here, its work deferred past the measured window rather than saved."""
+    ready = json.loads(urllib.request.urlopen("http://127.0.0.1:9302/readyz").read())
+    ledger = ready.get("operations", {}).get("ledger")
+    return ledger["pending_bytes"] / 1024 if ledger else 0.0
+
+
 def fleets(tmp: Path) -> dict[str, Path]:
     base = yaml.safe_load((HERE / "fleet.yaml").read_text())
     base["listener"]["port"] = 9302
@@ -109,7 +117,8 @@ def main() -> None:
                         result = wrk(9302, a.seconds, conns)
                         per_request = (cpu_seconds(proc.pid) - before) / result["requests"] * 1e6
                         total = (cpu_total(proc.pid) - before_all) / result["requests"] * 1e6
-                        rows.append((conns, mode, result["rps"], result["p50"], per_request, total))
+                        backlog = ledger_backlog()
+                        rows.append((conns, mode, result["rps"], result["p50"], per_request, total, backlog))
                     finally:
                         stop(proc)
                         time.sleep(0.5)
@@ -118,8 +127,8 @@ def main() -> None:
     print(
         f"{'conns':>5} {'mode':4} {'req/s':>9} {'p50 ms':>8} {'CPU µs/req: gateway':>20} {'+ children':>10}"
     )
-    for conns, mode, rps, p50, per_request, total in rows:
-        print(f"{conns:5d} {mode:4} {rps:9.0f} {p50:8.3f} {per_request:20.1f} {total:10.1f}")
+    for conns, mode, rps, p50, per_request, total, backlog in rows:
+        print(f"{conns:5d} {mode:4} {rps:9.0f} {p50:8.3f} {per_request:20.1f} {total:10.1f} {backlog:11.1f}")
     for conns in conn_counts:
         pick = [r for r in rows if r[0] == conns]
         off = [r for r in pick if r[1] == "off"]

@@ -8,17 +8,18 @@ costs the gateway nothing but the ``write(2)``; the kernel may run it on another
 
 Protocol (``ledger.py`` is the other end): the gateway starts ``python -m skyfabric.ops.shipper`` with a
 pipe on each of its stdin and stdout. The first stdin line is the JSON :class:`Job`; ``stop`` later asks
-for a last shipment and a clean exit; the end of stdin without ``stop`` means the gateway is gone (killed):
-the shipper exits at once and the next run ships what is left. On stdout the shipper writes one JSON object
-per line: ``{"status": {...}}`` when its figures change, ``{"log": [level, logger, message]}`` for each log
-record (the gateway logs them as its own, so they reach its log format and handlers). SIGINT and SIGTERM
-are ignored: a terminal's Ctrl-C or a ``kill`` of the process group reaches the gateway, whose shutdown
-then says ``stop``.
+for a last shipment and a clean exit; the end of stdin without ``stop`` means the gateway is gone
+(killed): the shipper exits at once and the next run ships what is left. On stdout the shipper writes one
+JSON object per line: ``{"status": {...}}`` when its figures change, ``{"log": [level, logger,
+message]}`` for each log record (the gateway logs them as its own, so they reach its log format and
+handlers). SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a ``kill`` of the process group reaches
+the gateway, whose shutdown then says ``stop``. It runs at niceness :data:`NICE`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,9 @@ from skyfabric.ops.store import Store, make_store
 
 log = logging.getLogger("skyfabric.ops.ledger")
 
+#: The shipper's niceness: background work, so that a request woken on a busy core runs before it (the
+#: outbox absorbs a backlog; a shipper that falls behind catches up when the gateway is less busy).
+NICE = 10
 #: Seconds between two reports of the shipper's figures when only the counts changed.
 REPORT_INTERVAL = 0.25
 
@@ -199,6 +203,8 @@ class _PipeHandler(logging.Handler):
 async def _main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
     out = sys.stdout.buffer
 
     def emit(message: dict[str, Any]) -> None:
