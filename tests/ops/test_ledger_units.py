@@ -136,7 +136,7 @@ def test_a_segment_whose_writer_was_killed_mid_copy_ships_its_whole_records(tmp_
 
 
 def test_the_shipper_process_ships_on_stop_and_leaves_the_outbox_when_its_gateway_dies(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = LedgerConfig(enabled=True, ship_interval=30.0)  # nothing shipped but at start and at stop
     database = Database.at(str(tmp_path / "l.sqlite"))
@@ -153,6 +153,10 @@ def test_the_shipper_process_ships_on_stop_and_leaves_the_outbox_when_its_gatewa
         first.record(rec(f"d{i}"))
     process.stdin.close()  # what the shipper sees when its gateway is SIGKILLed: stdin closes
     assert process.wait(10) == 0
+    assert first._listener is not None
+    first._listener.join(5)
+    assert any("ledger shipper exited" in r.getMessage() for r in caplog.records)
+    assert first.status()["shipper"] == "exited"
     first._process = None
     assert first.shipped == 0 and first.status()["pending_bytes"] > 0
     first.outbox.close()  # the dead gateway's lock goes

@@ -149,6 +149,12 @@ class Ledger:
                 level, name, text = record
                 logging.getLogger(name).log(level, "%s", text)
         process.stdout.close()
+        if self._process is process:  # not stopped by close(): it died
+            log.warning(
+                "ledger shipper exited (status %s): records wait in the outbox %s for the next start",
+                process.wait(),
+                self.outbox.directory,
+            )
 
     # -- the hot path -----------------------------------------------------------------------------------
 
