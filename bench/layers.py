@@ -24,6 +24,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid``'s living child processes and theirs (the ledger's shipper)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [int(child), *descendants(int(child))]
+    return out
+
+
+def cpu_total(pid: int) -> float:
+    """CPU seconds of ``pid`` and of its living descendants (they inherit its CPU pin, so share its core)."""
+    return sum(cpu_seconds(p) for p in [pid, *descendants(pid)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)

@@ -1,9 +1,10 @@
 """The usage ledger on vs off in ONE gateway process, switched by signals (as ``observability_ab.py``).
 
 The gateway runs with the ledger on (outbox fsynced every 5 ms, shipped to SQLite in a temporary
-directory); SIGUSR1 swaps in the no-op observer, SIGUSR2 the ledger's back (its shipper thread keeps
-running in both, idle when off). Short wrk runs alternate off/on, order randomized per pair; the medians
-of the paired ratios are the overhead in CPU per request and in requests/s.
+directory); SIGUSR1 swaps in the no-op observer — every observer off, metrics too, not only the
+ledger's —, SIGUSR2 the observers back (the shipper process keeps running in both, idle when off; "with
+the shipper process" adds its CPU). Short wrk runs alternate off/on, order randomized per pair; the
+medians of the paired ratios are the overhead in CPU per request and in requests/s.
 
     .venv/bin/python bench/ledger_ab.py [--pairs 8] [--seconds 3] [--conns 32]
 """
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 import procs
-from layers import cpu_seconds
+from layers import cpu_seconds, cpu_total
 from procs import HERE, MOCK_PY, start, stop, wrk
 
 # A git worktree's ../shared is not the main checkout's: the harness's folder may be named outright.
@@ -68,7 +69,7 @@ def main() -> None:
     text = (HERE / "fleet.yaml").read_text().replace("9100", str(MOCK_PORT))
     text = text.replace("9300", str(GATEWAY_PORT))
     mock = start([MOCK_PY, str(SHARED / "mock_upstream.py"), str(MOCK_PORT)], 1, MOCK_PORT)
-    ratios, rps_ratios, rows = [], [], []
+    ratios, rps_ratios, rows, totals = [], [], [], []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "fleet.yaml"
@@ -80,18 +81,20 @@ def main() -> None:
             try:
                 wrk(GATEWAY_PORT, 2, a.conns)
                 for _ in range(a.pairs):
-                    pair, rps = {}, {}
+                    pair, rps, total = {}, {}, {}
                     for mode in random.sample(["off", "on"], 2):
                         os.kill(gw.pid, signal.SIGUSR1 if mode == "off" else signal.SIGUSR2)
                         time.sleep(0.3)
-                        before = cpu_seconds(gw.pid)
+                        before, before_all = cpu_seconds(gw.pid), cpu_total(gw.pid)
                         result = wrk(GATEWAY_PORT, a.seconds, a.conns)
                         print(f"{mode}: {result}", flush=True)
                         pair[mode] = (cpu_seconds(gw.pid) - before) / result["requests"] * 1e6
+                        total[mode] = (cpu_total(gw.pid) - before_all) / result["requests"] * 1e6
                         rps[mode] = result["rps"]
                     ratios.append(pair["on"] / pair["off"])
                     rps_ratios.append(rps["on"] / rps["off"])
                     rows.append(pair)
+                    totals.append(total)
             finally:
                 stop(gw)
     finally:
@@ -104,6 +107,9 @@ def main() -> None:
     overhead = statistics.median(ratios) - 1
     print(f"median off {off:.1f} µs/req, on {on:.1f} µs/req; median paired overhead {overhead:+.1%}")
     print(f"requests/s on/off: median paired ratio {statistics.median(rps_ratios):.3f}")
+    on_all = statistics.median(t["on"] for t in totals)
+    off_all = statistics.median(t["off"] for t in totals)
+    print(f"with the shipper process: median off {off_all:.1f} µs/req, on {on_all:.1f} µs/req")
 
 
 if __name__ == "__main__":

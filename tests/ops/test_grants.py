@@ -9,7 +9,7 @@ from typing import Any
 from skyfabric.core.errors import RateLimited
 from skyfabric.core.fleet import Limits
 from skyfabric.ops.keys import KeyRecord, new_key_id
-from skyfabric.ops.limiter import Lease, Limiter
+from skyfabric.ops.limiter import GRANT_HEADERS_TTL, Lease, Limiter
 from skyfabric.ops.pricing import PriceBook, Prices
 from skyfabric.ops.resp import Resp
 
@@ -107,5 +107,27 @@ async def test_grant_slots_tokens_and_budget_come_back_to_the_grant_when_request
         assert grant.budget == 1000 * 1_000_000 // 64 - 14
         headers = dict(second.headers(False, time.time()))
         assert int(headers[b"x-ratelimit-remaining-requests"]) >= 64_000 - 2
+    finally:
+        await limiter.close()
+
+
+async def test_a_grants_rate_limit_headers_are_built_once_per_ttl_and_protocol() -> None:
+    limiter = Limiter(Limits(), SHARED, PRICES)
+    record = key(rpm=64_000, tpm=6_400_000)
+    try:
+        await admitted(limiter, record)  # by Redis; asks for a grant meanwhile
+        await asyncio.sleep(0.05)
+        a, b = await admitted(limiter, record), await admitted(limiter, record)
+        assert a is not None and b is not None and a.grant is not None and b.grant is a.grant
+        now = time.time()
+        first = a.headers(False, now)
+        assert b.headers(False, now + GRANT_HEADERS_TTL / 2) is first  # reused within the TTL
+        anthropic = b.headers(True, now)
+        assert anthropic is not first and b"anthropic-ratelimit-requests-limit" in dict(anthropic)
+        later = b.headers(False, now + GRANT_HEADERS_TTL * 2)
+        assert later is not first and dict(later)[b"x-ratelimit-limit-requests"] == b"64000"
+        assert int(dict(later)[b"x-ratelimit-remaining-requests"]) <= int(
+            dict(first)[b"x-ratelimit-remaining-requests"]
+        )
     finally:
         await limiter.close()

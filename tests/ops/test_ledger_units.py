@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ import pytest
 from skyfabric.core.fleet import LedgerConfig, parse_fleet
 from skyfabric.ops.database import Database
 from skyfabric.ops.ledger import Ledger, outbox_dir
-from skyfabric.ops.outbox import Outbox
+from skyfabric.ops.outbox import SEGMENT_BYTES, Outbox
+from skyfabric.ops.outbox_reader import OutboxReader
 from skyfabric.ops.pricing import PriceBook
 from skyfabric.ops.record import INTERRUPTED, OK, OPEN, UsageRecord, from_line, newest, row_of
 from skyfabric.ops.report import parse_when, render, usage_rows
@@ -23,11 +26,11 @@ def rec(rid: str, outcome: str = OK, tokens_out: int = 5, **kw: object) -> Usage
     return UsageRecord(request_id=rid, ts=1000.0, model="m", tokens_out=tokens_out, outcome=outcome, **kw)  # type: ignore[arg-type]
 
 
-def drain(box: Outbox) -> list[UsageRecord]:
+def drain(reader: OutboxReader) -> list[UsageRecord]:
     out = []
-    while (batch := box.read(1000)) is not None:
-        out.extend(from_line(line) for line in batch.lines)
-        box.confirm(batch)
+    while (batch := reader.read(1000)) is not None:
+        out.extend(from_line(line, batch.instance) for line in batch.lines)
+        reader.confirm(batch)
     return out
 
 
@@ -42,11 +45,16 @@ def test_outbox_rotates_ships_and_deletes_confirmed_segments(tmp_path: Path) -> 
     slot = box.slot
     assert slot is not None
     assert len(list(slot.glob("*.jsonl"))) > 3  # rotated
-    got = drain(box)
+    reader = OutboxReader.of(box)  # the shipper's side, as its process builds it
+    got = drain(reader)
     assert [r.request_id for r in got] == [f"r{i}" for i in range(100)]
-    box.sync()
+    assert {r.instance for r in got} == {box.instance}  # the slot's tag, not carried in each line
+    reader.sync()
     assert len(list(slot.glob("*.jsonl"))) == 1  # only the segment being written is left
-    assert box.pending_bytes() == 0
+    assert reader.confirmed == box.written
+    box.append(rec("late").to_line())  # the writer goes on: the reader follows it
+    assert [r.request_id for r in drain(reader)] == ["late"]
+    reader.close()
     box.close()
 
 
@@ -58,13 +66,16 @@ def test_a_second_process_gets_its_own_slot_and_a_dead_ones_records_are_replayed
     second = Outbox(tmp_path)  # flock is per open file: this is another owner, as another process is
     second.open()
     assert second.slot != first.slot
-    assert drain(second) == []  # the live slot is not touched
+    assert drain(OutboxReader.of(second)) == []  # the live slot is not touched
     first.close()  # its process dies: the lock goes with it, the records stay
     third = Outbox(tmp_path)
     third.open()
-    assert third.replaying
-    assert [r.request_id for r in drain(third)] == [f"a{i}" for i in range(10)]
-    assert not third.replaying
+    reader = OutboxReader.of(third)
+    assert reader.replaying and third.leftover_bytes == first.written
+    got = drain(reader)
+    assert [r.request_id for r in got] == [f"a{i}" for i in range(10)]
+    assert {r.instance for r in got} == {third.instance}  # it took the dead process's slot, tag and all
+    assert not reader.replaying
     assert len(third.instances) == 1 and str(first.slot) in third.instances[0]
     second.close()
     third.close()
@@ -81,8 +92,81 @@ def test_a_torn_last_line_is_dropped_and_the_rest_replayed(tmp_path: Path) -> No
         f.write(b'{"request_id": "torn", "ts"')  # a machine crash mid-write
     again = Outbox(tmp_path)
     again.open()
-    assert [r.request_id for r in drain(again)] == ["whole"]
+    assert [r.request_id for r in drain(OutboxReader.of(again))] == ["whole"]
     again.close()
+
+
+def test_the_reader_stops_at_a_record_still_being_copied_in(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.open()
+    box.append(rec("a").to_line())
+    line = rec("b").to_line()
+    mapped = box._map
+    assert mapped is not None
+    # A copy in flight, as another process may see it: the line's end is there, a byte of its middle not.
+    mapped[box._size + 10 : box._size + len(line)] = line[10:]
+    reader = OutboxReader.of(box)
+    assert [r.request_id for r in drain(reader)] == ["a"]
+    box.append(line)  # the writer copies the whole line (over the same bytes): now it is a record
+    assert [r.request_id for r in drain(reader)] == ["b"]
+    assert reader.confirmed == box.written
+    reader.close()
+    box.close()
+
+
+def test_a_segment_whose_writer_was_killed_mid_copy_ships_its_whole_records(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.open()
+    for i in range(3):
+        box.append(rec(f"k{i}").to_line())
+    mapped = box._map
+    assert mapped is not None
+    mapped[box._size : box._size + 12] = b'["torn",1000'  # killed mid-copy: no newline, then zeros
+    for fd in box._locks:  # the kill: the kernel drops the lock; the mapping's bytes stay in the file
+        os.close(fd)
+    box._locks.clear()
+    again = Outbox(tmp_path)
+    again.open()
+    assert again.leftover_bytes == SEGMENT_BYTES  # the killed segment was never cut to its records
+    reader = OutboxReader.of(again)
+    assert [r.request_id for r in drain(reader)] == ["k0", "k1", "k2"]
+    assert not reader.replaying and reader.confirmed == SEGMENT_BYTES  # zero tail and torn record too
+    reader.close()
+    again.close()
+
+
+def test_the_shipper_process_ships_on_stop_and_leaves_the_outbox_when_its_gateway_dies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = LedgerConfig(enabled=True, ship_interval=30.0)  # nothing shipped but at start and at stop
+    database = Database.at(str(tmp_path / "l.sqlite"))
+    first = Ledger(config, database, outbox_dir(config, database))
+    first.start()
+    assert first.status()["shipper"] == "running"
+    process = first._process
+    assert process is not None and process.stdin is not None
+    deadline = time.monotonic() + 20
+    while first.reachable is None and time.monotonic() < deadline:  # its first (empty) shipment
+        time.sleep(0.02)
+    assert first.reachable is True
+    for i in range(20):
+        first.record(rec(f"d{i}"))
+    process.stdin.close()  # what the shipper sees when its gateway is SIGKILLed: stdin closes
+    assert process.wait(10) == 0
+    assert first._listener is not None
+    first._listener.join(5)
+    assert any("ledger shipper exited" in r.getMessage() for r in caplog.records)
+    assert first.status()["shipper"] == "exited"
+    first._process = None
+    assert first.shipped == 0 and first.status()["pending_bytes"] > 0
+    first.outbox.close()  # the dead gateway's lock goes
+    second = Ledger(config, database, outbox_dir(config, database))
+    second.start()
+    second.close()  # "stop": the last shipment takes what the dead run left
+    assert second.shipped == 20 and second.status()["pending_bytes"] == 0
+    assert second.status()["shipper"] == "exited"
+    assert len(usage_rows(database, 0, 2000, "model")) == 1
+    assert usage_rows(database, 0, 2000, "model")[0]["requests"] == 20
 
 
 # -- records and prices -----------------------------------------------------------------------------------
@@ -95,6 +179,24 @@ def test_a_final_record_wins_over_the_open_one_and_a_replayed_final_changes_noth
     assert by_id["a"].outcome == OK and by_id["a"].tokens_out == 7
     assert by_id["b"].outcome == OPEN
     assert from_line(rec("x", tokens_cached=3).to_line()) == rec("x", tokens_cached=3)
+
+
+def test_an_outbox_line_is_positional_and_older_or_newer_lines_still_read() -> None:
+    record = rec("x", tokens_in=4, cost=0.5, key_id="key_1", provider="aws", ttft_ms=12.5)
+    line = record.to_line()
+    assert line.startswith(b'["x",') and b"request_id" not in line and line.endswith(b"\n")
+    assert from_line(line, "host:/slot-0") == rec(
+        "x", tokens_in=4, cost=0.5, key_id="key_1", provider="aws", ttft_ms=12.5, instance="host:/slot-0"
+    )
+    # An object line (an older gateway's outbox) keeps its own instance tag.
+    old = b'{"request_id":"y","ts":1000.0,"model":"m","tokens_out":5,"outcome":"ok","instance":"i9"}\n'
+    assert from_line(old, "host:/slot-0") == rec("y", instance="i9")
+    # A newer gateway's extra trailing fields are ignored; missing trailing ones take their defaults.
+    assert from_line(line[:-2] + b',"future",7]\n', "i") == from_line(line, "i")
+    assert from_line(b'["z",1000.0,"m"]\n') == UsageRecord("z", 1000.0, "m")
+    for foreign in (b"[1,2,3]\n", b'["z"]\n', b"42\n", b'{"ts":1}\n'):
+        with pytest.raises(ValueError):
+            row_of(foreign)
 
 
 FLEET = {

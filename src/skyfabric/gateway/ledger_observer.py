@@ -15,14 +15,14 @@ the cost of every backend's own usage at its own pool's prices (``spend.py``).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from skyfabric.gateway.context import new_request_id
 from skyfabric.gateway.observe import CONTINUATION, Observer
 from skyfabric.gateway.spend import Spent, answer_spent_once, stream_spent
 from skyfabric.ops.ledger import Ledger
 from skyfabric.ops.pricing import PriceBook
-from skyfabric.ops.record import ERROR, INCOMPLETE, INTERRUPTED, OK, OPEN, UsageRecord
+from skyfabric.ops.record import ERROR, INCOMPLETE, INTERRUPTED, OK, OPEN
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -95,9 +95,9 @@ class LedgerObserver(Observer):
         if ctx.stream and status == 200:
             tally.ttft = seconds
             self.open[ctx.request_id or ""] = ctx
-            self.ledger.record(self._record(ctx, tally, 200, OPEN, seconds))
+            self.ledger.write(self._record(ctx, tally, 200, OPEN, seconds))
             return
-        self.ledger.record(self._record(ctx, tally, status, OK if status < 400 else ERROR, seconds))
+        self.ledger.write(self._record(ctx, tally, status, OK if status < 400 else ERROR, seconds))
 
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
@@ -112,42 +112,54 @@ class LedgerObserver(Observer):
         endpoints = ctx.parts_endpoints or [state.endpoint.id]
         tally.spent = stream_spent(ctx.usage_parts, endpoints, tokens, self.prices, tally.splits)
         outcome = OK if completed else INCOMPLETE
-        self.ledger.record(self._record(ctx, tally, 200, outcome, self.clock() - tally.started))
+        self.ledger.write(self._record(ctx, tally, 200, outcome, self.clock() - tally.started))
 
     def _record(
         self, ctx: RequestContext, tally: _Tally, status: int, outcome: str, seconds: float
-    ) -> UsageRecord:
+    ) -> tuple[Any, ...]:
+        """The record's values in ``record.LINE_FIELDS`` order (a tuple: the hot path builds no object)."""
         endpoints = ctx.parts_endpoints or ([tally.endpoint] if tally.endpoint else [])
         provider = region = None
         if endpoints:
             provider, region = endpoints[0].split("/", 2)[:2]
         spent = tally.spent
         key = ctx.key
-        return UsageRecord(
-            request_id=ctx.request_id or "",
-            ts=tally.wall,
-            model=ctx.model,
-            protocol=ctx.request.protocol,
-            kind=ctx.kind,
-            key_id=key.id if key is not None else None,
-            endpoints=",".join(endpoints),
-            provider=provider,
-            region=region,
-            attempts=tally.attempts,
-            continuations=ctx.rescued,
-            tokens_in=(spent.tokens_in or 0) if spent is not None else 0,
-            tokens_out=spent.tokens_out if spent is not None else 0,
-            tokens_cached=spent.tokens_cached if spent is not None else 0,
-            cost=spent.cost if spent is not None else 0.0,
-            latency_ms=round(seconds * 1000.0, 3),
-            ttft_ms=None if tally.ttft is None else round(tally.ttft * 1000.0, 3),
-            status=status,
-            outcome=outcome,
+        ttft = tally.ttft
+        if spent is None:
+            tokens_in = tokens_out = tokens_cached = 0
+            cost = 0.0
+        else:
+            tokens_in, tokens_out, tokens_cached, cost = (
+                spent.tokens_in or 0,
+                spent.tokens_out,
+                spent.tokens_cached,
+                spent.cost,
+            )
+        return (
+            ctx.request_id or "",
+            tally.wall,
+            ctx.model,
+            ctx.request.protocol,
+            ctx.kind,
+            key.id if key is not None else None,
+            ",".join(endpoints),
+            provider,
+            region,
+            tally.attempts,
+            ctx.rescued,
+            tokens_in,
+            tokens_out,
+            tokens_cached,
+            cost,
+            round(seconds * 1000.0, 3),
+            None if ttft is None else round(ttft * 1000.0, 3),
+            status,
+            outcome,
         )
 
     def interrupt_open(self) -> None:
         """At shutdown: streams still open get their final record, as interrupted, with what is known."""
         for ctx in list(self.open.values()):
             tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
-            self.ledger.record(self._record(ctx, tally, 200, INTERRUPTED, self.clock() - tally.started))
+            self.ledger.write(self._record(ctx, tally, 200, INTERRUPTED, self.clock() - tally.started))
         self.open.clear()

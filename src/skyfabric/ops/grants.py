@@ -106,6 +106,8 @@ class Grant:
     fetching: bool = False
     #: Redis refused a grant (the key is near a limit): direct admission until then.
     near_until: float = 0.0
+    #: The rate-limit headers last built for an admission from it: (anthropic, until (wall), headers).
+    headers_memo: tuple[bool, float, list[tuple[bytes, bytes]]] | None = None
 
     def fits(self, ask: Ask, now: float) -> bool:
         """Whether ``ask`` can be admitted from what is left, now."""

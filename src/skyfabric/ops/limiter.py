@@ -90,8 +90,24 @@ class Lease:
     grant: Grant | None = None
 
     def headers(self, anthropic: bool, wall: float) -> list[tuple[bytes, bytes]]:
-        """The rate-limit headers of the answer (OpenAI's, or Anthropic's on ``/v1/messages``)."""
-        return limit_headers(self.ask, self.verdict, anthropic, wall)
+        """The rate-limit headers of the answer (OpenAI's, or Anthropic's on ``/v1/messages``).
+
+        A granted admission's are estimates anyway (the shared counters as of the last top-up): they are
+        built once per :data:`GRANT_HEADERS_TTL` per grant and protocol, not per request (their building
+        was a tenth of the keys' cost per request)."""
+        g = self.grant
+        if g is None:
+            return limit_headers(self.ask, self.verdict, anthropic, wall)
+        memo = g.headers_memo
+        if memo is not None and memo[0] == anthropic and wall < memo[1]:
+            return memo[2]
+        out = limit_headers(self.ask, self.verdict, anthropic, wall)
+        g.headers_memo = (anthropic, wall + GRANT_HEADERS_TTL, out)
+        return out
+
+
+#: Seconds a granted admission's rate-limit headers are reused for (see :meth:`Lease.headers`).
+GRANT_HEADERS_TTL = 0.1
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1,0 +1,261 @@
+"""The ledger's shipper: a process of its own that fsyncs the outbox and writes it to the database.
+
+Why a process and not a thread: the shipper's work — fsync every few ms, reading, parsing and inserting
+the records — is as much CPU per request as the gateway's own bookkeeping, and in a thread it held the
+gateway's interpreter lock while doing it; worse, every ``write(2)`` of a record released the lock to it,
+so the event loop waited for the shipper's batch to finish (a lock convoy). In a process of its own it
+costs the gateway nothing but the ``write(2)``; the kernel may run it on another core.
+
+Protocol (``ledger.py`` is the other end): the gateway starts ``python -m skyfabric.ops.shipper`` with a
+pipe on each of its stdin and stdout. The first stdin line is the JSON :class:`Job`; ``stop`` later asks
+for a last shipment and a clean exit; the end of stdin without ``stop`` means the gateway is gone
+(killed): the shipper exits at once and the next run ships what is left. On stdout the shipper writes one
+JSON object per line: ``{"status": {...}}`` when its figures change, ``{"log": [level, logger,
+message]}`` for each log record (the gateway logs them as its own, so they reach its log format and
+handlers). SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a ``kill`` of the process group reaches
+the gateway, whose shutdown then says ``stop``. It runs at niceness :data:`NICE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from skyfabric.ops.database import Database
+from skyfabric.ops.outbox_reader import OutboxReader
+from skyfabric.ops.record import newest, row_of
+from skyfabric.ops.store import Store, make_store
+
+log = logging.getLogger("skyfabric.ops.ledger")
+
+#: The shipper's niceness: background work, so that a request woken on a busy core runs before it (the
+#: outbox absorbs a backlog; a shipper that falls behind catches up when the gateway is less busy).
+NICE = 10
+#: Seconds between two reports of the shipper's figures when only the counts changed.
+REPORT_INTERVAL = 0.25
+
+
+@dataclass(slots=True)
+class Job:
+    """What a shipper is told at start: where the outbox and the database are, and its intervals."""
+
+    first_segment: str
+    instance: str
+    leftovers: list[tuple[str, str]]  # (segment, its slot's instance tag), oldest first
+    instances: list[str]  # this run's slot and the adopted ones: their open records are swept
+    started: float  # wall clock of the gateway's start: open records older than this are the dead runs'
+    database_url: str | None
+    database_path: str | None
+    table_prefix: str
+    database_timeout: float
+    batch_size: int
+    ship_interval: float
+    fsync_interval: float
+    retry_interval: float
+
+    def to_line(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_APPEND_NEWLINE)
+
+    @classmethod
+    def of_line(cls, line: bytes) -> Job:
+        data = orjson.loads(line)
+        data["leftovers"] = [tuple(pair) for pair in data["leftovers"]]
+        return cls(**data)
+
+
+class Shipper:
+    """Ships one outbox reader's records to a store, reporting through ``emit`` (see the module doc)."""
+
+    def __init__(
+        self, job: Job, reader: OutboxReader, store: Store, emit: Callable[[dict[str, Any]], None]
+    ) -> None:
+        self.job = job
+        self.reader = reader
+        self.store = store
+        self.emit = emit
+        self.reachable: bool | None = None  # None: not tried yet
+        self.last_error: str | None = None
+        self.shipped = 0
+        self.dropped = 0  # outbox lines that were not records (torn by a machine crash)
+        self._swept = False
+        self._sent: dict[str, Any] = {}
+        self._next_report = 0.0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "reachable": self.reachable,
+            "last_error": self.last_error,
+            "shipped": self.shipped,
+            "dropped": self.dropped,
+            "confirmed": self.reader.confirmed,
+        }
+
+    def report(self, final: bool = False) -> None:
+        """Send the status: at once when the database's state changed (or at the end), else when the
+        figures changed, at most every :data:`REPORT_INTERVAL` (each report wakes a gateway thread)."""
+        status = self.status()
+        sent = self._sent
+        if status == sent:
+            return
+        now = time.monotonic()
+        urgent = (
+            final
+            or status["reachable"] != sent.get("reachable")
+            or status["last_error"] != sent.get("last_error")
+        )
+        if urgent or now >= self._next_report:
+            self._sent = status
+            self._next_report = now + REPORT_INTERVAL
+            self.emit({"status": status})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """fsync every ``fsync_interval``, ship every ``ship_interval`` until ``stop``, then once more."""
+        job = self.job
+        tick = min(job.fsync_interval or job.ship_interval, job.ship_interval)
+        next_ship = 0.0
+        try:
+            while not stop.is_set():
+                self.reader.sync()
+                now = time.monotonic()
+                if now >= next_ship:
+                    ok = await self.ship()
+                    next_ship = now + (job.ship_interval if ok else job.retry_interval)
+                    self.report()
+                await asyncio.sleep(tick)  # not wait_for(stop.wait()): a task per tick, 200 a second
+            # Stopping: one last try to leave the outbox empty (what fails waits there for the next run).
+            self.reader.sync()
+            if self.reachable is not False:  # a database known down is not waited on at shutdown
+                await self.ship()
+        finally:
+            self.reader.close()
+            await self.store.close()
+            self.report(final=True)
+
+    async def ship(self) -> bool:
+        """Ship everything new; False when the database failed (the records stay in the outbox)."""
+        try:
+            await self.store.connect()
+            while True:
+                batch = self.reader.read(self.job.batch_size)
+                if batch is None:
+                    break
+                rows = []
+                instance = batch.instance
+                for line in batch.lines:
+                    try:
+                        rows.append(row_of(line, instance))
+                    except ValueError:
+                        self.dropped += 1
+                        log.warning("ledger outbox: a line that is not a record was dropped: %.80r", line)
+                if rows:
+                    await self.store.write(newest(rows))
+                self.reader.confirm(batch)
+                self.shipped += len(rows)
+            if not self._swept and not self.reader.replaying:
+                swept = await self.store.sweep(self.job.instances, self.job.started)
+                self._swept = True
+                if swept:
+                    log.warning(
+                        "ledger: %d stream(s) cut by the previous run's end marked interrupted", swept
+                    )
+        except Exception as exc:
+            if self.reachable is not False:
+                log.warning(
+                    "ledger database (%s) unreachable, records wait in the outbox %s: %s",
+                    self.store.kind,
+                    self.reader.slot.parent,
+                    exc,
+                )
+            self.reachable = False
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            return False
+        if self.reachable is False:
+            log.warning("ledger database (%s) reachable again: the outbox is shipped", self.store.kind)
+        self.reachable = True
+        return True
+
+
+class _PipeHandler(logging.Handler):
+    """Log records to the gateway, as ``{"log": [level, logger, message]}`` lines."""
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__()
+        self._emit = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._emit({"log": [record.levelno, record.name, record.getMessage()]})
+        except Exception:  # the gateway is gone: nobody to tell
+            pass
+
+
+async def _main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+    out = sys.stdout.buffer
+
+    def emit(message: dict[str, Any]) -> None:
+        out.write(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE))
+        out.flush()
+
+    root = logging.getLogger()
+    root.handlers[:] = [_PipeHandler(emit)]
+    root.setLevel(logging.INFO)
+    fd = sys.stdin.fileno()
+    buffered = b""
+    while b"\n" not in buffered:  # os.read, not a buffered readline: "stop" must not hide in a buffer
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        buffered += chunk
+    first, rest = buffered.split(b"\n", 1)
+    job = Job.of_line(first)
+    database = Database(
+        job.database_url,
+        Path(job.database_path) if job.database_path is not None else None,
+        job.table_prefix,
+        job.database_timeout,
+    )
+    reader = OutboxReader(Path(job.first_segment), job.instance, [(Path(p), tag) for p, tag in job.leftovers])
+    shipper = Shipper(job, reader, make_store(database), emit)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    gone = False
+
+    def readable() -> None:
+        nonlocal gone
+        line = os.read(fd, 4096)
+        if not line:  # the gateway died without saying stop: leave the outbox to its next run
+            gone = True
+            loop.remove_reader(fd)
+            stop.set()
+        elif b"stop" in line:
+            loop.remove_reader(fd)
+            stop.set()
+
+    if b"stop" in rest:
+        stop.set()
+    else:
+        loop.add_reader(fd, readable)
+    task = asyncio.ensure_future(shipper.run(stop))
+    await stop.wait()
+    if gone:
+        os._exit(0)  # no last shipment, no waiting on a database call in flight
+    await task
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())
