@@ -32,6 +32,7 @@ async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path,
     answered: dict[str, str] = {}  # request id → "plain", "stream" (complete) or "cut" (the kill cut it)
     usage: dict[str, tuple[int, int]] = {}
     stop_at = asyncio.Event()
+    streaming: set[str] = set()
 
     async def worker(n: int) -> None:
         i = 0
@@ -59,13 +60,19 @@ async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path,
                     )
                     rid = raw.headers["x-request-id"]
                     answered[rid] = "cut"  # the client has its id from here on
-                    _ = [c async for c in raw.parse()]
+                    async for _ in raw.parse():
+                        streaming.add(rid)  # mid-answer: the gateway is still sending this one
+                    streaming.discard(rid)
                     answered[rid] = "stream"
             except (openai.APIConnectionError, httpx_errors()):
                 return  # the gateway is gone
 
     workers = [asyncio.create_task(worker(n)) for n in range(12)]
     await asyncio.sleep(2.0)
+    # Kill while a stream is mid-answer (on a busy machine a fixed instant can fall between streams).
+    deadline = time.monotonic() + 5
+    while not streaming and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
     os.kill(gateway.pid, signal.SIGKILL)
     gateway.wait(5)
     stop_at.set()
