@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ import skyfabric.drills
 from skyfabric.control import EMBEDDED_FLEET
 from skyfabric.control.plan import Offer, Plan, Requirements
 from skyfabric.sim.fleetsim import Loss, Result, Workload, _pct, simulate, trace_workload
+from skyfabric.sim.host import HostSpec, load_step_profile
 
 TRACE = Path(skyfabric.drills.__file__).parent / "data" / "azure_conv_slice.csv"
 SPEED = 1.5
@@ -61,11 +63,24 @@ def drill_arrivals(log: Path) -> list[tuple[float, int, int, bool]]:
     """The drill's own requests (``requests.jsonl``): when each was sent, its sizes, whether streamed."""
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("pass", "skyfabric") == "skyfabric"]
-    return sorted((r["start"], r["prompt_tokens"], r["output_tokens"], bool(r["stream"])) for r in rows)
+    # the prompt the engine prefilled (chat template included) where the replica reported it
+    return sorted(
+        (r["start"], r.get("usage_prompt_tokens") or r["prompt_tokens"], r["output_tokens"], bool(r["stream"]))
+        for r in rows
+    )
 
 
-def simulate_drill(report: dict[str, Any], log: Path | None = None) -> tuple[Result, dict[str, float]]:
-    """The simulation of the drill in ``report``, calibrated on its before phase.
+def simulate_drill(
+    report: dict[str, Any],
+    log: Path | None = None,
+    host_cores: float | None = None,
+    background: float = 0.0,
+) -> tuple[Result, dict[str, float]]:
+    """The simulation of the drill in ``report``.
+
+    ``host_cores``: the three replicas are the embedded engine's stepped batcher on one host of that
+    many cores (``sim/host.py``), timed by the measured step profile — nothing is fitted to the drill.
+    ``None``: independent accelerators, the closed-form model's two figures calibrated on its before phase.
 
     With the drill's request log the simulator replays the very same requests (times, sizes, streamed
     or not); without it, the trace's per-minute rate as a Poisson process and its sizes.
@@ -113,6 +128,12 @@ def simulate_drill(report: dict[str, Any], log: Path | None = None) -> tuple[Res
         Offer("azure", "eastus", "nvidia-h100", "local", 2.49, rps, concurrency=slots, name="h100"),
     ]
     plan = Plan(offers, [1, 1, 1], Requirements(workload.rate), 0.0)
+    hosts = None
+    calib = {"ttft0": ttft0, "tpot_full": tpot_full, "rps": rps, "rate": workload.rate}
+    if host_cores is not None:
+        spec = HostSpec("embedded", host_cores, background)
+        hosts = {o.pool: spec for o in offers}
+        calib = {"cores": host_cores, "background": background, "rate": workload.rate}
     overrides = {"timeouts": fleet["timeouts"], "retry": fleet["retry"]}
     result = simulate(
         plan,
@@ -124,12 +145,18 @@ def simulate_drill(report: dict[str, Any], log: Path | None = None) -> tuple[Res
         stream_share=float(work.get("stream_fraction", 0.0)),
         seed=0,
         fleet_overrides=overrides,
+        hosts=hosts,
     )
-    return result, {"ttft0": ttft0, "tpot_full": tpot_full, "rps": rps, "rate": workload.rate}
+    return result, calib
 
 
-def compare(report: dict[str, Any], result: Result) -> tuple[list[str], list[str]]:
-    """(table lines, failures) of the simulation against the drill, phase by phase."""
+def compare(
+    report: dict[str, Any], result: Result, skip_before: bool = False
+) -> tuple[list[str], list[str]]:
+    """(table lines, failures) of the simulation against the drill, phase by phase.
+
+    ``skip_before``: the before phase was the calibration (the independent-accelerator model).
+    """
     phases = {p["kind"]: p for p in report["result"]["phases"]}
     lines = [
         f"{'phase':<8} {'':>6} {'requests':>9} {'success %':>9} {'TTFT p50':>9} {'lat p50':>9} {'retries':>8}"
@@ -149,7 +176,7 @@ def compare(report: dict[str, Any], result: Result) -> tuple[list[str], list[str
             f"{'':<8} {'sim':>6} {sim_phase.requests:>9} {s_success:>9.2f} {s_ttft:>9.3f} {s_lat:>9.3f} "
             f"{sim_phase.retries:>8}"
         )
-        if kind == "before":
+        if kind == "before" and skip_before:
             continue  # calibration phase
         if abs(s_success - drill["success_rate"]) > 0.5:
             failures.append(f"{kind}: success rate {s_success:.2f} vs {drill['success_rate']:.2f}")
@@ -173,6 +200,20 @@ def main(argv: list[str]) -> int:
         "--out", type=Path, default=None, help="where the live drill writes (default: a temp dir)"
     )
     parser.add_argument("--speed", type=float, default=SPEED, help="the live drill's time compression")
+    parser.add_argument(
+        "--host-cores",
+        type=float,
+        default=float(os.cpu_count() or 1),
+        help="cores of the host the embedded replicas share (default: this machine's)",
+    )
+    parser.add_argument(
+        "--background", type=float, default=0.0, help="cores' worth of other work on that host (default 0)"
+    )
+    parser.add_argument(
+        "--independent",
+        action="store_true",
+        help="the old model: independent accelerators, calibrated on the drill's before phase",
+    )
     parser.add_argument("--summary", type=Path, default=None, help="write the figures compared here (JSON)")
     args = parser.parse_args(argv)
     logging.getLogger("skyfabric.gateway").setLevel(logging.ERROR)
@@ -186,15 +227,25 @@ def main(argv: list[str]) -> int:
     else:
         report = json.loads(args.report.read_text())
         log = args.report.parent / "requests.jsonl"
-    result, calib = simulate_drill(report, log)
+    cores = None if args.independent else args.host_cores
+    result, calib = simulate_drill(report, log, cores, args.background)
     if log is not None and log.exists():
         print(f"replaying the drill's own {sum(p.requests for p in result.phases)} requests")
-    print(
-        f"calibrated on the drill's before phase: ttft0 {calib['ttft0'] * 1000:.1f} ms, "
-        f"tpot_full {calib['tpot_full'] * 1000:.2f} ms, {calib['rps']:.1f} req/s per replica at saturation; "
-        f"workload {calib['rate']:.2f} req/s mean"
-    )
-    lines, failures = compare(report, result)
+    if cores is None:
+        print(
+            f"independent accelerators, calibrated on the drill's before phase: ttft0 "
+            f"{calib['ttft0'] * 1000:.1f} ms, tpot_full {calib['tpot_full'] * 1000:.2f} ms, "
+            f"{calib['rps']:.1f} req/s per replica at saturation; workload {calib['rate']:.2f} req/s mean"
+        )
+    else:
+        steps = load_step_profile()
+        print(
+            f"three embedded replicas sharing a host of {cores:g} cores (+{args.background:g} background), "
+            f"measured steps: prefill {steps.prefill_fixed_s * 1000:.2f} ms + "
+            f"{steps.prefill_per_token_s * 1000:.3f} ms/token, decode {steps.decode_fixed_s * 1000:.2f} ms + "
+            f"{steps.decode_per_sequence_s * 1000:.3f} ms/sequence; workload {calib['rate']:.2f} req/s mean"
+        )
+    lines, failures = compare(report, result, skip_before=cores is None)
     print("\n".join(["", *lines, ""]))
     streams = sum(p.streams for p in result.phases)
     continued = sum(p.continued for p in result.phases)
