@@ -1,7 +1,7 @@
 """Calibrate the simulator's embedded-replica step profile: time the embedded engine's own batching steps.
 
-    PYTHONPATH=src python bench/replica_steps.py                 # print the fitted profile
-    PYTHONPATH=src python bench/replica_steps.py --write         # and write src/skyfabric/sim/embedded_steps.yaml
+    PYTHONPATH=src python bench/replica_steps.py            # print the fitted profile
+    PYTHONPATH=src python bench/replica_steps.py --write    # and write it to sim/embedded_steps.yaml
 
 It builds the replica's core exactly as ``skyfabric replica`` does for the embedded fleet
 (``core_process.load`` with the replica's defaults and the embedded fleet's ``REPLICA_ENV``: the shipped
@@ -111,8 +111,10 @@ def main(argv: list[str]) -> int:
     print("decode   batch   CPU ms/step  wall ms/step")
     for b, c, w in zip(batches, dec_cpu, dec_wall, strict=True):
         print(f"         {b:>5} {c * 1000:>12.2f} {w * 1000:>12.2f}")
-    print(f"fit: prefill = {p0 * 1000:.2f} ms + {p1 * 1000:.3f} ms/token; decode = {d0 * 1000:.2f} ms + "
-          f"{d1 * 1000:.3f} ms/sequence (CPU time, one thread)")
+    print(
+        f"fit: prefill = {p0 * 1000:.2f} ms + {p1 * 1000:.3f} ms/token; decode = {d0 * 1000:.2f} ms + "
+        f"{d1 * 1000:.3f} ms/sequence (CPU time, one thread)"
+    )
     profile = {
         "prefill_fixed_s": round(p0, 6),
         "prefill_per_token_s": round(p1, 7),
@@ -126,8 +128,9 @@ def main(argv: list[str]) -> int:
     }
     if args.write:
         header = (
-            "# The embedded replica's batching-step profile, measured by bench/replica_steps.py (CPU time of\n"
-            "# one step on a core of its own; the simulator's host model adds the sharing). Redo: see that file.\n"
+            "# The embedded replica's batching-step profile, measured by bench/replica_steps.py (CPU\n"
+            "# time of one step on a core of its own; the simulator's host model adds the sharing).\n"
+            "# Redo: PYTHONPATH=src python bench/replica_steps.py --write\n"
         )
         OUT.write_text(header + yaml.safe_dump(profile, sort_keys=False, width=200))
         print(f"wrote {OUT}")

@@ -43,20 +43,50 @@ from skyfabric.control import EMBEDDED_FLEET
 from skyfabric.control.plan import Offer, Plan, Requirements
 from skyfabric.sim.fleetsim import Loss, Result, Workload, _pct, simulate, trace_workload
 from skyfabric.sim.host import HostSpec, load_step_profile
+from skyfabric.sim.hostload import HostLoadSampler
 
+#: Seconds per step of the measured background fed to the simulation.
+LOAD_STEP = 5.0
 TRACE = Path(skyfabric.drills.__file__).parent / "data" / "azure_conv_slice.csv"
 SPEED = 1.5
 
 
 def run_drill(duration: float, out: Path, speed: float = SPEED) -> dict[str, Any]:
-    """A real drill, now: the gateway, the embedded fleet and the fault proxies, as `skyfabric drill`."""
+    """A real drill, now: the gateway, the embedded fleet and the fault proxies, as `skyfabric drill`.
+
+    While it runs, the host's other load is sampled (``sim/hostload.py``) and written beside the report
+    (``host-load.json``: the background, per ``LOAD_STEP`` seconds of the drill's clock).
+    """
     cmd = [sys.executable, "-m", "skyfabric.cli", "drill", "trace-outage", "--provider", "aws"]
     cmd += ["--duration", str(duration), "--speed", str(speed), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 4 + 600)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = HostLoadSampler(proc.pid)
+    sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=duration * 4 + 600)
+    finally:
+        sampler.stop()
     report = out / "report.json"
     if not report.exists():
-        raise SystemExit(f"the drill did not run (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return json.loads(report.read_text())
+        raise SystemExit(f"the drill did not run (exit {proc.returncode}):\n{stdout}\n{stderr}")
+    data: dict[str, Any] = json.loads(report.read_text())
+    # the drill's clock starts when its load does; its request log is written as the run ends
+    t0 = (out / "requests.jsonl").stat().st_mtime - data["result"]["ended"]
+    series = sampler.series(t0, data["result"]["ended"], LOAD_STEP)
+    (out / "host-load.json").write_text(json.dumps({"step": LOAD_STEP, "background": series}))
+    return data
+
+
+def host_load(directory: Path) -> list[tuple[float, float]] | None:
+    """The host's measured background during a drill (``host-load.json``), if it was measured."""
+    path = directory / "host-load.json"
+    if not path.exists():
+        return None
+    return [(float(t), float(b)) for t, b in json.loads(path.read_text())["background"]]
+
+
+def _prefilled(row: dict[str, Any]) -> int:
+    return int(row.get("usage_prompt_tokens") or row["prompt_tokens"])
 
 
 def drill_arrivals(log: Path) -> list[tuple[float, int, int, bool]]:
@@ -65,7 +95,12 @@ def drill_arrivals(log: Path) -> list[tuple[float, int, int, bool]]:
     rows = [r for r in rows if r.get("pass", "skyfabric") == "skyfabric"]
     # the prompt the engine prefilled (chat template included) where the replica reported it
     return sorted(
-        (r["start"], r.get("usage_prompt_tokens") or r["prompt_tokens"], r["output_tokens"], bool(r["stream"]))
+        (
+            r["start"],
+            r.get("usage_prompt_tokens") or r["prompt_tokens"],
+            r["output_tokens"],
+            r["stream"] is True,
+        )
         for r in rows
     )
 
@@ -74,12 +109,13 @@ def simulate_drill(
     report: dict[str, Any],
     log: Path | None = None,
     host_cores: float | None = None,
-    background: float = 0.0,
+    background: float | list[tuple[float, float]] = 0.0,
 ) -> tuple[Result, dict[str, float]]:
     """The simulation of the drill in ``report``.
 
     ``host_cores``: the three replicas are the embedded engine's stepped batcher on one host of that
-    many cores (``sim/host.py``), timed by the measured step profile — nothing is fitted to the drill.
+    many cores (``sim/host.py``), timed by the measured step profile — nothing is fitted to the drill;
+    ``background``: the host's other runnable threads, a constant or measured ``(from t, value)`` steps.
     ``None``: independent accelerators, the closed-form model's two figures calibrated on its before phase.
 
     With the drill's request log the simulator replays the very same requests (times, sizes, streamed
@@ -131,9 +167,15 @@ def simulate_drill(
     hosts = None
     calib = {"ttft0": ttft0, "tpot_full": tpot_full, "rps": rps, "rate": workload.rate}
     if host_cores is not None:
-        spec = HostSpec("embedded", host_cores, background)
+        series = tuple(background) if isinstance(background, list) else ()
+        constant = background if isinstance(background, float | int) else 0.0
+        spec = HostSpec("embedded", host_cores, float(constant), background_at=series)
         hosts = {o.pool: spec for o in offers}
-        calib = {"cores": host_cores, "background": background, "rate": workload.rate}
+        calib = {"cores": host_cores, "rate": workload.rate}
+        for phase in ("before", "during", "after"):
+            lo, hi = phases[phase]["start"], phases[phase]["end"]
+            window = [b for t, b in series if lo <= t < hi]
+            calib[f"background_{phase}"] = sum(window) / len(window) if window else float(constant)
     overrides = {"timeouts": fleet["timeouts"], "retry": fleet["retry"]}
     result = simulate(
         plan,
@@ -150,9 +192,7 @@ def simulate_drill(
     return result, calib
 
 
-def compare(
-    report: dict[str, Any], result: Result, skip_before: bool = False
-) -> tuple[list[str], list[str]]:
+def compare(report: dict[str, Any], result: Result, skip_before: bool = False) -> tuple[list[str], list[str]]:
     """(table lines, failures) of the simulation against the drill, phase by phase.
 
     ``skip_before``: the before phase was the calibration (the independent-accelerator model).
@@ -207,7 +247,11 @@ def main(argv: list[str]) -> int:
         help="cores of the host the embedded replicas share (default: this machine's)",
     )
     parser.add_argument(
-        "--background", type=float, default=0.0, help="cores' worth of other work on that host (default 0)"
+        "--background",
+        type=float,
+        default=None,
+        help="other runnable threads on that host (default: as measured during the drill, host-load.json; "
+        "else 0)",
     )
     parser.add_argument(
         "--independent",
@@ -228,7 +272,11 @@ def main(argv: list[str]) -> int:
         report = json.loads(args.report.read_text())
         log = args.report.parent / "requests.jsonl"
     cores = None if args.independent else args.host_cores
-    result, calib = simulate_drill(report, log, cores, args.background)
+    measured = host_load(out if args.live is not None else args.report.parent)
+    background: float | list[tuple[float, float]] = (
+        args.background if args.background is not None else (measured or 0.0)
+    )
+    result, calib = simulate_drill(report, log, cores, background)
     if log is not None and log.exists():
         print(f"replaying the drill's own {sum(p.requests for p in result.phases)} requests")
     if cores is None:
@@ -239,8 +287,11 @@ def main(argv: list[str]) -> int:
         )
     else:
         steps = load_step_profile()
+        told = "given" if args.background is not None else "measured" if measured else "none measured"
         print(
-            f"three embedded replicas sharing a host of {cores:g} cores (+{args.background:g} background), "
+            f"three embedded replicas sharing a host of {cores:g} cores; other runnable threads ({told}) "
+            f"before/during/after {calib['background_before']:.2f}/{calib['background_during']:.2f}/"
+            f"{calib['background_after']:.2f}; "
             f"measured steps: prefill {steps.prefill_fixed_s * 1000:.2f} ms + "
             f"{steps.prefill_per_token_s * 1000:.3f} ms/token, decode {steps.decode_fixed_s * 1000:.2f} ms + "
             f"{steps.decode_per_sequence_s * 1000:.3f} ms/sequence; workload {calib['rate']:.2f} req/s mean"

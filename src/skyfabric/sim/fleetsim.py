@@ -520,7 +520,11 @@ async def _run(
         slots = max(1, round(offer.concurrency * members / granularity))
         spec = (hosts or {}).get(e.pool)
         if spec is not None:
-            host = machines.setdefault(spec.name, Host(spec.name, spec.cores, spec.background))
+            host = machines.get(spec.name)
+            if host is None:
+                host = machines[spec.name] = Host(spec.name, spec.cores, spec.background)
+                for at, value in spec.background_at:
+                    loop.call_at(at, setattr, host, "background", value)
             replicas[e.id] = SteppedReplica(loop, host, spec.profile, min(slots, spec.profile.slots))
         else:
             replicas[e.id] = Replica(loop, slots, rps / granularity, first, workload.mean_output)

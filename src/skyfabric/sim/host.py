@@ -62,7 +62,7 @@ class StepProfile:
 
 
 def load_step_profile(path: Path = EMBEDDED_STEPS) -> StepProfile:
-    """The step profile in ``path`` (the shipped one: the embedded engine measured on this project's CI box)."""
+    """The step profile in ``path`` (default: the shipped measurement of the embedded engine)."""
     try:
         data = yaml.safe_load(path.read_text())
         return StepProfile(**{k: data[k] for k in data if k in StepProfile.__dataclass_fields__})
@@ -123,7 +123,7 @@ class SteppedReplica:
     def _begin(self) -> None:
         self.stepping = True
         self.host.busy += 1
-        self._step()
+        self.loop.call_soon(self._step)  # what arrives at the same instant joins the first step
 
     def _step(self) -> None:
         while self.waiting and len(self.running) < self.slots:
@@ -222,9 +222,14 @@ class SteppedReplica:
 
 @dataclass(frozen=True, slots=True)
 class HostSpec:
-    """Where a pool's replicas run: ``host: {name, cores, background}`` in the simulation's input."""
+    """Where a pool's replicas run: ``host: {name, cores, background}`` in the simulation's input.
+
+    ``background_at``: the background measured over time (``sim/hostload.py``), ``(from t, value)`` steps
+    that replace ``background`` as the simulated clock passes them.
+    """
 
     name: str
     cores: float
     background: float = 0.0
     profile: StepProfile = field(default_factory=load_step_profile)
+    background_at: tuple[tuple[float, float], ...] = ()
