@@ -11,7 +11,13 @@ model, float32, one torch thread, 32k context) in this process, and times :meth:
   batcher — one step that prefills it and samples its first token;
 * decode: B sequences (B = 1 … 16) decoding together, a prompt of ~64 tokens each — the mean of many steps.
 
-Each is timed in **CPU time of this process** (one thread), not wall time: on a shared machine the CPU
+``--http`` measures the whole replica instead — ``skyfabric replica`` started as the embedded fleet starts
+it, driven over HTTP with the drills' own requests (greedy, ``ignore_eos``, streamed): the CPU time of
+its processes (the engine core and the HTTP frontend, which detokenizes and writes the SSE stream) per
+prefill and per decode step. That is what a replica costs its host in a drill, and what the simulator
+uses (``--http --write``); the in-process figures are the batcher alone.
+
+Each is timed in **CPU time** (one thread per process), not wall time: on a shared machine the CPU
 time of a step is what it costs on a core of its own, and the simulator's host model adds the sharing
 (``sim/host.py``). Wall time is printed beside it. Then least squares: prefill = p0 + p1·P,
 decode = d0 + d1·B. Runs in well under a minute.
@@ -38,11 +44,124 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0.0, [root]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure_http(steps: int) -> tuple[list[float], list[float], list[float], list[float], str]:
+    """(prompt sizes, CPU per prefill, batch sizes, CPU per decode step, describe) of a live replica."""
+    import asyncio
+    import random
+    import subprocess
+    import urllib.request
+
+    import aiohttp
+
+    from skyfabric.control.supervisor import REPLICA_ENV
+    from skyfabric.drills.harness import free_port
+    from skyfabric.drills.workload import make_prompt
+
+    port = free_port()
+    env = {**os.environ, **REPLICA_ENV}
+    argv = [sys.executable, "-m", "skyfabric.cli", "replica", "--port", str(port)]
+    argv += ["--served-model-name", "skyfabric-code"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    rng = random.Random(0)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("the replica did not start")
+            time.sleep(0.5)
+
+        async def one(session: aiohttp.ClientSession, prompt_tokens: int, out: int) -> int:
+            body = {
+                "model": "skyfabric-code",
+                "messages": [{"role": "user", "content": make_prompt(prompt_tokens, rng)}],
+                "max_tokens": out,
+                "min_tokens": out,
+                "ignore_eos": True,
+                "temperature": 0.0,
+                "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            }
+            prompt = 0
+            async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                async for line in resp.content:
+                    if b'"prompt_tokens":' in line:
+                        prompt = int(line.split(b'"prompt_tokens":')[1].split(b",")[0])
+            return prompt
+
+        async def run() -> tuple[list[float], list[float], list[float], list[tuple[float, int]]]:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    await one(session, 64, 16)  # warm-up
+                sizes: list[float] = []
+                pre: list[float] = []
+                for n in [16, 32, 64, 100, 150] * 2:
+                    c = _tree_cpu(proc.pid)  # /proc counts in clock ticks: eight requests per figure
+                    got = [await one(session, n, 1) for _ in range(8)]
+                    sizes.append(sum(got) / len(got))
+                    pre.append((_tree_cpu(proc.pid) - c) / len(got))
+                batches: list[float] = []
+                dec: list[tuple[float, int]] = []
+                for b in [1, 2, 4, 8, 16]:
+                    for _ in range(2):
+                        c = _tree_cpu(proc.pid)
+                        prompts = await asyncio.gather(*(one(session, 40, steps + 1) for _ in range(b)))
+                        batches.append(float(b))
+                        dec.append((_tree_cpu(proc.pid) - c, sum(prompts)))
+                return sizes, pre, batches, dec
+
+        sizes, pre, batches, dec_raw = asyncio.run(run())
+        p0, p1 = _fit(sizes, pre)
+        # a decode run's CPU, less its prompts' prefill (the fit above), per decode step
+        dec = [
+            (cpu - b * p0 - p1 * tokens) / steps for (cpu, tokens), b in zip(dec_raw, batches, strict=True)
+        ]
+        return sizes, pre, batches, dec, f"skyfabric replica (HTTP, streamed, greedy) {REPLICA_ENV}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help=f"write the profile to {OUT}")
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed per batch size")
+    parser.add_argument("--http", action="store_true", help="the whole replica process, over HTTP")
     args = parser.parse_args(argv)
+    if args.http:
+        sizes, pre, batches, dec, what = measure_http(max(args.steps, 128))
+        return report(sizes, pre, batches, dec, what, write=args.write, slots=16)
     from skyfabric.control.supervisor import REPLICA_ENV
 
     for key, value in REPLICA_ENV.items():
@@ -61,7 +180,7 @@ def main(argv: list[str]) -> int:
         "max_num_seqs": 32,
     }
     batcher, info = load(config)
-    params = SamplingParams(temperature=1.0)
+    params = SamplingParams(temperature=0.0)  # greedy, as the drills' load client asks (loadclient.py)
     rid = iter(range(1, 10**9))
 
     def prompt(n: int, salt: int) -> list[int]:  # distinct prompts: no prefix-cache hits
@@ -78,59 +197,74 @@ def main(argv: list[str]) -> int:
     while batcher.has_work:
         batcher.step()
 
-    sizes = [16, 32, 64, 100, 150]
+    prompt_sizes = [16, 32, 64, 100, 150]
     pre_cpu: list[float] = []
-    pre_wall: list[float] = []
-    for i, n in enumerate(sizes * 3):
+    for i, n in enumerate(prompt_sizes * 3):
         batcher.add(next(rid), prompt(n, 100 + i), max_tokens=2, params=params)
-        c, w = time.process_time(), time.perf_counter()
+        c = time.process_time()
         batcher.step()
         pre_cpu.append(time.process_time() - c)
-        pre_wall.append(time.perf_counter() - w)
         drain()
-    batches = [1, 2, 4, 8, 12, 16]
+    batch_sizes = [1, 2, 4, 8, 12, 16]
     dec_cpu: list[float] = []
-    dec_wall: list[float] = []
-    for b in batches:
-        for j in range(b):
-            batcher.add(next(rid), prompt(64, 1000 * b + j), max_tokens=10_000, params=params)
-        while batcher.waiting or batcher.partial is not None or len(batcher.running) < b:
+    for size in batch_sizes:
+        for j in range(size):
+            batcher.add(next(rid), prompt(64, 1000 * size + j), max_tokens=10_000, params=params)
+        while batcher.waiting or batcher.partial is not None or len(batcher.running) < size:
             batcher.step()
-        c, w = time.process_time(), time.perf_counter()
+        c = time.process_time()
         for _ in range(args.steps):
             batcher.step()
         dec_cpu.append((time.process_time() - c) / args.steps)
-        dec_wall.append((time.perf_counter() - w) / args.steps)
         drain()
-    p0, p1 = _fit([float(n) for n in sizes * 3], pre_cpu)
-    d0, d1 = _fit([float(b) for b in batches], dec_cpu)
-    print(f"engine: {info['describe']}")
-    print("prefill  tokens  CPU ms  wall ms")
-    for n, c, w in zip(sizes * 3, pre_cpu, pre_wall, strict=True):
-        print(f"         {n:>6} {c * 1000:>7.2f} {w * 1000:>8.2f}")
-    print("decode   batch   CPU ms/step  wall ms/step")
-    for b, c, w in zip(batches, dec_cpu, dec_wall, strict=True):
-        print(f"         {b:>5} {c * 1000:>12.2f} {w * 1000:>12.2f}")
+    return report(
+        [float(n) for n in prompt_sizes * 3],
+        pre_cpu,
+        [float(b) for b in batch_sizes],
+        dec_cpu,
+        f"Batcher.step in process: {info['describe']}",
+        write=args.write,
+        slots=int(info["slots"]),
+    )
+
+
+def report(
+    sizes: list[float],
+    pre: list[float],
+    batches: list[float],
+    dec: list[float],
+    what: str,
+    *,
+    write: bool,
+    slots: int,
+) -> int:
+    """Print the measurements and the fit; with ``write``, the profile the simulator reads."""
+    p0, p1 = _fit(sizes, pre)
+    d0, d1 = _fit(batches, dec)
+    print(what)
+    print("prefill  tokens  CPU ms")
+    for n, c in zip(sizes, pre, strict=True):
+        print(f"         {n:>6.0f} {c * 1000:>7.2f}")
+    print("decode   batch   CPU ms/step")
+    for b, c in zip(batches, dec, strict=True):
+        print(f"         {b:>5.0f} {c * 1000:>12.2f}")
     print(
         f"fit: prefill = {p0 * 1000:.2f} ms + {p1 * 1000:.3f} ms/token; decode = {d0 * 1000:.2f} ms + "
-        f"{d1 * 1000:.3f} ms/sequence (CPU time, one thread)"
+        f"{d1 * 1000:.3f} ms/sequence (CPU time)"
     )
     profile = {
-        "prefill_fixed_s": round(p0, 6),
+        "prefill_fixed_s": round(max(p0, 0.0), 6),
         "prefill_per_token_s": round(p1, 7),
         "decode_fixed_s": round(d0, 6),
-        "decode_per_sequence_s": round(d1, 7),
-        "slots": int(info["slots"]),
-        "source": (
-            f"bench/replica_steps.py, {date.today().isoformat()}: CPU time of Batcher.step on "
-            f"{os.cpu_count()} logical CPUs, {info['describe']}"
-        ),
+        "decode_per_sequence_s": round(max(d1, 0.0), 7),
+        "slots": slots,
+        "source": f"bench/replica_steps.py, {date.today().isoformat()}, {os.cpu_count()} CPUs: {what}",
     }
-    if args.write:
+    if write:
         header = (
-            "# The embedded replica's batching-step profile, measured by bench/replica_steps.py (CPU\n"
-            "# time of one step on a core of its own; the simulator's host model adds the sharing).\n"
-            "# Redo: PYTHONPATH=src python bench/replica_steps.py --write\n"
+            "# The embedded replica's step profile, measured by bench/replica_steps.py: CPU seconds a\n"
+            "# replica spends per prefill and per decode step (on a core of its own; the simulator's host\n"
+            "# model adds the sharing). Redo: PYTHONPATH=src python bench/replica_steps.py --http --write\n"
         )
         OUT.write_text(header + yaml.safe_dump(profile, sort_keys=False, width=200))
         print(f"wrote {OUT}")

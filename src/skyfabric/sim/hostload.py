@@ -3,12 +3,14 @@
 The embedded fleet's replicas share the machine with the gateway, the load generator, the fault proxies,
 the replicas' own HTTP frontends — and whatever else runs there (on a shared build box: other people's
 jobs). :class:`HostLoadSampler` measures it without guessing: every ``interval`` it reads the kernel's
-count of runnable threads (``procs_running`` in ``/proc/stat``) and subtracts the drill's replica cores
-that are running at that instant (their ``/proc/<pid>/stat`` state) and itself. What is left is the
+count of runnable threads (``procs_running`` in ``/proc/stat``) and subtracts the drill's replicas' threads
+that are running at that instant (their ``/proc/<pid>/task/*/stat`` state; the step profile already holds
+what a replica's core and frontend cost) and itself. What is left is the
 number of other threads competing for the cores — the ``background`` of
 :class:`~skyfabric.sim.host.Host`, whose sharing factor is ``(busy replicas + background) / cores``.
 
-The replica cores are found by their command line (``skyfabric.engine.core_process``) among the
+The replicas' processes are found by their command line (``core_process``, ``skyfabric.cli replica``)
+among the
 descendants of the process that runs the drill, so another drill on the same machine counts as
 background, as it should. Linux only (``/proc``).
 """
@@ -20,7 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-CORE_MARKER = b"skyfabric.engine.core_process"
+#: A replica's processes: its engine core and its HTTP frontend (``skyfabric replica``), whose CPU per
+#: prefill and per decode step the step profile holds (``bench/replica_steps.py --http``).
+REPLICA_MARKERS = (b"skyfabric.engine.core_process", b"skyfabric.cli\x00replica")
 
 
 def _procs_running() -> int:
@@ -39,16 +43,24 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[1])
 
 
-def _running(pid: int) -> bool:
+def _running(pid: int) -> int:
+    """Threads of ``pid`` that are runnable now."""
+    count = 0
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
+        return 0
+    for task in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{task}/stat").read_bytes()
+        except OSError:
+            continue
+        count += stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
+    return count
 
 
-def descendant_cores(root: int) -> list[int]:
-    """Pids of replica cores (``core_process``) below ``root`` in the process tree."""
+def descendant_replicas(root: int) -> list[int]:
+    """Pids of replica processes (cores and frontends) below ``root`` in the process tree."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -58,7 +70,7 @@ def descendant_cores(root: int) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if CORE_MARKER not in cmdline:
+        if not any(marker in cmdline for marker in REPLICA_MARKERS):
             continue
         up, hops = pid, 0
         while up > 1 and hops < 16:
@@ -76,7 +88,7 @@ class HostLoadSampler:
         self.root = root
         self.interval = interval
         self.rescan = rescan
-        #: (wall-clock time, other runnable threads, the drill's replica cores running)
+        #: (wall-clock time, other runnable threads, the drill's replica threads running)
         self.samples: list[tuple[float, int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="host-load", daemon=True)
@@ -94,7 +106,7 @@ class HostLoadSampler:
         while not self._stop.wait(self.interval):
             now = time.time()
             if now - scanned > self.rescan:
-                cores, scanned = descendant_cores(self.root), now
+                cores, scanned = descendant_replicas(self.root), now
             ours = sum(_running(pid) for pid in cores)
             others = _procs_running() - ours - 1  # less this sampler, which is running
             self.samples.append((now, max(0, others), ours))
