@@ -113,13 +113,16 @@ def test_losing_one_region_takes_only_its_endpoints() -> None:
 
 @pytest.mark.slow
 def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> None:
-    """A real 90-s drill now (trace-outage, aws blackholed 40–60 %), then the simulation of its own requests.
+    """A real 60-s drill now (trace-outage at ×1.5, aws blackholed 40–60 %), then the simulation of its own
+    requests on the replica-host model (three embedded replicas sharing this machine's cores, the host's
+    other load as sampled during the drill).
 
-    Asserted: the simulator replays the drill's requests, phase by phase, and both lose no request
-    (success within 0.5 points) and start no retry storm (retries ≤ max(3, 3 %) of a phase); no simulated
-    stream is broken. The timing tolerances (TTFT p50 ±max(50 ms, 30 %), latency p50 ±30 %) are printed
-    by the bench, not asserted: the embedded fleet's three CPU replicas share this machine's two cores,
-    so losing one speeds the others up — the opposite of independent accelerators (docs/planning.md).
+    Asserted: the simulator replays the drill's requests, phase by phase; both lose no request (success
+    within 0.5 points) and start no retry storm (retries ≤ max(3, 3 %) of a phase); no simulated stream
+    is broken; and the timings agree within a factor of 2 in every phase (latency p50; TTFT p50 within
+    max(150 ms, ×2)). The stated tolerances (TTFT ±max(50 ms, 30 %), latency ±30 %) are printed by the
+    bench, met on the committed quiet drill, and not reliably on this shared 2-vCPU machine: how far off,
+    and why, is in docs/planning.md.
     """
     import json
     import subprocess
@@ -127,7 +130,7 @@ def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> 
 
     root = Path(__file__).resolve().parents[2]
     summary = tmp_path / "summary.json"
-    cmd = [sys.executable, str(root / "bench" / "sim_vs_drill.py"), "--live", "90", "--speed", "1.0"]
+    cmd = [sys.executable, str(root / "bench" / "sim_vs_drill.py"), "--live", "60"]
     cmd += ["--out", str(tmp_path / "drill"), "--summary", str(summary)]
     out = subprocess.run(
         cmd,
@@ -138,6 +141,7 @@ def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> 
         env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert summary.exists(), out.stdout + out.stderr
+    assert (tmp_path / "drill" / "host-load.json").exists()  # the host's other load was measured
     phases = json.loads(summary.read_text())["phases"]
     for phase in phases:
         drill, sim = phase["drill"], phase["sim"]
@@ -147,6 +151,10 @@ def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> 
         assert sim["retries"] <= max(3, 0.03 * sim["requests"]), phase
         assert drill["retries"] <= max(3, 0.03 * drill["requests"]), phase
         assert sim["broken"] == 0 and sim["streams"] > 0, phase
+        # timings: the independent-accelerator model was off by 2–10× here; the host model is not
+        assert 0.5 <= sim["latency_p50"] / drill["latency_p50"] <= 2.0, (phase, out.stdout)
+        ttft_off = abs(sim["ttft_p50"] - drill["ttft_p50"])
+        assert ttft_off <= max(0.15, drill["ttft_p50"]), (phase, out.stdout)
     assert sum(p["drill"]["requests"] for p in phases) > 100, out.stdout
 
 

@@ -10,9 +10,8 @@ number of other threads competing for the cores — the ``background`` of
 :class:`~skyfabric.sim.host.Host`, whose sharing factor is ``(busy replicas + background) / cores``.
 
 The replicas' processes are found by their command line (``core_process``, ``skyfabric.cli replica``)
-among the
-descendants of the process that runs the drill, so another drill on the same machine counts as
-background, as it should. Linux only (``/proc``).
+among the descendants of the process that runs the drill, so another drill on the same machine counts
+as background, as it should. Linux only (``/proc``).
 """
 
 from __future__ import annotations
