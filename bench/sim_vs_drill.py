@@ -1,6 +1,6 @@
 """Does the simulator agree with a real drill? A drill on the embedded fleet, run now, against the simulation.
 
-    PYTHONPATH=src python bench/sim_vs_drill.py --live 90            # run a 90-s drill, then compare
+    PYTHONPATH=src python bench/sim_vs_drill.py --live 60            # run a 60-s drill, then compare
     PYTHONPATH=src python bench/sim_vs_drill.py --report DIR/report.json   # compare with a drill's report
 
 ``--live SECONDS`` runs ``skyfabric drill trace-outage --provider aws --speed 1.5 --duration SECONDS``: the
