@@ -4,8 +4,8 @@ A planned fleet's replicas are accelerators of their own: one's load never slows
 ``fleetsim.Replica``). The embedded fleet is not: its replicas are processes on one machine, each a
 one-thread batching core, so three of them on two cores each get 2/3 of a core while all three are busy
 and a whole one when one of them is idle or lost. :class:`Host` is that machine — processor sharing:
-while ``busy`` replicas (plus ``background`` cores' worth of other work: the gateway, the load client)
-step on ``cores`` cores, a step takes ``max(1, (busy + background) / cores)`` times its CPU time.
+while ``busy`` replicas (plus ``background`` other runnable threads: the gateway, the load client,
+other jobs — measured during a live drill by ``sim/hostload.py``) step on ``cores`` cores, a step takes ``max(1, (busy + background) / cores)`` times its CPU time.
 
 :class:`SteppedReplica` is the embedded engine's continuous batcher (``engine/batcher.py``), step by step
 instead of by formula: each step decodes one token for every running sequence and prefills what the
@@ -13,8 +13,10 @@ step allows (up to ``max_num_batched_tokens`` when nothing decodes; while sequen
 ``prefill_share`` of the decode pass's time — at least the work of ``MIN_PREFILL_TOKENS`` tokens — as the
 batcher's chunked prefill does); a sequence's first token comes at the end of the step that finishes its
 prompt, each later token at the end of a decode step. A step's CPU time comes from the
-:class:`StepProfile` measured on the real engine (``bench/replica_steps.py``, written to
-``sim/embedded_steps.yaml``); its duration is that times the host's sharing factor when it starts.
+:class:`StepProfile` measured on the real replica, engine core and HTTP frontend together
+(``bench/replica_steps.py --http --write`` → ``sim/embedded_steps.yaml``); its duration is that times the
+host's sharing factor when it starts. Simplified, stated: the profile's fixed prefill cost (per request
+over HTTP) is charged once per prefilling step, and a step's sharing factor is fixed when it starts.
 
 It has the same surface as ``fleetsim.Replica`` (``submit``, ``abandon``, ``fail``, ``fail_all``,
 ``freeze``, ``running``, ``waiting``, ``up``), so the transport and the gateway cannot tell them apart.
