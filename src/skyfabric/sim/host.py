@@ -5,7 +5,8 @@ A planned fleet's replicas are accelerators of their own: one's load never slows
 one-thread batching core, so three of them on two cores each get 2/3 of a core while all three are busy
 and a whole one when one of them is idle or lost. :class:`Host` is that machine — processor sharing:
 while ``busy`` replicas (plus ``background`` other runnable threads: the gateway, the load client,
-other jobs — measured during a live drill by ``sim/hostload.py``) step on ``cores`` cores, a step takes ``max(1, (busy + background) / cores)`` times its CPU time.
+other jobs — measured during a live drill by ``sim/hostload.py``) step on ``cores`` cores, a step
+takes ``max(1, (busy + background) / cores)`` times its CPU time.
 
 :class:`SteppedReplica` is the embedded engine's continuous batcher (``engine/batcher.py``), step by step
 instead of by formula: each step decodes one token for every running sequence and prefills what the
