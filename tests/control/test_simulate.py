@@ -117,12 +117,12 @@ def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> 
     requests on the replica-host model (three embedded replicas sharing this machine's cores, the host's
     other load as sampled during the drill).
 
-    Asserted: the simulator replays the drill's requests, phase by phase; both lose no request (success
+    Asserted: the simulator replays the drill's requests, every one; per phase both lose no request (success
     within 0.5 points) and start no retry storm (retries ≤ max(3, 3 %) of a phase); no simulated stream
     is broken; the host's other load was measured. The timing tolerances (TTFT ±max(50 ms, 30 %),
     latency ±30 %) are printed by the bench and asserted on the committed quiet drill (next test), not
-    here: on this shared 2-vCPU machine three live runs gave simulated/drill latency p50 from 0.44 to
-    1.36 and TTFT p50 19–263 ms low — no bound that honest would hold reliably (docs/planning.md).
+    here: on this shared 2-vCPU machine four live runs gave simulated/drill latency p50 from 0.44 to
+    1.36 and TTFT p50 19–263 ms low — no honest bound held reliably (docs/planning.md).
     """
     import json
     import subprocess
@@ -143,9 +143,11 @@ def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> 
     assert summary.exists(), out.stdout + out.stderr
     assert (tmp_path / "drill" / "host-load.json").exists()  # the host's other load was measured
     phases = json.loads(summary.read_text())["phases"]
+    # the very same requests, every one accounted for (per phase they are counted by when their answer
+    # ended, so they move across a boundary with the timings: up to 12 of 96 in one run here)
+    assert sum(p["sim"]["requests"] for p in phases) == sum(p["drill"]["requests"] for p in phases)
     for phase in phases:
         drill, sim = phase["drill"], phase["sim"]
-        assert abs(sim["requests"] - drill["requests"]) <= max(3, 0.1 * drill["requests"]), phase
         assert abs(sim["success_rate"] - drill["success_rate"]) <= 0.5, phase
         # no retry storm: the requests in flight on the lost provider, not more (≤ 3, or 3 % of a phase)
         assert sim["retries"] <= max(3, 0.03 * sim["requests"]), phase
