@@ -1,6 +1,6 @@
 """Does the simulator agree with a real drill? A drill on the embedded fleet, run now, against the simulation.
 
-    PYTHONPATH=src python bench/sim_vs_drill.py --live 90            # run a 90-s drill, then compare
+    PYTHONPATH=src python bench/sim_vs_drill.py --live 60            # run a 60-s drill, then compare
     PYTHONPATH=src python bench/sim_vs_drill.py --report DIR/report.json   # compare with a drill's report
 
 ``--live SECONDS`` runs ``skyfabric drill trace-outage --provider aws --speed 1.5 --duration SECONDS``: the
@@ -11,17 +11,25 @@ embedded fleet's timeouts and retry knobs), the same workload (the same trace sl
 rate at ×1.5, its sizes scaled and clamped as the drill did, the same 80 % streamed — through the
 gateway's relay, TTFT at the client), and the same loss window (blackhole).
 
-The replica model has two free figures, calibrated on the drill's BEFORE phase only: TTFT at idle and
-time per token. The DURING and AFTER phases are compared, with tolerances fixed before the first run:
+The replicas are modelled as what they are (``sim/host.py``): three embedded-engine batchers on ONE host
+of ``--host-cores`` cores (default: this machine's), sharing them — a step takes its CPU time times
+``(busy replicas + background) / cores`` — with the CPU time per prefill and per decode step measured on
+the real replica (``bench/replica_steps.py --http``, shipped as ``sim/embedded_steps.yaml``), and the
+host's other load (``background``: runnable threads that are not the drill's replicas — the gateway, the
+load client, the fault proxies, other people's jobs) sampled during the live drill
+(``sim/hostload.py``, written to ``host-load.json``). Nothing is fitted to the drill's timings, so every
+phase is compared (``--independent``: the old model — independent accelerators whose TTFT at idle and
+time per token are calibrated on the before phase, which is then not compared). Tolerances, fixed
+before the first run:
 
     success rate   |sim − drill| ≤ 0.5 percentage points
     TTFT p50       |sim − drill| ≤ max(50 ms, 30 %)         (streams, at the client)
     latency p50    |sim − drill| ≤ 30 %
     retries        both ≤ max(3, 3 % of the phase's requests)   (no retry storm in either)
 
-Exit status 0 when they agree. What differs in kind, stated: the drill's replicas are real models on a
-CPU shared with the load generator and the gateway, whose speed varies with what else runs; the
-simulator's replicas follow the calibrated batching model.
+Exit status 0 when they agree. What differs in kind, stated: the host model knows the replicas' cost
+and the host's load, not the latency the gateway, the fault proxy and the client add per hop on a
+contended CPU, nor how the hypervisor's other tenants change the CPU time of a step (docs/planning.md).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,31 +50,81 @@ import skyfabric.drills
 from skyfabric.control import EMBEDDED_FLEET
 from skyfabric.control.plan import Offer, Plan, Requirements
 from skyfabric.sim.fleetsim import Loss, Result, Workload, _pct, simulate, trace_workload
+from skyfabric.sim.host import HostSpec, load_step_profile
+from skyfabric.sim.hostload import HostLoadSampler
 
+#: Seconds per step of the measured background fed to the simulation.
+LOAD_STEP = 5.0
 TRACE = Path(skyfabric.drills.__file__).parent / "data" / "azure_conv_slice.csv"
 SPEED = 1.5
 
 
 def run_drill(duration: float, out: Path, speed: float = SPEED) -> dict[str, Any]:
-    """A real drill, now: the gateway, the embedded fleet and the fault proxies, as `skyfabric drill`."""
+    """A real drill, now: the gateway, the embedded fleet and the fault proxies, as `skyfabric drill`.
+
+    While it runs, the host's other load is sampled (``sim/hostload.py``) and written beside the report
+    (``host-load.json``: the background, per ``LOAD_STEP`` seconds of the drill's clock).
+    """
     cmd = [sys.executable, "-m", "skyfabric.cli", "drill", "trace-outage", "--provider", "aws"]
     cmd += ["--duration", str(duration), "--speed", str(speed), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 4 + 600)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = HostLoadSampler(proc.pid)
+    sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=duration * 4 + 600)
+    finally:
+        sampler.stop()
     report = out / "report.json"
     if not report.exists():
-        raise SystemExit(f"the drill did not run (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return json.loads(report.read_text())
+        raise SystemExit(f"the drill did not run (exit {proc.returncode}):\n{stdout}\n{stderr}")
+    data: dict[str, Any] = json.loads(report.read_text())
+    # the drill's clock starts when its load does; its request log is written as the run ends
+    t0 = (out / "requests.jsonl").stat().st_mtime - data["result"]["ended"]
+    series = sampler.series(t0, data["result"]["ended"], LOAD_STEP)
+    (out / "host-load.json").write_text(json.dumps({"step": LOAD_STEP, "background": series}))
+    return data
+
+
+def host_load(directory: Path) -> list[tuple[float, float]] | None:
+    """The host's measured background during a drill (``host-load.json``), if it was measured."""
+    path = directory / "host-load.json"
+    if not path.exists():
+        return None
+    return [(float(t), float(b)) for t, b in json.loads(path.read_text())["background"]]
+
+
+def _prefilled(row: dict[str, Any]) -> int:
+    return int(row.get("usage_prompt_tokens") or row["prompt_tokens"])
 
 
 def drill_arrivals(log: Path) -> list[tuple[float, int, int, bool]]:
     """The drill's own requests (``requests.jsonl``): when each was sent, its sizes, whether streamed."""
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("pass", "skyfabric") == "skyfabric"]
-    return sorted((r["start"], r["prompt_tokens"], r["output_tokens"], bool(r["stream"])) for r in rows)
+    # the prompt the engine prefilled (chat template included) where the replica reported it
+    return sorted(
+        (
+            r["start"],
+            r.get("usage_prompt_tokens") or r["prompt_tokens"],
+            r["output_tokens"],
+            r["stream"] is True,
+        )
+        for r in rows
+    )
 
 
-def simulate_drill(report: dict[str, Any], log: Path | None = None) -> tuple[Result, dict[str, float]]:
-    """The simulation of the drill in ``report``, calibrated on its before phase.
+def simulate_drill(
+    report: dict[str, Any],
+    log: Path | None = None,
+    host_cores: float | None = None,
+    background: float | list[tuple[float, float]] = 0.0,
+) -> tuple[Result, dict[str, float]]:
+    """The simulation of the drill in ``report``.
+
+    ``host_cores``: the three replicas are the embedded engine's stepped batcher on one host of that
+    many cores (``sim/host.py``), timed by the measured step profile — nothing is fitted to the drill;
+    ``background``: the host's other runnable threads, a constant or measured ``(from t, value)`` steps.
+    ``None``: independent accelerators, the closed-form model's two figures calibrated on its before phase.
 
     With the drill's request log the simulator replays the very same requests (times, sizes, streamed
     or not); without it, the trace's per-minute rate as a Poisson process and its sizes.
@@ -113,6 +172,18 @@ def simulate_drill(report: dict[str, Any], log: Path | None = None) -> tuple[Res
         Offer("azure", "eastus", "nvidia-h100", "local", 2.49, rps, concurrency=slots, name="h100"),
     ]
     plan = Plan(offers, [1, 1, 1], Requirements(workload.rate), 0.0)
+    hosts = None
+    calib = {"ttft0": ttft0, "tpot_full": tpot_full, "rps": rps, "rate": workload.rate}
+    if host_cores is not None:
+        series = tuple(background) if isinstance(background, list) else ()
+        constant = background if isinstance(background, float | int) else 0.0
+        spec = HostSpec("embedded", host_cores, float(constant), background_at=series)
+        hosts = {o.pool: spec for o in offers}
+        calib = {"cores": host_cores, "rate": workload.rate}
+        for phase in ("before", "during", "after"):
+            lo, hi = phases[phase]["start"], phases[phase]["end"]
+            window = [b for t, b in series if lo <= t < hi]
+            calib[f"background_{phase}"] = sum(window) / len(window) if window else float(constant)
     overrides = {"timeouts": fleet["timeouts"], "retry": fleet["retry"]}
     result = simulate(
         plan,
@@ -124,12 +195,16 @@ def simulate_drill(report: dict[str, Any], log: Path | None = None) -> tuple[Res
         stream_share=float(work.get("stream_fraction", 0.0)),
         seed=0,
         fleet_overrides=overrides,
+        hosts=hosts,
     )
-    return result, {"ttft0": ttft0, "tpot_full": tpot_full, "rps": rps, "rate": workload.rate}
+    return result, calib
 
 
-def compare(report: dict[str, Any], result: Result) -> tuple[list[str], list[str]]:
-    """(table lines, failures) of the simulation against the drill, phase by phase."""
+def compare(report: dict[str, Any], result: Result, skip_before: bool = False) -> tuple[list[str], list[str]]:
+    """(table lines, failures) of the simulation against the drill, phase by phase.
+
+    ``skip_before``: the before phase was the calibration (the independent-accelerator model).
+    """
     phases = {p["kind"]: p for p in report["result"]["phases"]}
     lines = [
         f"{'phase':<8} {'':>6} {'requests':>9} {'success %':>9} {'TTFT p50':>9} {'lat p50':>9} {'retries':>8}"
@@ -149,7 +224,7 @@ def compare(report: dict[str, Any], result: Result) -> tuple[list[str], list[str
             f"{'':<8} {'sim':>6} {sim_phase.requests:>9} {s_success:>9.2f} {s_ttft:>9.3f} {s_lat:>9.3f} "
             f"{sim_phase.retries:>8}"
         )
-        if kind == "before":
+        if kind == "before" and skip_before:
             continue  # calibration phase
         if abs(s_success - drill["success_rate"]) > 0.5:
             failures.append(f"{kind}: success rate {s_success:.2f} vs {drill['success_rate']:.2f}")
@@ -173,6 +248,24 @@ def main(argv: list[str]) -> int:
         "--out", type=Path, default=None, help="where the live drill writes (default: a temp dir)"
     )
     parser.add_argument("--speed", type=float, default=SPEED, help="the live drill's time compression")
+    parser.add_argument(
+        "--host-cores",
+        type=float,
+        default=float(os.cpu_count() or 1),
+        help="cores of the host the embedded replicas share (default: this machine's)",
+    )
+    parser.add_argument(
+        "--background",
+        type=float,
+        default=None,
+        help="other runnable threads on that host (default: as measured during the drill, host-load.json; "
+        "else 0)",
+    )
+    parser.add_argument(
+        "--independent",
+        action="store_true",
+        help="the old model: independent accelerators, calibrated on the drill's before phase",
+    )
     parser.add_argument("--summary", type=Path, default=None, help="write the figures compared here (JSON)")
     args = parser.parse_args(argv)
     logging.getLogger("skyfabric.gateway").setLevel(logging.ERROR)
@@ -186,15 +279,32 @@ def main(argv: list[str]) -> int:
     else:
         report = json.loads(args.report.read_text())
         log = args.report.parent / "requests.jsonl"
-    result, calib = simulate_drill(report, log)
+    cores = None if args.independent else args.host_cores
+    measured = host_load(out if args.live is not None else args.report.parent)
+    background: float | list[tuple[float, float]] = (
+        args.background if args.background is not None else (measured or 0.0)
+    )
+    result, calib = simulate_drill(report, log, cores, background)
     if log is not None and log.exists():
         print(f"replaying the drill's own {sum(p.requests for p in result.phases)} requests")
-    print(
-        f"calibrated on the drill's before phase: ttft0 {calib['ttft0'] * 1000:.1f} ms, "
-        f"tpot_full {calib['tpot_full'] * 1000:.2f} ms, {calib['rps']:.1f} req/s per replica at saturation; "
-        f"workload {calib['rate']:.2f} req/s mean"
-    )
-    lines, failures = compare(report, result)
+    if cores is None:
+        print(
+            f"independent accelerators, calibrated on the drill's before phase: ttft0 "
+            f"{calib['ttft0'] * 1000:.1f} ms, tpot_full {calib['tpot_full'] * 1000:.2f} ms, "
+            f"{calib['rps']:.1f} req/s per replica at saturation; workload {calib['rate']:.2f} req/s mean"
+        )
+    else:
+        steps = load_step_profile()
+        told = "given" if args.background is not None else "measured" if measured else "none measured"
+        print(
+            f"three embedded replicas sharing a host of {cores:g} cores; other runnable threads ({told}) "
+            f"before/during/after {calib['background_before']:.2f}/{calib['background_during']:.2f}/"
+            f"{calib['background_after']:.2f}; "
+            f"measured steps: prefill {steps.prefill_fixed_s * 1000:.2f} ms + "
+            f"{steps.prefill_per_token_s * 1000:.3f} ms/token, decode {steps.decode_fixed_s * 1000:.2f} ms + "
+            f"{steps.decode_per_sequence_s * 1000:.3f} ms/sequence; workload {calib['rate']:.2f} req/s mean"
+        )
+    lines, failures = compare(report, result, skip_before=cores is None)
     print("\n".join(["", *lines, ""]))
     streams = sum(p.streams for p in result.phases)
     continued = sum(p.continued for p in result.phases)
@@ -212,6 +322,8 @@ def main(argv: list[str]) -> int:
                         "requests": drill[kind]["requests"],
                         "success_rate": drill[kind]["success_rate"],
                         "retries": drill[kind]["gateway"]["retries"],
+                        "ttft_p50": drill[kind]["ttft"]["p50"],
+                        "latency_p50": drill[kind]["latency"]["p50"],
                     },
                     "sim": {
                         "requests": p.requests,
@@ -219,6 +331,8 @@ def main(argv: list[str]) -> int:
                         "retries": p.retries,
                         "streams": p.streams,
                         "broken": p.broken,
+                        "ttft_p50": _pct(p.stream_ttft or p.ttft, 0.5),
+                        "latency_p50": _pct(p.latency, 0.5),
                     },
                 }
                 for p, kind in zip(result.phases, ["before", "during", "after"], strict=True)

@@ -113,13 +113,16 @@ def test_losing_one_region_takes_only_its_endpoints() -> None:
 
 @pytest.mark.slow
 def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> None:
-    """A real 90-s drill now (trace-outage, aws blackholed 40–60 %), then the simulation of its own requests.
+    """A real 60-s drill now (trace-outage at ×1.5, aws blackholed 40–60 %), then the simulation of its own
+    requests on the replica-host model (three embedded replicas sharing this machine's cores, the host's
+    other load as sampled during the drill).
 
-    Asserted: the simulator replays the drill's requests, phase by phase, and both lose no request
-    (success within 0.5 points) and start no retry storm (retries ≤ max(3, 3 %) of a phase); no simulated
-    stream is broken. The timing tolerances (TTFT p50 ±max(50 ms, 30 %), latency p50 ±30 %) are printed
-    by the bench, not asserted: the embedded fleet's three CPU replicas share this machine's two cores,
-    so losing one speeds the others up — the opposite of independent accelerators (docs/planning.md).
+    Asserted: the simulator replays the drill's requests, every one; per phase both lose no request (success
+    within 0.5 points) and start no retry storm (retries ≤ max(3, 3 %) of a phase); no simulated stream
+    is broken; the host's other load was measured. The timing tolerances (TTFT ±max(50 ms, 30 %),
+    latency ±30 %) are printed by the bench and asserted on the committed quiet drill (next test), not
+    here: on this shared 2-vCPU machine four live runs gave simulated/drill latency p50 from 0.44 to
+    1.36 and TTFT p50 19–263 ms low — no honest bound held reliably (docs/planning.md).
     """
     import json
     import subprocess
@@ -127,7 +130,7 @@ def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> 
 
     root = Path(__file__).resolve().parents[2]
     summary = tmp_path / "summary.json"
-    cmd = [sys.executable, str(root / "bench" / "sim_vs_drill.py"), "--live", "90", "--speed", "1.0"]
+    cmd = [sys.executable, str(root / "bench" / "sim_vs_drill.py"), "--live", "60"]
     cmd += ["--out", str(tmp_path / "drill"), "--summary", str(summary)]
     out = subprocess.run(
         cmd,
@@ -138,10 +141,13 @@ def test_simulator_beside_a_live_drill_on_the_embedded_fleet(tmp_path: Path) -> 
         env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert summary.exists(), out.stdout + out.stderr
+    assert (tmp_path / "drill" / "host-load.json").exists()  # the host's other load was measured
     phases = json.loads(summary.read_text())["phases"]
+    # the very same requests, every one accounted for (per phase they are counted by when their answer
+    # ended, so they move across a boundary with the timings: up to 12 of 96 in one run here)
+    assert sum(p["sim"]["requests"] for p in phases) == sum(p["drill"]["requests"] for p in phases)
     for phase in phases:
         drill, sim = phase["drill"], phase["sim"]
-        assert abs(sim["requests"] - drill["requests"]) <= max(3, 0.1 * drill["requests"]), phase
         assert abs(sim["success_rate"] - drill["success_rate"]) <= 0.5, phase
         # no retry storm: the requests in flight on the lost provider, not more (≤ 3, or 3 % of a phase)
         assert sim["retries"] <= max(3, 0.03 * sim["requests"]), phase

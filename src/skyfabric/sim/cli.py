@@ -52,6 +52,28 @@ from skyfabric.core.errors import ConfigError
     show_default=True,
     help="share of requests streamed through the gateway's relay (mid-stream continuation on a loss)",
 )
+@click.option(
+    "--host-cores",
+    type=float,
+    default=None,
+    help="every pool's replicas share ONE host of this many cores (the embedded fleet: local processes); "
+    "they are stepped like the embedded engine's batcher with --step-profile",
+)
+@click.option(
+    "--host",
+    "host_specs",
+    multiple=True,
+    metavar="POOL=NAME:CORES[:BACKGROUND]",
+    help="place a pool on a shared host (repeatable; pools naming one host share its cores); "
+    "pools not placed are independent accelerators",
+)
+@click.option(
+    "--step-profile",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="measured step times of the hosted replicas (default: the embedded engine's, "
+    "sim/embedded_steps.yaml; redo with bench/replica_steps.py)",
+)
 @click.option("--probe-interval", type=float, default=None, help="override the fleet's health.probe_interval")
 @click.option("--slo-ttft-p99", type=float, default=5.0, show_default=True)
 @click.option("--max-error-rate", type=float, default=0.01, show_default=True)
@@ -68,6 +90,9 @@ def simulate_command(
     granularity: int,
     group: int,
     stream_share: float,
+    host_cores: float | None,
+    host_specs: tuple[str, ...],
+    step_profile: Path | None,
     probe_interval: float | None,
     slo_ttft_p99: float,
     max_error_rate: float,
@@ -78,6 +103,7 @@ def simulate_command(
 
     from skyfabric.control.plan import load_plan
     from skyfabric.sim.fleetsim import Loss, Workload, render, simulate, trace_workload
+    from skyfabric.sim.host import EMBEDDED_STEPS, HostSpec, load_step_profile
 
     try:
         model, plan = load_plan(plan_file)
@@ -113,6 +139,30 @@ def simulate_command(
         if lose
         else None
     )
+    hosts: dict[str, HostSpec] = {}
+    if host_cores is not None or host_specs:
+        try:
+            steps = load_step_profile(step_profile or EMBEDDED_STEPS)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        if host_cores is not None:
+            hosts = {o.pool: HostSpec("host", host_cores, profile=steps) for o in plan.offers}
+        for spec in host_specs:
+            pool, _, where = spec.partition("=")
+            parts = where.split(":")
+            try:
+                name, cores, background = (
+                    parts[0],
+                    float(parts[1]),
+                    float(parts[2]) if len(parts) > 2 else 0.0,
+                )
+            except (IndexError, ValueError):
+                raise click.ClickException(
+                    f"--host {spec!r}: expected POOL=NAME:CORES[:BACKGROUND]"
+                ) from None
+            if pool not in {o.pool for o in plan.offers} or not name or cores <= 0:
+                raise click.ClickException(f"--host {spec!r}: no pool {pool!r} in the plan, or no cores")
+            hosts[pool] = HostSpec(name, cores, background, profile=steps)
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("skyfabric.gateway").setLevel(logging.ERROR)  # one line per ejection, ×1000s
     overrides = {"health": {"probe_interval": probe_interval}} if probe_interval is not None else None
@@ -127,6 +177,7 @@ def simulate_command(
         stream_share=stream_share,
         seed=seed,
         fleet_overrides=overrides,
+        hosts=hosts or None,
         slo_ttft_p99=slo_ttft_p99,
         max_error_rate=max_error_rate,
         progress=lambda t: click.echo(f"  … {t:,.0f}s simulated", err=True),

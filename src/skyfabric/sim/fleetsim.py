@@ -60,6 +60,7 @@ from skyfabric.gateway.proxy import Proxy
 from skyfabric.protocols.canonical import CanonicalRequest
 from skyfabric.protocols.frontends.openai import OpenAIFrontend
 from skyfabric.sim.clock import VirtualClockLoop
+from skyfabric.sim.host import Host, HostSpec, SteppedReplica
 from skyfabric.sim.streams import CHUNK_TOKENS, SimStream, continuation_of, read_client_chunk, token_text
 
 # ------------------------------------------------------------------------------------------ the replicas
@@ -193,6 +194,10 @@ class Replica:
         self.waiting.clear()
 
 
+#: An endpoint's server: an accelerator of its own, or a replica sharing a host's cores (``sim/host.py``).
+AnyReplica = Replica | SteppedReplica
+
+
 class _SimResponse:
     """What ``HTTPClient.request`` returns, as far as the proxy and the health checker read it."""
 
@@ -219,7 +224,7 @@ class _SimConnection:
     #: Never waiting on the endpoint mid-stream (it is not a stream): the stall watchdog's cue.
     awaited = False
 
-    def __init__(self, replica: Replica, future: asyncio.Future[None], endpoint: str) -> None:
+    def __init__(self, replica: AnyReplica, future: asyncio.Future[None], endpoint: str) -> None:
         self.replica = replica
         self.future = future
         self.endpoint = endpoint
@@ -231,7 +236,7 @@ class _SimConnection:
 class SimTransport:
     """Stands in for ``HTTPClient``: routes by endpoint id to a :class:`Replica`, honours the timeouts."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, replicas: dict[str, Replica], mode: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, replicas: dict[str, AnyReplica], mode: str) -> None:
         self.loop = loop
         self.replicas = replicas
         self.mode = mode  # how a lost provider fails: "refused" (fast) or "blackhole" (connect timeout)
@@ -287,7 +292,7 @@ class SimTransport:
                 tracker.discard(conn)
         return _SimResponse(200, b"{}", endpoint)
 
-    def _stream(self, replica: Replica, body: bytes, endpoint: str, tracker: set[Any] | None) -> SimStream:
+    def _stream(self, replica: AnyReplica, body: bytes, endpoint: str, tracker: set[Any] | None) -> SimStream:
         """Start a streamed answer; it is returned at once, as vLLM sends its headers before any token."""
         req = CURRENT.get()
         req.attempts += 1
@@ -481,6 +486,7 @@ async def _run(
     group: int,
     ttft0: float | None,
     stream_share: float,
+    hosts: dict[str, HostSpec] | None,
 ) -> Result:
     loop = asyncio.get_running_loop()
     rng = random.Random(seed)
@@ -491,7 +497,8 @@ async def _run(
     proxy = Proxy(fleet, endpoints, clock=loop.time)
     proxy.admission.queue_limit = max(1, fleet.admission.queue_limit // granularity)
     proxy.budget.min_concurrent = max(1, fleet.retry.min_retry_concurrency // granularity)
-    replicas: dict[str, Replica] = {}
+    replicas: dict[str, AnyReplica] = {}
+    machines: dict[str, Host] = {}  # hosts by name: pools placed on one name share its cores
     offer_of = {
         (o.provider, o.region, o.pool): (o, x)
         for o, x in zip(plan.offers, plan.replicas, strict=True)
@@ -511,7 +518,16 @@ async def _run(
         capacity += rps
         first = ttft0 if ttft0 is not None else (profile.ttft_seconds if profile else 1.0)
         slots = max(1, round(offer.concurrency * members / granularity))
-        replicas[e.id] = Replica(loop, slots, rps / granularity, first, workload.mean_output)
+        spec = (hosts or {}).get(e.pool)
+        if spec is not None:
+            host = machines.get(spec.name)
+            if host is None:
+                host = machines[spec.name] = Host(spec.name, spec.cores, spec.background)
+                for at, value in spec.background_at:
+                    loop.call_at(at, setattr, host, "background", value)
+            replicas[e.id] = SteppedReplica(loop, host, spec.profile, min(slots, spec.profile.slots))
+        else:
+            replicas[e.id] = Replica(loop, slots, rps / granularity, first, workload.mean_output)
     transport = SimTransport(loop, replicas, loss.mode if loss else "refused")
     proxy.client = transport  # type: ignore[assignment]
     health = HealthChecker(proxy)
@@ -688,11 +704,16 @@ def simulate(
     stream_share: float = 0.0,
     seed: int = 0,
     fleet_overrides: dict[str, Any] | None = None,
+    hosts: dict[str, HostSpec] | None = None,
     slo_ttft_p99: float = 5.0,
     max_error_rate: float = 0.01,
     progress: Callable[[float], None] | None = None,
 ) -> Result:
-    """Run one simulation on a fresh virtual-clock loop; judge whether the plan held."""
+    """Run one simulation on a fresh virtual-clock loop; judge whether the plan held.
+
+    ``hosts`` places pools (by name) on shared machines: their replicas are stepped embedded-engine
+    batchers sharing the host's cores (``sim/host.py``); every other pool is independent accelerators.
+    """
     loop = VirtualClockLoop()
     try:
         result = loop.run_until_complete(
@@ -709,6 +730,7 @@ def simulate(
                 group,
                 ttft0,
                 stream_share,
+                hosts,
             )
         )
     finally:
