@@ -23,8 +23,8 @@ from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.dashboard import FleetRecorder
 from skyfabric.gateway.genai_metrics import GenAIMetrics
 from skyfabric.gateway.observe import combine, upstream_headers
-from skyfabric.gateway.proxy import Proxy
 from skyfabric.gateway.otlp_json import compact_request
+from skyfabric.gateway.proxy import Proxy
 from skyfabric.gateway.spans import SpanPipeline
 from skyfabric.gateway.tracing import Tracer
 
