@@ -157,9 +157,10 @@ class SpanPipeline:
         return flushed.wait(timeout_millis / 1000)
 
     def shutdown(self) -> None:
-        """Export what is left and stop the thread."""
+        """Export what is left (waiting 5 s at most) and stop the thread; later spans are dropped."""
         self._stopped = True
-        self.force_flush(10_000)
+        self.queue = 0
+        self.force_flush(5_000)
 
     def _run(self) -> None:
         while True:
