@@ -14,6 +14,9 @@ tracing (OTLP/HTTP to a local collector stand-in, default 1 % sampling; ``--rati
 
     .venv/bin/python bench/observability_ab.py [--seconds 40] [--slice 0.25] [--ratio 0.01]
     .venv/bin/python bench/observability_ab.py --profile   # cProfile of each mode, top functions
+
+Start-up's heap is frozen as ``skyfabric serve`` freezes it (``serve.settle_heap``); ``NO_GC_FREEZE=1``
+measures without.
 """
 
 from __future__ import annotations
@@ -97,8 +100,10 @@ async def serve(config: Path, out: Path, slice_s: float, profile: bool, aa: bool
     loop.add_signal_handler(signal.SIGUSR2, end.set)
     await gateway.start()
     await Listener(gateway).start("127.0.0.1", GATEWAY_PORT)
-    if os.environ.get("GC_FREEZE"):  # what the collector costs once start-up's objects are frozen
-        gc.freeze()
+    if not os.environ.get("NO_GC_FREEZE"):  # as serve_fleet does (NO_GC_FREEZE=1: the collector without)
+        from skyfabric.gateway.serve import settle_heap
+
+        settle_heap()
     await begin.wait()
     profilers = {}
     if profile:

@@ -2,7 +2,8 @@
 
 The same hook sequence a non-streaming request makes (request start, attempt start, upstream headers,
 attempt end with the answer's body, request end), timed with the no-op observer, the default observers
-(GenAI metrics + dashboard recorder) and with tracing at 1 % and 100 % (SDK, no exporter). Free of the
+(GenAI metrics + dashboard recorder) and with tracing at 1 % and 100 % (SDK, no exporter; and the
+gateway's compact spans, encoded as OTLP/JSON on their thread, whose CPU counts, posted nowhere). Free of the
 load generator and of other processes' noise, which end-to-end runs on a shared machine are not.
 
     PYTHONPATH=src .venv/bin/python bench/observer_cost.py
@@ -22,7 +23,9 @@ from skyfabric.gateway.context import RequestContext
 from skyfabric.gateway.dashboard import FleetRecorder
 from skyfabric.gateway.genai_metrics import GenAIMetrics
 from skyfabric.gateway.observe import combine, upstream_headers
+from skyfabric.gateway.otlp_json import compact_request
 from skyfabric.gateway.proxy import Proxy
+from skyfabric.gateway.spans import SpanPipeline
 from skyfabric.gateway.tracing import Tracer
 
 fleet = load_fleet(Path(__file__).resolve().parent / "fleet.yaml")
@@ -56,11 +59,12 @@ def untraced(observers):
     return (combine(observers), None, None)
 
 
-def traced(observers, ratio):
-    tracer = Tracer(proxy, TracerProvider(), ratio)
+def traced(observers, ratio, provider=None):
+    tracer = Tracer(proxy, provider or TracerProvider(), ratio)
     return (combine(observers), tracer, combine([*observers, tracer]))
 
 
+PIPELINE = SpanPipeline(lambda spans: compact_request(spans, {"service.name": "bench"}, "b"), lambda b: True)
 m = GenAIMetrics(proxy)
 r = FleetRecorder(proxy, m)
 variants = {
@@ -69,6 +73,8 @@ variants = {
     "default+tracing 0%": traced([m, r], 0.0),
     "default+tracing 1%": traced([m, r], 0.01),
     "default+tracing 100%": traced([m, r], 1.0),
+    "default+tracing 1% compact": traced([m, r], 0.01, PIPELINE),
+    "default+tracing 100% compact": traced([m, r], 1.0, PIPELINE),
 }
 res = {k: [] for k in variants}
 for _ in range(7):
@@ -79,3 +85,5 @@ for k, v in res.items():
     print(
         f"{k:30} min {min(v):7.2f} µs  median {statistics.median(v):7.2f} µs  added {min(v) - base:7.2f} µs"
     )
+if PIPELINE.dropped:
+    print(f"(compact spans dropped at the queue's bound: {PIPELINE.dropped})")

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from skyfabric.gateway.otlp_json import any_value
 from tests.conftest import MakeGateway
-from tests.support.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream, expected_text
 
 
 class Collector:
@@ -94,3 +94,72 @@ async def test_a_retried_request_reaches_the_collector_as_one_tree(make_gateway:
     assert ok["status"]["code"] == 0 and isinstance(attributes(ok)["server.port"], str)
     assert attributes(server)["http.response.status_code"] == "200"
     assert int(server["endTimeUnixNano"]) >= int(ok["endTimeUnixNano"]) > int(ok["startTimeUnixNano"])
+
+
+async def test_a_stream_rescued_mid_answer_exports_the_same_tree_from_compact_spans(
+    make_gateway: MakeGateway,
+) -> None:
+    """With an OTLP/JSON endpoint the gateway records its own compact spans (not the SDK's): the tree
+    of a rescued stream in a client's trace — ids, parents, events, statuses, upstream traceparents —
+    is what the SDK path gives (``test_tracing.py``'s span-tree test)."""
+    client_trace, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    collector = await Collector().start()
+    try:
+        aws = FakeUpstream("a", tokens=8).then({"cut_after": 3})
+        gcp = FakeUpstream("b", tokens=8)
+        tracing = {"enabled": True, "sample_ratio": 0.0, "otlp_endpoint": collector.url}
+        gw = await make_gateway(
+            {"aws": [aws], "gcp": [gcp]}, health={"probe_interval": 0}, observability={"tracing": tracing}
+        )
+        gw.gateway.proxy.states["gcp/r1/pool/0"].reported_waiting = 1  # aws first, deterministically
+        stream = await gw.client().chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"traceparent": f"00-{client_trace}-{client_span}-01"},  # sampled by the client
+        )
+        assert "".join(
+            [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        ) == expected_text(8)
+        sampler: Any = gw.gateway.proxy.sampler
+        assert sampler.pipeline is not None and sampler.tracer is None  # not the SDK's spans
+        assert await asyncio.to_thread(sampler.provider.force_flush, 10_000)
+    finally:
+        await collector.stop()
+    spans = [
+        s
+        for body in collector.bodies
+        for r in body["resourceSpans"]
+        for sc in r["scopeSpans"]
+        for s in sc["spans"]
+    ]
+    [root] = [s for s in spans if s["kind"] == 2]
+    first, rescue = sorted((s for s in spans if s["kind"] == 3), key=lambda s: int(s["startTimeUnixNano"]))
+    assert len(spans) == 3
+    assert root["traceId"] == client_trace and root["parentSpanId"] == client_span
+    assert root["name"] == "chat m" and root["status"]["code"] == 0
+    assert attributes(root)["gen_ai.usage.output_tokens"] == "8"
+    assert [e["name"] for e in root["events"]] == ["continuation"]
+    assert attributes(root["events"][0]) == {
+        "from": "aws/r1/pool/0",
+        "to": "gcp/r1/pool/0",
+        "tokens_before": "3",
+    }
+    for child in (first, rescue):
+        assert child["traceId"] == client_trace and child["parentSpanId"] == root["spanId"]
+    assert first["status"]["code"] == 2 and attributes(first)["error.type"] == "RemoteProtocolError"
+    assert [e["name"] for e in first["events"]] == ["first_token"]
+    assert rescue["name"] == "continuation m" and rescue["status"]["code"] == 0
+    assert attributes(rescue)["skyfabric.continuation.tokens_before"] == "3"
+    assert attributes(rescue)["skyfabric.continuation.from_endpoint"] == "aws/r1/pool/0"
+    start, end = int(root["startTimeUnixNano"]), int(root["endTimeUnixNano"])
+    assert start <= int(first["startTimeUnixNano"]) < int(first["endTimeUnixNano"])
+    assert (
+        int(first["endTimeUnixNano"])
+        <= int(rescue["startTimeUnixNano"])
+        < int(rescue["endTimeUnixNano"])
+        <= end
+    )
+    assert aws.headers[-1]["traceparent"] == f"00-{client_trace}-{first['spanId']}-01"
+    assert gcp.headers[-1]["traceparent"] == f"00-{client_trace}-{rescue['spanId']}-01"

@@ -60,3 +60,28 @@ def test_workers_share_the_port_and_die_with_their_parent(tmp_path: Path) -> Non
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_settling_the_heap_leaves_start_ups_objects_out_of_every_collection() -> None:
+    """``settle_heap`` (called once the gateway serves): start-up's survivors are frozen, so a full
+    collection no longer walks them; its garbage was collected first, not frozen for ever."""
+    import gc
+    import weakref
+
+    from skyfabric.gateway.serve import settle_heap
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.me = garbage  # type: ignore[attr-defined]
+    gone = weakref.ref(garbage)
+    kept = [Cycle() for _ in range(1000)]
+    del garbage
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() >= len(kept)
+        assert gone() is None  # collected, not frozen
+        assert not any(o is kept for o in gc.get_objects())  # frozen objects are not tracked any more
+    finally:
+        gc.unfreeze()

@@ -140,6 +140,9 @@ class Gateway:
                     await stopped
         if self.dashboard is not None:
             await self.dashboard.hub.close()
+        pipeline = getattr(self.proxy.sampler, "pipeline", None)
+        if pipeline is not None:  # spans finished since the last batch are exported, not lost
+            await asyncio.to_thread(pipeline.shutdown)
         self.proxy.client.close()
 
     async def __call__(self, request: Request) -> Response | StreamResponse:

@@ -73,6 +73,10 @@ class RequestContext:
     wants_usage: bool = False
     #: Telemetry's per-request scratch (see ``gateway/observe.py``); None unless an observer is on.
     observed: dict[str, Any] | None = None
+    #: The GenAI metrics' series of the backend that answered (``gateway/genai_metrics.py``): a slot of
+    #: its own rather than an ``observed`` entry, since metrics write it on every request and a dict
+    #: per request is an allocation (and the collector's work) that most requests need for nothing else.
+    series: Any = None
     #: Head sampling chose to trace this request: its hooks go to ``Router.traced_observer`` (which has
     #: the tracer) instead of ``Router.observer``. Decided once, in ``Proxy.forward``, so an unsampled
     #: request never reaches the tracer.

@@ -192,30 +192,27 @@ class GenAIMetrics(Observer, Collector):
             self._last_outcome[e.id] = outcome
             return
         key = (ctx.kind, ctx.model, e.id)
-        series = self.series.get(key) or self._series(ctx, e)
-        observed = ctx.observed
-        if observed is None:
-            ctx.observed = {"series": series}
-        else:
-            observed["series"] = series
+        series = ctx.series = self.series.get(key) or self._series(ctx, e)
         if body is not None:
             prompt, completion = usage_counts(body)
             series.input_tokens += prompt
             series.output_tokens += completion
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
-        observed = ctx.observed
-        series: _Series | None = observed.get("series") if observed is not None else None
+        series: _Series | None = ctx.series
         if status >= 400 or series is None:
             self._error(ctx, series, str(status), seconds)
         elif not ctx.stream:
             series.duration.observe(seconds)
         else:
             series.ttfc.observe(seconds)
-            observed["ttfc"] = seconds  # type: ignore[index]
+            observed = ctx.observed
+            if observed is None:
+                observed = ctx.observed = {}
+            observed["ttfc"] = seconds
             # The stream's start, for its duration when it ends: from the arrival the router measured,
             # so that no hook is needed when a request starts.
-            observed["started"] = self.proxy.clock() - seconds  # type: ignore[index]
+            observed["started"] = self.proxy.clock() - seconds
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
         observed = ctx.observed

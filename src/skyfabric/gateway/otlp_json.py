@@ -27,6 +27,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
+from skyfabric.gateway.spans import Span
+
 log = logging.getLogger("skyfabric.gateway")
 
 _STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
@@ -96,6 +98,44 @@ def span_json(span: ReadableSpan) -> dict[str, Any]:
     return out
 
 
+def compact_span_json(span: Span) -> dict[str, Any]:
+    """One finished compact span (``gateway/spans.py``) in OTLP/JSON: the same fields as :func:`span_json`."""
+    out: dict[str, Any] = {
+        "traceId": f"{span.trace_id:032x}",
+        "spanId": f"{span.span_id:016x}",
+        "name": span.name,
+        "kind": span.kind,
+        "startTimeUnixNano": str(span.start_time),
+        "endTimeUnixNano": str(span.end_time),
+        "attributes": _attributes(span.attributes),
+        "status": {"code": span.status},
+    }
+    if span.parent_id is not None:
+        out["parentSpanId"] = f"{span.parent_id:016x}"
+    if span.events:
+        out["events"] = [
+            {"timeUnixNano": str(t), "name": name, "attributes": _attributes(attributes)}
+            for t, name, attributes in span.events
+        ]
+    return out
+
+
+def compact_request(spans: Sequence[Span], resource: dict[str, Any], scope: str) -> bytes:
+    """``ExportTraceServiceRequest`` of compact spans (one resource, one scope: the gateway's), encoded."""
+    return orjson.dumps(
+        {
+            "resourceSpans": [
+                {
+                    "resource": {"attributes": _attributes(resource)},
+                    "scopeSpans": [
+                        {"scope": {"name": scope}, "spans": [compact_span_json(s) for s in spans]}
+                    ],
+                }
+            ]
+        }
+    )
+
+
 def export_request(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
     """``ExportTraceServiceRequest`` in OTLP/JSON: spans grouped by resource, then by scope."""
     resources: dict[int, tuple[Any, dict[tuple[str, str], list[dict[str, Any]]]]] = {}
@@ -131,7 +171,11 @@ class OTLPJsonExporter(SpanExporter):
         self._warned = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        body = orjson.dumps(export_request(spans))
+        ok = self.post(orjson.dumps(export_request(spans)))
+        return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
+
+    def post(self, body: bytes) -> bool:
+        """Send one encoded ``ExportTraceServiceRequest``; False (and one warning) when it failed."""
         request = urllib.request.Request(self.endpoint, data=body, headers=self.headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
@@ -140,9 +184,9 @@ class OTLPJsonExporter(SpanExporter):
             if not self._warned:  # once: a collector that is down must not flood the gateway's log
                 self._warned = True
                 log.warning("OTLP export to %s failed (spans dropped): %s", self.endpoint, exc)
-            return SpanExportResult.FAILURE
+            return False
         self._warned = False
-        return SpanExportResult.SUCCESS
+        return True
 
     def shutdown(self) -> None:
         """Nothing to release: each export is one request."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -70,6 +71,21 @@ def _allow_open_files(max_connections: int) -> None:
             )
 
 
+def settle_heap() -> None:
+    """Collect start-up's garbage, then move every object left into the collector's permanent generation.
+
+    A serving gateway holds a large, long-lived heap built at start (modules, the fleet, clients, the
+    OpenTelemetry and Prometheus machinery) and allocates short-lived containers per request. Each
+    collection of the oldest generation walked all of start-up's objects again: 9–16 µs of every
+    request's CPU on the development machine, 10–15 %, whether telemetry was on or off. Frozen
+    (``gc.freeze``), they are never scanned; measured with ``bench/observability_ab.py`` the collector's
+    share fell from 13.1 to 4.6 µs per request. Objects made later (new series, connections) are
+    collected as before, and nothing frozen is ever freed, which is what start-up's objects are for.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve_fleet(
     fleet: Fleet,
     host: str,
@@ -106,6 +122,7 @@ async def serve_fleet(
     bound = await listener.start(host, port, reuse_port=reuse_port, ssl=tls)
     scheme = "https" if tls is not None else "http"
     log.info("gateway listening on %s://%s:%d (pid %d)", scheme, host, bound, os.getpid())
+    settle_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
