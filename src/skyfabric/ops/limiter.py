@@ -431,7 +431,7 @@ class Limiter:
                 "limits: degraded — Redis at %s unreachable (%s); enforcing each key's share 1/%d here "
                 "(keys that fail closed are refused)",
                 redact(self.redis_url or ""),
-                type(exc).__name__,
+                f"{type(exc).__name__}: {exc}",
                 n,
             )
         self.state = "degraded"
