@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -47,7 +46,8 @@ from skyfabric.gateway.app import Gateway
 from skyfabric.gateway.serve import make_listener
 from tests.conftest import fleet_data
 from tests.support.anthropic_standin import StandIn
-from tests.support.bedrock_standin import ACCESS_KEY, SECRET_KEY, BedrockStandIn
+from tests.support.aws_env import clean_aws_env
+from tests.support.bedrock_standin import BedrockStandIn
 from tests.support.counters import assert_released
 from tests.support.tools import OPENAI_TOOLS, TOOLS
 from tests.support.vertex_standin import VertexStandIn
@@ -174,14 +174,7 @@ def percentile(values: list[float], q: float) -> float:
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The stand-ins' AWS keys in the environment; no host files, no metadata service."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    clean_aws_env(monkeypatch, tmp_path)
 
 
 @dataclass

@@ -10,7 +10,6 @@ standard AWS chain: environment variables or a shared credentials file, set here
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from tests.conftest import MakeGateway
 from tests.support.anthropic_answer import verify_thinking
 from tests.support.anthropic_standin import StandIn
+from tests.support.aws_env import clean_aws_env
 from tests.support.bedrock_standin import ACCESS_KEY, SECRET_KEY, BedrockStandIn
 from tests.support.counters import assert_released
 from tests.support.tools import OPENAI_TOOLS, TOOLS
@@ -29,15 +29,7 @@ from tests.support.tools import OPENAI_TOOLS, TOOLS
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A clean AWS environment: no host files, no metadata service; the stand-in's keys in the env."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    return tmp_path
+    return clean_aws_env(monkeypatch, tmp_path)
 
 
 async def _stream(client: anthropic.AsyncAnthropic, **kwargs: Any) -> anthropic.types.Message:

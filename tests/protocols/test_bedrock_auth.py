@@ -9,7 +9,6 @@ them on every read — which must happen in :meth:`AwsCredentials.tick`, never i
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -22,19 +21,14 @@ import pytest
 
 from skyfabric.core.errors import ConfigError
 from skyfabric.protocols.backends.bedrock_auth import AwsCredentials, sign
+from tests.support.aws_env import clean_aws_env
 from tests.support.bedrock_standin import ACCESS_KEY, SECRET_KEY, verify_sigv4
 
 
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No AWS variables or files of the host; no instance metadata service."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return tmp_path
+    return clean_aws_env(monkeypatch, tmp_path, standin_keys=False)
 
 
 def test_keys_from_the_environment(aws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
