@@ -79,10 +79,7 @@ def tracer_provider(config: Tracing) -> Any:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
-        raise ConfigError(
-            "observability.tracing.otlp_endpoint is set but the OpenTelemetry SDK is not installed: "
-            "pip install 'skyfabric[otlp]'"
-        ) from None
+        raise ConfigError(_NO_SDK) from None
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
@@ -96,16 +93,19 @@ def tracer_provider(config: Tracing) -> Any:
     return provider
 
 
+_NO_SDK = (
+    "observability.tracing.otlp_endpoint is set but the OpenTelemetry SDK is not installed: "
+    "pip install 'skyfabric[otlp]'"
+)
+
+
 def _resource(service_name: str) -> dict[str, Any]:
     """The resource attributes the SDK would report (``service.name``, ``telemetry.sdk.*``, and
     ``OTEL_RESOURCE_ATTRIBUTES``), computed once at start."""
     try:
         from opentelemetry.sdk.resources import Resource
     except ImportError:
-        raise ConfigError(
-            "observability.tracing.otlp_endpoint is set but the OpenTelemetry SDK is not installed: "
-            "pip install 'skyfabric[otlp]'"
-        ) from None
+        raise ConfigError(_NO_SDK) from None
     return dict(Resource.create({"service.name": service_name}).attributes)
 
 
