@@ -121,24 +121,59 @@ async def test_cost_appears_only_when_the_fleet_prices_its_pools(make_gateway: M
 
 
 def test_usage_is_read_from_the_end_of_an_answer_without_parsing_it() -> None:
-    from skyfabric.gateway.observe import usage_counts
+    from skyfabric.gateway.spend import answer_usage
+
+    def counts(body: bytes) -> tuple[int | None, int | None, int] | None:
+        usage = answer_usage(body, "openai")
+        return None if usage is None else (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
 
     body = (
         b'{"choices":[{"message":{"content":"\\"completion_tokens\\": 99"}}],"usage":{"prompt_tokens": 12,'
         b'"completion_tokens":7,"total_tokens":19,"prompt_tokens_details":{"cached_tokens":3}}}'
     )
-    assert usage_counts(body) == (12, 7)
-    assert usage_counts(b'{"choices":[]}') == (0, 0)
-    # The compact layouts engines write (vLLM puts total_tokens between the two), and a spaced one.
-    assert usage_counts(b'{"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}') == (5, 2)
-    assert usage_counts(b'{"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}') == (5, 2)
-    assert usage_counts(b'{"usage": {"total_tokens": 7, "completion_tokens": 2, "prompt_tokens": 5}}') == (
-        5,
-        2,
+    assert counts(body) == (12, 7, 3)
+    assert counts(b'{"choices":[]}') is None
+    assert counts(b'{"choices":[],"usage":null}') is None
+    # The compact layouts engines write (vLLM puts total_tokens between the two), and spaced ones.
+    assert counts(b'{"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}') == (5, 2, 0)
+    assert counts(b'{"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}') == (5, 2, 0)
+    assert counts(b'{"usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}') == (5, 2, 0)
+    spaced = (
+        b'{"usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details"'
     )
+    assert counts(spaced + b': {"cached_tokens": 4}}}') == (5, 2, 4)
+    # Any other order of the fields is searched field by field.
+    assert counts(b'{"usage": {"total_tokens": 7, "completion_tokens": 2, "prompt_tokens": 5}}') == (5, 2, 0)
     # Content that mentions usage is escaped JSON: it cannot pass for the real key.
     fake = (
         b'{"choices":[{"message":{"content":"\\"usage\\":{\\"prompt_tokens\\":1}"}}],'
         b'"usage":{"prompt_tokens":9,"completion_tokens":4}}'
     )
-    assert usage_counts(fake) == (9, 4)
+    assert counts(fake) == (9, 4, 0)
+
+
+async def test_an_anthropic_clients_answers_are_counted_under_its_protocol(make_gateway: MakeGateway) -> None:
+    # Usage is read in the client's protocol: an Anthropic answer's input_tokens and output_tokens, cached
+    # reads included in the input, labelled skyfabric_client_protocol="anthropic".
+    gw = await make_gateway({"aws": [FakeUpstream("a", tokens=4)]})
+    kwargs = {"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    whole = await gw.claude().messages.create(**kwargs)  # type: ignore[call-overload]
+    await gw.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    async with httpx.AsyncClient() as http:
+        got = samples((await http.get(f"{gw.root}/metrics")).text)
+
+    def value(name: str, protocol: str, **extra: str) -> float:
+        labels = dict(op("chat", "aws", **extra))
+        labels["skyfabric_client_protocol"] = protocol
+        return got.get((name, frozenset(labels.items())), 0.0)
+
+    out, into = (
+        "gen_ai_client_inference_usage_output_tokens_total",
+        "gen_ai_client_inference_usage_input_tokens_total",
+    )
+    assert value(out, "anthropic", gen_ai_token_modality="unknown") == whole.usage.output_tokens == 4
+    prompt = whole.usage.input_tokens + (whole.usage.cache_read_input_tokens or 0)
+    assert value(into, "anthropic", gen_ai_token_modality="unknown") == prompt > 0
+    assert value(out, "openai", gen_ai_token_modality="unknown") == 4
+    duration = "gen_ai_client_inference_duration_seconds_count"
+    assert value(duration, "anthropic", error_type="") == 1 and value(duration, "openai", error_type="") == 1

@@ -77,6 +77,10 @@ class RequestContext:
     #: its own rather than an ``observed`` entry, since metrics write it on every request and a dict
     #: per request is an allocation (and the collector's work) that most requests need for nothing else.
     series: Any = None
+    #: A whole answer's usage and cost, read once for every observer (``gateway/spend.py``): (body, usage)
+    #: and (body, endpoint, spent).
+    usage_memo: tuple[bytes, Any] | None = None
+    spent_memo: tuple[bytes, str, Any] | None = None
     #: Head sampling chose to trace this request: its hooks go to ``Router.traced_observer`` (which has
     #: the tracer) instead of ``Router.observer``. Decided once, in ``Proxy.forward``, so an unsampled
     #: request never reaches the tracer.

@@ -178,8 +178,10 @@ class FleetRecorder(Observer):
         """Every provider's cumulative attempts, failed attempts, output tokens and TTFT buckets now."""
         totals = {p: _Totals() for p in self.providers}
         metrics = self.metrics
+        metrics.read_usage()
+        attempts = metrics.attempt_counts()
         for state in self.proxy.states.values():
-            counts = metrics.attempts[state.endpoint.id]
+            counts = attempts.get(state.endpoint.id, {})
             t = totals[state.endpoint.provider]
             n = sum(counts.values())
             t.attempts += n

@@ -78,10 +78,7 @@ class KeysFilter(Observer):
         lease = ctx.lease
         if lease is None or body is None or outcome != "ok" or self.limiter is None:
             return
-        observed = ctx.observed
-        if observed is None:
-            observed = ctx.observed = {}
-        spent = answer_spent_once(observed, body, ctx.frontend.family, state.endpoint.id, self.prices)
+        spent = answer_spent_once(ctx, body, state.endpoint.id, self.prices)
         if spent is None:  # no usage reported: the reservation stands
             self.limiter.settle(lease, None, lease.ask.tokens - lease.prompt_tokens)
         else:

@@ -85,15 +85,16 @@ class LedgerObserver(Observer):
             return
         tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
         tally.endpoint = state.endpoint.id
-        observed = ctx.observed
-        if body is not None and observed is not None:  # observed: set at request_start
-            family, endpoint = ctx.frontend.family, state.endpoint.id
-            tally.spent = answer_spent_once(observed, body, family, endpoint, self.prices)
+        if body is not None:
+            tally.spent = answer_spent_once(ctx, body, state.endpoint.id, self.prices)
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
         tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
         if ctx.stream and status == 200:
             tally.ttft = seconds
+            # The stream's latency, at its end, from its arrival as the router measured it (as its time to
+            # first token is), not from this observer's first hook, which came later.
+            tally.started = self.clock() - seconds
             self.open[ctx.request_id or ""] = ctx
             self.ledger.write(self._record(ctx, tally, 200, OPEN, seconds))
             return

@@ -13,7 +13,6 @@ that only an enabled observer ever creates.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -102,7 +101,15 @@ class Observers(Observer):
         self._continued = hook("continued")
         self._ejected = hook("ejected")
         # A point only one observer watches calls it directly: no loop, no extra frame on the request path.
-        for name in ("request_start", "request_end", "attempt_start", "attempt_end", "stream_end"):
+        # None does: the no-op itself (no loop over an empty tuple).
+        noop = Observer()
+        for name in ("request_start", "request_end", "attempt_start", "upstream_headers", "attempt_end"):
+            found = getattr(self, f"_{name}")
+            if len(found) == 1:
+                setattr(self, name, found[0])
+            elif not found:
+                setattr(self, name, getattr(noop, name))
+        for name in ("stream_end", "continued", "ejected"):
             found = getattr(self, f"_{name}")
             if len(found) == 1:
                 setattr(self, name, found[0])
@@ -174,28 +181,3 @@ def combine(observers: list[Observer]) -> Observer:
     if len(observers) == 1:
         return observers[0]
     return Observers(observers)
-
-
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-#: The compact form vLLM, SGLang and most engines write (prompt, maybe total, then completion): one search.
-_COMPACT = re.compile(rb'"usage":\{"prompt_tokens":(\d+),(?:"total_tokens":\d+,)?"completion_tokens":(\d+)')
-
-
-def usage_counts(body: bytes) -> tuple[int, int]:
-    """``usage``'s (prompt_tokens, completion_tokens) of a non-streaming answer, without parsing the body.
-
-    Both are 0 when the answer reports no usage. Searched from the last ``"usage"`` key (servers put it
-    last, and a quote inside content is escaped, so the content cannot fake it); the closing quote in each
-    key keeps ``prompt_tokens_details`` from matching. One compiled search for the engines' compact form,
-    two for any other layout, no JSON parse: this runs once per non-streaming answer while metrics are on.
-    """
-    at = body.rfind(b'"usage"')
-    if at < 0:
-        return 0, 0
-    compact = _COMPACT.match(body, at)
-    if compact is not None:
-        return int(compact[1]), int(compact[2])
-    prompt = _PROMPT.search(body, at)
-    completion = _COMPLETION.search(body, at)
-    return (int(prompt[1]) if prompt else 0), (int(completion[1]) if completion else 0)

@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from skyfabric.ops.pricing import PriceBook
 from skyfabric.protocols.canonical import Usage
 
+if TYPE_CHECKING:
+    from skyfabric.gateway.context import RequestContext
+
 _NUMBER = re.compile(rb"\s*:\s*(\d+)")
+#: OpenAI's usage object as engines write it (prompt, completion, total — vLLM puts total between the two
+#: — compact or with Python's ``", "`` and ``": "`` separators): both counts in one match (a pattern with
+#: ``\s*`` everywhere took twice as long; any other spacing or order takes the field-by-field search).
+#: The last group says whether more fields follow (``prompt_tokens_details``: cached tokens) or not.
+_OPENAI_USAGE = re.compile(
+    rb'"usage": ?\{"prompt_tokens": ?(\d+), ?(?:"total_tokens": ?\d+, ?)?"completion_tokens": ?(\d+)'
+    rb'(?:, ?"total_tokens": ?\d+)?([,}])'
+)
+_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
 @dataclass(slots=True)
@@ -31,56 +43,81 @@ class Spent:
     cost: float
 
 
-def _field(body: bytes, key: bytes) -> int | None:
-    at = body.rfind(key)
+def _field(body: bytes, key: bytes, start: int = 0) -> int | None:
+    at = body.rfind(key, start)
     if at < 0:
         return None
     found = _NUMBER.match(body, at + len(key))
     return int(found.group(1)) if found else None
 
 
-def answer_usage(body: bytes, family: str) -> Usage | None:
+#: A whole answer's token counts: (prompt, output, cached, cache writes); prompt None when not reported.
+Tokens = tuple[int | None, int, int, int]
+
+
+def answer_tokens(body: bytes, family: str) -> Tokens | None:
     """A whole answer's usage, searched from the body's end (where servers put it), never parsed whole.
 
-    ``input_tokens`` counts the whole prompt, cached tokens included (the seam's convention; Anthropic's
-    own ``input_tokens`` leaves cache reads and writes out).
+    The prompt counts the whole prompt, cached tokens included (the seam's convention; Anthropic's own
+    ``input_tokens`` leaves cache reads and writes out). Searched from the last ``"usage"`` key: a quote
+    inside generated text is escaped, so the text cannot fake it. OpenAI's usual layout is read by one
+    match; any other order of its fields by a search for each. A tuple, not a :class:`Usage`: this runs on
+    every non-streaming answer while metrics, keys or the ledger are on.
     """
-    if family == "anthropic":
-        output = _field(body, b'"output_tokens"')
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    if family != "anthropic":
+        found = _OPENAI_USAGE.match(body, at)
+        if found is not None:
+            if found[3] == b"}":
+                return int(found[1]), int(found[2]), 0, 0
+            details = _CACHED.search(body, found.end())  # more fields: the cached tokens' details, if any
+            return int(found[1]), int(found[2]), int(details[1]) if details is not None else 0, 0
+        output = _field(body, b'"completion_tokens"', at)
         if output is None:
             return None
-        read = _field(body, b'"cache_read_input_tokens"') or 0
-        created = _field(body, b'"cache_creation_input_tokens"') or 0
-        uncached = _field(body, b'"input_tokens"')
-        prompt = None if uncached is None else uncached + read + created
-        return Usage(prompt, output, read, created)
-    output = _field(body, b'"completion_tokens"')
+        prompt = _field(body, b'"prompt_tokens"', at)
+        return prompt, output, _field(body, b'"cached_tokens"', at) or 0, 0
+    output = _field(body, b'"output_tokens"', at)
     if output is None:
         return None
-    return Usage(_field(body, b'"prompt_tokens"'), output, _field(body, b'"cached_tokens"') or 0)
+    read = _field(body, b'"cache_read_input_tokens"', at) or 0
+    created = _field(body, b'"cache_creation_input_tokens"', at) or 0
+    uncached = _field(body, b'"input_tokens"', at)
+    return None if uncached is None else uncached + read + created, output, read, created
 
 
-def answer_spent_once(
-    observed: dict[str, Any], body: bytes, family: str, endpoint: str, prices: PriceBook
-) -> Spent | None:
-    """:func:`answer_spent` of ``body``, computed once per request for every observer that reads it (the
-    keys' settlement and the ledger): memoized in the request's ``ctx.observed``."""
-    memo = observed.get("spent")
+def answer_usage(body: bytes, family: str) -> Usage | None:
+    """:func:`answer_tokens` as a :class:`Usage`."""
+    tokens = answer_tokens(body, family)
+    return None if tokens is None else Usage(*tokens)
+
+
+def answer_tokens_once(ctx: RequestContext, body: bytes) -> Tokens | None:
+    """:func:`answer_tokens` of ``body`` in the client's protocol, read once per answer for every observer
+    that needs it (the GenAI metrics, the keys' settlement, the ledger): memoized in ``ctx.usage_memo``."""
+    memo = ctx.usage_memo
+    if memo is not None and memo[0] is body:
+        return memo[1]
+    tokens = answer_tokens(body, ctx.frontend.family)
+    ctx.usage_memo = (body, tokens)
+    return tokens
+
+
+def answer_spent_once(ctx: RequestContext, body: bytes, endpoint: str, prices: PriceBook) -> Spent | None:
+    """A non-streamed answer's :class:`Spent` (None: it reported no usage), computed once per request for
+    every observer that reads it (the keys' settlement and the ledger): memoized in ``ctx.spent_memo``."""
+    memo = ctx.spent_memo
     if memo is not None and memo[0] is body and memo[1] == endpoint:
-        spent: Spent | None = memo[2]
-        return spent
-    spent = answer_spent(answer_usage(body, family), endpoint, prices)
-    observed["spent"] = (body, endpoint, spent)
+        return memo[2]
+    tokens = answer_tokens_once(ctx, body)
+    spent = None
+    if tokens is not None:
+        prompt, output, cached, _ = tokens
+        spent = Spent(prompt, output, cached, prices.answer_cost(endpoint, prompt or 0, cached, output))
+    ctx.spent_memo = (body, endpoint, spent)
     return spent
-
-
-def answer_spent(usage: Usage | None, endpoint: str, prices: PriceBook) -> Spent | None:
-    """A non-streamed answer's :class:`Spent` (None: it reported no usage)."""
-    if usage is None or usage.output_tokens is None:
-        return None
-    prompt = usage.input_tokens
-    cost = prices.parts_cost([(endpoint, prompt or 0, usage.cached_input_tokens, usage.output_tokens)])
-    return Spent(prompt, usage.output_tokens, usage.cached_input_tokens, cost)
 
 
 def stream_spent(

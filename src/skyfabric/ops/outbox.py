@@ -9,11 +9,15 @@ the database has confirmed every record in them; at start, what is left is repla
 records it already has, by request id).
 
 Why a mapping and not ``write(2)``: appending is then a memory copy (~0.3 µs) instead of a system call
-(2–7 µs under load, and one that waits while the shipper's fsync holds the file). A segment is allocated
-in full when begun (``posix_fallocate``: a full disk fails there, at the start of a segment, never as a
-fault in the middle of a copy) and filled with zeros, so the reader knows where the records end: at the
-first NUL byte, which no record contains (every byte it reads before that one is final: the file is
-written once, left to right). A finished segment is truncated to its records before the next is begun.
+(2–7 µs under load, and one that waits while the shipper's fsync holds the file). A segment is written
+in full with zeros when begun: a full disk fails there, at the start of a segment, never as a fault in
+the middle of a copy; the reader knows where the records end — at the first NUL byte, which no record
+contains (every byte it reads before that one is final: the file is written once, left to right); and
+the blocks are real, not merely reserved. That last part is for speed: ``posix_fallocate`` reserves
+*unwritten* extents, and every first write to a page of them after a sync converted an extent under the
+file system's journal — ~6 page faults per page instead of one, and ~25 % more work per sync (measured
+on ext4). With written blocks and a size that never changes while appending, the shipper syncs with
+``fdatasync``. A finished segment is truncated to its records before the next is begun.
 
 Layout: ``<dir>/slot-<n>/<seq>.jsonl``, ``seq`` counting up by one per segment. Each gateway process
 holds one slot with an exclusive ``flock`` (released by the kernel when the process dies), so worker
@@ -26,7 +30,6 @@ which is how the reader knows a segment is finished.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import mmap
@@ -40,6 +43,7 @@ log = logging.getLogger("skyfabric.ops.outbox")
 
 #: A segment is closed and a new one begun past this size; the shipper deletes a segment once shipped.
 SEGMENT_BYTES = 256 * 1024
+_ZEROS = bytes(SEGMENT_BYTES)
 SUFFIX = ".jsonl"
 
 
@@ -141,12 +145,10 @@ class Outbox:
         capacity = max(self.segment_bytes, need)
         fd = os.open(self.segment_path(self._seq), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            try:
-                os.posix_fallocate(fd, 0, capacity)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                os.ftruncate(fd, capacity)  # a file system without fallocate: sparse
+            zeros = _ZEROS if capacity == len(_ZEROS) else bytes(capacity)
+            written = 0
+            while written < capacity:  # ENOSPC here, at a segment's start, not as a fault mid-copy
+                written += os.pwrite(fd, zeros[written:] if written else zeros, written)
             self._map = mmap.mmap(fd, capacity)
         except BaseException:
             os.close(fd)

@@ -38,6 +38,8 @@ class PriceBook:
     def __init__(self, fleet: Fleet) -> None:
         models = {m.name: m for m in fleet.models}
         self.pools: dict[str, Prices] = {}
+        #: Endpoint id → its pool's prices (the lookup :meth:`answer_cost` makes once per endpoint).
+        self._by_endpoint: dict[str, Prices] = {}
         by_model: dict[str, list[Prices]] = {}
         for provider in fleet.providers:
             for region in provider.regions:
@@ -70,7 +72,7 @@ class PriceBook:
     def of_models(cls, prices: dict[str, Prices]) -> PriceBook:
         """A book with only models' prices (no pools): for limits tested without a fleet."""
         book = cls.__new__(cls)
-        book.pools, book.ceilings = {}, dict(prices)
+        book.pools, book.ceilings, book._by_endpoint = {}, dict(prices), {}
         return book
 
     def ceiling(self, model: str) -> Prices:
@@ -81,6 +83,17 @@ class PriceBook:
         """The prices of the pool an endpoint belongs to (free when unknown)."""
         pool = endpoint_id.rsplit("/", 1)[0]
         return self.pools.get(pool, FREE)
+
+    def answer_cost(self, endpoint: str, tokens_in: int, cached: int, tokens_out: int) -> float:
+        """USD for one backend's whole answer (:meth:`parts_cost` of one part, without building it)."""
+        prices = self._by_endpoint.get(endpoint)
+        if prices is None:
+            prices = self._by_endpoint[endpoint] = self.of(endpoint)
+            if len(self._by_endpoint) > 100_000:  # endpoints come and go with discovery: stay bounded
+                self._by_endpoint.clear()
+        cached = min(max(cached, 0), max(tokens_in, 0))
+        total = (tokens_in - cached) * prices.tokens_in + cached * prices.tokens_cached
+        return (total + max(tokens_out, 0) * prices.tokens_out) / _MILLION
 
     def parts_cost(self, parts: list[tuple[str, int, int, int]]) -> float:
         """USD for a stream's parts: (endpoint, input, cached, output) of each backend's own usage."""
