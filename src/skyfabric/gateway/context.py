@@ -77,6 +77,8 @@ class RequestContext:
     #: its own rather than an ``observed`` entry, since metrics write it on every request and a dict
     #: per request is an allocation (and the collector's work) that most requests need for nothing else.
     series: Any = None
+    #: The usage ledger's figures of this request (``gateway/ledger_observer.py``), when the ledger is on.
+    tally: Any = None
     #: A whole answer's usage and cost, read once for every observer (``gateway/spend.py``): (body, usage)
     #: and (body, endpoint, spent).
     usage_memo: tuple[bytes, Any] | None = None

@@ -52,14 +52,14 @@ class KeysFilter(Observer):
                 code="model_not_allowed",
             )
         limiter = self.limiter
-        if limiter is None:
+        if limiter is None or not record.limited:
             return None
         anthropic = ctx.frontend.family == "anthropic"
-        lease = await limiter.admit(
-            record, ctx.model, len(ctx.raw) // BYTES_PER_TOKEN, ctx.token_limit(), anthropic=anthropic
-        )
+        prompt = len(ctx.raw) // BYTES_PER_TOKEN
+        # From the key's grant without a coroutine (most requests), else the shared script.
+        lease, ask, price = limiter.granted(record, ctx.model, prompt, ctx.token_limit())
         if lease is None:
-            return None
+            lease = await limiter.admit_asked(record, ask, price, prompt, anthropic=anthropic)
         ctx.lease = lease
         ctx.on_refused = lambda: limiter.release(lease)
         ctx.add_headers(lease.headers(anthropic, time.time()))
@@ -86,7 +86,9 @@ class KeysFilter(Observer):
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
         lease = ctx.lease
-        if lease is not None and self.limiter is not None and (status != 200 or not ctx.stream):
+        if lease is None or lease.settled:  # a whole answer was settled at attempt_end
+            return
+        if self.limiter is not None and (status != 200 or not ctx.stream):
             self.limiter.release(lease)  # failed (a whole answer was settled at attempt_end)
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:

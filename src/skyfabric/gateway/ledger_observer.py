@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 
 class _Tally:
-    """One request's figures as the hooks deliver them (kept in ``ctx.observed['ledger']``)."""
+    """One request's figures as the hooks deliver them (kept in ``ctx.tally``)."""
 
     __slots__ = ("attempts", "endpoint", "spent", "splits", "started", "ttft", "wall")
 
@@ -58,17 +58,16 @@ class LedgerObserver(Observer):
         self.prices = prices
         #: Streams whose open record is written and final one not yet: finished as interrupted at close.
         self.open: dict[str, RequestContext] = {}
+        #: Endpoint id → (provider, region): split once per endpoint, not once per record.
+        self._where: dict[str, tuple[str, str]] = {}
 
     def request_start(self, ctx: RequestContext) -> None:
-        observed = ctx.observed
-        if observed is None:
-            observed = ctx.observed = {}
-        observed["ledger"] = _Tally(self.clock())
+        ctx.tally = _Tally(self.clock())
         request_id = ctx.request_id = new_request_id()
         ctx.add_headers([(b"x-request-id", request_id.encode())])
 
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
-        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        tally: _Tally = ctx.tally
         if kind != CONTINUATION:
             tally.attempts += 1
         tally.endpoint = state.endpoint.id
@@ -83,13 +82,13 @@ class LedgerObserver(Observer):
     ) -> None:
         if outcome != "ok":
             return
-        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        tally: _Tally = ctx.tally
         tally.endpoint = state.endpoint.id
         if body is not None:
             tally.spent = answer_spent_once(ctx, body, state.endpoint.id, self.prices)
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
-        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        tally: _Tally = ctx.tally
         if ctx.stream and status == 200:
             tally.ttft = seconds
             # The stream's latency, at its end, from its arrival as the router measured it (as its time to
@@ -103,11 +102,11 @@ class LedgerObserver(Observer):
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
     ) -> None:
-        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        tally: _Tally = ctx.tally
         tally.splits.append(tokens)
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
-        tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+        tally: _Tally = ctx.tally
         if self.open.pop(ctx.request_id or "", None) is None:
             return  # already closed (at shutdown)
         endpoints = ctx.parts_endpoints or [state.endpoint.id]
@@ -120,9 +119,17 @@ class LedgerObserver(Observer):
     ) -> tuple[Any, ...]:
         """The record's values in ``record.LINE_FIELDS`` order (a tuple: the hot path builds no object)."""
         endpoints = ctx.parts_endpoints or ([tally.endpoint] if tally.endpoint else [])
-        provider = region = None
+        provider: str | None = None
+        region: str | None = None
         if endpoints:
-            provider, region = endpoints[0].split("/", 2)[:2]
+            first = endpoints[0]
+            where = self._where.get(first)
+            if where is None:
+                if len(self._where) > 100_000:  # endpoints come and go with discovery: stay bounded
+                    self._where.clear()
+                parts = first.split("/", 2)
+                where = self._where[first] = (parts[0], parts[1] if len(parts) > 1 else "")
+            provider, region = where
         spent = tally.spent
         key = ctx.key
         ttft = tally.ttft
@@ -161,6 +168,6 @@ class LedgerObserver(Observer):
     def interrupt_open(self) -> None:
         """At shutdown: streams still open get their final record, as interrupted, with what is known."""
         for ctx in list(self.open.values()):
-            tally: _Tally = ctx.observed["ledger"]  # type: ignore[index]
+            tally: _Tally = ctx.tally
             self.ledger.write(self._record(ctx, tally, 200, INTERRUPTED, self.clock() - tally.started))
         self.open.clear()

@@ -195,14 +195,26 @@ class Limiter:
     ) -> tuple[Ask, Prices]:
         price = self.prices.ceiling(model)  # the dearest pool it may reach: settlement only gives back
         out = max_tokens if max_tokens is not None and max_tokens > 0 else self.settings.default_max_tokens
-        ask = Ask(record.id, rpm=record.rpm or 0, tpm=record.tpm or 0, tokens=prompt_tokens + out)
+        budget, cost, period, period_end = -1, 0, "", 0.0
         if record.budget is not None:
-            ask.budget = round(record.budget * 1_000_000)
-            ask.cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out)
-            ask.period, ask.period_end = self._period(record.budget_period)
-        if record.max_concurrent is not None:
-            ask.max_concurrent = record.max_concurrent
-            ask.lease_ttl = self.settings.lease_ttl
+            budget = round(record.budget * 1_000_000)
+            cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out)
+            period, period_end = self._period(record.budget_period)
+        concurrent = record.max_concurrent
+        # Positional, in one call: this runs for every request of a key with limits.
+        ask = Ask(
+            record.id,
+            record.rpm or 0,
+            record.tpm or 0,
+            prompt_tokens + out,
+            budget,
+            cost,
+            period,
+            period_end,
+            concurrent or 0,
+            "",
+            self.settings.lease_ttl if concurrent is not None else 15.0,
+        )
         return ask, price
 
     def _name_lease(self, ask: Ask) -> None:
@@ -232,6 +244,16 @@ class Limiter:
         """Charge the request to its key's limits (None: it has none); raises :class:`RateLimited`."""
         if not record.limited:
             return None
+        lease, ask, price = self.granted(record, model, prompt_tokens, max_tokens)
+        if lease is not None:
+            return lease
+        return await self.admit_asked(record, ask, price, prompt_tokens, anthropic=anthropic)
+
+    def granted(
+        self, record: KeyRecord, model: str, prompt_tokens: int, max_tokens: int | None
+    ) -> tuple[Lease | None, Ask, Prices]:
+        """The common case of :meth:`admit`, with no coroutine: the request admitted from its key's grant
+        here (a lease), else None and its ask for :meth:`admit_asked`. ``record`` must be limited."""
         ask, price = self._ask(record, model, prompt_tokens, max_tokens)
         if self.redis is not None and self.state == "ok":
             granted = self._from_grant(ask)
@@ -239,7 +261,14 @@ class Limiter:
                 lease = Lease(ask, granted[1], True, prompt_tokens, price, grant=granted[0])
                 if ask.lease:
                     self._running[ask.lease] = ask
-                return lease
+                return lease, ask, price
+        return None, ask, price
+
+    async def admit_asked(
+        self, record: KeyRecord, ask: Ask, price: Prices, prompt_tokens: int, *, anthropic: bool = False
+    ) -> Lease:
+        """:meth:`admit` past the grant: the shared script, or this instance's share while Redis is down."""
+        if self.redis is not None and self.state == "ok":
             self._name_lease(ask)
             settle, self._pending = self._pending, []  # they ride along: one round trip, and counted first
             try:
