@@ -275,6 +275,12 @@ def test_sqlite_store_migrates_once_and_converges_on_one_final_row_per_request(t
     assert versions == [m[0] for m in MIGRATIONS]
     rows = dict(db.execute("SELECT request_id, outcome || ':' || tokens_out || ':' || final FROM sf_usage"))
     assert rows == {"a": "ok:11:1", "b": "ok:3:1", "c": f"{INTERRUPTED}:0:1", "d": "open:0:0"}
+    # Each commit is synced (WAL's NORMAL would let a power loss roll back commits whose records the
+    # shipper already deleted from the outbox).
+    store = SQLiteStore(path, "sf_")
+    asyncio.run(store.connect())
+    assert store._db is not None and store._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    asyncio.run(store.close())
 
 
 def test_postgres_store_migrates_once_and_converges_on_one_final_row_per_request(pg_prefix: str) -> None:

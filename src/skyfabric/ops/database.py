@@ -78,14 +78,19 @@ class Database:
         )
 
     def sqlite(self, *, read_only: bool = False) -> sqlite3.Connection:
-        """A SQLite connection in autocommit mode and WAL (readers never block the writers)."""
+        """A SQLite connection in autocommit mode and WAL (readers never block the writers), each commit
+        synced."""
         assert self.path is not None
         if read_only:
             return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=self.timeout)
         db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            # FULL, not WAL's usual NORMAL: with NORMAL a commit is not synced, and a power loss may roll
+            # back the last ones — after the ledger's shipper deleted their records from the outbox, and
+            # after a key was created or revoked. FULL syncs the log at each commit: the shipper commits a
+            # batch every ship_interval, the keys rarely.
+            db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=10000")
         except BaseException:
             db.close()
