@@ -142,6 +142,10 @@ def test_usage_is_read_from_the_end_of_an_answer_without_parsing_it() -> None:
         b'{"usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details"'
     )
     assert counts(spaced + b': {"cached_tokens": 4}}}') == (5, 2, 4)
+    # Cached tokens are read inside the prompt tokens' details only, never from a later object.
+    later = b'{"usage":{"prompt_tokens":5,"completion_tokens":2,"prompt_tokens_details":null},'
+    later += b'"m":{"cached_tokens":7}}'
+    assert counts(later) == (5, 2, 0)
     # Any other order of the fields is searched field by field.
     assert counts(b'{"usage": {"total_tokens": 7, "completion_tokens": 2, "prompt_tokens": 5}}') == (5, 2, 0)
     # Content that mentions usage is escaped JSON: it cannot pass for the real key.
@@ -177,3 +181,25 @@ async def test_an_anthropic_clients_answers_are_counted_under_its_protocol(make_
     assert value(out, "openai", gen_ai_token_modality="unknown") == 4
     duration = "gen_ai_client_inference_duration_seconds_count"
     assert value(duration, "anthropic", error_type="") == 1 and value(duration, "openai", error_type="") == 1
+
+
+async def test_the_endpoints_of_one_pool_add_up_to_its_series(make_gateway: MakeGateway) -> None:
+    # Each endpoint keeps its own figures, the labels stop at the pool: the scrape adds them up (it used
+    # to keep only the last endpoint's).
+    gw = await make_gateway({"aws": [FakeUpstream("a", tokens=3), FakeUpstream("b", tokens=3)]})
+    client = gw.client()
+    for _ in range(6):
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    served = {s.endpoint.id for s in gw.gateway.proxy.states.values() if s.successes}
+    assert len(served) == 2  # both endpoints answered some
+    async with httpx.AsyncClient() as http:
+        got = samples((await http.get(f"{gw.root}/metrics")).text)
+    assert got[("gen_ai_client_inference_duration_seconds_count", op("chat", "aws", error_type=""))] == 6
+    tokens = (
+        "gen_ai_client_inference_usage_output_tokens_total",
+        op("chat", "aws", gen_ai_token_modality="unknown"),
+    )
+    assert got[tokens] == 18
+    attempts = {"gen_ai_request_model": "m", "gen_ai_provider_name": "aws", "skyfabric_region": "r1",
+                "skyfabric_pool": "pool", "outcome": "ok"}  # fmt: skip
+    assert got[("skyfabric_upstream_attempts_total", frozenset(attempts.items()))] == 6

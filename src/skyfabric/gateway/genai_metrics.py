@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -98,6 +98,29 @@ def _histogram_family(name: str, doc: str, labels: tuple[str, ...], data: dict[A
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
         family.add_metric(list(key), buckets, h.sum)
     return family
+
+
+def _summed(pairs: Iterable[tuple[tuple[str, ...], float]]) -> dict[tuple[str, ...], float]:
+    """Values that share a label set, added up (several endpoints of one pool)."""
+    out: dict[tuple[str, ...], float] = {}
+    for key, value in pairs:
+        out[key] = out.get(key, 0) + value
+    return out
+
+
+def _summed_histograms(
+    pairs: Iterable[tuple[tuple[str, ...], _Histogram]],
+) -> dict[tuple[str, ...], _Histogram]:
+    """Histograms that share a label set, added up into new ones (the recorded ones are left alone)."""
+    out: dict[tuple[str, ...], _Histogram] = {}
+    for key, h in pairs:
+        total = out.get(key)
+        if total is None:
+            total = out[key] = _Histogram()
+        total.counts = [a + b for a, b in zip(total.counts, h.counts, strict=True)]
+        total.sum += h.sum
+        total.count += h.count
+    return out
 
 
 def _counter_family(name: str, doc: str, labels: tuple[str, ...], data: dict[Any, float]) -> Any:
@@ -297,7 +320,9 @@ class GenAIMetrics(Observer, Collector):
         self.read_usage()
         with_error = (*OPERATION_LABELS, "error_type")
         with_modality = (*OPERATION_LABELS, "gen_ai_token_modality")
-        ok = {(*x.labels, ""): x.duration for x in self.series.values() if x.duration.count}
+        # A series per endpoint, labels per pool: the endpoints of a pool add up to one labelled series.
+        series = list(self.series.values())
+        ok = _summed_histograms(((*x.labels, ""), x.duration) for x in series if x.duration.count)
         yield _histogram_family(
             "gen_ai_client_inference_duration_seconds",
             "GenAI operation duration: client request to its last byte (gen_ai.client.inference.duration)",
@@ -308,25 +333,25 @@ class GenAIMetrics(Observer, Collector):
             "gen_ai_client_inference_time_to_first_chunk_seconds",
             "Streams: client request to the first content chunk (.time_to_first_chunk)",
             OPERATION_LABELS,
-            {x.labels: x.ttfc for x in self.series.values() if x.ttfc.count},
+            _summed_histograms((x.labels, x.ttfc) for x in series if x.ttfc.count),
         )
         yield _histogram_family(
             "gen_ai_client_inference_time_per_output_chunk_seconds",
             "Streams: mean time between output chunks, weighted by chunks (.time_per_output_chunk)",
             OPERATION_LABELS,
-            {x.labels: x.tpoc for x in self.series.values() if x.tpoc.count},
+            _summed_histograms((x.labels, x.tpoc) for x in series if x.tpoc.count),
         )
         yield _counter_family(
             "gen_ai_client_inference_usage_output_tokens",
             "Output tokens sent to clients (gen_ai.client.inference.usage.output_tokens)",
             with_modality,
-            {(*x.labels, "unknown"): x.output_tokens for x in self.series.values() if x.output_tokens},
+            _summed(((*x.labels, "unknown"), x.output_tokens) for x in series if x.output_tokens),
         )
         yield _counter_family(
             "gen_ai_client_inference_usage_input_tokens",
             "Input tokens reported by backends, non-streaming answers (.usage.input_tokens)",
             with_modality,
-            {(*x.labels, "unknown"): x.input_tokens for x in self.series.values() if x.input_tokens},
+            _summed(((*x.labels, "unknown"), x.input_tokens) for x in series if x.input_tokens),
         )
         yield _counter_family(
             "skyfabric_operation_errors",
@@ -340,11 +365,11 @@ class GenAIMetrics(Observer, Collector):
             "skyfabric_upstream_attempts",
             "upstream attempts (first tries, retries, hedges, continuations) by outcome",
             ("gen_ai_request_model", *backend, "outcome"),
-            {
-                (e.model, e.provider, e.region, e.pool, outcome): n
+            _summed(
+                ((e.model, e.provider, e.region, e.pool, outcome), n)
                 for e in (s.endpoint for s in self.proxy.states.values())
                 for outcome, n in counts.get(e.id, {}).items()
-            },
+            ),
         )
         yield _counter_family(
             "skyfabric_failovers",

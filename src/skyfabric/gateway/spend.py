@@ -30,7 +30,7 @@ _OPENAI_USAGE = re.compile(
     rb'"usage": ?\{"prompt_tokens": ?(\d+), ?(?:"total_tokens": ?\d+, ?)?"completion_tokens": ?(\d+)'
     rb'(?:, ?"total_tokens": ?\d+)?([,}])'
 )
-_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
+_CACHED = re.compile(rb'"prompt_tokens_details"\s*:\s*\{[^{}]*?"cached_tokens"\s*:\s*(\d+)')
 
 
 @dataclass(slots=True)
@@ -72,7 +72,8 @@ def answer_tokens(body: bytes, family: str) -> Tokens | None:
         if found is not None:
             if found[3] == b"}":
                 return int(found[1]), int(found[2]), 0, 0
-            details = _CACHED.search(body, found.end())  # more fields: the cached tokens' details, if any
+            # More fields: the cached tokens, if any, inside the prompt tokens' details object itself.
+            details = _CACHED.search(body, found.end())
             return int(found[1]), int(found[2]), int(details[1]) if details is not None else 0, 0
         output = _field(body, b'"completion_tokens"', at)
         if output is None:
