@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MakeGateway
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.metrics import samples
 
 BACKEND = ("skyfabric_accelerator", "cpu"), ("skyfabric_client_protocol", "openai")
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
 
 
 def op(operation: str, provider: str, **extra: str) -> frozenset[tuple[str, str]]:

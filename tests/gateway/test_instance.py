@@ -19,19 +19,11 @@ from pathlib import Path
 import httpx
 import orjson
 from openai import AsyncOpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from skyfabric.gateway.instance import Family, merge
 from tests.gateway.test_serve import free_port
 from tests.support.fake_upstream import FakeUpstream
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
+from tests.support.metrics import samples
 
 
 def total(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:

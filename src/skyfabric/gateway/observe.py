@@ -79,6 +79,19 @@ class Sampler(Protocol):
         ...
 
 
+#: The hook points an :class:`Observers` dispatches.
+_HOOKS = (
+    "request_start",
+    "request_end",
+    "attempt_start",
+    "upstream_headers",
+    "attempt_end",
+    "stream_end",
+    "continued",
+    "ejected",
+)
+
+
 class Observers(Observer):
     """Several observers as one: each call goes, in order, to those that override that hook."""
 
@@ -103,16 +116,12 @@ class Observers(Observer):
         # A point only one observer watches calls it directly: no loop, no extra frame on the request path.
         # None does: the no-op itself (no loop over an empty tuple).
         noop = Observer()
-        for name in ("request_start", "request_end", "attempt_start", "upstream_headers", "attempt_end"):
+        for name in _HOOKS:
             found = getattr(self, f"_{name}")
             if len(found) == 1:
                 setattr(self, name, found[0])
             elif not found:
                 setattr(self, name, getattr(noop, name))
-        for name in ("stream_end", "continued", "ejected"):
-            found = getattr(self, f"_{name}")
-            if len(found) == 1:
-                setattr(self, name, found[0])
 
     def request_start(self, ctx: RequestContext) -> None:
         for f in self._request_start:

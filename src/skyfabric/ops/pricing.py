@@ -91,23 +91,25 @@ class PriceBook:
             prices = self._by_endpoint[endpoint] = self.of(endpoint)
             if len(self._by_endpoint) > 100_000:  # endpoints come and go with discovery: stay bounded
                 self._by_endpoint.clear()
-        cached = min(max(cached, 0), max(tokens_in, 0))
-        total = (tokens_in - cached) * prices.tokens_in + cached * prices.tokens_cached
-        return (total + max(tokens_out, 0) * prices.tokens_out) / _MILLION
+        return _micro(prices, tokens_in, cached, tokens_out) / _MILLION
 
     def parts_cost(self, parts: list[tuple[str, int, int, int]]) -> float:
         """USD for a stream's parts: (endpoint, input, cached, output) of each backend's own usage."""
         total = 0.0
         for endpoint, tokens_in, cached, tokens_out in parts:
-            prices = self.of(endpoint)
-            cached = min(max(cached, 0), max(tokens_in, 0))
-            total += (tokens_in - cached) * prices.tokens_in + cached * prices.tokens_cached
-            total += max(tokens_out, 0) * prices.tokens_out
+            total += _micro(self.of(endpoint), tokens_in, cached, tokens_out)
         return total / _MILLION
 
     def cost(self, first: str, tokens_in: int, cached: int, outputs: list[tuple[str, int]]) -> float:
         """USD for a request read by endpoint ``first`` whose output came from ``outputs`` (endpoint, n)."""
         return self.parts_cost([(first, tokens_in, cached, 0), *((e, 0, 0, n) for e, n in outputs)])
+
+
+def _micro(prices: Prices, tokens_in: int, cached: int, tokens_out: int) -> float:
+    """One part's cost in micro-USD: cached tokens (at most the prompt) at the cached price."""
+    cached = min(max(cached, 0), max(tokens_in, 0))
+    total = (tokens_in - cached) * prices.tokens_in + cached * prices.tokens_cached
+    return total + max(tokens_out, 0) * prices.tokens_out
 
 
 def _first(*values: float | None) -> float:
