@@ -72,6 +72,15 @@ def fleets(tmp: Path) -> dict[str, Path]:
     on["operations"] = {**on["operations"], "ledger": {"enabled": True}}
     everything = tmp / "all.yaml"
     everything.write_text(yaml.safe_dump(on))
+    # The key's shared state from an earlier run (a budget spent today, grants a killed gateway held) would
+    # make Redis refuse grants and measure direct admission instead: each run starts from none.
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    stale = list(client.scan_iter("skyfabric:{key_bench}:*"))
+    if stale:
+        client.delete(*stale)
+    client.close()
     store = KeyStore(Database.at("ops.db", tmp))
     big = 10**9
     store.insert(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -129,5 +130,36 @@ async def test_a_grants_rate_limit_headers_are_built_once_per_ttl_and_protocol()
         assert int(dict(later)[b"x-ratelimit-remaining-requests"]) <= int(
             dict(first)[b"x-ratelimit-remaining-requests"]
         )
+    finally:
+        await limiter.close()
+
+
+async def test_the_fast_path_follows_the_record_its_limits_and_the_budget_period() -> None:
+    """The grant's fast path trusts a grant only for the record object it was cut for: a reloaded record
+    with the same limits keeps the grant, new limits replace it, and a new budget period takes a new one."""
+    wall = [20_834 * 86_400 - 5.0]  # 5 s before a UTC day ends
+    limiter = Limiter(Limits(), SHARED, PRICES, wall=lambda: wall[0])
+    record = key(rpm=64_000, tpm=6_400_000, budget=1000.0, budget_period="day")
+    try:
+        await admitted(limiter, record)  # by Redis; asks for a grant meanwhile
+        await asyncio.sleep(0.05)
+        grant = limiter.grants[record.id]
+        lease = await admitted(limiter, record)
+        assert lease is not None and lease.grant is grant and lease.verdict is None  # the fast path
+        assert lease.ask.tokens == 20 and lease.ask.cost == 30 and grant.tokens == 100_000 - 20
+        reloaded = dataclasses.replace(record)  # the key cache's next load: a new object, the same limits
+        again = await admitted(limiter, reloaded)
+        assert again is not None and again.grant is grant and grant.record is reloaded
+        assert (await admitted(limiter, reloaded)).grant is grant  # type: ignore[union-attr]
+        changed = dataclasses.replace(record, rpm=128_000)
+        assert (await admitted(limiter, changed)).grant is None  # type: ignore[union-attr]
+        assert limiter.grants[record.id] is not grant and not grant.live
+        await asyncio.sleep(0.05)
+        second = limiter.grants[record.id]
+        assert (await admitted(limiter, changed)).grant is second  # type: ignore[union-attr]
+        wall[0] += 10.0  # the next day: the grant's budget slice was of yesterday's
+        crossed = await admitted(limiter, changed)
+        assert crossed is not None and crossed.grant is None and not second.live
+        assert crossed.ask.period != lease.ask.period
     finally:
         await limiter.close()

@@ -108,6 +108,10 @@ class Grant:
     near_until: float = 0.0
     #: The rate-limit headers last built for an admission from it: (anthropic, until (wall), headers).
     headers_memo: tuple[bool, float, list[tuple[bytes, bytes]]] | None = None
+    #: The key's record the grant's shape was last checked against (``Limiter.granted``'s fast path: the
+    #: same object means the same limits) and the end of its budget period (wall clock).
+    record: object = None
+    period_end: float = 0.0
 
     def fits(self, ask: Ask, now: float) -> bool:
         """Whether ``ask`` can be admitted from what is left, now."""
@@ -129,7 +133,11 @@ class Grant:
             self.budget -= ask.cost
         if ask.max_concurrent > 0:
             ask.lease = self.slots.pop()
-        # The headers: the shared state as of the last top-up, less what is still unused here.
+        return self.verdict(ask, now)
+
+    def verdict(self, ask: Ask, now: float) -> Verdict:
+        """What the rate-limit headers of an admission from the grant say: the shared state as of the last
+        top-up, less what is still unused here."""
         requests_reset = tokens_reset = 0.0
         if ask.rpm > 0:
             requests_reset = max(0.0, self.requests_tat - now - self.requests * WINDOW / ask.rpm)

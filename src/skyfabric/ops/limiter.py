@@ -80,7 +80,8 @@ class Lease:
     """An admitted request's hold on its key's limits, until :meth:`Limiter.settle` replaces it by usage."""
 
     ask: Ask
-    verdict: Verdict
+    #: None for an admission from a grant (its headers are read from the grant, when they are built).
+    verdict: Verdict | None
     #: Settled in Redis (else in this process).
     shared: bool
     prompt_tokens: int
@@ -88,6 +89,8 @@ class Lease:
     settled: bool = False
     #: The grant it was admitted from (``grants.py``), else None: admitted by Redis or in process.
     grant: Grant | None = None
+    #: When it was admitted from the grant (the limiter's clock): its headers' figures are as of then.
+    at: float = 0.0
 
     def headers(self, anthropic: bool, wall: float) -> list[tuple[bytes, bytes]]:
         """The rate-limit headers of the answer (OpenAI's, or Anthropic's on ``/v1/messages``).
@@ -97,11 +100,13 @@ class Lease:
         was a tenth of the keys' cost per request)."""
         g = self.grant
         if g is None:
+            assert self.verdict is not None
             return limit_headers(self.ask, self.verdict, anthropic, wall)
         memo = g.headers_memo
         if memo is not None and memo[0] == anthropic and wall < memo[1]:
             return memo[2]
-        out = limit_headers(self.ask, self.verdict, anthropic, wall)
+        verdict = self.verdict or g.verdict(self.ask, self.at)
+        out = limit_headers(self.ask, verdict, anthropic, wall)
         g.headers_memo = (anthropic, wall + GRANT_HEADERS_TTL, out)
         return out
 
@@ -253,10 +258,50 @@ class Limiter:
         self, record: KeyRecord, model: str, prompt_tokens: int, max_tokens: int | None
     ) -> tuple[Lease | None, Ask, Prices]:
         """The common case of :meth:`admit`, with no coroutine: the request admitted from its key's grant
-        here (a lease), else None and its ask for :meth:`admit_asked`. ``record`` must be limited."""
+        here (a lease), else None and its ask for :meth:`admit_asked`. ``record`` must be limited.
+
+        The fast path — a live grant cut for this very record, within its budget period, with room for the
+        request — reads the limits from the grant and builds two objects; anything else (no grant yet, new
+        limits, a new period, a grant running dry) takes :meth:`_from_grant`, which decides the same way
+        and also gets, replaces or tops up the grant."""
+        g = self.grants.get(record.id)
+        if g is not None and g.record is record:
+            now = self.clock()
+            rpm, tpm, budget, concurrent, period = g.shape
+            out = (
+                max_tokens if max_tokens is not None and max_tokens > 0 else self.settings.default_max_tokens
+            )
+            tokens = prompt_tokens + out
+            price = self.prices.ceiling(model)
+            cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out) if budget >= 0 else 0
+            if (
+                now < g.expires
+                and (rpm <= 0 or g.requests >= 1)
+                and (tpm <= 0 or g.tokens >= tokens)
+                and (budget < 0 or (g.budget >= cost and self.wall() < g.period_end))
+                and (concurrent <= 0 or g.slots)
+            ):
+                slot = ""
+                if rpm > 0:
+                    g.requests -= 1
+                if tpm > 0:
+                    g.tokens -= tokens
+                if budget >= 0:
+                    g.budget -= cost
+                if concurrent > 0:
+                    slot = g.slots.pop()
+                ttl = self.settings.lease_ttl if concurrent > 0 else 15.0
+                ask = Ask(
+                    record.id, rpm, tpm, tokens, budget, cost, period, g.period_end, concurrent, slot, ttl
+                )
+                if slot:
+                    self._running[slot] = ask
+                if g.low() and not g.fetching and now >= g.near_until:
+                    self._top_up(g, ask)
+                return Lease(ask, None, True, prompt_tokens, price, False, g, now), ask, price
         ask, price = self._ask(record, model, prompt_tokens, max_tokens)
         if self.redis is not None and self.state == "ok":
-            granted = self._from_grant(ask)
+            granted = self._from_grant(ask, record)
             if granted is not None:
                 lease = Lease(ask, granted[1], True, prompt_tokens, price, grant=granted[0])
                 if ask.lease:
@@ -300,8 +345,9 @@ class Limiter:
 
     # -- grants: admission without a round trip for keys far from their limits (see grants.py) -------------
 
-    def _from_grant(self, ask: Ask) -> tuple[Grant, Verdict] | None:
-        """Admit ``ask`` from its key's grant here, or None (then Redis decides); tops the grant up."""
+    def _from_grant(self, ask: Ask, record: KeyRecord | None = None) -> tuple[Grant, Verdict] | None:
+        """Admit ``ask`` from its key's grant here, or None (then Redis decides); tops the grant up.
+        ``record``: the key's record ``ask`` was made from (the grant remembers it for the fast path)."""
         now = self.clock()
         g = self.grants.get(ask.key)
         if g is None or g.shape != shape(ask):
@@ -311,8 +357,10 @@ class Limiter:
             if g is not None:
                 self._retire(g)
             g = self.grants[ask.key] = Grant(ask.key, shape(ask), size)
+            g.record, g.period_end = record, ask.period_end
             self._top_up(g, ask)
             return None
+        g.record, g.period_end = record, ask.period_end
         if g.fits(ask, now):
             verdict = g.take(ask, now)
             if g.low() and not g.fetching and now >= g.near_until:

@@ -1,0 +1,298 @@
+"""Operations on vs off in ONE gateway process, alternated every few hundred milliseconds under steady load.
+
+Why: separately started gateways drift by ±20 % in CPU per request from run to run on a shared machine
+(``keys_limits.py`` shows it), more than the difference to be measured. Here one gateway, configured with
+everything on (``keys_limits.py``'s "all" fleet: a managed key with all four limits, enforced through
+Redis, and the usage ledger), switches every ``--slice`` seconds between its real request path ("on":
+the keys filter and the observers that settle limits and write the ledger) and the same path without them
+("off"), while one long wrk run keeps it busy. Each slice records the gateway's CPU time and the requests
+answered. The ledger's shipper is a child process on the same core: its CPU over the whole run is charged
+to the "on" requests (an "off" slice writes no record; the shipper's idle ticks are part of having it on).
+
+"off" still authenticates the key against the managed key cache and keeps Redis connections (heartbeats,
+shared fleet state) alive: a few µs closer to "on" than a gateway without ``operations`` at all.
+
+    .venv/bin/python bench/operations_ab.py [--seconds 40] [--slice 0.5] [--mode all|keys|ledger]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from keys_limits import fleets, wait_limits_ok
+from layers import cpu_seconds, descendants
+from procs import HERE, start, start_mock, stop, wrk, wrk_start
+
+GATEWAY_PORT = 9302
+
+
+async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
+    """The gateway; on SIGUSR1 it alternates operations on and off until SIGUSR2."""
+    from skyfabric.core.endpoints import fleet_endpoints
+    from skyfabric.core.fleet import load_fleet
+    from skyfabric.gateway.app import Gateway
+    from skyfabric.gateway.observe import Observer, combine
+    from skyfabric.gateway.serve import settle_heap
+    from skyfabric.http.server import Listener
+
+    fleet = load_fleet(config)
+    gateway = Gateway(fleet, fleet_endpoints(fleet), fleet_path=config)
+    proxy = gateway.proxy
+    ops = gateway.operations
+    dropped = set()
+    if mode in ("all", "keys"):
+        dropped.add(ops.keys_filter)
+    if mode in ("all", "ledger"):
+        dropped.add(ops.ledger)
+    assert proxy.sampler is None, "the bench fleet traces nothing"
+    on_observer = proxy.observer
+    kept = [o for o in on_observer.observers if o not in dropped]  # type: ignore[attr-defined]
+    # Each request keeps what it started with (a switch mid-request would settle a lease never taken or
+    # end a ledger record that never began): the first filter marks the request, as tracing's sampling
+    # would, and the router picks the observers by that mark.
+    state = ["off"]
+    keys_filter = ops.keys_filter if ops.keys_filter in dropped else None
+    kept_filters = [f for f in gateway.filters if f is not keys_filter]
+
+    async def mark(request, ctx):  # type: ignore[no-untyped-def]
+        ctx.traced = state[0] == "on"
+        if ctx.traced and keys_filter is not None:
+            return await keys_filter(request, ctx)
+        return None
+
+    class Marked:
+        def sampled(self, ctx) -> bool:  # type: ignore[no-untyped-def]
+            return ctx.traced
+
+    proxy.observer, proxy.traced_observer, proxy.sampler = combine(kept), on_observer, Marked()  # type: ignore[assignment]
+    gateway.filters[:] = [mark, *kept_filters]
+    timing: dict[str, list[int]] = {}
+    if os.environ.get("TIME_HOOKS"):  # wall ns and calls of each operations hook, in place
+
+        def timed(obj, name, key):  # type: ignore[no-untyped-def]
+            f = getattr(obj, name)
+            acc = timing.setdefault(key, [0, 0])
+            if asyncio.iscoroutinefunction(f):
+
+                async def awrap(*args, _f=f, _acc=acc, **kw):  # type: ignore[no-untyped-def]
+                    t = time.perf_counter_ns()
+                    try:
+                        return await _f(*args, **kw)
+                    finally:
+                        _acc[0] += time.perf_counter_ns() - t
+                        _acc[1] += 1
+
+                setattr(obj, name, awrap)
+            else:
+
+                def wrap(*args, _f=f, _acc=acc, **kw):  # type: ignore[no-untyped-def]
+                    t = time.perf_counter_ns()
+                    try:
+                        return _f(*args, **kw)
+                    finally:
+                        _acc[0] += time.perf_counter_ns() - t
+                        _acc[1] += 1
+
+                setattr(obj, name, wrap)
+
+        limiter = ops.limiter
+        if limiter is not None:
+            for name in ("granted", "admit_asked", "settle", "_ask", "_from_grant"):
+                timed(limiter, name, f"limiter.{name}")
+        for obs in on_observer.observers:  # type: ignore[attr-defined]
+            for name in ("request_start", "attempt_start", "attempt_end", "request_end", "stream_end"):
+                if getattr(type(obs), name) is not getattr(Observer, name):
+                    timed(obs, name, f"{type(obs).__name__}.{name}")
+        proxy.observer, proxy.traced_observer = combine(kept), combine(list(on_observer.observers))  # type: ignore[attr-defined]
+        if keys_filter is not None:
+            kf = keys_filter
+            acc = timing.setdefault("KeysFilter.__call__", [0, 0])
+
+            async def keys_timed(request, ctx, _kf=kf, _acc=acc):  # type: ignore[no-untyped-def]
+                t = time.perf_counter_ns()
+                try:
+                    return await _kf(request, ctx)
+                finally:
+                    _acc[0] += time.perf_counter_ns() - t
+                    _acc[1] += 1
+
+            keys_filter = keys_timed  # type: ignore[assignment]
+    answered = [0]
+    forward = proxy.forward
+
+    async def counted(ctx):  # type: ignore[no-untyped-def]
+        try:
+            return await forward(ctx)
+        finally:
+            answered[0] += 1
+
+    proxy.forward = counted  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    begin, end = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, begin.set)
+    loop.add_signal_handler(signal.SIGUSR2, end.set)
+    await gateway.start()
+    await Listener(gateway).start("127.0.0.1", GATEWAY_PORT)
+    settle_heap()
+    await begin.wait()
+    rows: list[tuple[str, float, int]] = []
+    current = "off"
+    profilers: dict[str, Any] = {}
+    if os.environ.get("PROFILE"):
+        import cProfile
+
+        profilers = {m: cProfile.Profile() for m in ("on", "off")}
+    while not end.is_set():
+        current = "on" if current == "off" else "off"
+        state[0] = current
+        if profilers:
+            profilers[current].enable()
+        cpu, n = time.process_time(), answered[0]
+        await asyncio.sleep(slice_s)
+        rows.append((current, time.process_time() - cpu, answered[0] - n))
+        if profilers:
+            profilers[current].disable()
+    if profilers:
+        import pstats
+
+        for m, prof in profilers.items():
+            count = sum(k for mode, _, k in rows if mode == m)
+            stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+            with open(f"/tmp/prof/cprof-{m}.txt", "w") as f:
+                for (file, line, name), (cc, nc, tt, ct, _) in sorted(stats.items(), key=lambda i: -i[1][2]):
+                    f.write(
+                        f"{tt / count * 1e6:9.3f} {ct / count * 1e6:9.3f} {nc / count:8.3f} {file}:{line}:{name}\n"
+                    )
+    await asyncio.to_thread(out.write_text, json.dumps(rows))
+    on_n = sum(n for m, _, n in rows if m == "on")
+    if os.environ.get("TIME_HOOKS") and ops.limiter is not None:
+        lim = ops.limiter
+        print(
+            "grants:",
+            {
+                k: (
+                    g.requests,
+                    g.tokens,
+                    g.budget,
+                    len(g.slots),
+                    g.expires - lim.clock(),
+                    g.near_until - lim.clock(),
+                    g.fetching,
+                    g.live,
+                )
+                for k, g in lim.grants.items()
+            },
+            "asked",
+            lim._grants_asked,
+            "running",
+            len(lim._running),
+            file=sys.stderr,
+        )
+    for key, (ns, calls) in sorted(timing.items()):
+        print(
+            f"{key:40s} {calls / on_n:6.3f} calls/req {ns / max(calls, 1) / 1000:7.2f} µs/call"
+            f" {ns / on_n / 1000:7.2f} µs/req",
+            file=sys.stderr,
+        )
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    await stopping.wait()
+    await gateway.close()  # grants given back, the ledger shipped: the next run starts clean
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=40)
+    ap.add_argument("--slice", type=float, default=0.5)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument(
+        "--mode", default="all", choices=["all", "keys", "ledger", "none"], help="what 'off' drops"
+    )
+    ap.add_argument("--ledger", default="", help="JSON merged into operations.ledger (try settings)")
+    ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve:
+        import uvloop
+
+        uvloop.install()
+        asyncio.run(serve(a.serve, a.out, a.slice, a.mode))
+        return
+    import yaml
+
+    mock = start_mock()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = fleets(Path(tmp))["all"]
+            if a.ledger:
+                data = yaml.safe_load(config.read_text())
+                data["operations"]["ledger"].update(json.loads(a.ledger))
+                config.write_text(yaml.safe_dump(data))
+            out = Path(tmp) / "slices.json"
+            cmd = [sys.executable, __file__, "--serve", str(config), "--out", str(out)]
+            cmd += ["--slice", str(a.slice), "--mode", a.mode]
+            gw = start(
+                cmd,
+                0,
+                GATEWAY_PORT,
+                {"PYTHONPATH": str(HERE.parent / "src")},
+                quiet=not os.environ.get("TIME_HOOKS"),
+            )
+            try:
+                wait_limits_ok()
+                wrk(GATEWAY_PORT, 2, a.conns)  # warm: connections, caches, first-request costs
+                children = descendants(gw.pid)
+                load = wrk_start(GATEWAY_PORT, a.seconds, a.conns)
+                time.sleep(0.5)
+                kids = sum(cpu_seconds(p) for p in children)
+                os.kill(gw.pid, signal.SIGUSR1)
+                time.sleep(a.seconds - 1.0)
+                os.kill(gw.pid, signal.SIGUSR2)
+                kids = sum(cpu_seconds(p) for p in children) - kids
+                load.wait()
+                deadline = time.monotonic() + 10
+                while not out.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                rows = json.loads(out.read_text())
+            finally:
+                stop(gw)
+    finally:
+        stop(mock)
+    report(rows, kids, a)
+
+
+def report(rows: list[tuple[str, float, int]], kids: float, a: argparse.Namespace) -> None:
+    rows = [r for r in rows if r[2] > 0]
+    ratios = []
+    for (m1, c1, n1), (m2, c2, n2) in zip(rows, rows[1:], strict=False):
+        if m1 != m2:
+            on, off = ((c1, n1), (c2, n2)) if m1 == "on" else ((c2, n2), (c1, n1))
+            ratios.append((off[0] / off[1]) / (on[0] / on[1]))
+    cpu = {m: sum(c for mode, c, _ in rows if mode == m) for m in ("on", "off")}
+    n = {m: sum(k for mode, _, k in rows if mode == m) for m in ("on", "off")}
+    off_us = cpu["off"] / n["off"] * 1e6
+    on_us = cpu["on"] / n["on"] * 1e6
+    kid_us = kids / n["on"] * 1e6
+    print(f"'off' drops: {a.mode}; {len(rows)} slices of {a.slice}s, {a.conns} connections")
+    print(
+        f"CPU µs/request: off {off_us:.1f}; on {on_us:.1f} gateway + {kid_us:.1f} shipper = {on_us + kid_us:.1f}"
+    )
+    print(
+        f"off/on (the req/s ratio a CPU-bound core would give): gateway {off_us / on_us:.1%},"
+        f" with shipper {off_us / (on_us + kid_us):.1%}; median of {len(ratios)} pairs (gateway)"
+        f" {statistics.median(ratios):.1%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
