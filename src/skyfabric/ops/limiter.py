@@ -438,6 +438,7 @@ class Limiter:
 
     def _decide(self, lease: Lease, record: KeyRecord, anthropic: bool) -> Lease:
         verdict = lease.verdict
+        assert verdict is not None  # decided by Redis or in process, not from a grant
         if verdict.admitted:
             if lease.shared and lease.ask.lease:
                 self._running[lease.ask.lease] = lease.ask
