@@ -7,7 +7,9 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from skyfabric.core.fleet import LedgerConfig, parse_fleet
@@ -16,7 +18,7 @@ from skyfabric.ops.ledger import Ledger, outbox_dir
 from skyfabric.ops.outbox import SEGMENT_BYTES, Outbox
 from skyfabric.ops.outbox_reader import OutboxReader
 from skyfabric.ops.pricing import PriceBook
-from skyfabric.ops.record import INTERRUPTED, OK, OPEN, UsageRecord, from_line, newest, row_of
+from skyfabric.ops.record import INTERRUPTED, OK, OPEN, UsageRecord, from_line, newest, row_of, rows_of
 from skyfabric.ops.report import parse_when, render, usage_rows
 from skyfabric.ops.store import MIGRATIONS, PostgresStore, SQLiteStore
 from tests.ops.conftest import PG_URL, pg_rows
@@ -35,6 +37,50 @@ def drain(reader: OutboxReader) -> list[UsageRecord]:
 
 
 # -- the outbox -------------------------------------------------------------------------------------------
+
+
+def test_the_reader_fsyncs_only_what_waited_a_tick_unshipped(tmp_path: Path, monkeypatch: Any) -> None:
+    """Shipped records are durable in the database: the outbox is fsynced only for records that waited a
+    whole tick (half of fsync_interval) without being shipped, a finished segment included."""
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    box = Outbox(tmp_path, segment_bytes=2048)
+    box.open()
+    reader = OutboxReader.of(box)
+    for tick in range(5):  # the database is up: every tick ships what the last one saw, nothing synced
+        box.append(rec(f"up{tick}").to_line())
+        reader.sync()
+        drain(reader)
+    assert synced == []
+    box.append(rec("down1").to_line())  # the database is down from here: nothing confirmed
+    reader.sync()  # seen now ...
+    assert synced == []
+    reader.sync()  # ... and a tick later still unshipped: synced
+    assert len(synced) == 1
+    reader.sync()  # nothing new since: nothing to sync
+    assert len(synced) == 1
+    for i in range(30):  # past a segment's end: the finished one waits a tick too, then is synced
+        box.append(rec(f"down-{i}").to_line())
+    reader.sync()
+    before = len(synced)
+    reader.sync()
+    assert len(synced) >= before + 2  # the finished segment and the current one
+    for i in range(30):  # back up: the finished segment is shipped before its tick is out
+        box.append(rec(f"back-{i}").to_line())
+    reader.sync()
+    assert [r.request_id for r in drain(reader)][-1] == "back-29"
+    before = len(synced)
+    reader.sync()
+    reader.sync()
+    assert len(synced) == before
+    reader.close()
+    box.close()
 
 
 def test_outbox_rotates_ships_and_deletes_confirmed_segments(tmp_path: Path) -> None:
@@ -320,3 +366,33 @@ def test_the_ledger_ships_from_the_outbox_and_the_report_sums_it(tmp_path: Path)
     assert usage_rows(database, 1001, 2000, "model") == []
     assert parse_when("24h", now=100_000.0) == 100_000.0 - 86_400
     assert parse_when("2026-12-01") == parse_when("2026-12-01T00:00:00+00:00")
+
+
+def test_rows_of_parses_a_batch_at_once_and_falls_back_line_by_line() -> None:
+    lines = [rec(f"b{i}").to_line().rstrip(b"\n") for i in range(3)]
+    rows, dropped = rows_of(lines, "inst")
+    assert dropped == 0 and [r[0] for r in rows] == ["b0", "b1", "b2"]
+    assert rows[0] == (*rec("b0", instance="inst").row()[:-1], 1)
+    old = orjson.dumps({"request_id": "old", "ts": 1.0, "model": "m", "outcome": "open"})  # an older gateway
+    mixed = [lines[0], old, b'["torn", 1.0, "m", "op', b'["b9", 2.0, "m"]']
+    rows, dropped = rows_of(mixed, "inst")
+    assert dropped == 1 and [r[0] for r in rows] == ["b0", "old", "b9"]
+    assert rows[1][-2:] == ("inst", 0) and rows[2][-1] == 1  # open; short lines take the defaults
+
+
+def test_sqlite_keeps_the_final_record_whatever_the_order_within_one_write(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "l.db"), "")
+    opened = (*rec("s1", outcome=OPEN, tokens_out=0).row()[:-1], 0)
+    final = (*rec("s1", tokens_out=7).row()[:-1], 1)
+    other_open = (*rec("s2", outcome=OPEN, tokens_out=0).row()[:-1], 0)
+    other_final = (*rec("s2", tokens_out=9).row()[:-1], 1)
+
+    async def run() -> list[tuple[str, int, int]]:
+        await store.connect()
+        await store.write([opened, final, other_final, other_open, final])
+        assert store._db is not None
+        got = store._db.execute("SELECT request_id, tokens_out, final FROM usage ORDER BY 1").fetchall()
+        await store.close()
+        return got
+
+    assert asyncio.run(run()) == [("s1", 7, 1), ("s2", 9, 1)]

@@ -2,8 +2,9 @@
 
 Why a file first: the database may be across a network that is down, and a gateway may be killed at any
 moment. A record copied into the outbox is in the kernel's page cache — the segment is a shared memory
-mapping of the file — so a SIGKILL of the gateway loses nothing; ``fsync`` (by the shipper, every
-``fsync_interval``, 50 ms by default) bounds what a crash of the whole machine may lose. The shipper
+mapping of the file — so a SIGKILL of the gateway loses nothing. What a crash of the whole machine may
+lose is bounded by ``fsync_interval`` (250 ms by default): within it each record is in the database (whose
+commits are synced) or fsynced here by the shipper (``outbox_reader.py``). The shipper
 (``outbox_reader.py``, in a process of its own) reads the log behind the writer and deletes segments once
 the database has confirmed every record in them; at start, what is left is replayed (the database ignores
 records it already has, by request id).
@@ -52,7 +53,7 @@ class Outbox:
     """One process's slot of the outbox directory, as its writer (see the module docstring)."""
 
     def __init__(
-        self, directory: str | Path, *, fsync_interval: float = 0.05, segment_bytes: int = SEGMENT_BYTES
+        self, directory: str | Path, *, fsync_interval: float = 0.25, segment_bytes: int = SEGMENT_BYTES
     ) -> None:
         self.directory = Path(directory)
         self.fsync_interval = fsync_interval

@@ -104,6 +104,27 @@ def row_of(line: bytes, instance: str = "") -> tuple[Any, ...]:
     return (*row, int(get("outcome") != OPEN))
 
 
+def rows_of(lines: list[bytes], instance: str = "") -> tuple[list[tuple[Any, ...]], int]:
+    """Many outbox lines as rows (the shipper's batch): one parse for the whole batch when every line is
+    a current positional record, else line by line (:func:`row_of`). Returns the rows and the number of
+    lines dropped as not records (torn by a machine crash)."""
+    try:
+        batch = orjson.loads(b"[" + b",".join(lines) + b"]")
+    except orjson.JSONDecodeError:
+        batch = None
+    n = len(LINE_FIELDS)
+    if batch is not None and all(type(v) is list and len(v) == n and type(v[0]) is str for v in batch):
+        outcome = _OUTCOME
+        return [(*v, instance, int(v[outcome] != OPEN)) for v in batch], 0
+    rows = []
+    for line in lines:
+        try:
+            rows.append(row_of(line, instance))
+        except ValueError:
+            pass
+    return rows, len(lines) - len(rows)
+
+
 def from_line(line: bytes, instance: str = "") -> UsageRecord:
     """Parse one outbox line into a record (raises ``ValueError`` like :func:`row_of`)."""
     return UsageRecord(*row_of(line, instance)[:-1])

@@ -1,4 +1,4 @@
-"""The ledger's shipper: a process of its own that fsyncs the outbox and writes it to the database.
+"""The ledger's shipper: a process of its own that writes the outbox to the database (and fsyncs what waits).
 
 Why a process and not a thread: the shipper's work — fsync every few ms, reading, parsing and inserting
 the records — is as much CPU per request as the gateway's own bookkeeping, and in a thread it held the
@@ -34,7 +34,7 @@ import orjson
 
 from skyfabric.ops.database import Database
 from skyfabric.ops.outbox_reader import OutboxReader
-from skyfabric.ops.record import newest, row_of
+from skyfabric.ops.record import rows_of
 from skyfabric.ops.store import Store, make_store
 
 log = logging.getLogger("skyfabric.ops.ledger")
@@ -120,25 +120,26 @@ class Shipper:
             self.emit({"status": status})
 
     async def run(self, stop: asyncio.Event) -> None:
-        """fsync every ``fsync_interval``, ship every ``ship_interval`` until ``stop``, then once more."""
+        """Ship every ``ship_interval`` and sync every half ``fsync_interval`` until ``stop``, then ship
+        once more. Each tick ships first (when due): what the database confirms needs no fsync, so a
+        record is fsynced only when it waited a whole tick unshipped (see ``outbox_reader.py``)."""
         job = self.job
-        tick = min(job.fsync_interval or job.ship_interval, job.ship_interval)
+        tick = min(job.fsync_interval / 2 or job.ship_interval, job.ship_interval)
         next_ship = 0.0
         try:
             while not stop.is_set():
-                self.reader.sync()
                 now = time.monotonic()
-                if now >= next_ship:
+                if now >= next_ship - tick / 2:  # the tick nearest the due time, not the one after it
                     ok = await self.ship()
                     next_ship = now + (job.ship_interval if ok else job.retry_interval)
                     self.report()
-                await asyncio.sleep(tick)  # not wait_for(stop.wait()): a task per tick, 200 a second
+                self.reader.sync()
+                await asyncio.sleep(tick)  # not wait_for(stop.wait()): a task per tick
             # Stopping: one last try to leave the outbox empty (what fails waits there for the next run).
-            self.reader.sync()
             if self.reachable is not False:  # a database known down is not waited on at shutdown
                 await self.ship()
         finally:
-            self.reader.close()
+            self.reader.close()  # fsyncs what the database does not have
             await self.store.close()
             self.report(final=True)
 
@@ -150,16 +151,12 @@ class Shipper:
                 batch = self.reader.read(self.job.batch_size)
                 if batch is None:
                     break
-                rows = []
-                instance = batch.instance
-                for line in batch.lines:
-                    try:
-                        rows.append(row_of(line, instance))
-                    except ValueError:
-                        self.dropped += 1
-                        log.warning("ledger outbox: a line that is not a record was dropped: %.80r", line)
+                rows, dropped = rows_of(batch.lines, batch.instance)
+                if dropped:
+                    self.dropped += dropped
+                    log.warning("ledger outbox: %d line(s) that are not records were dropped", dropped)
                 if rows:
-                    await self.store.write(newest(rows))
+                    await self.store.write(rows)
                 self.reader.confirm(batch)
                 self.shipped += len(rows)
             if not self._swept and not self.reader.replaying:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from skyfabric.ops.database import Database, Migration, migrate_postgres, migrate_sqlite
-from skyfabric.ops.record import COLUMNS
+from skyfabric.ops.record import COLUMNS, newest
 
 Row = tuple[Any, ...]
 
@@ -119,6 +119,8 @@ class SQLiteStore:
         self._db = db
 
     async def write(self, rows: Sequence[Row]) -> None:
+        """The rows in one transaction. Several rows of one request id (its open record and its final
+        one, or a replay) need no sorting out: the upsert keeps the first final one, whatever the order."""
         assert self._db is not None
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -205,6 +207,7 @@ class PostgresStore:
     async def write(self, rows: Sequence[Row]) -> None:
         conn = self._conn
         assert conn is not None
+        rows = newest(list(rows))  # one row per request id in one pipelined batch
 
         async def write() -> None:
             async with conn.cursor() as cur:
