@@ -293,6 +293,12 @@ def test_prices_come_from_the_pool_else_the_model_and_cached_tokens_are_cheaper(
         2.0 + 5.0
     )
     assert book.cost("q/unknown/pool/0", 10, 0, [("q/unknown/pool/0", 10)]) == 0.0
+    # A whole answer's cost (its fast path without cached tokens included) is its one part's.
+    for endpoint in ("p/r/a/0", "p/r/b/0"):
+        for prompt, cached, output in ((1234, 0, 567), (1234, 200, 567), (0, 0, 0), (10, 50, 3), (-1, 0, 4)):
+            assert book.answer_cost(endpoint, prompt, cached, output) == book.parts_cost(
+                [(endpoint, prompt, cached, output)]
+            )
 
 
 # -- stores -----------------------------------------------------------------------------------------------

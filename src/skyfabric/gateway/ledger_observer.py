@@ -118,11 +118,16 @@ class LedgerObserver(Observer):
         self, ctx: RequestContext, tally: _Tally, status: int, outcome: str, seconds: float
     ) -> tuple[Any, ...]:
         """The record's values in ``record.LINE_FIELDS`` order (a tuple: the hot path builds no object)."""
-        endpoints = ctx.parts_endpoints or ([tally.endpoint] if tally.endpoint else [])
+        parts = ctx.parts_endpoints
+        if parts:
+            first: str | None = parts[0]
+            served = ",".join(parts)
+        else:  # a whole answer: its last attempt's endpoint, without building a list to join
+            first = tally.endpoint
+            served = first or ""
         provider: str | None = None
         region: str | None = None
-        if endpoints:
-            first = endpoints[0]
+        if first:
             where = self._where.get(first)
             if where is None:
                 if len(self._where) > 100_000:  # endpoints come and go with discovery: stay bounded
@@ -150,7 +155,7 @@ class LedgerObserver(Observer):
             ctx.request.protocol,
             ctx.kind,
             key.id if key is not None else None,
-            ",".join(endpoints),
+            served,
             provider,
             region,
             tally.attempts,

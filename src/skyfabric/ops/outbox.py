@@ -44,7 +44,9 @@ from skyfabric.core.errors import ConfigError
 log = logging.getLogger("skyfabric.ops.outbox")
 
 #: A segment is closed and a new one begun past this size; the shipper deletes a segment once shipped.
-SEGMENT_BYTES = 256 * 1024
+#: 1 MiB: ~5,000 records, so that a shipment every 250 ms at several thousand requests a second reads one
+#: segment and commits once (each commit is a synced write of the database's log).
+SEGMENT_BYTES = 1024 * 1024
 _ZEROS = bytes(SEGMENT_BYTES)
 SUFFIX = ".jsonl"
 

@@ -91,6 +91,8 @@ class PriceBook:
             prices = self._by_endpoint[endpoint] = self.of(endpoint)
             if len(self._by_endpoint) > 100_000:  # endpoints come and go with discovery: stay bounded
                 self._by_endpoint.clear()
+        if cached == 0 and tokens_in >= 0 and tokens_out >= 0:  # most answers: no cache, no clamping
+            return (tokens_in * prices.tokens_in + tokens_out * prices.tokens_out) / _MILLION
         return _micro(prices, tokens_in, cached, tokens_out) / _MILLION
 
     def parts_cost(self, parts: list[tuple[str, int, int, int]]) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -198,6 +199,9 @@ class _PipeHandler(logging.Handler):
 
 
 async def _main() -> None:
+    # Each shipment allocates a few thousand short-lived rows: at the default threshold the collector ran
+    # every few hundred of them, re-walking the rows still in hand (~3 % of the shipper's time).
+    gc.set_threshold(50_000, 20, 20)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
