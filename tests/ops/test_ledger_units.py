@@ -18,7 +18,17 @@ from skyfabric.ops.ledger import Ledger, outbox_dir
 from skyfabric.ops.outbox import SEGMENT_BYTES, Outbox
 from skyfabric.ops.outbox_reader import OutboxReader
 from skyfabric.ops.pricing import PriceBook
-from skyfabric.ops.record import INTERRUPTED, OK, OPEN, UsageRecord, from_line, newest, row_of, rows_of
+from skyfabric.ops.record import (
+    INTERRUPTED,
+    OK,
+    OPEN,
+    UsageRecord,
+    from_line,
+    lines_of,
+    newest,
+    row_of,
+    rows_of,
+)
 from skyfabric.ops.report import parse_when, render, usage_rows
 from skyfabric.ops.store import MIGRATIONS, PostgresStore, SQLiteStore
 from tests.ops.conftest import PG_URL, pg_rows
@@ -374,16 +384,43 @@ def test_the_ledger_ships_from_the_outbox_and_the_report_sums_it(tmp_path: Path)
     assert parse_when("2026-12-01") == parse_when("2026-12-01T00:00:00+00:00")
 
 
-def test_rows_of_parses_a_batch_at_once_and_falls_back_line_by_line() -> None:
+def test_lines_parse_at_once_when_all_are_current_records_else_row_by_row() -> None:
     lines = [rec(f"b{i}").to_line().rstrip(b"\n") for i in range(3)]
-    rows, dropped = rows_of(lines, "inst")
-    assert dropped == 0 and [r[0] for r in rows] == ["b0", "b1", "b2"]
-    assert rows[0] == (*rec("b0", instance="inst").row()[:-1], 1)
+    values = lines_of(lines)
+    assert values is not None and [v[0] for v in values] == ["b0", "b1", "b2"]
     old = orjson.dumps({"request_id": "old", "ts": 1.0, "model": "m", "outcome": "open"})  # an older gateway
     mixed = [lines[0], old, b'["torn", 1.0, "m", "op', b'["b9", 2.0, "m"]']
+    assert lines_of(mixed) is None and lines_of([lines[0], old]) is None
     rows, dropped = rows_of(mixed, "inst")
     assert dropped == 1 and [r[0] for r in rows] == ["b0", "old", "b9"]
+    assert rows[0] == (*rec("b0", instance="inst").row()[:-1], 1)
     assert rows[1][-2:] == ("inst", 0) and rows[2][-1] == 1  # open; short lines take the defaults
+
+
+def test_sqlite_binds_parsed_lines_as_rows_with_the_slots_instance(tmp_path: Path) -> None:
+    """The fast path (lines bound as parsed, the instance inlined in the statement) stores what rows do."""
+    store = SQLiteStore(str(tmp_path / "l.db"), "sf_")
+    instance = "host:/var/lib/it's/slot-0"  # quoted in SQL
+    lines = [
+        rec("a", outcome=OPEN, tokens_out=0).to_line(),
+        rec("a").to_line(),
+        rec("b", key_id="k").to_line(),
+    ]
+    values = lines_of([line.rstrip(b"\n") for line in lines])
+    assert values is not None
+
+    async def run() -> list[tuple[Any, ...]]:
+        await store.connect()
+        await store.write_lines(values, instance)
+        assert store._db is not None
+        got = store._db.execute("SELECT * FROM sf_usage ORDER BY request_id").fetchall()
+        await store.close()
+        return got
+
+    assert asyncio.run(run()) == [
+        rec("a", instance=instance).row(),
+        rec("b", key_id="k", instance=instance).row(),
+    ]
 
 
 def test_sqlite_keeps_the_final_record_whatever_the_order_within_one_write(tmp_path: Path) -> None:
@@ -402,3 +439,22 @@ def test_sqlite_keeps_the_final_record_whatever_the_order_within_one_write(tmp_p
         return got
 
     assert asyncio.run(run()) == [("s1", 7, 1), ("s2", 9, 1)]
+
+
+def test_postgres_takes_parsed_lines_as_rows(pg_prefix: str) -> None:
+    store = PostgresStore(PG_URL, pg_prefix)
+    lines = [rec("a", outcome=OPEN, tokens_out=0).to_line(), rec("a").to_line(), rec("b").to_line()]
+    values = lines_of([line.rstrip(b"\n") for line in lines])
+    assert values is not None
+
+    async def run() -> None:
+        await store.connect()
+        await store.write_lines(values, "host:/slot-0")
+        await store.close()
+
+    asyncio.run(run())
+    rows = {
+        r["request_id"]: (r["outcome"], r["tokens_out"], r["final"], r["instance"])
+        for r in pg_rows(pg_prefix)
+    }
+    assert rows == {"a": (OK, 5, 1, "host:/slot-0"), "b": (OK, 5, 1, "host:/slot-0")}

@@ -104,18 +104,23 @@ def row_of(line: bytes, instance: str = "") -> tuple[Any, ...]:
     return (*row, int(get("outcome") != OPEN))
 
 
-def rows_of(lines: list[bytes], instance: str = "") -> tuple[list[tuple[Any, ...]], int]:
-    """Many outbox lines as rows (the shipper's batch): one parse for the whole batch when every line is
-    a current positional record, else line by line (:func:`row_of`). Returns the rows and the number of
-    lines dropped as not records (torn by a machine crash)."""
+def lines_of(lines: list[bytes]) -> list[list[Any]] | None:
+    """Many outbox lines parsed at once, when every one is a current positional record (exactly
+    :data:`LINE_FIELDS`, a string id first): the shipper's fast path. None: parse them one by one
+    (:func:`rows_of`)."""
     try:
         batch = orjson.loads(b"[" + b",".join(lines) + b"]")
     except orjson.JSONDecodeError:
-        batch = None
+        return None
     n = len(LINE_FIELDS)
-    if batch is not None and all(type(v) is list and len(v) == n and type(v[0]) is str for v in batch):
-        outcome = _OUTCOME
-        return [(*v, instance, int(v[outcome] != OPEN)) for v in batch], 0
+    if all(type(v) is list and len(v) == n and type(v[0]) is str for v in batch):
+        return batch
+    return None
+
+
+def rows_of(lines: list[bytes], instance: str = "") -> tuple[list[tuple[Any, ...]], int]:
+    """Many outbox lines as rows (lenient: :func:`row_of` each), and how many lines were dropped as not
+    records (torn by a machine crash)."""
     rows = []
     for line in lines:
         try:

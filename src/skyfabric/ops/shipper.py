@@ -35,7 +35,7 @@ import orjson
 
 from skyfabric.ops.database import Database
 from skyfabric.ops.outbox_reader import OutboxReader
-from skyfabric.ops.record import rows_of
+from skyfabric.ops.record import lines_of, rows_of
 from skyfabric.ops.store import Store, make_store
 
 log = logging.getLogger("skyfabric.ops.ledger")
@@ -152,14 +152,21 @@ class Shipper:
                 batch = self.reader.read(self.job.batch_size)
                 if batch is None:
                     break
-                rows, dropped = rows_of(batch.lines, batch.instance)
-                if dropped:
-                    self.dropped += dropped
-                    log.warning("ledger outbox: %d line(s) that are not records were dropped", dropped)
-                if rows:
-                    await self.store.write(rows)
+                values = lines_of(batch.lines)
+                if values is not None:  # every line a current record: bound as parsed
+                    if values:
+                        await self.store.write_lines(values, batch.instance)
+                    count = len(values)
+                else:
+                    rows, dropped = rows_of(batch.lines, batch.instance)
+                    if dropped:
+                        self.dropped += dropped
+                        log.warning("ledger outbox: %d line(s) that are not records were dropped", dropped)
+                    if rows:
+                        await self.store.write(rows)
+                    count = len(rows)
                 self.reader.confirm(batch)
-                self.shipped += len(rows)
+                self.shipped += count
             if not self._swept and not self.reader.replaying:
                 swept = await self.store.sweep(self.job.instances, self.job.started)
                 self._swept = True

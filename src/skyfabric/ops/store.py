@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from skyfabric.ops.database import Database, Migration, migrate_postgres, migrate_sqlite
-from skyfabric.ops.record import COLUMNS, newest
+from skyfabric.ops.record import COLUMNS, LINE_FIELDS, OPEN, newest
 
 Row = tuple[Any, ...]
+_OUTCOME = LINE_FIELDS.index("outcome")
 
 #: Schema migrations, in order: (version, what it does, statements). ``{t}`` is the table prefix.
 #: Append only; never edit an applied one.
@@ -68,6 +69,23 @@ def insert_sql(prefix: str, placeholder: str) -> str:
     )
 
 
+def positional_insert_sql(prefix: str, instance: str) -> str:
+    """The idempotent insert of an outbox line's values as they are (:data:`record.LINE_FIELDS`, numbered
+    parameters), ``instance`` inlined and ``final`` computed: the shipper binds the parsed lines themselves,
+    building no row per record (SQLite)."""
+    names = ", ".join(COLUMNS)
+    n = len(LINE_FIELDS)
+    values = ", ".join(f"?{i}" for i in range(1, n + 1))
+    outcome = LINE_FIELDS.index("outcome") + 1
+    literal = "'" + instance.replace("'", "''") + "'"
+    updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "request_id")
+    return (
+        f"INSERT INTO {prefix}usage ({names}) VALUES ({values}, {literal}, ?{outcome} <> '{OPEN}') "
+        f"ON CONFLICT (request_id) DO UPDATE SET {updates} "
+        f"WHERE {prefix}usage.final = 0 AND excluded.final = 1"
+    )
+
+
 def sweep_sql(prefix: str, placeholder: str, instances: int) -> str:
     """Open records of dead instances become ``interrupted`` (their gateway stopped mid-stream)."""
     marks = ", ".join([placeholder] * instances)
@@ -84,6 +102,7 @@ class Store(Protocol):
 
     async def connect(self) -> None: ...
     async def write(self, rows: Sequence[Row]) -> None: ...
+    async def write_lines(self, values: Sequence[Sequence[Any]], instance: str) -> None: ...
     async def sweep(self, instances: Sequence[str], before: float) -> int: ...
     async def close(self) -> None: ...
 
@@ -126,6 +145,18 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(self._insert, rows)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    async def write_lines(self, values: Sequence[Sequence[Any]], instance: str) -> None:
+        """Parsed outbox lines (each exactly :data:`record.LINE_FIELDS`) of one slot, in one transaction."""
+        assert self._db is not None
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(positional_insert_sql(self.prefix, instance), values)
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -215,6 +246,10 @@ class PostgresStore:
             await conn.commit()
 
         await self._within(write())
+
+    async def write_lines(self, values: Sequence[Sequence[Any]], instance: str) -> None:
+        """Parsed outbox lines of one slot: as rows (psycopg binds tuples in one pipelined batch)."""
+        await self.write([(*v, instance, int(v[_OUTCOME] != OPEN)) for v in values])
 
     async def sweep(self, instances: Sequence[str], before: float) -> int:
         conn = self._conn
