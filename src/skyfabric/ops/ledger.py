@@ -1,14 +1,15 @@
 """The usage ledger: records go to the outbox on the hot path and to the database from a shipper process.
 
-Hot path (:meth:`Ledger.write`, :meth:`Ledger.record`): encode the record as one positional JSON line and
-``write(2)`` it to the outbox — a few µs, no lock, no wait on the database, nothing else in this process.
-Shipper (``shipper.py``, a child process): every ``fsync_interval`` fsync the outbox; every
-``ship_interval`` read what is new, write it to the database in batches of up to ``batch_size``, and
-delete what the database confirmed. When the database fails, the records wait in the outbox (on disk, not
-in memory) and the shipper retries every ``retry_interval``; the instance reports it in ``/readyz`` and
-logs it once per outage (the shipper's log records and figures come back over a pipe and are logged and
-reported here as this process's). After a restart the outbox's leftovers are shipped first, then the open
-records of the run that died (streams it was relaying) are marked ``interrupted``.
+Hot path (:meth:`Ledger.write`, :meth:`Ledger.record`): encode the record as one positional JSON line and copy
+it into the outbox — a few µs, no lock, no wait on the database, nothing else in this process. Shipper
+(``shipper.py``, a child process): every ``ship_interval`` read what is new, write it to the database in
+transactions of up to ``batch_size``, and delete what the database confirmed; fsync the outbox only for
+records not shipped within half ``fsync_interval`` (``outbox_reader.py``). When the database fails, the
+records wait in the outbox (on disk, not in memory) and the shipper retries every ``retry_interval``; the
+instance reports it in ``/readyz`` and logs it once per outage (the shipper's log records and figures come
+back over a pipe and are logged and reported here as this process's). After a restart the outbox's leftovers
+are shipped first, then the open records of the run that died (streams it was relaying) are marked
+``interrupted``.
 
 If the shipper dies, the gateway keeps serving and keeps writing the outbox (``/readyz`` says
 ``shipper: exited``); the next start ships it. If the gateway dies, the shipper sees its stdin close and

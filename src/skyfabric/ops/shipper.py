@@ -1,10 +1,10 @@
 """The ledger's shipper: a process of its own that writes the outbox to the database (and fsyncs what waits).
 
-Why a process and not a thread: the shipper's work — fsync every few ms, reading, parsing and inserting
-the records — is as much CPU per request as the gateway's own bookkeeping, and in a thread it held the
-gateway's interpreter lock while doing it; worse, every ``write(2)`` of a record released the lock to it,
-so the event loop waited for the shipper's batch to finish (a lock convoy). In a process of its own it
-costs the gateway nothing but the ``write(2)``; the kernel may run it on another core.
+Why a process and not a thread: the shipper's work — reading, parsing and inserting the records, and fsyncing
+those that wait — is as much CPU per request as the gateway's own bookkeeping, and in a thread it held the
+gateway's interpreter lock while doing it; worse, every ``write(2)`` of a record released the lock to it, so
+the event loop waited for the shipper's batch to finish (a lock convoy). In a process of its own it costs the
+gateway nothing but the copy into the outbox; the kernel may run it on another core.
 
 Protocol (``ledger.py`` is the other end): the gateway starts ``python -m skyfabric.ops.shipper`` with a
 pipe on each of its stdin and stdout. The first stdin line is the JSON :class:`Job`; ``stop`` later asks
