@@ -75,12 +75,23 @@ def test_the_reader_fsyncs_only_what_waited_a_tick_unshipped(tmp_path: Path, mon
     assert len(synced) == 1
     reader.sync()  # nothing new since: nothing to sync
     assert len(synced) == 1
-    for i in range(30):  # past a segment's end: the finished one waits a tick too, then is synced
+    first = box._seq
+    for i in range(60):  # past segments' ends: the finished ones wait a tick too, then are synced
         box.append(rec(f"down-{i}").to_line())
-    reader.sync()
+    finished = box._seq - first
+    assert finished >= 2
     before = len(synced)
-    reader.sync()
-    assert len(synced) >= before + 2  # the finished segment and the current one
+    reader.sync()  # the first sync after these appends: nothing has waited a tick yet
+    assert len(synced) == before
+    reader.sync()  # the second: every finished segment and the current one (the slot's directory too)
+    assert len(synced) == before + finished + 1
+    box.append(rec("waited").to_line())
+    reader.sync()  # seen; then the writer moves on to a new segment before the next tick
+    first, before = box._seq, len(synced)
+    while box._seq == first:
+        box.append(rec("fill").to_line())
+    reader.sync()  # "waited" has waited a tick in the finished segment: synced now, the new one not yet
+    assert len(synced) == before + 1
     for i in range(30):  # back up: the finished segment is shipped before its tick is out
         box.append(rec(f"back-{i}").to_line())
     reader.sync()

@@ -72,8 +72,8 @@ class OutboxReader:
         self._fd = -1  # the writer's current segment, for fsync
         self._durable = 0  # where its records are durable up to (fsynced here, or confirmed by the database)
         self._seen = 0  # where they ended at the last sync (what has waited a tick since)
-        #: Finished segments not known durable yet: (descriptor, path, syncs seen): fsynced at the next
-        #: sync unless the database confirmed all of them first.
+        #: Finished segments not known durable yet: (descriptor, path, ticks waited: 0 or 1): fsynced at the
+        #: sync where they have waited a tick, unless the database confirmed all of them first.
         self._finished: list[tuple[int, Path, int]] = []
         self._dir_dirty = True  # the slot's directory lists segments not fsynced yet
         self._open_current(first)
@@ -88,7 +88,9 @@ class OutboxReader:
         old, old_path = self._fd, self._current
         if old >= 0:
             if self._durable < self._end_of(old, self._durable):  # not all durable: see the next sync
-                self._finished.append((old, old_path, 0))
+                # Records seen at the last sync and not shipped since have waited a tick already: synced
+                # at the next one (which may be the sync that noticed the new segment) unless shipped.
+                self._finished.append((old, old_path, 1 if self._seen > self._durable else 0))
             else:
                 os.close(old)
         self._durable = self._seen = 0
