@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -30,6 +31,7 @@ from skyfabric.ops.record import (
     rows_of,
 )
 from skyfabric.ops.report import parse_when, render, usage_rows
+from skyfabric.ops.shipper import Job, Shipper
 from skyfabric.ops.store import MIGRATIONS, PostgresStore, SQLiteStore
 from tests.ops.conftest import PG_URL, pg_rows
 
@@ -469,3 +471,116 @@ def test_postgres_takes_parsed_lines_as_rows(pg_prefix: str) -> None:
         for r in pg_rows(pg_prefix)
     }
     assert rows == {"a": (OK, 5, 1, "host:/slot-0"), "b": (OK, 5, 1, "host:/slot-0")}
+
+
+# -- what the shipper syncs when shipping does not make records durable ------------------------------------
+
+
+class _HungStore:
+    """A database that takes ``delay`` seconds to fail each write (a network dropping packets)."""
+
+    kind = "hung"
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.writes = 0
+
+    async def connect(self) -> None:
+        pass
+
+    async def write(self, rows: Any) -> None:
+        await self._hang()
+
+    async def write_lines(self, values: Any, instance: str) -> None:
+        await self._hang()
+
+    async def _hang(self) -> None:
+        self.writes += 1
+        await asyncio.sleep(self.delay)
+        raise TimeoutError("the database did not answer")
+
+    async def sweep(self, instances: Any, before: float) -> int:
+        return 0
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_hung_database_does_not_hold_the_outbox_syncs_back(tmp_path: Path, monkeypatch: Any) -> None:
+    """While a shipment hangs on the database, the shipper's ticks go on: a record written meanwhile is
+    fsynced within fsync_interval, not after the shipment gives up."""
+    synced: list[float] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(time.monotonic()), real(fd))[1])
+    box = Outbox(tmp_path)
+    box.open()
+    reader = OutboxReader.of(box)
+    job = Job(
+        first_segment=str(box.first_segment), instance=box.instance, leftovers=[], instances=[box.instance],
+        started=time.time(), database_url=None, database_path=None, table_prefix="", database_timeout=5.0,
+        batch_size=5000, ship_interval=0.1, fsync_interval=0.2, retry_interval=1.0,
+    )  # fmt: skip
+    store = _HungStore(delay=2.0)
+    shipper = Shipper(job, reader, store, lambda message: None)
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(shipper.run(stop))
+        await asyncio.sleep(0.3)  # the first shipment is hanging by now
+        assert store.writes == 0 or store.writes == 1
+        box.append(rec("during").to_line())
+        written = time.monotonic()
+        await asyncio.sleep(0.5)
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return written
+
+    written = asyncio.run(scenario())
+    after = [t - written for t in synced if t >= written]
+    assert after and after[0] <= 0.2 + 0.05, after  # within fsync_interval (two ticks of 0.1 s), not ~2 s
+    box.close()
+
+
+def test_leftovers_are_synced_at_start_and_a_failed_sync_is_retried(
+    tmp_path: Path, monkeypatch: Any, caplog: Any
+) -> None:
+    box = Outbox(tmp_path, segment_bytes=2048)
+    box.open()
+    for i in range(40):  # a process that died right after writing: several segments, none synced
+        box.append(rec(f"dead-{i}").to_line())
+    box._map = None  # "killed": nothing cut, nothing synced, the slot's lock released below
+    for fd in box._locks:
+        os.close(fd)
+    calls: list[int] = []
+    failing = [True]
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if failing[0]:
+            failing[0] = False
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    again = Outbox(tmp_path, segment_bytes=2048)
+    again.open()
+    assert len(again.leftovers) >= 2
+    reader = OutboxReader.of(again)  # each leftover synced once (the first one failed: logged)
+    assert len(calls) == len(again.leftovers)
+    assert "fsync failed" in caplog.text
+    calls.clear()
+    failing[0] = True
+    again.append(rec("new").to_line())
+    reader.sync()
+    reader.sync()  # "new" waited a tick unshipped: synced, and the disk refuses
+    assert len(calls) == 1
+    reader.sync()  # not counted durable: tried again
+    assert len(calls) == 2
+    reader.sync()  # done: nothing left to sync
+    assert len(calls) == 2
+    reader.sync_all()  # what the gateway's death leaves: everything unshipped synced at once
+    reader.close()
+    again.close()

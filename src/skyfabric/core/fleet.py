@@ -484,7 +484,7 @@ class LedgerConfig(_Strict):
     batch_size: int = Field(5000, ge=1, le=100_000, description="records per database write, at most")
     ship_interval: float = Field(0.25, gt=0, le=60, description="seconds between shipments to the database")
     fsync_interval: float = Field(
-        0.25,
+        0.5,
         ge=0,
         le=1,
         description="seconds within which a record is on disk, in the database or the outbox (0: fsync each)",

@@ -89,7 +89,8 @@ class Lease:
     settled: bool = False
     #: The grant it was admitted from (``grants.py``), else None: admitted by Redis or in process.
     grant: Grant | None = None
-    #: When it was admitted from the grant (the limiter's clock): its headers' figures are as of then.
+    #: When it was admitted from the grant (the limiter's clock): its headers' reset times count from then,
+    #: on the grant's counters as they are when the headers are built (estimates either way).
     at: float = 0.0
 
     def headers(self, anthropic: bool, wall: float) -> list[tuple[bytes, bytes]]:

@@ -3,7 +3,7 @@
 Why a file first: the database may be across a network that is down, and a gateway may be killed at any
 moment. A record copied into the outbox is in the kernel's page cache — the segment is a shared memory
 mapping of the file — so a SIGKILL of the gateway loses nothing. What a crash of the whole machine may
-lose is bounded by ``fsync_interval`` (250 ms by default): within it each record is in the database (whose
+lose is bounded by ``fsync_interval`` (500 ms by default): within it each record is in the database (whose
 commits are synced) or fsynced here by the shipper (``outbox_reader.py``). The shipper
 (``outbox_reader.py``, in a process of its own) reads the log behind the writer and deletes segments once
 the database has confirmed every record in them; at start, what is left is replayed (the database ignores
@@ -55,7 +55,7 @@ class Outbox:
     """One process's slot of the outbox directory, as its writer (see the module docstring)."""
 
     def __init__(
-        self, directory: str | Path, *, fsync_interval: float = 0.25, segment_bytes: int = SEGMENT_BYTES
+        self, directory: str | Path, *, fsync_interval: float = 0.5, segment_bytes: int = SEGMENT_BYTES
     ) -> None:
         self.directory = Path(directory)
         self.fsync_interval = fsync_interval
@@ -186,7 +186,9 @@ class Outbox:
             os.fsync(self._fd)  # writes the mapping's dirty pages too
 
     def close(self) -> None:
-        """Cut the current segment to its records, fsync it and release the slots (after the reader)."""
+        """Cut the current segment to its records, fsync it and release the slots (after the reader). The
+        slot's other segments still there (the shipper did not ship them: it was stopped or killed) are
+        synced too: the next run ships them, and a crash meanwhile must not lose them."""
         if self._fd >= 0:
             fd = os.dup(self._fd)
             try:
@@ -195,6 +197,16 @@ class Outbox:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+        if self.slot is not None:
+            current = self.segment_path(self._seq)
+            for path in self.slot.glob("*" + SUFFIX):
+                if path != current:
+                    with contextlib.suppress(OSError):
+                        other = os.open(path, os.O_RDONLY)
+                        try:
+                            os.fdatasync(other)
+                        finally:
+                            os.close(other)
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()

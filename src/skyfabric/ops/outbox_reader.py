@@ -77,6 +77,15 @@ class OutboxReader:
         self._finished: list[tuple[int, Path, int]] = []
         self._dir_dirty = True  # the slot's directory lists segments not fsynced yet
         self._open_current(first)
+        # What a dead process left may never have been synced (it died within a tick of writing): synced
+        # once now, before anything else, so that a machine crash while it is shipped loses none of it.
+        for path, _ in leftovers:
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    self._fsync(fd)
+                finally:
+                    os.close(fd)
 
     @classmethod
     def of(cls, outbox: Outbox) -> OutboxReader:
@@ -121,24 +130,41 @@ class OutboxReader:
                 os.close(fd)
             elif seen == 0:
                 self._finished.append((fd, path, 1))  # finished since the last tick: one more to be shipped
-            else:
-                self._fsync(fd)
+            elif self._fsync(fd):
                 os.close(fd)
+            else:
+                self._finished.append((fd, path, 1))  # the sync failed: tried again next tick
         fd = self._fd
         if fd < 0:
             return
         end = self._end_of(fd, self._seen)
-        if self._seen > self._durable:  # seen a tick ago and neither shipped nor synced since
-            self._fsync(fd)
+        if self._seen > self._durable and self._fsync(fd):  # seen a tick ago, neither shipped nor synced
             self._durable = end
         self._seen = end
 
-    def _fsync(self, fd: int) -> None:
-        if self._dir_dirty:  # the segment's name first: its data is no use after a crash without it
-            self._dir_dirty = False
-            _fsync_dir(self.slot)
-        with contextlib.suppress(OSError):
+    def sync_all(self) -> None:
+        """fsync everything the database has not confirmed, now (the gateway is gone: no tick follows)."""
+        for fd, path, _ in self._finished:
+            if path.exists() and not self._confirmed_all(path):
+                self._fsync(fd)
+        if self._fd >= 0 and self._durable < self._end_of(self._fd, self._durable):
+            self._fsync(self._fd)
+
+    def _fsync(self, fd: int) -> bool:
+        """fsync one segment (and the directory first, when it lists a segment not synced yet); False, and
+        an error logged, when the disk refused: its records are not counted durable, and shipping them is
+        their only way to the disk left (a failed fsync may have dropped the pages' dirty state)."""
+        try:
+            if self._dir_dirty:  # the segment's name first: its data is no use after a crash without it
+                _fsync_dir(self.slot)
+                self._dir_dirty = False
             os.fdatasync(fd)  # the blocks exist and the size is unchanged: no metadata to sync (outbox.py)
+        except OSError as exc:
+            log.error(
+                "ledger outbox %s: fsync failed (%s): records not yet shipped may be lost", self.slot, exc
+            )
+            return False
+        return True
 
     def _confirmed_all(self, path: Path) -> bool:
         """Whether the database has every record of the finished segment ``path`` (it is not queued)."""
@@ -213,14 +239,11 @@ class OutboxReader:
 
     def close(self) -> None:
         """fsync what the database does not have yet, and close the reader's descriptors."""
-        for fd, path, _ in self._finished:
-            if path.exists() and not self._confirmed_all(path):
-                self._fsync(fd)
+        self.sync_all()
+        for fd, _, _ in self._finished:
             os.close(fd)
         self._finished.clear()
         if self._fd >= 0:
-            if self._durable < self._end_of(self._fd, self._durable):
-                self._fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
 

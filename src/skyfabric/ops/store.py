@@ -4,9 +4,10 @@ Writes are idempotent by request id: ``INSERT … ON CONFLICT (request_id) DO UP
 row is a stream's open record and the new one is final. A replayed record therefore never adds a row and
 never undoes a final one, whatever order the outbox and a restart deliver them in.
 
-Both stores are used from the shipper's thread (its own event loop): SQLite's calls block that thread
-only; PostgreSQL's go through psycopg's async connection so every call has a client-side timeout — a
-database behind a network that drops packets must not freeze the shipper.
+Both stores are used from the shipper process's event loop, which never waits on them: SQLite's calls run
+in a thread (a database locked by another writer waits there); PostgreSQL's go through psycopg's async
+connection so every call has a client-side timeout — a database behind a network that drops packets must
+not freeze the shipper, whose ticks keep syncing the outbox meanwhile.
 """
 
 from __future__ import annotations
@@ -127,36 +128,36 @@ class SQLiteStore:
         self._insert = insert_sql(prefix, "?")
 
     async def connect(self) -> None:
-        if self._db is not None:
-            return
+        if self._db is None:
+            self._db = await asyncio.to_thread(self._open)
+
+    def _open(self) -> sqlite3.Connection:
         db = Database(None, Path(self.path), self.prefix).sqlite()
         try:
             migrate_sqlite(db, self.prefix, "ledger", MIGRATIONS)
         except BaseException:
             db.close()
             raise
-        self._db = db
+        return db
+
+    # Every call in a thread: a database locked by another writer waits up to its busy timeout there, not
+    # on the shipper's event loop, whose ticks keep syncing the outbox meanwhile (``shipper.py``).
 
     async def write(self, rows: Sequence[Row]) -> None:
         """The rows in one transaction. Several rows of one request id (its open record and its final
         one, or a replay) need no sorting out: the upsert keeps the first final one, whatever the order."""
-        assert self._db is not None
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(self._insert, rows)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        await asyncio.to_thread(self._write, self._insert, rows)
 
     async def write_lines(self, values: Sequence[Sequence[Any]], instance: str) -> None:
         """Parsed outbox lines (each exactly :data:`record.LINE_FIELDS`) of one slot, in one transaction."""
+        await asyncio.to_thread(self._write, positional_insert_sql(self.prefix, instance), values)
+
+    def _write(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         assert self._db is not None
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(positional_insert_sql(self.prefix, instance), values)
+            db.executemany(sql, rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -164,8 +165,9 @@ class SQLiteStore:
 
     async def sweep(self, instances: Sequence[str], before: float) -> int:
         assert self._db is not None
-        cur = self._db.execute(sweep_sql(self.prefix, "?", len(instances)), [*instances, before])
-        return cur.rowcount
+        db = self._db
+        sql = sweep_sql(self.prefix, "?", len(instances))
+        return await asyncio.to_thread(lambda: db.execute(sql, [*instances, before]).rowcount)
 
     async def close(self) -> None:
         if self._db is not None:
