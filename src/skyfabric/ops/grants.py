@@ -123,7 +123,7 @@ class Grant:
             and (ask.max_concurrent <= 0 or bool(self.slots))
         )
 
-    def take(self, ask: Ask, now: float) -> Verdict:
+    def take(self, ask: Ask) -> None:
         """Admit ``ask`` from the grant (``fits`` must hold); its slot member becomes ``ask.lease``."""
         if ask.rpm > 0:
             self.requests -= 1
@@ -133,7 +133,6 @@ class Grant:
             self.budget -= ask.cost
         if ask.max_concurrent > 0:
             ask.lease = self.slots.pop()
-        return self.verdict(ask, now)
 
     def verdict(self, ask: Ask, now: float) -> Verdict:
         """What the rate-limit headers of an admission from the grant say: the shared state as of the last

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from skyfabric.core.errors import RateLimited
 from skyfabric.core.fleet import Limits
 from skyfabric.ops.database import redact
-from skyfabric.ops.grants import GRANT_TTL, Grant, shape, want
+from skyfabric.ops.grants import GRANT_TTL, Grant, Shape, shape, want
 from skyfabric.ops.keys import KeyRecord
 from skyfabric.ops.pricing import PriceBook, Prices
 from skyfabric.ops.ratelimit import (
@@ -199,28 +199,32 @@ class Limiter:
     def _ask(
         self, record: KeyRecord, model: str, prompt_tokens: int, max_tokens: int | None
     ) -> tuple[Ask, Prices]:
-        price = self.prices.ceiling(model)  # the dearest pool it may reach: settlement only gives back
-        out = max_tokens if max_tokens is not None and max_tokens > 0 else self.settings.default_max_tokens
-        budget, cost, period, period_end = -1, 0, "", 0.0
+        budget, period, period_end = -1, "", 0.0
         if record.budget is not None:
             budget = round(record.budget * 1_000_000)
-            cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out)
             period, period_end = self._period(record.budget_period)
-        concurrent = record.max_concurrent
+        limits = (record.rpm or 0, record.tpm or 0, budget, record.max_concurrent or 0, period)
+        return self._make_ask(record.id, limits, period_end, model, prompt_tokens, max_tokens)
+
+    def _make_ask(
+        self,
+        key: str,
+        limits: Shape,
+        period_end: float,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int | None,
+    ) -> tuple[Ask, Prices]:
+        """The request's ask under ``limits`` (a grant's :data:`~skyfabric.ops.grants.Shape`): its prompt
+        estimate plus its output cap reserved, and their cost at the dearest pool it may reach (settlement
+        only gives back)."""
+        rpm, tpm, budget, concurrent, period = limits
+        price = self.prices.ceiling(model)
+        out = max_tokens if max_tokens is not None and max_tokens > 0 else self.settings.default_max_tokens
+        cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out) if budget >= 0 else 0
+        ttl = self.settings.lease_ttl if concurrent > 0 else 15.0
         # Positional, in one call: this runs for every request of a key with limits.
-        ask = Ask(
-            record.id,
-            record.rpm or 0,
-            record.tpm or 0,
-            prompt_tokens + out,
-            budget,
-            cost,
-            period,
-            period_end,
-            concurrent or 0,
-            "",
-            self.settings.lease_ttl if concurrent is not None else 15.0,
-        )
+        ask = Ask(key, rpm, tpm, prompt_tokens + out, budget, cost, period, period_end, concurrent, "", ttl)
         return ask, price
 
     def _name_lease(self, ask: Ask) -> None:
@@ -261,53 +265,18 @@ class Limiter:
         """The common case of :meth:`admit`, with no coroutine: the request admitted from its key's grant
         here (a lease), else None and its ask for :meth:`admit_asked`. ``record`` must be limited.
 
-        The fast path — a live grant cut for this very record, within its budget period, with room for the
-        request — reads the limits from the grant and builds two objects; anything else (no grant yet, new
-        limits, a new period, a grant running dry) takes :meth:`_from_grant`, which decides the same way
-        and also gets, replaces or tops up the grant."""
-        g = self.grants.get(record.id)
-        if g is not None and g.record is record:
-            now = self.clock()
-            rpm, tpm, budget, concurrent, period = g.shape
-            out = (
-                max_tokens if max_tokens is not None and max_tokens > 0 else self.settings.default_max_tokens
-            )
-            tokens = prompt_tokens + out
-            price = self.prices.ceiling(model)
-            cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out) if budget >= 0 else 0
-            if (
-                now < g.expires
-                and (rpm <= 0 or g.requests >= 1)
-                and (tpm <= 0 or g.tokens >= tokens)
-                and (budget < 0 or (g.budget >= cost and self.wall() < g.period_end))
-                and (concurrent <= 0 or g.slots)
-            ):
-                slot = ""
-                if rpm > 0:
-                    g.requests -= 1
-                if tpm > 0:
-                    g.tokens -= tokens
-                if budget >= 0:
-                    g.budget -= cost
-                if concurrent > 0:
-                    slot = g.slots.pop()
-                ttl = self.settings.lease_ttl if concurrent > 0 else 15.0
-                ask = Ask(
-                    record.id, rpm, tpm, tokens, budget, cost, period, g.period_end, concurrent, slot, ttl
-                )
-                if slot:
-                    self._running[slot] = ask
-                if g.low() and not g.fetching and now >= g.near_until:
-                    self._top_up(g, ask)
-                return Lease(ask, None, True, prompt_tokens, price, False, g, now), ask, price
+        A grant cut for this very record (records are immutable: the same object, the same limits) within
+        its budget period gives the request's limits without reading the record or the period again;
+        otherwise :meth:`_grant_for` gets, replaces or starts the key's grant first."""
+        g = self.grants.get(record.id)  # none while Redis is unreachable (``_degrade`` drops them)
+        if g is not None and g.record is record and (g.shape[2] < 0 or self.wall() < g.period_end):
+            ask, price = self._make_ask(record.id, g.shape, g.period_end, model, prompt_tokens, max_tokens)
+            return self._take(g, ask, price, prompt_tokens), ask, price
         ask, price = self._ask(record, model, prompt_tokens, max_tokens)
         if self.redis is not None and self.state == "ok":
-            granted = self._from_grant(ask, record)
-            if granted is not None:
-                lease = Lease(ask, granted[1], True, prompt_tokens, price, grant=granted[0])
-                if ask.lease:
-                    self._running[ask.lease] = ask
-                return lease, ask, price
+            g = self._grant_for(ask, record)
+            if g is not None:
+                return self._take(g, ask, price, prompt_tokens), ask, price
         return None, ask, price
 
     async def admit_asked(
@@ -346,10 +315,9 @@ class Limiter:
 
     # -- grants: admission without a round trip for keys far from their limits (see grants.py) -------------
 
-    def _from_grant(self, ask: Ask, record: KeyRecord | None = None) -> tuple[Grant, Verdict] | None:
-        """Admit ``ask`` from its key's grant here, or None (then Redis decides); tops the grant up.
-        ``record``: the key's record ``ask`` was made from (the grant remembers it for the fast path)."""
-        now = self.clock()
+    def _grant_for(self, ask: Ask, record: KeyRecord) -> Grant | None:
+        """The key's grant here if it was cut from ``ask``'s limits (remembering ``record``, the fast path's
+        key); else None, a grant of the new limits asked for where they can be sliced."""
         g = self.grants.get(ask.key)
         if g is None or g.shape != shape(ask):
             size = want(ask)
@@ -362,11 +330,19 @@ class Limiter:
             self._top_up(g, ask)
             return None
         g.record, g.period_end = record, ask.period_end
+        return g
+
+    def _take(self, g: Grant, ask: Ask, price: Prices, prompt_tokens: int) -> Lease | None:
+        """Admit ``ask`` from grant ``g``, or None (then Redis decides); tops the grant up when it runs low
+        or cannot admit. The lease's verdict is read from the grant when its headers are built."""
+        now = self.clock()
         if g.fits(ask, now):
-            verdict = g.take(ask, now)
+            g.take(ask)
+            if ask.lease:
+                self._running[ask.lease] = ask
             if g.low() and not g.fetching and now >= g.near_until:
                 self._top_up(g, ask)
-            return g, verdict
+            return Lease(ask, None, True, prompt_tokens, price, False, g, now)
         if not g.fetching and now >= g.near_until:
             self._top_up(g, ask)
         return None
