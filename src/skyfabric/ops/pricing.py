@@ -91,8 +91,6 @@ class PriceBook:
             prices = self._by_endpoint[endpoint] = self.of(endpoint)
             if len(self._by_endpoint) > 100_000:  # endpoints come and go with discovery: stay bounded
                 self._by_endpoint.clear()
-        if cached == 0 and tokens_in >= 0 and tokens_out >= 0:  # most answers: no cache, no clamping
-            return (tokens_in * prices.tokens_in + tokens_out * prices.tokens_out) / _MILLION
         return _micro(prices, tokens_in, cached, tokens_out) / _MILLION
 
     def parts_cost(self, parts: list[tuple[str, int, int, int]]) -> float:
@@ -109,7 +107,8 @@ class PriceBook:
 
 def _micro(prices: Prices, tokens_in: int, cached: int, tokens_out: int) -> float:
     """One part's cost in micro-USD: cached tokens (at most the prompt) at the cached price."""
-    cached = min(max(cached, 0), max(tokens_in, 0))
+    if cached:  # most answers have none: no clamping to do
+        cached = min(max(cached, 0), max(tokens_in, 0))
     total = (tokens_in - cached) * prices.tokens_in + cached * prices.tokens_cached
     return total + max(tokens_out, 0) * prices.tokens_out
 

@@ -60,30 +60,25 @@ MIGRATIONS: list[Migration] = [
 
 
 def insert_sql(prefix: str, placeholder: str) -> str:
-    """The idempotent insert (see the module docstring)."""
+    """The idempotent insert (see the module docstring) of a row of :data:`record.COLUMNS`."""
+    return _upsert(prefix, ", ".join([placeholder] * len(COLUMNS)))
+
+
+def positional_insert_sql(prefix: str, instance: str) -> str:
+    """The same insert of an outbox line's values as they are (:data:`record.LINE_FIELDS`, numbered
+    parameters), ``instance`` inlined and ``final`` computed: the shipper binds the parsed lines themselves,
+    building no row per record (SQLite)."""
+    values = ", ".join(f"?{i}" for i in range(1, len(LINE_FIELDS) + 1))
+    literal = "'" + instance.replace("'", "''") + "'"
+    return _upsert(prefix, f"{values}, {literal}, ?{_OUTCOME + 1} <> '{OPEN}'")
+
+
+def _upsert(prefix: str, values: str) -> str:
     names = ", ".join(COLUMNS)
-    values = ", ".join([placeholder] * len(COLUMNS))
     updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "request_id")
     return (
         f"INSERT INTO {prefix}usage ({names}) VALUES ({values}) ON CONFLICT (request_id) DO UPDATE SET "
         f"{updates} WHERE {prefix}usage.final = 0 AND excluded.final = 1"
-    )
-
-
-def positional_insert_sql(prefix: str, instance: str) -> str:
-    """The idempotent insert of an outbox line's values as they are (:data:`record.LINE_FIELDS`, numbered
-    parameters), ``instance`` inlined and ``final`` computed: the shipper binds the parsed lines themselves,
-    building no row per record (SQLite)."""
-    names = ", ".join(COLUMNS)
-    n = len(LINE_FIELDS)
-    values = ", ".join(f"?{i}" for i in range(1, n + 1))
-    outcome = LINE_FIELDS.index("outcome") + 1
-    literal = "'" + instance.replace("'", "''") + "'"
-    updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "request_id")
-    return (
-        f"INSERT INTO {prefix}usage ({names}) VALUES ({values}, {literal}, ?{outcome} <> '{OPEN}') "
-        f"ON CONFLICT (request_id) DO UPDATE SET {updates} "
-        f"WHERE {prefix}usage.final = 0 AND excluded.final = 1"
     )
 
 
