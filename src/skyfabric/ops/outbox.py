@@ -202,14 +202,19 @@ class Outbox:
             for path in self.slot.glob("*" + SUFFIX):
                 if path != current:
                     with contextlib.suppress(OSError):
-                        other = os.open(path, os.O_RDONLY)
-                        try:
-                            os.fdatasync(other)
-                        finally:
-                            os.close(other)
+                        sync_file(path)
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
+
+
+def sync_file(path: Path) -> None:
+    """``fdatasync`` a file by its path (``OSError`` when it is gone or the disk refuses)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _slot_number(path: Path) -> int:

@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from skyfabric.ops.outbox import SUFFIX, Outbox
+from skyfabric.ops.outbox import SUFFIX, Outbox, sync_file
 
 log = logging.getLogger("skyfabric.ops.outbox")
 
@@ -80,12 +80,15 @@ class OutboxReader:
         # What a dead process left may never have been synced (it died within a tick of writing): synced
         # once now, before anything else, so that a machine crash while it is shipped loses none of it.
         for path, _ in leftovers:
+            try:
+                sync_file(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._sync_failed(exc)
+        for directory in {path.parent for path, _ in leftovers}:  # their names too
             with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    self._fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_dir(directory)
 
     @classmethod
     def of(cls, outbox: Outbox) -> OutboxReader:
@@ -160,11 +163,12 @@ class OutboxReader:
                 self._dir_dirty = False
             os.fdatasync(fd)  # the blocks exist and the size is unchanged: no metadata to sync (outbox.py)
         except OSError as exc:
-            log.error(
-                "ledger outbox %s: fsync failed (%s): records not yet shipped may be lost", self.slot, exc
-            )
+            self._sync_failed(exc)
             return False
         return True
+
+    def _sync_failed(self, exc: OSError) -> None:
+        log.error("ledger outbox %s: fsync failed (%s): records not yet shipped may be lost", self.slot, exc)
 
     def _confirmed_all(self, path: Path) -> bool:
         """Whether the database has every record of the finished segment ``path`` (it is not queued)."""
