@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import signal
@@ -33,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ab import Collector, count_answers, window
 from procs import HERE, MOCK_PY, SHARED, start, stop, wrk, wrk_start
 
 MOCK_PORT, GATEWAY_PORT, SINK_PORT = 9140, 9341, 9142
@@ -84,20 +84,8 @@ async def serve(config: Path, out: Path, slice_s: float, profile: bool, aa: bool
             setattr(timed, name, wrap)
         timed.counts_tokens = inner.counts_tokens
         modes["on"] = (timed, None, timed)
-    answered = [0]
-    forward = proxy.forward
-
-    async def counted(ctx):  # type: ignore[no-untyped-def]
-        try:
-            return await forward(ctx)
-        finally:
-            answered[0] += 1
-
-    proxy.forward = counted  # type: ignore[method-assign]
-    loop = asyncio.get_running_loop()
-    begin, end = asyncio.Event(), asyncio.Event()
-    loop.add_signal_handler(signal.SIGUSR1, begin.set)
-    loop.add_signal_handler(signal.SIGUSR2, end.set)
+    answered = count_answers(proxy)
+    begin, end = window()
     await gateway.start()
     await Listener(gateway).start("127.0.0.1", GATEWAY_PORT)
     if not os.environ.get("NO_GC_FREEZE"):  # as serve_fleet does (NO_GC_FREEZE=1: the collector without)
@@ -112,24 +100,17 @@ async def serve(config: Path, out: Path, slice_s: float, profile: bool, aa: bool
         profilers = {m: cProfile.Profile() for m in modes}
     rows: list[tuple[str, float, int, float, int]] = []
     mode = "off"
-    gc_time, gc_runs, gc_started = [0.0], [0], [0.0]
-
-    def on_gc(phase: str, info: dict[str, int]) -> None:  # the collector's share of each slice
-        if phase == "start":
-            gc_started[0] = time.process_time()
-        else:
-            gc_time[0] += time.process_time() - gc_started[0]
-            gc_runs[0] += 1
-
-    gc.callbacks.append(on_gc)
+    collector = Collector()
     while not end.is_set():
         mode = "on" if mode == "off" else "off"
         proxy.observer, proxy.sampler, proxy.traced_observer = modes[mode]
         if profilers:
             profilers[mode].enable()
-        cpu, n, g, r = time.process_time(), answered[0], gc_time[0], gc_runs[0]
+        cpu, n, g, r = time.process_time(), answered[0], collector.seconds, sum(collector.runs)
         await asyncio.sleep(slice_s)
-        rows.append((mode, time.process_time() - cpu, answered[0] - n, gc_time[0] - g, gc_runs[0] - r))
+        rows.append(
+            (mode, time.process_time() - cpu, answered[0] - n, collector.seconds - g, sum(collector.runs) - r)
+        )
         if profilers:
             profilers[mode].disable()
     await asyncio.to_thread(out.write_text, json.dumps(rows))

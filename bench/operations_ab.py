@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import itertools
 import json
 import os
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ab import Collector, count_answers, window
 from keys_limits import fleets, wait_limits_ok
 from layers import cpu_seconds, descendants
 from procs import HERE, start, start_mock, stop, wrk, wrk_start
@@ -138,20 +138,8 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
                     _acc[1] += 1
 
             keys_filter = keys_timed  # type: ignore[assignment]
-    answered = [0]
-    forward = proxy.forward
-
-    async def counted(ctx):  # type: ignore[no-untyped-def]
-        try:
-            return await forward(ctx)
-        finally:
-            answered[0] += 1
-
-    proxy.forward = counted  # type: ignore[method-assign]
-    loop = asyncio.get_running_loop()
-    begin, end = asyncio.Event(), asyncio.Event()
-    loop.add_signal_handler(signal.SIGUSR1, begin.set)
-    loop.add_signal_handler(signal.SIGUSR2, end.set)
+    answered = count_answers(proxy)
+    begin, end = window()
     await gateway.start()
     await Listener(gateway).start("127.0.0.1", GATEWAY_PORT)
     settle_heap()
@@ -160,16 +148,7 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
     current = "off"
     gc_time = {"on": 0.0, "off": 0.0}
     gc_runs = {"on": [0, 0, 0], "off": [0, 0, 0]}
-    gc_started = [0.0]
-
-    def on_gc(phase: str, info: dict[str, int]) -> None:  # the collector's share of each mode
-        if phase == "start":
-            gc_started[0] = time.process_time()
-        else:
-            gc_time[state[0]] += time.process_time() - gc_started[0]
-            gc_runs[state[0]][info["generation"]] += 1
-
-    gc.callbacks.append(on_gc)
+    collector = Collector()
     profilers: dict[str, Any] = {}
     if os.environ.get("PROFILE"):
         import cProfile
@@ -180,9 +159,13 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
         state[0] = current
         if profilers:
             profilers[current].enable()
-        cpu, n = time.process_time(), answered[0]
+        cpu, n, g, runs = time.process_time(), answered[0], collector.seconds, list(collector.runs)
         await asyncio.sleep(slice_s)
         rows.append((current, time.process_time() - cpu, answered[0] - n))
+        gc_time[current] += collector.seconds - g
+        gc_runs[current] = [
+            t + now - then for t, now, then in zip(gc_runs[current], collector.runs, runs, strict=True)
+        ]
         if profilers:
             profilers[current].disable()
     if profilers:
@@ -197,7 +180,7 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
             ]
             # Per request: µs in the function itself, µs with what it called, calls.
             (Path(os.environ["PROFILE"]) / f"cprof-{m}.txt").write_text("".join(lines))
-    gc.callbacks.remove(on_gc)
+    collector.close()
     for m in ("on", "off"):
         count = sum(k for mode, _, k in rows if mode == m)
         runs = [round(r * 1000 / count, 2) for r in gc_runs[m]]
@@ -238,7 +221,7 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
             file=sys.stderr,
         )
     stopping = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     await stopping.wait()
     await gateway.close()  # grants given back, the ledger shipped: the next run starts clean
 
