@@ -17,7 +17,9 @@ shared fleet state) alive: a few µs closer to "on" than a gateway without ``ope
 ``--mode`` names what "off" drops (``none``: an A/A calibration). ``TIME_HOOKS=1`` prints each operations
 hook's wall time in place (``TIME_HOOKS=cpu``: the thread's CPU time, less the cost of reading it; an
 awaiting hook's figure then counts whatever ran meanwhile); ``GC_STATS=1`` the collector's share of each
-mode; ``PROFILE=<dir>`` writes a cProfile of each mode there (µs per request).
+mode; ``PROFILE=<dir>`` writes a cProfile of each mode there (µs per request); ``PAUSE_SHIPPER=1`` stops the
+shipper (SIGSTOP) for the measured run: what its work on the same core costs the gateway's own code (the
+outbox keeps the records; it ships them when continued).
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
 
         limiter = ops.limiter
         if limiter is not None:
-            for name in ("granted", "admit_asked", "settle", "_ask", "_from_grant"):
+            for name in ("granted", "admit_asked", "settle", "_ask", "_take"):
                 timed(limiter, name, f"limiter.{name}")
         for obs in on_observer.observers:  # type: ignore[attr-defined]
             for name in ("request_start", "attempt_start", "attempt_end", "request_end", "stream_end"):
@@ -268,6 +270,9 @@ def main() -> None:
                 wait_limits_ok()
                 wrk(GATEWAY_PORT, 2, a.conns)  # warm: connections, caches, first-request costs
                 children = descendants(gw.pid)
+                paused = bool(os.environ.get("PAUSE_SHIPPER"))
+                for pid in children if paused else ():
+                    os.kill(pid, signal.SIGSTOP)
                 load = wrk_start(GATEWAY_PORT, a.seconds, a.conns)
                 time.sleep(0.5)
                 kids = sum(cpu_seconds(p) for p in children)
@@ -276,6 +281,8 @@ def main() -> None:
                 os.kill(gw.pid, signal.SIGUSR2)
                 kids = sum(cpu_seconds(p) for p in children) - kids
                 load.wait()
+                for pid in children if paused else ():
+                    os.kill(pid, signal.SIGCONT)
                 deadline = time.monotonic() + 10
                 while not out.exists() and time.monotonic() < deadline:
                     time.sleep(0.1)

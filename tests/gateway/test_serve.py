@@ -68,7 +68,7 @@ def test_settling_the_heap_leaves_start_ups_objects_out_of_every_collection() ->
     import gc
     import weakref
 
-    from skyfabric.gateway.serve import settle_heap
+    from skyfabric.gateway.serve import GC_YOUNG_THRESHOLD, settle_heap
 
     class Cycle:
         pass
@@ -78,10 +78,13 @@ def test_settling_the_heap_leaves_start_ups_objects_out_of_every_collection() ->
     gone = weakref.ref(garbage)
     kept = [Cycle() for _ in range(1000)]
     del garbage
+    thresholds = gc.get_threshold()
     try:
         settle_heap()
         assert gc.get_freeze_count() >= len(kept)
         assert gone() is None  # collected, not frozen
         assert not any(o is kept for o in gc.get_objects())  # frozen objects are not tracked any more
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD  # requests in flight are not walked every ~30
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)

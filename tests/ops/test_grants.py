@@ -10,6 +10,7 @@ from typing import Any
 from skyfabric.core.errors import RateLimited
 from skyfabric.core.fleet import Limits
 from skyfabric.ops.keys import KeyRecord, new_key_id
+from skyfabric.ops.grants import GRANT_TTL, RENEW_AHEAD
 from skyfabric.ops.limiter import GRANT_HEADERS_TTL, Lease, Limiter
 from skyfabric.ops.pricing import PriceBook, Prices
 from skyfabric.ops.resp import Resp
@@ -163,3 +164,59 @@ async def test_the_fast_path_follows_the_record_its_limits_and_the_budget_period
         assert crossed.ask.period != lease.ask.period
     finally:
         await limiter.close()
+
+
+async def test_a_busy_grant_is_replaced_before_its_end_and_no_request_waits_for_redis() -> None:
+    """A grant in use that never runs low is renewed ahead of its end: a fresh one is charged while the old
+    one still admits, then the old one's unused part goes back. No request meanwhile goes to the script,
+    and Redis ends up holding exactly what was admitted."""
+    clock = [1000.0]
+    limiter = Limiter(Limits(), SHARED, PRICES, clock=lambda: clock[0])
+    assert limiter.redis is not None
+    record = key(rpm=6400, max_concurrent=640)  # grants of 100 requests and 10 slots
+    direct = [0]
+    admit = limiter.redis.admit
+
+    async def counted(*a: Any) -> Any:
+        direct[0] += 1
+        return await admit(*a)
+
+    limiter.redis.admit = counted  # type: ignore[method-assign]
+    leases: list[Lease] = []
+    try:
+        leases.append(await admitted(limiter, record))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        old = limiter.grants[record.id]
+        assert direct[0] == 1 and old.expires == clock[0] + GRANT_TTL
+        for _ in range(5):  # each settles before the next (its slot back to the grant): it never runs low
+            leases.append(await admitted(limiter, record))  # type: ignore[arg-type]
+            limiter.settle(leases[-1], 10, 10)
+        limiter.settle(leases[0], 10, 10)
+        assert all(lease.grant is old for lease in leases[1:]) and limiter.grants[record.id] is old
+        clock[0] += GRANT_TTL - RENEW_AHEAD / 2  # near its end, far from low: renewed, not topped up
+        leases.append(await admitted(limiter, record))  # type: ignore[arg-type]
+        assert leases[-1].grant is old and old.fetching
+        leases.append(await admitted(limiter, record))  # type: ignore[arg-type]  # the old one still admits
+        assert leases[-1].grant is old
+        await asyncio.sleep(0.05)
+        fresh = limiter.grants[record.id]
+        assert fresh is not old and fresh.live and not old.live and fresh.requests == 100
+        assert fresh.expires == clock[0] + GRANT_TTL and fresh.record is record
+        clock[0] += RENEW_AHEAD  # past the old grant's end: the fresh one admits
+        leases.append(await admitted(limiter, record))  # type: ignore[arg-type]
+        assert leases[-1].grant is fresh and direct[0] == 1
+        for lease in leases[6:]:  # the old grant's requests settle with Redis, the fresh one's with the grant
+            limiter.settle(lease, 10, 10)
+        assert len(fresh.slots) == 10
+    finally:
+        await limiter.close()
+    # Every unused unit of both grants came back: Redis holds no more than the requests admitted (200 were
+    # charged in grants), and no slot.
+    used = await redis_tat(record)
+    assert used * 6400 / 60 <= len(leases) + 0.5, (used * 6400 / 60, len(leases))
+    client = Resp(SHARED, timeout=1.0)
+    try:
+        slots = await client.pipeline([("ZCARD", "skyfabric:{" + record.id + "}:slots")])
+        assert slots == [0]
+    finally:
+        await client.close()

@@ -482,7 +482,7 @@ class LedgerConfig(_Strict):
         None, description="outbox directory (relative to the fleet file; default: `<database>.outbox`)"
     )
     batch_size: int = Field(5000, ge=1, le=100_000, description="records per database write, at most")
-    ship_interval: float = Field(0.25, gt=0, le=60, description="seconds between shipments to the database")
+    ship_interval: float = Field(1.0, gt=0, le=60, description="seconds between shipments to the database")
     fsync_interval: float = Field(
         0.5,
         ge=0,

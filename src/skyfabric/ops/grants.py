@@ -13,7 +13,9 @@ outstanding and the requests admitted directly never exceeds what the limits all
 instances, and the overshoot bound is the one of direct admission (the one request whose usage ran past
 its reservation). What changes is only *when* a granted unit is used: up to the grant's lifetime
 (``GRANT_TTL``, renewed with each top-up) after it was charged. Unused parts go back to Redis when the
-grant expires (so an idle instance holds nothing for long), when the key's limits change, and at shutdown;
+grant expires (so an idle instance holds nothing for long), when a fresh grant replaces one still in use
+near its end (``RENEW_AHEAD``: a busy key's requests never wait for a grant), when the key's limits
+change, and at shutdown;
 an instance that crashes loses its grants' unused parts — the others then admit less, never more.
 
 A key close to its limits gets no grant: Redis refuses one that would take more than ``1 / FACTOR`` of what
@@ -30,6 +32,9 @@ from skyfabric.ops.ratelimit import OK, WINDOW, Ask, Verdict
 
 #: Seconds a grant lives after its last top-up before its unused part is given back.
 GRANT_TTL = 1.0
+#: Seconds before its end that a grant still in use is replaced by a fresh one (``Limiter._renew``): time
+#: for the round trip, so that a busy key never waits for a grant.
+RENEW_AHEAD = GRANT_TTL / 4
 #: A grant is 1/SLICE of each per-minute limit (about a second of the key's full rate).
 SLICE = 64
 #: Redis grants only while what is left of each limit is at least FACTOR times the grant.

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from skyfabric.core.errors import RateLimited
 from skyfabric.core.fleet import Limits
 from skyfabric.ops.database import redact
-from skyfabric.ops.grants import GRANT_TTL, Grant, Shape, shape, want
+from skyfabric.ops.grants import GRANT_TTL, RENEW_AHEAD, Grant, Shape, shape, want
 from skyfabric.ops.keys import KeyRecord
 from skyfabric.ops.pricing import PriceBook, Prices
 from skyfabric.ops.ratelimit import (
@@ -340,8 +340,11 @@ class Limiter:
             g.take(ask)
             if ask.lease:
                 self._running[ask.lease] = ask
-            if g.low() and not g.fetching and now >= g.near_until:
-                self._top_up(g, ask)
+            if not g.fetching and now >= g.near_until:
+                if g.low():
+                    self._top_up(g, ask)
+                elif now >= g.expires - RENEW_AHEAD:
+                    self._renew(g, ask)
             return Lease(ask, None, True, prompt_tokens, price, False, g, now)
         if not g.fetching and now >= g.near_until:
             self._top_up(g, ask)
@@ -382,6 +385,53 @@ class Limiter:
             return
         g.add(size.requests, size.tokens, size.budget, slots, now + GRANT_TTL)
         g.requests_tat, g.tokens_tat, g.spent = now + requests_reset, now + tokens_reset, spent
+        if ask.budget >= 0:
+            self._spent[(ask.key, ask.period)] = spent
+
+    def _renew(self, g: Grant, ask: Ask) -> None:
+        """A grant in use near its end (it never ran low): a fresh one replaces it before it expires."""
+        g.fetching = True
+        task = asyncio.get_running_loop().create_task(self._successor(g, ask))
+        self._fetches.add(task)
+        task.add_done_callback(self._fetches.discard)
+
+    async def _successor(self, g: Grant, ask: Ask) -> None:
+        """Charge a new grant of ``g``'s size and put it in ``g``'s place; ``g`` admits meanwhile, then is
+        retired (its unused part given back, its requests in flight settled with Redis). Why not extend
+        ``g``: its units were charged up to a grant's lifetime ago, and a grant's units must be used within
+        its lifetime of their charge (``grants.py``); without this, a busy key's grant expired every
+        ``GRANT_TTL`` and its requests went to the script one by one until the next grant arrived."""
+        assert self.redis is not None
+        self._grants_asked += 1
+        prefix = f"{self.instance}:g{self._grants_asked}:"
+        size = g.size
+        try:
+            got = await self.redis.grant(ask, size, prefix)
+        except Exception as exc:
+            g.fetching = False
+            if not _unreachable(exc):
+                log.exception("limits: a grant failed")
+                g.near_until = self.clock() + GRANT_TTL
+                return
+            self._degrade(exc)
+            return
+        g.fetching = False
+        now = self.clock()
+        if got is None:  # near a limit now: ``g`` lives out its time, then direct admission
+            g.near_until = now + GRANT_TTL
+            return
+        requests_reset, tokens_reset, spent = got
+        slots = [prefix + str(i) for i in range(1, size.slots + 1)]
+        fresh = Grant(g.key, g.shape, size, size.requests, size.tokens, size.budget, slots, now + GRANT_TTL)
+        if not g.live or self.grants.get(g.key) is not g:  # replaced or dropped meanwhile: give it back
+            fresh.live = False
+            self._returning.append(fresh)
+            self._wake.set()
+            return
+        fresh.requests_tat, fresh.tokens_tat, fresh.spent = now + requests_reset, now + tokens_reset, spent
+        fresh.record, fresh.period_end = g.record, g.period_end
+        self._retire(g)
+        self.grants[g.key] = fresh
         if ask.budget >= 0:
             self._spent[(ask.key, ask.period)] = spent
 
