@@ -9,8 +9,8 @@ from typing import Any
 
 from skyfabric.core.errors import RateLimited
 from skyfabric.core.fleet import Limits
-from skyfabric.ops.keys import KeyRecord, new_key_id
 from skyfabric.ops.grants import GRANT_TTL, RENEW_AHEAD
+from skyfabric.ops.keys import KeyRecord, new_key_id
 from skyfabric.ops.limiter import GRANT_HEADERS_TTL, Lease, Limiter
 from skyfabric.ops.pricing import PriceBook, Prices
 from skyfabric.ops.resp import Resp
