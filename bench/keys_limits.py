@@ -4,8 +4,9 @@
 is a managed key (SQLite) with all four limits set (rpm, tpm, concurrency, budget, none reached), enforced
 through Redis at 127.0.0.1:6379 — admitted from the key's grant in process, settlements batched; "all" adds
 the usage ledger (the outbox shipped to the same SQLite file by the gateway's child process, which inherits
-its CPU pin: the "+ children" column counts it; the last column is the ledger's backlog in KiB at the end). The bar (issue 13, part 6): with
-everything on, >= 80 % of "off"'s req/s and <= +0.3 ms p50 at one connection.
+its CPU pin: the "+ children" column counts it; the last column is the ledger's backlog in KiB at the
+end). The bar (issue 13, part 6): with everything on, >= 80 % of "off"'s req/s and <= +0.3 ms p50 at one
+connection.
 
     .venv/bin/python bench/keys_limits.py [--seconds 8] [--modes off,keys,all] [--rounds 2] [--conns 32,1]
 """

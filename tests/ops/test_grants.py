@@ -216,7 +216,7 @@ async def test_a_busy_grant_is_replaced_before_its_end_and_no_request_waits_for_
     assert used * 6400 / 60 <= len(leases) + 0.5, (used * 6400 / 60, len(leases))
     client = Resp(SHARED, timeout=1.0)
     try:
-        slots = await client.pipeline([("ZCARD", "skyfabric:{" + record.id + "}:slots")])
+        slots = await client.pipeline([("ZCARD", "skyfabric:{" + record.id + "}:leases")])
         assert slots == [0]
     finally:
         await client.close()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import os
 import sqlite3
 import time
@@ -344,7 +346,9 @@ async def exercise(store: SQLiteStore | PostgresStore) -> None:
 def test_sqlite_store_migrates_once_and_converges_on_one_final_row_per_request(tmp_path: Path) -> None:
     path = str(tmp_path / "ledger.sqlite")
     asyncio.run(exercise(SQLiteStore(path, "sf_")))
-    asyncio.run(SQLiteStore(path, "sf_").connect())  # a second start applies nothing
+    second = SQLiteStore(path, "sf_")
+    asyncio.run(second.connect())  # a second start applies nothing
+    asyncio.run(second.close())  # (APSW's writer closed before sqlite3 reads: see store.py on locks)
     db = sqlite3.connect(path)
     versions = [v for (v,) in db.execute("SELECT version FROM sf_ledger_migrations ORDER BY version")]
     assert versions == [m[0] for m in MIGRATIONS]
@@ -434,6 +438,25 @@ def test_sqlite_binds_parsed_lines_as_rows_with_the_slots_instance(tmp_path: Pat
         rec("a", instance=instance).row(),
         rec("b", key_id="k", instance=instance).row(),
     ]
+
+
+def test_a_failed_sqlite_write_is_rolled_back_and_the_next_one_commits(tmp_path: Path) -> None:
+    """A write that fails mid-transaction (here a value SQLite cannot bind) raises, leaves no transaction
+    open and nothing written: the records stay in the outbox for the next shipment, which commits."""
+    store = SQLiteStore(str(tmp_path / "l.db"), "")
+
+    async def scenario() -> list[Any]:
+        await store.connect()
+        good = rows(rec("a"))
+        with pytest.raises(TypeError):
+            await store.write([*good, (*rows(rec("b"))[0][:-1], {"not": "bindable"})])
+        assert store._db is not None and store._db.get_autocommit()  # no transaction left open
+        await store.write([*good, *rows(rec("b"))])
+        got = store._db.execute("SELECT request_id FROM usage ORDER BY 1").fetchall()
+        await store.close()
+        return got
+
+    assert asyncio.run(scenario()) == [("a",), ("b",)]
 
 
 def test_sqlite_keeps_the_final_record_whatever_the_order_within_one_write(tmp_path: Path) -> None:
@@ -541,6 +564,91 @@ def test_a_hung_database_does_not_hold_the_outbox_syncs_back(tmp_path: Path, mon
     after = [t - written for t in synced if t >= written]
     assert after and after[0] <= 0.2 + 0.05, after  # within fsync_interval (two ticks of 0.1 s), not ~2 s
     box.close()
+
+
+class _SlowStore:
+    """A database that takes ``per_record`` seconds of wall time a record (a busy core, a large batch)."""
+
+    kind = "slow"
+
+    def __init__(self, per_record: float) -> None:
+        self.per_record = per_record
+
+    async def connect(self) -> None:
+        pass
+
+    async def write(self, rows: Any) -> None:
+        await asyncio.to_thread(time.sleep, self.per_record * len(rows))
+
+    async def write_lines(self, values: Any, instance: str) -> None:
+        await asyncio.to_thread(time.sleep, self.per_record * len(values))
+
+    async def sweep(self, instances: Any, before: float) -> int:
+        return 0
+
+    async def close(self) -> None:
+        pass
+
+
+def test_long_shipments_keep_the_syncs_one_tick_apart_and_every_record_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    """With a shipment a second (the default) each shipment carries a second of records and may take longer
+    than half a tick: the syncs must keep their schedule regardless, so that every record is on disk — in
+    the database or fsynced in the outbox — within fsync_interval of its write. (Found in review: the loop
+    waited for the shipment, then slept a whole tick, and a record took 0.62 s against the 0.5 s bound.)"""
+    box = Outbox(tmp_path, segment_bytes=1 << 24)
+    box.open()
+    reader = OutboxReader.of(box)
+    syncs: list[float] = []
+    confirmed: dict[str, float] = {}
+    real_sync, real_confirm = reader.sync, reader.confirm
+
+    def sync() -> None:
+        syncs.append(time.monotonic())
+        real_sync()
+
+    def confirm(batch: Any) -> None:
+        now = time.monotonic()
+        for line in batch.lines:
+            confirmed.setdefault(orjson.loads(line)[0], now)
+        real_confirm(batch)
+
+    reader.sync, reader.confirm = sync, confirm  # type: ignore[method-assign]
+    job = Job(
+        first_segment=str(box.first_segment), instance=box.instance, leftovers=[], instances=[box.instance],
+        started=time.time(), database_url=None, database_path=None, table_prefix="", database_timeout=5.0,
+        batch_size=5000, ship_interval=1.0, fsync_interval=0.5, retry_interval=1.0,
+    )  # fmt: skip
+    written: dict[str, float] = {}
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        # 5,000 records a second at 30 µs each: a shipment of a second's records takes ~150 ms.
+        task = asyncio.ensure_future(Shipper(job, reader, _SlowStore(30e-6), lambda m: None).run(stop))
+        n = 0
+        until = time.monotonic() + 3.5
+        while time.monotonic() < until:
+            for _ in range(25):
+                n += 1
+                box.append(rec(f"r{n}").to_line())
+                written[f"r{n}"] = time.monotonic()
+            await asyncio.sleep(0.005)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    box.close()
+    gaps = [b - a for a, b in itertools.pairwise(syncs)]
+    assert max(gaps) <= 0.25 + 0.05, gaps  # one tick apart, whatever the shipments took
+    worst = 0.0
+    for request_id, at in written.items():
+        if at < syncs[0]:
+            continue
+        k = bisect.bisect_left(syncs, at)  # seen by the first sync after the write, fsynced by the next
+        fsynced = syncs[k + 1] if k + 1 < len(syncs) else float("inf")
+        worst = max(worst, min(confirmed.get(request_id, float("inf")), fsynced) - at)
+    assert worst <= 0.5 + 0.05, worst
 
 
 def test_leftovers_are_synced_at_start_and_a_failed_sync_is_retried(

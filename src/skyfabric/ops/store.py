@@ -13,13 +13,18 @@ not freeze the shipper, whose ticks keep syncing the outbox meanwhile.
 reports and the keys use ``sqlite3``): the shipper's cost per record is the ledger's largest, and most of it
 is the insert — binding 19 values and stepping the statement. APSW (a maintained, thin SQLite wrapper that
 ships a current SQLite) did the same inserts for 25–35 % less CPU: 6.0–7.5 against 8.5–10.4 µs a record,
-whole shipments through this module's code, 84,000 records each, interleaved. Both libraries open the
-same file with SQLite's own locking and WAL, so a report reads while the shipper writes.
+whole shipments through this module's code, 84,000 records each, interleaved. The two are separate copies
+of SQLite, and a copy knows only its own connections' locks inside a process (SQLite's POSIX locks are
+per process): across processes — the shipper against reports, the keys, other instances — each waits for
+the other's write lock as usual, but within one process they would not. So :meth:`SQLiteStore._open`
+closes the ``sqlite3`` connection that ran the migrations before it opens APSW's, and nothing else in the
+shipper's process opens the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -169,10 +174,15 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(sql, rows)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # A failed statement or COMMIT (a busy or full disk) leaves the transaction open: rolled back,
+            # so the next shipment starts clean (the records are still in the outbox), and the first error
+            # is the one raised.
+            if not db.get_autocommit():
+                with contextlib.suppress(Exception):
+                    db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     async def sweep(self, instances: Sequence[str], before: float) -> int:
         assert self._db is not None
