@@ -13,7 +13,7 @@ for a last shipment and a clean exit; the end of stdin without ``stop`` means th
 JSON object per line: ``{"status": {...}}`` when its figures change, ``{"log": [level, logger,
 message]}`` for each log record (the gateway logs them as its own, so they reach its log format and
 handlers). SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a ``kill`` of the process group reaches
-the gateway, whose shutdown then says ``stop``. It runs at the gateway's priority (see :data:`NICE`).
+the gateway, whose shutdown then says ``stop``. It runs at niceness :data:`NICE`.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ from skyfabric.ops.store import Store, make_store
 
 log = logging.getLogger("skyfabric.ops.ledger")
 
-#: The shipper's niceness: 0, the gateway's own. It was 10 (background work: a request woken on a busy core
-#: ran before it), and on a core the gateway kept busy that made each record ~40 % dearer: the shipper ran
-#: in fragments between requests, each one starting with cold caches. Shipper CPU per record as a share of
-#: the gateway's per request, same harness and hour (``bench/operations_ab.py --mode ledger``, 20 s runs,
-#: interleaved): niceness 10 9.5–15.4 % (4 runs), 5 7.2–10.9 % (5), 0 6.8–9.4 % (7). What the gateway's
-#: requests pay instead: while a shipment runs (~70 ms of CPU a second at 7,000 requests/s) they share the
-#: core with it in the scheduler's ordinary slices.
-NICE = 0
+#: The shipper's niceness: background work, so that a request woken on a busy core runs before it (the
+#: outbox absorbs a backlog; a shipper that falls behind catches up when the gateway is less busy). Tried at
+#: 0: the shipper's own CPU per record fell (6.8–9.4 % of the gateway's per request against 9.5–15.4 %,
+#: ``bench/operations_ab.py --mode ledger``), but on the overhead harness itself, everything on, two
+#: interleaved rounds each, req/s (7,088 / 6,890 against 7,055 / 7,046) and CPU per request with the
+#: shipper (137.6 / 141.9 against 137.0 / 140.2 µs) did not move, and p99 rose from 9.0 / 10.3 to 11.4 /
+#: 12.2 ms: requests waited behind its slices. Kept at 10.
+NICE = 10
 #: Seconds between two reports of the shipper's figures when only the counts changed.
 REPORT_INTERVAL = 0.25
 
