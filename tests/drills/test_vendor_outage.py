@@ -12,10 +12,11 @@ answers: a partition, not an error) and the load goes on until the end of the ru
 What must hold: no client sees an error; every answer — above all the streams that were flowing on Bedrock
 when it vanished — is exactly the uninterrupted answer for its request (computed first, with no fault); the
 gateway sends no model call to Bedrock once it has ejected it (timed where the gateway sends it: the fault
-proxies, in this process too, may read a call sent just before the ejection just after it); TTFT p99 during the outage within 1.5× of the
-baseline's; every in-flight counter back to zero. The worst case depends on hedging, so both are run: with
-the model's ``hedge`` on, the max TTFT too stays within 1.5×; without it, a request sent into the hole in
-the instant before detection waits for the stall watchdog, and the max is bounded by ``health.stall``.
+proxies, in this process too, may read a call sent just before the ejection just after it); TTFT p99
+during the outage within 1.5× of the baseline's; every in-flight counter back to zero. The worst case
+depends on hedging, so both are run: with the model's ``hedge`` on, the max TTFT too stays within 1.5×;
+without it, a request sent into the hole in the instant before detection waits for the stall watchdog, and
+the max is bounded by ``health.stall``.
 
 How TTFT phases are counted (honestly): *baseline* is every stream that started before the blackhole and had
 its first token before it; *outage* is every other stream — those started during the outage, and those that
