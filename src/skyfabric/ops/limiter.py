@@ -27,13 +27,14 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from skyfabric.core.errors import RateLimited
 from skyfabric.core.fleet import Limits
 from skyfabric.ops.database import redact
-from skyfabric.ops.grants import GRANT_TTL, RENEW_AHEAD, Grant, Shape, shape, want
+from skyfabric.ops.grants import GRANT_TTL, RENEW_AHEAD, Grant, Shape, Want, shape, want
 from skyfabric.ops.keys import KeyRecord
 from skyfabric.ops.pricing import PriceBook, Prices
 from skyfabric.ops.ratelimit import (
@@ -351,16 +352,24 @@ class Limiter:
         return None
 
     def _top_up(self, g: Grant, ask: Ask) -> None:
+        self._spawn(g, self._fetch(g, ask))
+
+    def _spawn(self, g: Grant, work: Coroutine[Any, Any, None]) -> None:
+        """Run a grant's fetch (a top-up or a successor) in the background; ``g`` fetches until it ends."""
         g.fetching = True
-        task = asyncio.get_running_loop().create_task(self._fetch(g, ask))
+        task = asyncio.get_running_loop().create_task(work)
         self._fetches.add(task)
         task.add_done_callback(self._fetches.discard)
 
-    async def _fetch(self, g: Grant, ask: Ask) -> None:
+    async def _charge(
+        self, g: Grant, ask: Ask, size: Want
+    ) -> tuple[tuple[float, float, int], list[str], float] | None:
+        """Ask Redis for a grant of ``size`` on ``g``'s behalf: (the counters' resets and spend, the slot
+        members, now), or None — refused (near a limit: direct admission for a while), failed, or Redis
+        unreachable (degraded). ``g`` is no longer fetching either way."""
         assert self.redis is not None
         self._grants_asked += 1
         prefix = f"{self.instance}:g{self._grants_asked}:"
-        size = g.missing()
         try:
             got = await self.redis.grant(ask, size, prefix)
         except Exception as exc:
@@ -368,16 +377,22 @@ class Limiter:
             if not _unreachable(exc):
                 log.exception("limits: a grant failed")
                 g.near_until = self.clock() + GRANT_TTL
-                return
+                return None
             self._degrade(exc)
-            return
+            return None
         g.fetching = False
         now = self.clock()
-        if got is None:  # near a limit: direct admission for a while
+        if got is None:
             g.near_until = now + GRANT_TTL
+            return None
+        return got, [prefix + str(i) for i in range(1, size.slots + 1)], now
+
+    async def _fetch(self, g: Grant, ask: Ask) -> None:
+        size = g.missing()
+        charged = await self._charge(g, ask, size)
+        if charged is None:
             return
-        requests_reset, tokens_reset, spent = got
-        slots = [prefix + str(i) for i in range(1, size.slots + 1)]
+        (requests_reset, tokens_reset, spent), slots, now = charged
         if not g.live:  # given back while this was in flight: give this part back too
             late = Grant(g.key, g.shape, size, size.requests, size.tokens, size.budget, slots, live=False)
             self._returning.append(late)
@@ -390,38 +405,20 @@ class Limiter:
 
     def _renew(self, g: Grant, ask: Ask) -> None:
         """A grant in use near its end (it never ran low): a fresh one replaces it before it expires."""
-        g.fetching = True
-        task = asyncio.get_running_loop().create_task(self._successor(g, ask))
-        self._fetches.add(task)
-        task.add_done_callback(self._fetches.discard)
+        self._spawn(g, self._successor(g, ask))
 
     async def _successor(self, g: Grant, ask: Ask) -> None:
         """Charge a new grant of ``g``'s size and put it in ``g``'s place; ``g`` admits meanwhile, then is
         retired (its unused part given back, its requests in flight settled with Redis). Why not extend
         ``g``: its units were charged up to a grant's lifetime ago, and a grant's units must be used within
         its lifetime of their charge (``grants.py``); without this, a busy key's grant expired every
-        ``GRANT_TTL`` and its requests went to the script one by one until the next grant arrived."""
-        assert self.redis is not None
-        self._grants_asked += 1
-        prefix = f"{self.instance}:g{self._grants_asked}:"
+        ``GRANT_TTL`` and its requests went to the script one by one until the next grant arrived. Refused
+        (near a limit now): ``g`` lives out its time, then direct admission."""
         size = g.size
-        try:
-            got = await self.redis.grant(ask, size, prefix)
-        except Exception as exc:
-            g.fetching = False
-            if not _unreachable(exc):
-                log.exception("limits: a grant failed")
-                g.near_until = self.clock() + GRANT_TTL
-                return
-            self._degrade(exc)
+        charged = await self._charge(g, ask, size)
+        if charged is None:
             return
-        g.fetching = False
-        now = self.clock()
-        if got is None:  # near a limit now: ``g`` lives out its time, then direct admission
-            g.near_until = now + GRANT_TTL
-            return
-        requests_reset, tokens_reset, spent = got
-        slots = [prefix + str(i) for i in range(1, size.slots + 1)]
+        (requests_reset, tokens_reset, spent), slots, now = charged
         fresh = Grant(g.key, g.shape, size, size.requests, size.tokens, size.budget, slots, now + GRANT_TTL)
         if not g.live or self.grants.get(g.key) is not g:  # replaced or dropped meanwhile: give it back
             fresh.live = False
