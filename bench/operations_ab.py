@@ -29,6 +29,7 @@ import asyncio
 import itertools
 import json
 import os
+import resource
 import signal
 import statistics
 import sys
@@ -73,10 +74,10 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
     keys_filter = ops.keys_filter if ops.keys_filter in dropped else None
     kept_filters = [f for f in gateway.filters if f is not keys_filter]
 
-    async def mark(request, ctx):  # type: ignore[no-untyped-def]
+    def mark(request, ctx):  # type: ignore[no-untyped-def]
         ctx.traced = state[0] == "on"
         if ctx.traced and keys_filter is not None:
-            return await keys_filter(request, ctx)
+            return keys_filter(request, ctx)  # None, or an awaitable the pipeline awaits
         return None
 
     class Marked:
@@ -119,7 +120,7 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
                 setattr(obj, name, wrap)
 
         limiter = ops.limiter
-        if limiter is not None:
+        if limiter is not None and not os.environ.get("HOOKS_ONLY"):
             for name in ("granted", "admit_asked", "settle", "_ask", "_take"):
                 timed(limiter, name, f"limiter.{name}")
         for obs in on_observer.observers:  # type: ignore[attr-defined]
@@ -131,10 +132,10 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
             kf = keys_filter
             acc = timing.setdefault("KeysFilter.__call__", [0, 0])
 
-            async def keys_timed(request, ctx, _kf=kf, _acc=acc):  # type: ignore[no-untyped-def]
-                t = clock_ns()
+            def keys_timed(request, ctx, _kf=kf, _acc=acc):  # type: ignore[no-untyped-def]
+                t = clock_ns()  # the filter's own step; a round trip it returns to await is not timed
                 try:
-                    return await _kf(request, ctx)
+                    return _kf(request, ctx)
                 finally:
                     _acc[0] += clock_ns() - t - empty
                     _acc[1] += 1
@@ -151,6 +152,7 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
     gc_time = {"on": 0.0, "off": 0.0}
     gc_runs = {"on": [0, 0, 0], "off": [0, 0, 0]}
     collector = Collector()
+    usage: dict[str, list[float]] = {}
     profilers: dict[str, Any] = {}
     if os.environ.get("PROFILE"):
         import cProfile
@@ -162,7 +164,12 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
         if profilers:
             profilers[current].enable()
         cpu, n, g, runs = time.process_time(), answered[0], collector.seconds, list(collector.runs)
+        use = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.sleep(slice_s)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        acc = usage.setdefault(current, [0.0] * 6)
+        for i, f in enumerate(("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nvcsw", "ru_nivcsw")):
+            acc[i] += getattr(after, f) - getattr(use, f)
         rows.append((current, time.process_time() - cpu, answered[0] - n))
         gc_time[current] += collector.seconds - g
         gc_runs[current] = [
@@ -189,6 +196,15 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
         print(
             f"garbage collector, {m}: {gc_time[m] / count * 1e6:.1f} µs/request;"
             f" collections (gen 0, 1, 2) per 1000 requests {runs}",
+            file=sys.stderr,
+        )
+    for m in ("on", "off"):
+        count = sum(k for mode, _, k in rows if mode == m)
+        u = usage.get(m, [0.0] * 6)
+        print(
+            f"rusage, {m}: user {u[0] / count * 1e6:.1f} µs/request, system {u[1] / count * 1e6:.1f};"
+            f" per 1000 requests: minor faults {u[2] * 1000 / count:.1f}, voluntary switches"
+            f" {u[4] * 1000 / count:.1f}, involuntary {u[5] * 1000 / count:.1f}",
             file=sys.stderr,
         )
     await asyncio.to_thread(out.write_text, json.dumps(rows))
@@ -264,7 +280,9 @@ def main() -> None:
                 0,
                 GATEWAY_PORT,
                 {"PYTHONPATH": str(HERE.parent / "src")},
-                quiet=not (os.environ.get("TIME_HOOKS") or os.environ.get("GC_STATS")),
+                quiet=not (
+                    os.environ.get("TIME_HOOKS") or os.environ.get("GC_STATS") or os.environ.get("RUSAGE")
+                ),
             )
             try:
                 wait_limits_ok()

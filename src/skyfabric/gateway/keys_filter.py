@@ -14,19 +14,25 @@ its own pool; see ``spend.py``), nothing for a request that failed or was refuse
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING
 
 from skyfabric.core.errors import PermissionDenied
 from skyfabric.gateway.observe import Observer
 from skyfabric.gateway.spend import answer_spent_once, stream_spent
-from skyfabric.http.messages import Request, Response, StreamResponse
+from skyfabric.http.messages import Request
 from skyfabric.ops.limiter import Limiter
 from skyfabric.ops.pricing import PriceBook
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from skyfabric.gateway.balancer import EndpointState
     from skyfabric.gateway.context import RequestContext
+    from skyfabric.ops.keys import KeyRecord
+    from skyfabric.ops.pricing import Prices
+    from skyfabric.ops.ratelimit import Ask
 
 #: A prompt's tokens estimated from its request body's bytes (JSON included): about 4 bytes a token.
 BYTES_PER_TOKEN = 4
@@ -41,11 +47,13 @@ class KeysFilter(Observer):
         #: Streams ask their backends for the final usage: settlement is by the backends' count.
         self.counts_tokens = limiter is not None
 
-    async def __call__(self, request: Request, ctx: RequestContext) -> Response | StreamResponse | None:
+    def __call__(self, request: Request, ctx: RequestContext) -> Awaitable[None] | None:
+        """None once decided here (no limits, or admitted from the key's grant: no coroutine, nothing to
+        await); an awaitable when the shared script must decide. Refusals raise."""
         record = ctx.key
         if record is None:
             return None
-        if not record.allows(ctx.request.model, ctx.model):
+        if record.models and not record.allows(ctx.request.model, ctx.model):
             raise PermissionDenied(
                 f"this API key may not use the model `{ctx.request.model}`",
                 param="model",
@@ -54,16 +62,23 @@ class KeysFilter(Observer):
         limiter = self.limiter
         if limiter is None or not record.limited:
             return None
-        anthropic = ctx.frontend.family == "anthropic"
         prompt = len(ctx.raw) // BYTES_PER_TOKEN
-        # From the key's grant without a coroutine (most requests), else the shared script.
-        lease, ask, price = limiter.granted(record, ctx.model, prompt, ctx.token_limit())
+        lease, ask, price = limiter.granted(record, ctx.model, prompt, ctx.request.max_tokens)
         if lease is None:
-            lease = await limiter.admit_asked(record, ask, price, prompt, anthropic=anthropic)
+            return self._admit(limiter, record, ask, price, prompt, ctx)
         ctx.lease = lease
-        ctx.on_refused = lambda: limiter.release(lease)
-        ctx.add_headers(lease.headers(anthropic, time.time()))
+        ctx.on_refused = functools.partial(limiter.release, lease)
+        ctx.add_headers(lease.headers(ctx.frontend.family == "anthropic", time.time()))
         return None
+
+    async def _admit(
+        self, limiter: Limiter, record: KeyRecord, ask: Ask, price: Prices, prompt: int, ctx: RequestContext
+    ) -> None:
+        """Past the grant: the shared script (or this instance's share while Redis is down) decides."""
+        anthropic = ctx.frontend.family == "anthropic"
+        lease = ctx.lease = await limiter.admit_asked(record, ask, price, prompt, anthropic=anthropic)
+        ctx.on_refused = functools.partial(limiter.release, lease)
+        ctx.add_headers(lease.headers(anthropic, time.time()))
 
     # -- settlement ---------------------------------------------------------------------------------------
 

@@ -31,20 +31,28 @@ if TYPE_CHECKING:
     from skyfabric.gateway.context import RequestContext
 
 
+#: A stream never continued: all its output tokens came from its one part.
+_NO_SPLITS = [0]
+
+
 class _Tally:
-    """One request's figures as the hooks deliver them (kept in ``ctx.tally``)."""
+    """One request's figures as the hooks deliver them (kept in ``ctx.tally``), made at its first attempt
+    (or at its end, if it had none): the ledger has no hook of its own at a request's start."""
 
     __slots__ = ("attempts", "endpoint", "spent", "splits", "started", "ttft", "wall")
 
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.wall = time.time()
+    def __init__(self) -> None:
         self.attempts = 0
         self.endpoint: str | None = None  # the last attempt's (committed or not)
-        #: Output tokens the client had when each continuation took over (for parts without usage).
-        self.splits = [0]
+        #: Output tokens the client had when each continuation took over (for parts without usage);
+        #: None until a stream is continued.
+        self.splits: list[int] | None = None
         self.spent: Spent | None = None
         self.ttft: float | None = None
+        #: The request's arrival, on the router's clock (a stream's latency counts from it) and as wall
+        #: time (the record's ``ts``); set at ``request_end``.
+        self.started = 0.0
+        self.wall = 0.0
 
 
 class LedgerObserver(Observer):
@@ -61,13 +69,10 @@ class LedgerObserver(Observer):
         #: Endpoint id → (provider, region): split once per endpoint, not once per record.
         self._where: dict[str, tuple[str, str]] = {}
 
-    def request_start(self, ctx: RequestContext) -> None:
-        ctx.tally = _Tally(self.clock())
-        request_id = ctx.request_id = new_request_id()
-        ctx.add_headers([(b"x-request-id", request_id.encode())])
-
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
-        tally: _Tally = ctx.tally
+        tally: _Tally | None = ctx.tally
+        if tally is None:
+            tally = ctx.tally = _Tally()
         if kind != CONTINUATION:
             tally.attempts += 1
         tally.endpoint = state.endpoint.id
@@ -83,18 +88,32 @@ class LedgerObserver(Observer):
         if outcome != "ok":
             return
         tally: _Tally = ctx.tally
-        tally.endpoint = state.endpoint.id
+        endpoint = tally.endpoint = state.endpoint.id
         if body is not None:
-            tally.spent = answer_spent_once(ctx, body, state.endpoint.id, self.prices)
+            memo = ctx.spent_memo  # the keys' settlement read it first when keys are on: no call then
+            if memo is not None and memo[0] is body and memo[1] == endpoint:
+                tally.spent = memo[2]
+            else:
+                tally.spent = answer_spent_once(ctx, body, endpoint, self.prices)
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
-        tally: _Tally = ctx.tally
+        """The record (a stream's open one) before the answer goes out, and the answer's ``x-request-id``.
+
+        Both are made here rather than at the request's start: nothing needs them sooner, and a hook less
+        per request is a measurable part of the ledger's cost (docs/operations.md). The record's time is
+        the request's arrival (``seconds`` ago, as the router measured it)."""
+        tally: _Tally | None = ctx.tally
+        if tally is None:  # no attempt was made (nothing could take it)
+            tally = ctx.tally = _Tally()
+        request_id = ctx.request_id = new_request_id()
+        ctx.add_headers([(b"x-request-id", request_id.encode())])
+        tally.wall = time.time() - seconds
         if ctx.stream and status == 200:
             tally.ttft = seconds
             # The stream's latency, at its end, from its arrival as the router measured it (as its time to
-            # first token is), not from this observer's first hook, which came later.
+            # first token is).
             tally.started = self.clock() - seconds
-            self.open[ctx.request_id or ""] = ctx
+            self.open[request_id] = ctx
             self.ledger.write(self._record(ctx, tally, 200, OPEN, seconds))
             return
         self.ledger.write(self._record(ctx, tally, status, OK if status < 400 else ERROR, seconds))
@@ -103,6 +122,8 @@ class LedgerObserver(Observer):
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
     ) -> None:
         tally: _Tally = ctx.tally
+        if tally.splits is None:
+            tally.splits = [0]
         tally.splits.append(tokens)
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
@@ -110,7 +131,9 @@ class LedgerObserver(Observer):
         if self.open.pop(ctx.request_id or "", None) is None:
             return  # already closed (at shutdown)
         endpoints = ctx.parts_endpoints or [state.endpoint.id]
-        tally.spent = stream_spent(ctx.usage_parts, endpoints, tokens, self.prices, tally.splits)
+        tally.spent = stream_spent(
+            ctx.usage_parts, endpoints, tokens, self.prices, tally.splits or _NO_SPLITS
+        )
         outcome = OK if completed else INCOMPLETE
         self.ledger.write(self._record(ctx, tally, 200, outcome, self.clock() - tally.started))
 

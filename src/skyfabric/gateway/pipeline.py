@@ -29,8 +29,11 @@ if TYPE_CHECKING:
 
 Answer = Response | StreamResponse
 #: A step that may refuse a request before it is routed (raise :class:`ClientError`), or answer it
-#: itself (return a response); None lets it through.
-Filter = Callable[[Request, RequestContext], Awaitable[Answer | None]]
+#: itself (return a response); None lets it through. A step that must wait (a round trip to shared state)
+#: returns an awaitable of the same instead: one that decides at once (most requests, with a key's limits
+#: granted in this process) creates no coroutine and is not awaited.
+Filter = Callable[[Request, RequestContext], Answer | Awaitable[Answer | None] | None]
+_ANSWERS = (Response, StreamResponse)
 
 
 class Gateway(Protocol):
@@ -121,9 +124,11 @@ async def inference(gateway: Gateway, request: Request, frontend: Frontend) -> A
     try:
         ctx = context(gateway, request, frontend)
         for step in gateway.filters:
-            answer = await step(request, ctx)
-            if answer is not None:
-                return answer
+            decided = step(request, ctx)
+            if decided is not None:
+                answer = decided if isinstance(decided, _ANSWERS) else await decided
+                if answer is not None:
+                    return answer
         answer = await gateway.proxy.forward(ctx)
     except ClientError as exc:
         if ctx is not None and ctx.on_refused is not None:

@@ -337,8 +337,7 @@ class Limiter:
         """Admit ``ask`` from grant ``g``, or None (then Redis decides); tops the grant up when it runs low
         or cannot admit. The lease's verdict is read from the grant when its headers are built."""
         now = self.clock()
-        if g.fits(ask, now):
-            g.take(ask)
+        if g.admit(ask, now):
             if ask.lease:
                 self._running[ask.lease] = ask
             if not g.fetching and now >= g.near_until:

@@ -15,6 +15,8 @@ ships.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -75,9 +77,9 @@ _OUTCOME = LINE_FIELDS.index("outcome")
 _APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 
-def line_of(values: tuple[Any, ...]) -> bytes:
-    """An outbox line from the values of :data:`LINE_FIELDS`, in order (the hot path builds the tuple)."""
-    return orjson.dumps(values, option=_APPEND_NEWLINE)
+#: An outbox line from the values of :data:`LINE_FIELDS`, in order (the hot path builds the tuple):
+#: ``orjson.dumps`` bound to its option, so that encoding a record is one C call and no Python frame.
+line_of: Callable[[tuple[Any, ...]], bytes] = functools.partial(orjson.dumps, option=_APPEND_NEWLINE)
 
 
 def row_of(line: bytes, instance: str = "") -> tuple[Any, ...]:
