@@ -16,7 +16,9 @@ shared fleet state) alive: a few µs closer to "on" than a gateway without ``ope
 
 ``--mode`` names what "off" drops (``none``: an A/A calibration). ``TIME_HOOKS=1`` prints each operations
 hook's wall time in place (``TIME_HOOKS=cpu``: the thread's CPU time, less the cost of reading it; an
-awaiting hook's figure then counts whatever ran meanwhile); ``GC_STATS=1`` the collector's share of each
+awaiting hook's figure then counts whatever ran meanwhile; ``HOOKS_ONLY=1``: no nested timers in the
+limiter, whose own reads inflate the hooks that call it); ``RUSAGE=1`` each mode's user and system CPU,
+minor faults and context switches per request; ``GC_STATS=1`` the collector's share of each
 mode; ``PROFILE=<dir>`` writes a cProfile of each mode there (µs per request); ``PAUSE_SHIPPER=1`` stops the
 shipper (SIGSTOP) for the measured run: what its work on the same core costs the gateway's own code (the
 outbox keeps the records; it ships them when continued).

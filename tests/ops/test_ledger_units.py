@@ -34,7 +34,7 @@ from skyfabric.ops.record import (
 )
 from skyfabric.ops.report import parse_when, render, usage_rows
 from skyfabric.ops.shipper import Job, Shipper
-from skyfabric.ops.store import MIGRATIONS, PostgresStore, SQLiteStore
+from skyfabric.ops.store import LINES_PER_INSERT, MIGRATIONS, PostgresStore, SQLiteStore
 from tests.ops.conftest import PG_URL, pg_rows
 
 
@@ -475,6 +475,46 @@ def test_sqlite_keeps_the_final_record_whatever_the_order_within_one_write(tmp_p
         return got
 
     assert asyncio.run(run()) == [("s1", 7, 1), ("s2", 9, 1)]
+
+
+def test_sqlite_lines_in_multi_row_statements_land_as_one_statement_each_would(tmp_path: Path) -> None:
+    """The shipper inserts :data:`LINES_PER_INSERT` lines to a statement and the rest one by one: what lands
+    is what line-by-line inserts give — every line once, a stream's final record over its open one whether
+    both share a statement, straddle two or fall in the remainder, and a replayed open record never undoing
+    a final one."""
+    k = LINES_PER_INSERT
+    lines = [rec(f"r{i}", tokens_out=i).to_line() for i in range(2 * k + 3)]
+    lines[1] = rec("s-in", outcome=OPEN, tokens_out=0).to_line()  # open and final in one statement
+    lines[2] = rec("s-in", tokens_out=11).to_line()
+    lines[k - 1] = rec("s-across", outcome=OPEN, tokens_out=0).to_line()  # last of one statement ...
+    lines[k] = rec("s-across", tokens_out=12).to_line()  # ... first of the next
+    lines[2 * k] = rec("s-rest", outcome=OPEN, tokens_out=0).to_line()  # in the remainder
+    lines[2 * k + 1] = rec("s-rest", tokens_out=13).to_line()
+    lines[2 * k + 2] = rec("s-in", outcome=OPEN, tokens_out=0).to_line()  # a replay of an open record
+    values = lines_of([line.rstrip(b"\n") for line in lines])
+    assert values is not None
+    store = SQLiteStore(str(tmp_path / "l.db"), "")
+
+    async def run() -> list[tuple[str, str, int, int, str]]:
+        await store.connect()
+        await store.write_lines(values, "host:/slot-0")
+        assert store._db is not None
+        got = store._db.execute(
+            "SELECT request_id, outcome, tokens_out, final, instance FROM usage"
+        ).fetchall()
+        await store.close()
+        return got
+
+    got = {r[0]: r[1:] for r in asyncio.run(run())}
+    expected = {f"r{i}": (OK, i, 1, "host:/slot-0") for i in range(2 * k + 3)}
+    for i in (1, 2, k - 1, k, 2 * k, 2 * k + 1, 2 * k + 2):
+        del expected[f"r{i}"]
+    expected |= {
+        "s-in": (OK, 11, 1, "host:/slot-0"),
+        "s-across": (OK, 12, 1, "host:/slot-0"),
+        "s-rest": (OK, 13, 1, "host:/slot-0"),
+    }
+    assert got == expected
 
 
 def test_postgres_takes_parsed_lines_as_rows(pg_prefix: str) -> None:
