@@ -47,7 +47,15 @@ log = logging.getLogger("skyfabric.ops.outbox")
 #: 1 MiB: ~5,000 records, so that a shipment every 250 ms at several thousand requests a second reads one
 #: segment and commits once (each commit is a synced write of the database's log).
 SEGMENT_BYTES = 1024 * 1024
-_ZEROS = bytes(SEGMENT_BYTES)
+#: A new segment's zeros are written this many bytes at a time. The page cache keeps a file's pages in
+#: folios as large as the writes that made them, and a write through the mapping to a page of a folio made
+#: clean (by the shipper's sync, or never dirtied through the mapping) faults once per 4 KiB page into the
+#: file system, which works through the whole folio each time: with one 1 MiB write, 37 faults per 1,000
+#: 150-byte records, each over a 1 MiB folio; with 16 KiB writes, 11 per 1,000 (a fault maps the whole small
+#: folio) and less system time (0.04–0.17 against 0.23–0.42 µs a record, a standalone loop syncing every
+#: 1,750 records, as the shipper does under load; ext4). 64 writes a segment instead of one.
+ZERO_CHUNK = 16 * 1024
+_ZEROS = bytes(ZERO_CHUNK)
 SUFFIX = ".jsonl"
 
 
@@ -149,10 +157,10 @@ class Outbox:
         capacity = max(self.segment_bytes, need)
         fd = os.open(self.segment_path(self._seq), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            zeros = _ZEROS if capacity == len(_ZEROS) else bytes(capacity)
             written = 0
             while written < capacity:  # ENOSPC here, at a segment's start, not as a fault mid-copy
-                written += os.pwrite(fd, zeros[written:] if written else zeros, written)
+                chunk = _ZEROS if capacity - written >= ZERO_CHUNK else _ZEROS[: capacity - written]
+                written += os.pwrite(fd, chunk, written)
             self._map = mmap.mmap(fd, capacity)
         except BaseException:
             os.close(fd)
