@@ -53,7 +53,7 @@ class KeysFilter(Observer):
         record = ctx.key
         if record is None:
             return None
-        if record.models and not record.allows(ctx.request.model, ctx.model):
+        if not record.allows(ctx.request.model, ctx.model):
             raise PermissionDenied(
                 f"this API key may not use the model `{ctx.request.model}`",
                 param="model",

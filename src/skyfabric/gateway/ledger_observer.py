@@ -90,11 +90,7 @@ class LedgerObserver(Observer):
         tally: _Tally = ctx.tally
         endpoint = tally.endpoint = state.endpoint.id
         if body is not None:
-            memo = ctx.spent_memo  # the keys' settlement read it first when keys are on: no call then
-            if memo is not None and memo[0] is body and memo[1] == endpoint:
-                tally.spent = memo[2]
-            else:
-                tally.spent = answer_spent_once(ctx, body, endpoint, self.prices)
+            tally.spent = answer_spent_once(ctx, body, endpoint, self.prices)
 
     def request_end(self, ctx: RequestContext, status: int, seconds: float) -> None:
         """The record (a stream's open one) before the answer goes out, and the answer's ``x-request-id``.

@@ -112,12 +112,7 @@ def answer_spent_once(ctx: RequestContext, body: bytes, endpoint: str, prices: P
     memo = ctx.spent_memo
     if memo is not None and memo[0] is body and memo[1] == endpoint:
         return memo[2]
-    read = ctx.usage_memo  # as answer_tokens_once, without its call
-    if read is not None and read[0] is body:
-        tokens = read[1]
-    else:
-        tokens = answer_tokens(body, ctx.frontend.family)
-        ctx.usage_memo = (body, tokens)
+    tokens = answer_tokens_once(ctx, body)
     spent = None
     if tokens is not None:
         prompt, output, cached, _ = tokens

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
@@ -76,10 +77,12 @@ def insert_sql(prefix: str, placeholder: str) -> str:
     return _upsert(prefix, ", ".join([placeholder] * len(COLUMNS)))
 
 
+@functools.lru_cache(maxsize=64)
 def positional_insert_sql(prefix: str, instance: str, rows: int = 1) -> str:
     """The same insert of outbox lines' values as they are (:data:`record.LINE_FIELDS`, numbered
     parameters), ``instance`` inlined and ``final`` computed: the shipper binds the parsed lines themselves,
-    building no row per record (SQLite). ``rows`` lines per statement, their values one after another."""
+    building no row per record (SQLite). ``rows`` lines per statement, their values one after another.
+    Built once per slot and size, not per shipment."""
     n = len(LINE_FIELDS)
     literal = "'" + instance.replace("'", "''") + "'"
     tuples = []
