@@ -15,6 +15,9 @@ from tests.ops.conftest import PG_URL, pg_rows
 from tests.support.gateway_proc import fleet_file, start_gateway, start_stub, stop
 from tests.support.private_redis import free_port
 
+#: Long enough a stream that the kill finds one the gateway is still sending (see the kill below).
+STREAM_TOKENS = 200
+
 
 @pytest.mark.slow
 async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path, pg_prefix: str) -> None:
@@ -32,7 +35,7 @@ async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path,
     answered: dict[str, str] = {}  # request id → "plain", "stream" (complete) or "cut" (the kill cut it)
     usage: dict[str, tuple[int, int]] = {}
     stop_at = asyncio.Event()
-    streaming: set[str] = set()
+    streaming: dict[str, int] = {}  # request id → chunks the client has of it so far
 
     async def worker(n: int) -> None:
         i = 0
@@ -40,7 +43,7 @@ async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path,
             i += 1
             messages = [{"role": "user", "content": f"worker {n} request {i}"}]
             try:
-                if (n + i) % 2:
+                if n % 2:  # half the workers ask for whole answers, half for (long) streams
                     raw = await client.chat.completions.with_raw_response.create(
                         model="m",
                         messages=messages,
@@ -55,23 +58,25 @@ async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path,
                     raw = await client.chat.completions.with_raw_response.create(
                         model="m",
                         messages=messages,
-                        max_tokens=40,
+                        max_tokens=STREAM_TOKENS,
                         stream=True,  # type: ignore[arg-type]
                     )
                     rid = raw.headers["x-request-id"]
                     answered[rid] = "cut"  # the client has its id from here on
                     async for _ in raw.parse():
-                        streaming.add(rid)  # mid-answer: the gateway is still sending this one
-                    streaming.discard(rid)
+                        streaming[rid] = streaming.get(rid, 0) + 1
+                    del streaming[rid]
                     answered[rid] = "stream"
             except (openai.APIConnectionError, httpx_errors()):
                 return  # the gateway is gone
 
     workers = [asyncio.create_task(worker(n)) for n in range(12)]
     await asyncio.sleep(2.0)
-    # Kill while a stream is mid-answer (on a busy machine a fixed instant can fall between streams).
+    # Kill while a stream is early in its answer. Not just any stream the client is reading: on a busy
+    # machine the client lags, and a stream it is still reading may have been sent whole already (one of
+    # 200 tokens takes the stub 0.8 s; one with fewer than 20 read is cut unless the client lags that much).
     deadline = time.monotonic() + 5
-    while not streaming and time.monotonic() < deadline:
+    while not any(n < 20 for n in streaming.values()) and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
     os.kill(gateway.pid, signal.SIGKILL)
     gateway.wait(5)
@@ -101,7 +106,7 @@ async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path,
         if how == "plain":
             assert (row["tokens_in"], row["tokens_out"], row["outcome"]) == (*usage[rid], "ok")
         elif how == "stream":
-            assert (row["tokens_out"], row["outcome"]) == (40, "ok")
+            assert (row["tokens_out"], row["outcome"]) == (STREAM_TOKENS, "ok")
         else:  # its gateway died mid-stream: the next run closed its record
             assert row["outcome"] in ("interrupted", "ok") and row["final"] == 1
     assert sum(1 for rid in cut if rows[rid]["outcome"] == "interrupted") >= 1

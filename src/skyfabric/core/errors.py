@@ -173,6 +173,15 @@ class EndpointAborted(RemoteProtocolError):
     """
 
 
+class NotSent(UpstreamError):
+    """Raised when an endpoint left rotation between its pick and the send: nothing was sent.
+
+    A pick and its send are apart whenever an attempt starts as its own task (a hedged race) or waits
+    out a backoff first; an ejection learnt meanwhile must stop the call, and the request picks again.
+    Not a failure of the endpoint, so nothing counts it against one.
+    """
+
+
 class UpstreamStatus(UpstreamError):
     """Raised when the upstream answers with a non-2xx status; keeps its status, headers and body."""
 

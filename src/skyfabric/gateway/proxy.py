@@ -18,6 +18,7 @@ from skyfabric.core.endpoints import Endpoint
 from skyfabric.core.errors import (
     InvalidRequest,
     MalformedEvent,
+    NotSent,
     Overloaded,
     RemoteProtocolError,
     UpstreamError,
@@ -228,6 +229,7 @@ class Proxy(Router):
                         )
                         if state is None:
                             break
+                        in_rotation = state.available(now)  # not a panic pick: must still be at the send
                         if ctx.attempts > 0:
                             if not self.budget.allow():
                                 self._settle(ctx, pending)
@@ -245,7 +247,10 @@ class Proxy(Router):
                         ctx.tried.add(state.endpoint.id)
                         served_before = state.successes
                         try:
-                            answer = await self._attempt_or_race(ctx, state, model)
+                            answer = await self._attempt_or_race(ctx, state, model, in_rotation)
+                        except NotSent:
+                            ctx.attempts -= 1  # it left rotation during the backoff: nothing sent, pick again
+                            continue
                         except UpstreamError as exc:
                             last = exc
                             failed = self.states.get(exc.endpoint, state)
@@ -301,12 +306,16 @@ class Proxy(Router):
                 self.budget.active_retries -= 1
 
     async def _attempt_or_race(
-        self, ctx: RequestContext, state: EndpointState, model: str
+        self, ctx: RequestContext, state: EndpointState, model: str, in_rotation: bool
     ) -> Response | StreamResponse:
-        """One attempt, or — for a hedged model's stream — a race of attempts on different providers."""
+        """One attempt, or — for a hedged model's stream — a race of attempts on different providers.
+
+        ``in_rotation``: ``state`` was in rotation when picked (not a panic pick), so the attempt is
+        called off should it be ejected before the send. A hedge only ever goes to an endpoint in rotation.
+        """
         hedge = self._models[model].hedge
         if hedge is None or not ctx.stream:
-            return await self.attempt(ctx, state, model)
+            return await self.attempt(ctx, state, model, in_rotation=in_rotation)
         if hedge.after == "p95":
             p95 = self.ttft[model].p95()
             after = max(hedge.min_after, p95) if p95 is not None else self.timeouts.first_token / 2
@@ -315,34 +324,62 @@ class Proxy(Router):
         racing = {state.endpoint.provider}
 
         def another(n: int) -> Callable[[], Awaitable[Response | StreamResponse]] | None:
+            now = self.clock()
             other = self.clusters[model].pick(
-                self.clock(),
+                now,
                 avoid_endpoints=ctx.tried,
                 avoid_providers=racing | ctx.failed_providers,
                 cooldowns=self.cooldowns,
             )
-            if other is None or other.endpoint.provider in racing or not self.budget.allow():
+            # The pick panics into an ejected or cooling endpoint when no other is left; an extra
+            # attempt is never worth sending into one.
+            if (
+                other is None
+                or other.endpoint.provider in racing
+                or not other.available(now)
+                or self.cooldowns.get(other.endpoint.provider, 0.0) > now
+                or not self.budget.allow()
+            ):
                 return None
             racing.add(other.endpoint.provider)
             ctx.attempts += 1
             ctx.tried.add(other.endpoint.id)
             self.metrics.hedges.inc()
-            return lambda: self.attempt(ctx, other, model, HEDGE)
+            return lambda: self.attempt(ctx, other, model, HEDGE, in_rotation=True)
+
+        def failed(exc: UpstreamError) -> None:
+            if isinstance(exc, NotSent):
+                ctx.attempts -= 1  # ejected before its task could send: not an attempt, not a failure
+            else:
+                self.note_failure(ctx, self.states.get(exc.endpoint, state), exc)
 
         return await race(
-            lambda: self.attempt(ctx, state, model),
+            lambda: self.attempt(ctx, state, model, in_rotation=in_rotation),
             another,
             after,
             hedge.max_hedges,
-            on_error=lambda exc: self.note_failure(ctx, self.states.get(exc.endpoint, state), exc),
+            on_error=failed,
             discard=_abandon,
         )
 
     async def attempt(
-        self, ctx: RequestContext, state: EndpointState, model: str, kind: str = ATTEMPT
+        self,
+        ctx: RequestContext,
+        state: EndpointState,
+        model: str,
+        kind: str = ATTEMPT,
+        *,
+        in_rotation: bool = False,
     ) -> Response | StreamResponse:
-        """One attempt on one endpoint, up to the commit point; raises :class:`UpstreamError`."""
+        """One attempt on one endpoint, up to the commit point; raises :class:`UpstreamError`.
+
+        With ``in_rotation`` (it was when picked) an endpoint ejected since raises :class:`NotSent`
+        before anything is sent: the pick is stale, not the endpoint's answer.
+        """
         endpoint = state.endpoint
+        started = self.clock()
+        if in_rotation and not state.available(started):
+            raise NotSent(f"{endpoint.id} left rotation before the call was sent", endpoint=endpoint.id)
         backend = self.backend(endpoint)
         passthrough = backend.family == ctx.frontend.family
         if not passthrough:
@@ -359,7 +396,6 @@ class Proxy(Router):
         call = backend.build(ctx.request, endpoint, usage=usage)
         state.outstanding += 1
         handed_off = False
-        started = self.clock()
         observer = self.traced_observer if ctx.traced else self.observer
         observer.attempt_start(ctx, state, kind)
         try:
