@@ -264,14 +264,18 @@ async def test_a_stream_cut_on_bedrock_finishes_on_anthropic_identically(
         "messages": [{"role": "user", "content": "Write some code"}],
     }
     expected = await _stream(client, **kwargs)
+    proxy = gw.gateway.proxy
+    on_bedrock, on_vendor = proxy.states["aws/r1/pool/0"], proxy.states["anthropic/r1/pool/0"]
+    assert on_bedrock.available(proxy.clock()), f"Bedrock was ejected before the cut: {on_bedrock}"
     bedrock.set_fault(fault, times=1)
-    for _ in range(12):  # the router picks either vendor first: until Bedrock has served the cut
+    on_vendor.outstanding += 1000  # the stream goes to Bedrock (least loaded), its continuation here
+    try:
         got = await _stream(client, **kwargs)
-        assert got.content[0].text == expected.content[0].text
-        assert got.stop_reason == expected.stop_reason
-        assert got.usage.output_tokens == expected.usage.output_tokens
-        if not bedrock.script:
-            break
+    finally:
+        on_vendor.outstanding -= 1000
+    assert got.content[0].text == expected.content[0].text
+    assert got.stop_reason == expected.stop_reason
+    assert got.usage.output_tokens == expected.usage.output_tokens
     assert not bedrock.script, "Bedrock never served the cut"
     cut = next(r for r in bedrock.messages if r.fault == fault)
     assert cut.sent_text and not cut.completed
