@@ -249,7 +249,7 @@ class Proxy(Router):
                         try:
                             answer = await self._attempt_or_race(ctx, state, model, in_rotation)
                         except NotSent:
-                            ctx.attempts -= 1  # it left rotation during the backoff: nothing sent, pick again
+                            ctx.attempts -= 1  # ejected between pick and send: nothing sent, pick again
                             continue
                         except UpstreamError as exc:
                             last = exc
