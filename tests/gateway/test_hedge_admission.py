@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 
-from skyfabric.core.errors import Overloaded, UpstreamError
+from skyfabric.core.errors import NotSent, Overloaded, UpstreamError
 from skyfabric.gateway.admission import Admission, _ModelGate, parse_priority
 from skyfabric.gateway.hedge import TtftWindow, race
 from tests.conftest import MakeGateway
@@ -68,6 +69,48 @@ async def test_race_returns_first_success_and_cancels_the_rest() -> None:
     assert [str(e) for e in errors] == ["boom"]
     with pytest.raises(UpstreamError):
         await race(broken, lambda n: None, 0.01, 1)
+
+
+@pytest.mark.parametrize("stale_first", [True, False], ids=["stale-first", "stale-hedge"])
+async def test_race_raises_a_real_failure_over_a_stale_pick_and_reports_the_other(stale_first: bool) -> None:
+    # Both attempts end in the same instant with nothing else running: the real failure is raised (the
+    # caller counts it against its endpoint); the stale pick, which sent nothing, goes to on_error.
+    go = asyncio.Event()
+
+    async def broken() -> str:
+        await go.wait()
+        raise UpstreamError("boom", endpoint="a")
+
+    async def stale() -> str:
+        await go.wait()
+        raise NotSent("stale", endpoint="b")
+
+    def hedge(n: int) -> Callable[[], Awaitable[str]]:
+        asyncio.get_running_loop().call_soon(go.set)  # both end together
+        return broken if stale_first else stale
+
+    errors: list[UpstreamError] = []
+    with pytest.raises(UpstreamError) as raised:
+        await race(stale if stale_first else broken, hedge, 0.01, 1, on_error=errors.append)
+    assert str(raised.value) == "boom"
+    assert [str(e) for e in errors] == ["stale"]
+
+
+async def test_race_reports_every_failure_of_an_instant_but_the_one_it_raises() -> None:
+    go = asyncio.Event()
+
+    async def broken(name: str) -> str:
+        await go.wait()
+        raise UpstreamError(name, endpoint=name)
+
+    def hedge(n: int) -> Callable[[], Awaitable[str]]:
+        asyncio.get_running_loop().call_soon(go.set)
+        return lambda: broken("b")
+
+    errors: list[UpstreamError] = []
+    with pytest.raises(UpstreamError) as raised:
+        await race(lambda: broken("a"), hedge, 0.01, 1, on_error=errors.append)
+    assert sorted([str(raised.value), *(str(e) for e in errors)]) == ["a", "b"]  # none dropped
 
 
 def test_p95_window() -> None:

@@ -10,6 +10,7 @@ import httpx
 import orjson
 import pytest
 
+from skyfabric.gateway.balancer import eject
 from tests.conftest import MakeGateway, RunningGateway
 from tests.support.fake_upstream import FakeUpstream, expected_text
 
@@ -524,4 +525,25 @@ async def test_a_stream_goes_on_only_on_the_same_model(make_gateway: MakeGateway
         # held until its own endpoint passes a probe, then continued there; the other model gets nothing
         assert chat_text(await read_stream(gw)) == expected_text(10)
         assert len(first.requests) == 2 and backup.requests == []
+    await idle(gw)
+
+
+async def test_a_cut_stream_goes_on_a_later_model_in_rotation_not_an_ejected_endpoint_of_its_own(
+    make_gateway: MakeGateway,
+) -> None:
+    """The stream's own model has no endpoint left in rotation (the one that broke it aside): it goes on
+    on the model declared the same (``continue_on``), not into the balancer's panic pick of an ejected
+    endpoint."""
+    first = FakeUpstream("first", tokens=10).then({"cut_after": 4})
+    first.token_delay = 0.01
+    ejected = FakeUpstream("ejected", tokens=10)
+    backup = FakeUpstream("backup", tokens=10)
+    backup.model = "m-twin"
+    models = [{"name": "m", "continue_on": ["m-twin"]}, {"name": "m-twin"}]
+    gw = await make_gateway({"aws": [first, ejected], "gcp": [backup]}, models=models, timeouts=FAST)
+    proxy = gw.gateway.proxy
+    eject(proxy.states["aws/r1/pool/1"], proxy.clock(), proxy.outlier)  # the pool's second: ``ejected``
+    assert chat_text(await read_stream(gw)) == expected_text(10)
+    assert [b for b in ejected.requests if "messages" in b] == []  # health probes aside: never called
+    assert len(backup.requests) == 1
     await idle(gw)

@@ -7,6 +7,7 @@ out a backoff first; an ejection learnt in between must stop the call, and the r
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from skyfabric.gateway.balancer import Cluster, EndpointState, eject
@@ -21,11 +22,16 @@ def model_calls(up: FakeUpstream) -> int:
     return sum(1 for body in up.requests if "messages" in body)
 
 
-def eject_on_pick(gw: RunningGateway, nth: int) -> list[EndpointState]:
-    """Make the ``nth`` pick of model ``m`` go stale: its endpoint is ejected right after the pick, before
-    anything else the event loop runs (as when another request's failure is processed first)."""
+def eject_on_pick(
+    gw: RunningGateway, nth: int, stale: Callable[[EndpointState], object] | None = None
+) -> list[EndpointState]:
+    """Make the ``nth`` pick of model ``m`` go stale: its endpoint is ejected (or ``stale`` is done to it)
+    right after the pick, before anything else the event loop runs (as when another request's failure is
+    processed first)."""
     proxy = gw.gateway.proxy
     picks: list[EndpointState] = []
+    if stale is None:
+        stale = lambda s: eject(s, proxy.clock(), proxy.outlier)  # noqa: E731
 
     class Stale(Cluster):
         def pick(self, now: float, **kwargs: Any) -> EndpointState | None:
@@ -33,7 +39,7 @@ def eject_on_pick(gw: RunningGateway, nth: int) -> list[EndpointState]:
             if state is not None:
                 picks.append(state)
                 if len(picks) == nth:
-                    asyncio.get_running_loop().call_soon(eject, state, proxy.clock(), proxy.outlier)
+                    asyncio.get_running_loop().call_soon(stale, state)
             return state
 
     real = proxy.clusters["m"]
@@ -123,5 +129,34 @@ async def test_an_endpoint_ejected_during_the_backoff_before_a_retry_is_sent_not
         proxy.states[ids[2]].outstanding -= 1000
     assert [p.endpoint.id for p in picks] == ids
     assert model_calls(first) == 0  # picked, ejected during the backoff: never called
+    assert model_calls(second) == 1
+    assert proxy.metrics.retries._value.get() == 1  # one retry sent, after one backoff: not two
+    assert all(s.outstanding == 0 and not s.inflight for s in proxy.states.values())
+
+
+async def test_an_endpoint_removed_by_discovery_during_the_backoff_is_sent_nothing(
+    make_gateway: MakeGateway,
+) -> None:
+    # Discovery drains an endpoint (it left the fleet) while a retry that picked it sleeps its backoff.
+    dead, first, second = (
+        FakeUpstream("dead"),
+        FakeUpstream("first", tokens=2),
+        FakeUpstream("second", tokens=2),
+    )
+    gw = await make_gateway({"aws": [dead, first, second]}, retry={"backoff_base": 0.05, "backoff_max": 0.05})
+    await dead.stop()
+    proxy = gw.gateway.proxy
+    ids = [s.endpoint.id for s in proxy.clusters["m"].states]
+    proxy.states[ids[1]].outstanding += 500
+    proxy.states[ids[2]].outstanding += 1000
+    picks = eject_on_pick(gw, 2, lambda state: proxy.drain_endpoint(state.endpoint.id))
+    try:
+        assert await ask(gw, stream=False) == expected_text(2)
+    finally:
+        proxy.states[ids[1]].outstanding -= 500
+        proxy.states[ids[2]].outstanding -= 1000
+    assert [p.endpoint.id for p in picks] == ids
+    assert proxy.states[ids[1]].draining
+    assert model_calls(first) == 0  # picked, drained during the backoff: never called
     assert model_calls(second) == 1
     assert all(s.outstanding == 0 and not s.inflight for s in proxy.states.values())

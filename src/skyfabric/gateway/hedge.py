@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from skyfabric.core.errors import UpstreamError
+from skyfabric.core.errors import NotSent, UpstreamError
 
 T = TypeVar("T")
 
@@ -56,9 +56,10 @@ async def race(
     """Run ``first``; each ``after`` seconds without a result, start ``hedge(n)`` (None: no one to ask).
 
     Returns the first result; cancels and awaits every other attempt before returning. Raises the last
-    :class:`UpstreamError` when all attempts failed; ``on_error`` hears of the ones that failed while
-    another attempt was still running; ``discard`` gets every other result that arrived anyway (two
-    attempts committing in the same instant), so it can release what it holds.
+    :class:`UpstreamError` when all attempts failed (a :class:`NotSent` only if none failed otherwise in
+    the same instant); ``on_error`` hears of every other failure, so that each is accounted for once;
+    ``discard`` gets every other result that arrived anyway (two attempts committing in the same instant),
+    so it can release what it holds.
     """
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[T]] = {loop.create_task(_call(first))}
@@ -88,9 +89,13 @@ async def race(
                     raise error
                 else:
                     errors.append(error)
-            for error in errors:
-                if (winner is not None or running) and on_error is not None:
-                    on_error(error)  # another attempt answers or still races: account for this one now
+            # A stale pick (nothing sent) is the one raised only when nothing else failed: a real failure
+            # must reach the caller, raised or through ``on_error``.
+            errors.sort(key=lambda e: not isinstance(e, NotSent))
+            for i, error in enumerate(errors):
+                raised = winner is None and not running and i == len(errors) - 1
+                if not raised and on_error is not None:
+                    on_error(error)  # another answers, still races, or fails with it: account for it now
                 last_error = error
             if winner is not None:
                 return winner.result()

@@ -190,6 +190,7 @@ class Proxy(Router):
         self.budget.active_requests += 1
         retrying = False
         waited = False
+        repick = False  # the last pick went stale before its send (NotSent)
         refused: set[str] | None = None  # models that said the request does not fit their context
         #: Request-suspect failures seen so far: class → the provider it happened on first.
         seen: dict[str, str] | None = None
@@ -234,15 +235,19 @@ class Proxy(Router):
                             if not self.budget.allow():
                                 self._settle(ctx, pending)
                                 return self._exhausted(ctx, last, "retry budget exhausted")
-                            if state.endpoint.provider in ctx.failed_providers:
-                                pause = backoff(
-                                    ctx.attempts, self.fleet.retry.backoff_base, self.fleet.retry.backoff_max
-                                )
-                                await asyncio.sleep(min(pause, max(0.0, ctx.deadline - now)))
+                            if not repick:  # a stale pick's retry: backed off and counted already
+                                if state.endpoint.provider in ctx.failed_providers:
+                                    pause = backoff(
+                                        ctx.attempts,
+                                        self.fleet.retry.backoff_base,
+                                        self.fleet.retry.backoff_max,
+                                    )
+                                    await asyncio.sleep(min(pause, max(0.0, ctx.deadline - now)))
+                                self.metrics.retries.inc()
                             if not retrying:
                                 retrying = True
                                 self.budget.active_retries += 1
-                            self.metrics.retries.inc()
+                        repick = False
                         ctx.attempts += 1
                         ctx.tried.add(state.endpoint.id)
                         served_before = state.successes
@@ -250,6 +255,7 @@ class Proxy(Router):
                             answer = await self._attempt_or_race(ctx, state, model, in_rotation)
                         except NotSent:
                             ctx.attempts -= 1  # ejected between pick and send: nothing sent, pick again
+                            repick = True
                             continue
                         except UpstreamError as exc:
                             last = exc
@@ -373,12 +379,13 @@ class Proxy(Router):
     ) -> Response | StreamResponse:
         """One attempt on one endpoint, up to the commit point; raises :class:`UpstreamError`.
 
-        With ``in_rotation`` (it was when picked) an endpoint ejected since raises :class:`NotSent`
-        before anything is sent: the pick is stale, not the endpoint's answer.
+        With ``in_rotation`` (it was when picked) an endpoint ejected since, or removed by discovery
+        (draining), raises :class:`NotSent` before anything is sent: the pick is stale, not the
+        endpoint's answer.
         """
         endpoint = state.endpoint
         started = self.clock()
-        if in_rotation and not state.available(started):
+        if in_rotation and (state.draining or not state.available(started)):
             raise NotSent(f"{endpoint.id} left rotation before the call was sent", endpoint=endpoint.id)
         backend = self.backend(endpoint)
         passthrough = backend.family == ctx.frontend.family

@@ -347,11 +347,22 @@ class Router:
         return any(s.endpoint.id not in refused for model in chain for s in self.clusters[model].states)
 
     def pick_for_stream(self, ctx: RequestContext, chain: Sequence[str]) -> EndpointState | None:
-        """The endpoint to take over ``ctx``'s broken stream: the first model of ``chain`` with one."""
+        """The endpoint to take over ``ctx``'s broken stream: the first model of ``chain`` with one.
+
+        A model none of whose endpoints this stream may use is in rotation is passed over for a later one
+        that has one: the balancer's panic pick (an ejected endpoint) is for when nothing else is left.
+        """
         excluded = self.excluded(ctx)
-        for model in chain:
-            state = self.clusters[model].pick(
-                self.clock(),
+        now = self.clock()
+        clusters = self.clusters
+        live = [
+            m
+            for m in chain
+            if any(s.available(now) and s.endpoint.id not in excluded for s in clusters[m].states)
+        ]
+        for model in live or chain:
+            state = clusters[model].pick(
+                now,
                 avoid_endpoints=excluded,
                 avoid_providers=ctx.failed_providers,
                 cooldowns=self.cooldowns,
