@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from skyfabric.gateway.balancer import Cluster, EndpointState, eject
 from tests.conftest import MakeGateway, RunningGateway
 from tests.support.fake_upstream import FakeUpstream, expected_text
@@ -104,11 +106,13 @@ async def test_an_endpoint_ejected_after_its_pick_in_a_hedged_race_is_sent_nothi
     assert proxy.metrics.hedges._value.get() == 0
 
 
-async def test_an_endpoint_ejected_during_the_backoff_before_a_retry_is_sent_nothing(
-    make_gateway: MakeGateway,
+@pytest.mark.parametrize("how", ["ejected", "drained"])
+async def test_an_endpoint_out_of_rotation_after_the_backoff_before_a_retry_is_sent_nothing(
+    make_gateway: MakeGateway, how: str
 ) -> None:
     # The retry's endpoint is picked, then the backoff is slept (same provider as the failure), then the
-    # call is sent: an ejection learnt during the sleep sends the retry elsewhere.
+    # call is sent: an ejection learnt during the sleep, or discovery draining the endpoint (it left the
+    # fleet), sends the retry elsewhere.
     dead, first, second = (
         FakeUpstream("dead"),
         FakeUpstream("first", tokens=2),
@@ -121,42 +125,16 @@ async def test_an_endpoint_ejected_during_the_backoff_before_a_retry_is_sent_not
     # least-loaded order: dead, then first, then second
     proxy.states[ids[1]].outstanding += 500
     proxy.states[ids[2]].outstanding += 1000
-    picks = eject_on_pick(gw, 2)
+    drain = (lambda state: proxy.drain_endpoint(state.endpoint.id)) if how == "drained" else None
+    picks = eject_on_pick(gw, 2, drain)
     try:
         assert await ask(gw, stream=False) == expected_text(2)
     finally:
         proxy.states[ids[1]].outstanding -= 500
         proxy.states[ids[2]].outstanding -= 1000
     assert [p.endpoint.id for p in picks] == ids
-    assert model_calls(first) == 0  # picked, ejected during the backoff: never called
+    assert proxy.states[ids[1]].draining == (how == "drained")
+    assert model_calls(first) == 0  # picked, out of rotation by the end of the backoff: never called
     assert model_calls(second) == 1
     assert proxy.metrics.retries._value.get() == 1  # one retry sent, after one backoff: not two
-    assert all(s.outstanding == 0 and not s.inflight for s in proxy.states.values())
-
-
-async def test_an_endpoint_removed_by_discovery_during_the_backoff_is_sent_nothing(
-    make_gateway: MakeGateway,
-) -> None:
-    # Discovery drains an endpoint (it left the fleet) while a retry that picked it sleeps its backoff.
-    dead, first, second = (
-        FakeUpstream("dead"),
-        FakeUpstream("first", tokens=2),
-        FakeUpstream("second", tokens=2),
-    )
-    gw = await make_gateway({"aws": [dead, first, second]}, retry={"backoff_base": 0.05, "backoff_max": 0.05})
-    await dead.stop()
-    proxy = gw.gateway.proxy
-    ids = [s.endpoint.id for s in proxy.clusters["m"].states]
-    proxy.states[ids[1]].outstanding += 500
-    proxy.states[ids[2]].outstanding += 1000
-    picks = eject_on_pick(gw, 2, lambda state: proxy.drain_endpoint(state.endpoint.id))
-    try:
-        assert await ask(gw, stream=False) == expected_text(2)
-    finally:
-        proxy.states[ids[1]].outstanding -= 500
-        proxy.states[ids[2]].outstanding -= 1000
-    assert [p.endpoint.id for p in picks] == ids
-    assert proxy.states[ids[1]].draining
-    assert model_calls(first) == 0  # picked, drained during the backoff: never called
-    assert model_calls(second) == 1
     assert all(s.outstanding == 0 and not s.inflight for s in proxy.states.values())
