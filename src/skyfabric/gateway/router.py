@@ -334,11 +334,11 @@ class Router:
     def usable(self, ctx: RequestContext, chain: Sequence[str]) -> bool:
         """Whether an endpoint of ``chain`` that ``ctx``'s stream may go to is in rotation now."""
         now, excluded = self.clock(), self.excluded(ctx)
-        return any(
-            s.available(now) and s.endpoint.id not in excluded
-            for model in chain
-            for s in self.clusters[model].states
-        )
+        return any(self._open_to(model, now, excluded) for model in chain)
+
+    def _open_to(self, model: str, now: float, excluded: set[str]) -> bool:
+        """Whether ``model`` has an endpoint in rotation that is not in ``excluded`` (a stream's)."""
+        return any(s.available(now) and s.endpoint.id not in excluded for s in self.clusters[model].states)
 
     def reachable(self, ctx: RequestContext, chain: Sequence[str]) -> bool:
         """Whether ``chain`` has an endpoint ``ctx``'s stream may go to once it is back in rotation
@@ -354,14 +354,9 @@ class Router:
         """
         excluded = self.excluded(ctx)
         now = self.clock()
-        clusters = self.clusters
-        live = [
-            m
-            for m in chain
-            if any(s.available(now) and s.endpoint.id not in excluded for s in clusters[m].states)
-        ]
+        live = [model for model in chain if self._open_to(model, now, excluded)]
         for model in live or chain:
-            state = clusters[model].pick(
+            state = self.clusters[model].pick(
                 now,
                 avoid_endpoints=excluded,
                 avoid_providers=ctx.failed_providers,
