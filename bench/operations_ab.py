@@ -55,6 +55,7 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
     from skyfabric.gateway.app import Gateway
     from skyfabric.gateway.observe import Observer, combine
     from skyfabric.gateway.serve import settle_heap
+    from skyfabric.gateway.usage_observer import KeysAndLedger
     from skyfabric.http.server import Listener
 
     fleet = load_fleet(config)
@@ -68,7 +69,12 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
         dropped.add(ops.ledger)
     assert proxy.sampler is None, "the bench fleet traces nothing"
     on_observer = proxy.observer
-    kept = [o for o in on_observer.observers if o not in dropped]  # type: ignore[attr-defined]
+    # The keys' settlement and the ledger run as one observer when both are on (``usage_observer.py``):
+    # "off" keeps whichever of the two the mode does not drop, as the gateway would install it alone.
+    parts = []
+    for o in on_observer.observers:  # type: ignore[attr-defined]
+        parts.extend([o.keys, o.ledger] if isinstance(o, KeysAndLedger) else [o])
+    kept = [o for o in parts if o not in dropped]
     # Each request keeps what it started with (a switch mid-request would settle a lease never taken or
     # end a ledger record that never began): the first filter marks the request, as tracing's sampling
     # would, and the router picks the observers by that mark.

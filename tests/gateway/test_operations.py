@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from skyfabric.gateway.usage_observer import KeysAndLedger
 from tests.conftest import MakeGateway, RunningGateway
 from tests.support.counters import assert_released
 from tests.support.fake_upstream import FakeUpstream
@@ -124,11 +125,22 @@ async def test_over_a_limit_is_429_with_retry_after_and_rate_limit_headers(
     await assert_released(gw.gateway.proxy)
 
 
+#: The usage ledger on as well: the keys' settlement then runs in the observer it shares with the ledger
+#: (``gateway/usage_observer.py``), which must settle exactly as the keys filter alone does.
+WITH_LEDGER = pytest.mark.parametrize(
+    "ledger", [{}, {"ledger": {"enabled": True, "ship_interval": 0.01}}], ids=["keys", "keys+ledger"]
+)
+
+
+@WITH_LEDGER
 async def test_a_token_budget_stops_a_key_within_one_request_of_its_limit(
-    make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: dict[str, Any]
 ) -> None:
     up = FakeUpstream("u", tokens=8)
-    gw = await gateway(make_gateway, tmp_path, monkeypatch, up)
+    gw = await gateway(make_gateway, tmp_path, monkeypatch, up, **ledger)
+    observer = gw.gateway.proxy.observer
+    fused = [o for o in getattr(observer, "observers", [observer]) if isinstance(o, KeysAndLedger)]
+    assert len(fused) == (1 if ledger else 0)
     budget = 500  # µUSD ($0.0005); input costs 1 µUSD a token, output 2
     async with admin(gw) as http:
         made = await http.post(
@@ -151,10 +163,11 @@ async def test_a_token_budget_stops_a_key_within_one_request_of_its_limit(
     assert budget - spent < 75 // 4 + 8 * 2
 
 
+@WITH_LEDGER
 async def test_a_stream_is_settled_with_the_tokens_it_generated(
-    make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: dict[str, Any]
 ) -> None:
-    gw = await gateway(make_gateway, tmp_path, monkeypatch, FakeUpstream("u", tokens=6))
+    gw = await gateway(make_gateway, tmp_path, monkeypatch, FakeUpstream("u", tokens=6), **ledger)
     async with admin(gw) as http:
         key = (await http.post("/admin/keys", json={"name": "a", "tpm": 10_000})).json()["key"]
     client = sdk(gw, key)
@@ -231,3 +244,59 @@ async def test_keys_in_postgresql_when_the_fleet_file_says_so(
         with store._cursor() as cur:
             cur.execute(f"DROP TABLE IF EXISTS {store.table}, {prefix}keys_migrations")
         store.close()
+
+
+async def test_a_request_refused_by_the_router_after_admission_gives_its_hold_on_the_key_back(
+    make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keys filter admits (a concurrency slot and the reservation are taken), then the router refuses
+    the prompt as too long for every model (400, ``context_length_exceeded``): ``ctx.on_refused`` must give
+    the slot back, or the key — one request at a time — would be refused (429) until the lease expired."""
+    monkeypatch.setenv("SF_TEST_ADMIN", ADMIN)
+    up = FakeUpstream("u", tokens=4)
+    up.model = "m"
+    gw = await make_gateway(
+        {"aws": [up]},
+        models=[{"name": "m", "context_length": 32, "price_per_mtok_in": 1.0, "price_per_mtok_out": 2.0}],
+        operations={"database": str(tmp_path / "keys.db"), "admin_key_env": "SF_TEST_ADMIN"},
+    )
+    async with admin(gw) as http:
+        asked = {"name": "one-at-a-time", "max_concurrent": 1, "tpm": 100_000}
+        made = await http.post("/admin/keys", json=asked)
+        assert made.status_code == 201
+        key = made.json()["key"]
+    async with sdk(gw, key) as client:
+        for _ in range(3):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "word " * 20_000}], max_tokens=8
+                )
+            assert refused.value.code == "context_length_exceeded"
+        answer = await client.chat.completions.create(model="m", messages=HI, max_tokens=8)
+        assert answer.choices[0].message.content
+    limiter = gw.gateway.operations.limiter
+    assert limiter is not None
+    assert not limiter._running  # no request holds a slot once all have ended
+    await assert_released(gw.gateway.proxy)
+
+
+@WITH_LEDGER
+async def test_a_failed_request_gives_its_hold_on_the_key_back(
+    make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: dict[str, Any]
+) -> None:
+    """The upstream refuses the request (a 400, passed to the client as it is, no retry): the key's
+    concurrency slot and reservation go back at the request's end, so a key allowed one request at a time
+    is admitted again at once (without it: 429 until the slot's lease ran out)."""
+    up = FakeUpstream("u", tokens=4).then({"status": 400})
+    gw = await gateway(make_gateway, tmp_path, monkeypatch, up, **ledger)
+    async with admin(gw) as http:
+        asked = {"name": "one-at-a-time", "max_concurrent": 1, "tpm": 100_000}
+        key = (await http.post("/admin/keys", json=asked)).json()["key"]
+    async with sdk(gw, key) as client:
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="m", messages=HI, max_tokens=8)
+        answer = await client.chat.completions.create(model="m", messages=HI, max_tokens=8)
+        assert answer.choices[0].message.content
+    limiter = gw.gateway.operations.limiter
+    assert limiter is not None and not limiter._running
+    await assert_released(gw.gateway.proxy)

@@ -62,7 +62,7 @@ class RequestContext:
     on_done: Callable[[], None] | None = None
     #: Called when the router refuses the request (admission, a prompt too long) after the filters let it
     #: through, before any observer saw it: gives back what a filter took (a key's limits).
-    on_refused: Callable[[], None] | None = None
+    on_refused: Callable[[RequestContext], None] | None = None
     #: Endpoint id → when it broke this stream (or failed to take it over): it gets the stream back only
     #: once it has answered a probe since (``EndpointState.probed_ok``).
     broke: dict[str, float] = field(default_factory=dict)

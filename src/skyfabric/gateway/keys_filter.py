@@ -14,13 +14,12 @@ its own pool; see ``spend.py``), nothing for a request that failed or was refuse
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import TYPE_CHECKING
 
 from skyfabric.core.errors import PermissionDenied
 from skyfabric.gateway.observe import Observer
-from skyfabric.gateway.spend import answer_spent_once, stream_spent
+from skyfabric.gateway.spend import Spent, answer_spent_once, stream_spent
 from skyfabric.http.messages import Request
 from skyfabric.ops.limiter import Limiter
 from skyfabric.ops.pricing import PriceBook
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
     from skyfabric.gateway.balancer import EndpointState
     from skyfabric.gateway.context import RequestContext
     from skyfabric.ops.keys import KeyRecord
+    from skyfabric.ops.limiter import Lease
     from skyfabric.ops.pricing import Prices
     from skyfabric.ops.ratelimit import Ask
 
@@ -46,6 +46,8 @@ class KeysFilter(Observer):
         self.prices = prices
         #: Streams ask their backends for the final usage: settlement is by the backends' count.
         self.counts_tokens = limiter is not None
+        #: ``ctx.on_refused`` of an admitted request: bound once here, not per request.
+        self._refused = self.refused
 
     def __call__(self, request: Request, ctx: RequestContext) -> Awaitable[None] | None:
         """None once decided here (no limits, or admitted from the key's grant: no coroutine, nothing to
@@ -53,7 +55,7 @@ class KeysFilter(Observer):
         record = ctx.key
         if record is None:
             return None
-        if not record.allows(ctx.request.model, ctx.model):
+        if record.models and not record.allows(ctx.request.model, ctx.model):
             raise PermissionDenied(
                 f"this API key may not use the model `{ctx.request.model}`",
                 param="model",
@@ -67,9 +69,14 @@ class KeysFilter(Observer):
         if lease is None:
             return self._admit(limiter, record, ask, price, prompt, ctx)
         ctx.lease = lease
-        ctx.on_refused = functools.partial(limiter.release, lease)
+        ctx.on_refused = self._refused
         ctx.add_headers(lease.headers(ctx.frontend.family == "anthropic", time.time()))
         return None
+
+    def refused(self, ctx: RequestContext) -> None:
+        """The router refused an admitted request before sending it anywhere: nothing was used."""
+        if ctx.lease is not None and self.limiter is not None:
+            self.limiter.release(ctx.lease)
 
     async def _admit(
         self, limiter: Limiter, record: KeyRecord, ask: Ask, price: Prices, prompt: int, ctx: RequestContext
@@ -77,7 +84,7 @@ class KeysFilter(Observer):
         """Past the grant: the shared script (or this instance's share while Redis is down) decides."""
         anthropic = ctx.frontend.family == "anthropic"
         lease = ctx.lease = await limiter.admit_asked(record, ask, price, prompt, anthropic=anthropic)
-        ctx.on_refused = functools.partial(limiter.release, lease)
+        ctx.on_refused = self._refused
         ctx.add_headers(lease.headers(anthropic, time.time()))
 
     # -- settlement ---------------------------------------------------------------------------------------
@@ -93,8 +100,13 @@ class KeysFilter(Observer):
         lease = ctx.lease
         if lease is None or body is None or outcome != "ok" or self.limiter is None:
             return
-        spent = answer_spent_once(ctx, body, state.endpoint.id, self.prices)
-        if spent is None:  # no usage reported: the reservation stands
+        self.settle_answer(lease, answer_spent_once(ctx, body, state.endpoint.id, self.prices))
+
+    def settle_answer(self, lease: Lease, spent: Spent | None) -> None:
+        """A whole answer's lease replaced by what it used (None: no usage reported, the reservation
+        stands). The keys filter has limits (``self.limiter``)."""
+        assert self.limiter is not None
+        if spent is None:
             self.limiter.settle(lease, None, lease.ask.tokens - lease.prompt_tokens)
         else:
             self.limiter.settle(lease, spent.tokens_in, spent.tokens_out, spent.cost)

@@ -22,7 +22,7 @@ from skyfabric.gateway.observe import CONTINUATION, Observer
 from skyfabric.gateway.spend import Spent, answer_spent_once, stream_spent
 from skyfabric.ops.ledger import Ledger
 from skyfabric.ops.pricing import PriceBook
-from skyfabric.ops.record import ERROR, INCOMPLETE, INTERRUPTED, OK, OPEN
+from skyfabric.ops.record import ERROR, INCOMPLETE, INTERRUPTED, OK, OPEN, line_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -68,6 +68,8 @@ class LedgerObserver(Observer):
         self.open: dict[str, RequestContext] = {}
         #: Endpoint id → (provider, region): split once per endpoint, not once per record.
         self._where: dict[str, tuple[str, str]] = {}
+        #: ``Ledger.write``'s own step, for the whole answers' records (see ``request_end``).
+        self._append = ledger.append
 
     def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
         tally: _Tally | None = ctx.tally
@@ -102,7 +104,11 @@ class LedgerObserver(Observer):
         if tally is None:  # no attempt was made (nothing could take it)
             tally = ctx.tally = _Tally()
         request_id = ctx.request_id = new_request_id()
-        ctx.add_headers([(b"x-request-id", request_id.encode())])
+        header = (b"x-request-id", request_id.encode())
+        if ctx.headers is None:  # ``ctx.add_headers``, without a list and a call for one header
+            ctx.headers = [header]
+        else:
+            ctx.headers.append(header)
         tally.wall = time.time() - seconds
         if ctx.stream and status == 200:
             tally.ttft = seconds
@@ -112,7 +118,8 @@ class LedgerObserver(Observer):
             self.open[request_id] = ctx
             self.ledger.write(self._record(ctx, tally, 200, OPEN, seconds))
             return
-        self.ledger.write(self._record(ctx, tally, status, OK if status < 400 else ERROR, seconds))
+        # ``Ledger.write`` without its frame: the line straight into the outbox (this runs per answer).
+        self._append(line_of(self._record(ctx, tally, status, OK if status < 400 else ERROR, seconds)))
 
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int

@@ -22,6 +22,7 @@ from skyfabric.gateway.keys_filter import KeysFilter
 from skyfabric.gateway.ledger_observer import LedgerObserver
 from skyfabric.gateway.observe import Observer
 from skyfabric.gateway.proxy import Proxy
+from skyfabric.gateway.usage_observer import KeysAndLedger
 from skyfabric.ops.admin import AdminApi
 from skyfabric.ops.database import Database
 from skyfabric.ops.keycache import KeyCache
@@ -74,8 +75,12 @@ class Operations:
             self.fleet_state = FleetStateObserver(proxy, config.redis, config.shared_state)
 
     def observers(self) -> list[Observer]:
-        """The observers to install beside telemetry's."""
-        return [o for o in (self.keys_filter, self.ledger, self.fleet_state) if o is not None]
+        """The observers to install beside telemetry's: the keys' settlement and the ledger as one when
+        both are on (``usage_observer.py``: one call per hook point instead of a fan-out to two)."""
+        keys, ledger = self.keys_filter, self.ledger
+        if keys is not None and keys.limiter is not None and ledger is not None:
+            return [o for o in (KeysAndLedger(keys, ledger), self.fleet_state) if o is not None]
+        return [o for o in (keys, ledger, self.fleet_state) if o is not None]
 
     async def start(self) -> None:
         """Load the keys (serving starts with them), learn whether Redis answers, open the ledger's outbox

@@ -132,7 +132,7 @@ async def inference(gateway: Gateway, request: Request, frontend: Frontend) -> A
         answer = await gateway.proxy.forward(ctx)
     except ClientError as exc:
         if ctx is not None and ctx.on_refused is not None:
-            ctx.on_refused()  # refused after the filters took something for it (a key's limits)
+            ctx.on_refused(ctx)  # refused after the filters took something for it (a key's limits)
         return frontend_client_error(frontend, exc)
     if ctx.headers is not None:
         answer.headers = [*answer.headers, *ctx.headers]

@@ -84,11 +84,12 @@ class KeyRecord:
             or self.budget is not None
         )
 
-    def allows(self, *names: str) -> bool:
-        """Whether the key may use a model known by any of ``names`` (requested name, canonical name)."""
+    def allows(self, requested: str, canonical: str) -> bool:
+        """Whether the key may use a model known as ``requested`` (the client's name) or ``canonical``."""
         if not self.models:
             return True
-        return any(fnmatch.fnmatchcase(n, glob) for glob in self.models for n in names)
+        match = fnmatch.fnmatchcase
+        return any(match(requested, glob) or match(canonical, glob) for glob in self.models)
 
     def refusal(self, now: float, matched: str) -> str | None:
         """Why the key cannot be used at ``now`` presented as digest ``matched``, or None."""

@@ -66,7 +66,8 @@ class Ledger:
         self._confirmed = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._listener: threading.Thread | None = None
-        self._append = self.outbox.append
+        #: One encoded line into the outbox (``write`` for a caller on the hot path that has the line).
+        self.append = self.outbox.append
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -162,11 +163,11 @@ class Ledger:
     def write(self, values: tuple[Any, ...]) -> None:
         """Append one record, given as the values of ``record.LINE_FIELDS`` in order (on return it
         survives a SIGKILL of this process); never waits on the database."""
-        self._append(line_of(values))
+        self.append(line_of(values))
 
     def record(self, record: UsageRecord) -> None:
         """:meth:`write` for a record object."""
-        self._append(record.to_line())
+        self.append(record.to_line())
 
     # -- status -----------------------------------------------------------------------------------------
 

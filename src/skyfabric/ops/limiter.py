@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from math import ceil
 from typing import Any
 
 from skyfabric.core.errors import RateLimited
@@ -36,7 +37,7 @@ from skyfabric.core.fleet import Limits
 from skyfabric.ops.database import redact
 from skyfabric.ops.grants import GRANT_TTL, RENEW_AHEAD, Grant, Shape, Want, shape, want
 from skyfabric.ops.keys import KeyRecord
-from skyfabric.ops.pricing import PriceBook, Prices
+from skyfabric.ops.pricing import FREE, PriceBook, Prices
 from skyfabric.ops.ratelimit import (
     BUDGET,
     CONCURRENCY,
@@ -164,6 +165,9 @@ class Limiter:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        #: Read for every admission: kept here rather than looked up through ``settings`` each time.
+        self._default_out = settings.default_max_tokens
+        self._lease_ttl = settings.lease_ttl
         self.prices = prices
         self.clock = clock
         self.wall = wall
@@ -197,36 +201,14 @@ class Limiter:
 
     # -- admission ----------------------------------------------------------------------------------------
 
-    def _ask(
-        self, record: KeyRecord, model: str, prompt_tokens: int, max_tokens: int | None
-    ) -> tuple[Ask, Prices]:
+    def _limits(self, record: KeyRecord) -> tuple[Shape, float]:
+        """``record``'s limits as a grant's :data:`~skyfabric.ops.grants.Shape`, and the end of its budget
+        period (wall clock; 0 without a budget)."""
         budget, period, period_end = -1, "", 0.0
         if record.budget is not None:
             budget = round(record.budget * 1_000_000)
             period, period_end = self._period(record.budget_period)
-        limits = (record.rpm or 0, record.tpm or 0, budget, record.max_concurrent or 0, period)
-        return self._make_ask(record.id, limits, period_end, model, prompt_tokens, max_tokens)
-
-    def _make_ask(
-        self,
-        key: str,
-        limits: Shape,
-        period_end: float,
-        model: str,
-        prompt_tokens: int,
-        max_tokens: int | None,
-    ) -> tuple[Ask, Prices]:
-        """The request's ask under ``limits`` (a grant's :data:`~skyfabric.ops.grants.Shape`): its prompt
-        estimate plus its output cap reserved, and their cost at the dearest pool it may reach (settlement
-        only gives back)."""
-        rpm, tpm, budget, concurrent, period = limits
-        price = self.prices.ceiling(model)
-        out = max_tokens if max_tokens is not None and max_tokens > 0 else self.settings.default_max_tokens
-        cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out) if budget >= 0 else 0
-        ttl = self.settings.lease_ttl if concurrent > 0 else 15.0
-        # Positional, in one call: this runs for every request of a key with limits.
-        ask = Ask(key, rpm, tpm, prompt_tokens + out, budget, cost, period, period_end, concurrent, "", ttl)
-        return ask, price
+        return (record.rpm or 0, record.tpm or 0, budget, record.max_concurrent or 0, period), period_end
 
     def _name_lease(self, ask: Ask) -> None:
         """A concurrency slot's own member name (admission by the script, not from a grant)."""
@@ -268,16 +250,31 @@ class Limiter:
 
         A grant cut for this very record (records are immutable: the same object, the same limits) within
         its budget period gives the request's limits without reading the record or the period again;
-        otherwise :meth:`_grant_for` gets, replaces or starts the key's grant first."""
+        otherwise :meth:`_grant_for` gets, replaces or starts the key's grant first.
+
+        The request's ask — its prompt estimate plus its output cap reserved, and their cost at the dearest
+        pool it may reach (settlement only gives back) — is made here, in this frame: this runs for every
+        request of a limited key, and in a serving process each call on the path costs cache misses more
+        than instructions (``bench/operations_cost.py --cold``)."""
         g = self.grants.get(record.id)  # none while Redis is unreachable (``_degrade`` drops them)
         if g is not None and g.record is record and (g.shape[2] < 0 or self.wall() < g.period_end):
-            ask, price = self._make_ask(record.id, g.shape, g.period_end, model, prompt_tokens, max_tokens)
-            return self._take(g, ask, price, prompt_tokens), ask, price
-        ask, price = self._ask(record, model, prompt_tokens, max_tokens)
-        if self.redis is not None and self.state == "ok":
+            limits, period_end = g.shape, g.period_end
+        else:
+            g = None
+            limits, period_end = self._limits(record)
+        rpm, tpm, budget, concurrent, period = limits
+        price = self.prices.ceilings.get(model, FREE)
+        out = max_tokens if max_tokens is not None and max_tokens > 0 else self._default_out
+        cost = ceil(prompt_tokens * price.tokens_in + out * price.tokens_out) if budget >= 0 else 0
+        ttl = self._lease_ttl if concurrent > 0 else 15.0
+        # Positional, in one call.
+        ask = Ask(
+            record.id, rpm, tpm, prompt_tokens + out, budget, cost, period, period_end, concurrent, "", ttl
+        )
+        if g is None and self.redis is not None and self.state == "ok":
             g = self._grant_for(ask, record)
-            if g is not None:
-                return self._take(g, ask, price, prompt_tokens), ask, price
+        if g is not None:
+            return self._take(g, ask, price, prompt_tokens), ask, price
         return None, ask, price
 
     async def admit_asked(
