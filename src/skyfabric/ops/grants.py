@@ -50,6 +50,9 @@ LOW = 2
 
 Shape = tuple[int, int, int, int, str]
 
+#: What :meth:`Grant.admit` says: not admitted; admitted; admitted, and the grant is running low.
+REFUSED, ADMITTED, ADMITTED_LOW = 0, 1, 2
+
 
 def shape(ask: Ask) -> Shape:
     """The limits a grant was cut from: a key whose limits (or budget period) change needs a new one."""
@@ -118,9 +121,11 @@ class Grant:
     record: object = None
     period_end: float = 0.0
 
-    def admit(self, ask: Ask, now: float) -> bool:
-        """Admit ``ask`` if what is left, now, covers it (its slot member becomes ``ask.lease``); else
-        False, with nothing taken. One call for both: it runs for nearly every request of a limited key."""
+    def admit(self, ask: Ask, now: float) -> int:
+        """Admit ``ask`` if what is left, now, covers it (its slot member becomes ``ask.lease``): then
+        :data:`ADMITTED`, or :data:`ADMITTED_LOW` when a top-up should be asked for now (what is left fell
+        under 1/:data:`LOW` of the grant's size: before it runs out); else :data:`REFUSED`, with nothing
+        taken. One call for all three: it runs for nearly every request of a limited key."""
         if not (
             now < self.expires
             and (ask.rpm <= 0 or self.requests >= 1)
@@ -128,7 +133,7 @@ class Grant:
             and (ask.budget < 0 or self.budget >= ask.cost)
             and (ask.max_concurrent <= 0 or self.slots)
         ):
-            return False
+            return REFUSED
         if ask.rpm > 0:
             self.requests -= 1
         if ask.tpm > 0:
@@ -137,7 +142,15 @@ class Grant:
             self.budget -= ask.cost
         if ask.max_concurrent > 0:
             ask.lease = self.slots.pop()
-        return True
+        size = self.size
+        if (
+            self.requests * LOW < size.requests
+            or self.tokens * LOW < size.tokens
+            or self.budget * LOW < size.budget
+            or len(self.slots) * LOW < size.slots
+        ):
+            return ADMITTED_LOW
+        return ADMITTED
 
     def verdict(self, ask: Ask, now: float) -> Verdict:
         """What the rate-limit headers of an admission from the grant say: the shared state as of the last
@@ -148,16 +161,6 @@ class Grant:
         if ask.tpm > 0:
             tokens_reset = max(0.0, self.tokens_tat - now - self.tokens * WINDOW / ask.tpm)
         return Verdict(OK, 0.0, requests_reset, tokens_reset, self.spent - self.budget)
-
-    def low(self) -> bool:
-        """Whether a top-up should be asked for now (before the grant runs out)."""
-        size = self.size
-        return (
-            self.requests * LOW < size.requests
-            or self.tokens * LOW < size.tokens
-            or self.budget * LOW < size.budget
-            or len(self.slots) * LOW < size.slots
-        )
 
     def settle(self, ask: Ask, tokens: int, cost: int) -> None:
         """A request admitted from this (live) grant ended: what it did not use comes back to the grant."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 #: Every managed key starts with this, so that secret scanners and people recognise it.
@@ -74,15 +74,20 @@ class KeyRecord:
     prev_until: float | None = None
     updated: float = 0.0
 
-    @property
-    def limited(self) -> bool:
-        """Whether any limit applies (a key without any costs no trip to the limits' state)."""
-        return (
+    #: Whether any limit applies (a key without any costs no trip to the limits' state). Always computed
+    #: from the limits (``__post_init__``), whatever is passed: a field rather than a property because the
+    #: keys filter reads it for every request, and a property is a call; a field with a default so that
+    #: ``KeyRecord(**asdict(record))`` and ``replace`` work as for any dataclass.
+    limited: bool = field(default=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        limited = (
             self.rpm is not None
             or self.tpm is not None
             or self.max_concurrent is not None
             or self.budget is not None
         )
+        object.__setattr__(self, "limited", limited)
 
     def allows(self, requested: str, canonical: str) -> bool:
         """Whether the key may use a model known as ``requested`` (the client's name) or ``canonical``."""

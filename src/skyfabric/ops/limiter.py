@@ -35,7 +35,7 @@ from typing import Any
 from skyfabric.core.errors import RateLimited
 from skyfabric.core.fleet import Limits
 from skyfabric.ops.database import redact
-from skyfabric.ops.grants import GRANT_TTL, RENEW_AHEAD, Grant, Shape, Want, shape, want
+from skyfabric.ops.grants import ADMITTED_LOW, GRANT_TTL, RENEW_AHEAD, Grant, Shape, Want, shape, want
 from skyfabric.ops.keys import KeyRecord
 from skyfabric.ops.pricing import FREE, PriceBook, Prices
 from skyfabric.ops.ratelimit import (
@@ -334,11 +334,12 @@ class Limiter:
         """Admit ``ask`` from grant ``g``, or None (then Redis decides); tops the grant up when it runs low
         or cannot admit. The lease's verdict is read from the grant when its headers are built."""
         now = self.clock()
-        if g.admit(ask, now):
+        admitted = g.admit(ask, now)
+        if admitted:
             if ask.lease:
                 self._running[ask.lease] = ask
             if not g.fetching and now >= g.near_until:
-                if g.low():
+                if admitted == ADMITTED_LOW:
                     self._top_up(g, ask)
                 elif now >= g.expires - RENEW_AHEAD:
                     self._renew(g, ask)
