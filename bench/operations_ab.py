@@ -129,7 +129,7 @@ async def serve(config: Path, out: Path, slice_s: float, mode: str) -> None:
 
         limiter = ops.limiter
         if limiter is not None and not os.environ.get("HOOKS_ONLY"):
-            for name in ("granted", "admit_asked", "settle", "_ask", "_take"):
+            for name in ("granted", "admit_asked", "settle", "_take"):
                 timed(limiter, name, f"limiter.{name}")
         for obs in on_observer.observers:  # type: ignore[attr-defined]
             for name in ("request_start", "attempt_start", "attempt_end", "request_end", "stream_end"):
