@@ -70,11 +70,7 @@ class KeysFilter(Observer):
             return self._admit(limiter, record, ask, price, prompt, ctx)
         ctx.lease = lease
         ctx.on_refused = self._refused
-        headers = lease.headers(ctx.frontend.family == "anthropic", time.time())
-        if ctx.headers is None:  # ``ctx.add_headers`` without its frame (the list is the grant's: copied)
-            ctx.headers = list(headers)
-        else:
-            ctx.headers.extend(headers)
+        ctx.add_headers(lease.headers(ctx.frontend.family == "anthropic", time.time()))
         return None
 
     def refused(self, ctx: RequestContext) -> None:

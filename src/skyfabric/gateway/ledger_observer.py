@@ -104,11 +104,7 @@ class LedgerObserver(Observer):
         if tally is None:  # no attempt was made (nothing could take it)
             tally = ctx.tally = _Tally()
         request_id = ctx.request_id = new_request_id()
-        header = (b"x-request-id", request_id.encode())
-        if ctx.headers is None:  # ``ctx.add_headers``, without a list and a call for one header
-            ctx.headers = [header]
-        else:
-            ctx.headers.append(header)
+        ctx.add_headers([(b"x-request-id", request_id.encode())])
         tally.wall = time.time() - seconds
         if ctx.stream and status == 200:
             tally.ttft = seconds

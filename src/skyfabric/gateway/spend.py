@@ -112,13 +112,7 @@ def answer_spent_once(ctx: RequestContext, body: bytes, endpoint: str, prices: P
     memo = ctx.spent_memo
     if memo is not None and memo[0] is body and memo[1] == endpoint:
         return memo[2]
-    # ``answer_tokens_once``, without its frame (this runs for nearly every answer with operations on).
-    usage = ctx.usage_memo
-    if usage is not None and usage[0] is body:
-        tokens = usage[1]
-    else:
-        tokens = answer_tokens(body, ctx.frontend.family)
-        ctx.usage_memo = (body, tokens)
+    tokens = answer_tokens_once(ctx, body)
     spent = None
     if tokens is not None:
         prompt, output, cached, _ = tokens

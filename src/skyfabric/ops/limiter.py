@@ -29,7 +29,6 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from math import ceil
 from typing import Any
 
 from skyfabric.core.errors import RateLimited
@@ -37,7 +36,7 @@ from skyfabric.core.fleet import Limits
 from skyfabric.ops.database import redact
 from skyfabric.ops.grants import ADMITTED_LOW, GRANT_TTL, RENEW_AHEAD, Grant, Shape, Want, shape, want
 from skyfabric.ops.keys import KeyRecord
-from skyfabric.ops.pricing import FREE, PriceBook, Prices
+from skyfabric.ops.pricing import PriceBook, Prices
 from skyfabric.ops.ratelimit import (
     BUDGET,
     CONCURRENCY,
@@ -165,9 +164,6 @@ class Limiter:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        #: Read for every admission: kept here rather than looked up through ``settings`` each time.
-        self._default_out = settings.default_max_tokens
-        self._lease_ttl = settings.lease_ttl
         self.prices = prices
         self.clock = clock
         self.wall = wall
@@ -263,10 +259,10 @@ class Limiter:
             g = None
             limits, period_end = self._limits(record)
         rpm, tpm, budget, concurrent, period = limits
-        price = self.prices.ceilings.get(model, FREE)
-        out = max_tokens if max_tokens is not None and max_tokens > 0 else self._default_out
-        cost = ceil(prompt_tokens * price.tokens_in + out * price.tokens_out) if budget >= 0 else 0
-        ttl = self._lease_ttl if concurrent > 0 else 15.0
+        price = self.prices.ceiling(model)
+        out = max_tokens if max_tokens is not None and max_tokens > 0 else self.settings.default_max_tokens
+        cost = math.ceil(prompt_tokens * price.tokens_in + out * price.tokens_out) if budget >= 0 else 0
+        ttl = self.settings.lease_ttl if concurrent > 0 else 15.0
         # Positional, in one call.
         ask = Ask(
             record.id, rpm, tpm, prompt_tokens + out, budget, cost, period, period_end, concurrent, "", ttl

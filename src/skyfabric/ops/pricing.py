@@ -91,10 +91,7 @@ class PriceBook:
             prices = self._by_endpoint[endpoint] = self.of(endpoint)
             if len(self._by_endpoint) > 100_000:  # endpoints come and go with discovery: stay bounded
                 self._by_endpoint.clear()
-        if cached:  # ``_micro``, without its frame: this runs for nearly every answer with operations on
-            cached = min(max(cached, 0), max(tokens_in, 0))
-        total = (tokens_in - cached) * prices.tokens_in + cached * prices.tokens_cached
-        return (total + max(tokens_out, 0) * prices.tokens_out) / _MILLION
+        return _micro(prices, tokens_in, cached, tokens_out) / _MILLION
 
     def parts_cost(self, parts: list[tuple[str, int, int, int]]) -> float:
         """USD for a stream's parts: (endpoint, input, cached, output) of each backend's own usage."""
