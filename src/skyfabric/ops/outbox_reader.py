@@ -50,6 +50,9 @@ class Batch:
     instance: str  # the tag of the slot the segment belongs to (its records' ``instance``)
     end: int
     exhausted: bool  # the segment is finished and fully read: delete it once confirmed
+    #: Every whole record there was when it was read: the writer's current segment, read to where its
+    #: records ended. A shipment stops after such a batch (see ``Shipper.ship``).
+    caught_up: bool = False
 
 
 class OutboxReader:
@@ -206,9 +209,11 @@ class OutboxReader:
             data = raw if zero < 0 else raw[:zero]  # the records end at the first NUL
             cut = data.rfind(b"\n") + 1
             lines = data[:cut].splitlines()
+            caught_up = not closed and (zero >= 0 or len(raw) < _READ_BYTES)
             if len(lines) > limit:
                 lines = lines[:limit]
                 cut = sum(len(line) + 1 for line in lines)
+                caught_up = False
             end = self._offset + cut
             if not lines:
                 if not closed:
@@ -223,7 +228,7 @@ class OutboxReader:
                 self.confirm(Batch([], segment, instance, end, True))
                 continue
             exhausted = closed and len(raw) == cut and len(raw) < _READ_BYTES
-            return Batch(lines, segment, instance, end, exhausted)
+            return Batch(lines, segment, instance, end, exhausted, caught_up)
         return None
 
     def confirm(self, batch: Batch) -> None:
