@@ -166,3 +166,41 @@ def test_usage_is_read_from_a_whole_answer_in_either_protocol() -> None:
         b'"cache_read_input_tokens":100,"output_tokens":7}}'
     )
     assert answer_usage(anthropic, "anthropic") == Usage(115, 7, 100, 5)
+
+
+async def test_a_retried_request_counts_its_attempts_and_names_who_answered_or_who_failed_last(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """Attempts count every call sent (retries and hedges, not continuations); the record names the
+    endpoint that answered — or, for a request no endpoint could answer, the last one tried."""
+    aws = FakeUpstream("a").then({"status": 500}, {"status": 500})
+    gcp = FakeUpstream("b").then({"status": 503})
+    gw = await make_gateway(
+        {"aws": [aws], "gcp": [gcp]},
+        health={"probe_interval": 0},
+        operations=operations(tmp_path),
+        retry={"max_attempts": 2, "budget_percent": 100, "backoff_base": 0.001, "backoff_max": 0.002},
+    )
+    gw.gateway.proxy.states["gcp/r1/pool/0"].reported_waiting = 1000  # aws first
+    async with httpx.AsyncClient() as http:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        failed = await http.post(gw.root + "/v1/chat/completions", json=body)  # aws 500, then gcp 503
+        assert failed.status_code >= 500
+        retried = await http.post(gw.root + "/v1/chat/completions", json=body)  # aws 500, then gcp ok
+        assert retried.status_code == 200
+    rows = await ledger_rows(tmp_path / "ledger.sqlite", 2)
+    first, second = rows[failed.headers["x-request-id"]], rows[retried.headers["x-request-id"]]
+    assert (first["attempts"], first["endpoints"], first["provider"], first["outcome"]) == (
+        2,
+        "gcp/r1/pool/0",
+        "gcp",
+        "error",
+    )
+    assert first["status"] == failed.status_code
+    assert (second["attempts"], second["endpoints"], second["provider"], second["status"]) == (
+        2,
+        "gcp/r1/pool/0",
+        "gcp",
+        200,
+    )
+    await assert_released(gw.gateway.proxy)

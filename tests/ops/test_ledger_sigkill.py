@@ -110,6 +110,10 @@ async def test_sigkill_under_load_loses_and_duplicates_no_record(tmp_path: Path,
         else:  # its gateway died mid-stream: the next run closed its record
             assert row["outcome"] in ("interrupted", "ok") and row["final"] == 1
     assert sum(1 for rid in cut if rows[rid]["outcome"] == "interrupted") >= 1
+    print(
+        f"\nSIGKILL under load: {len(answered)} answered ({len(cut)} streams cut by the kill), "
+        f"{len(rows)} ledger rows, {len(missing)} answered without a record"
+    )
     log = (tmp_path / "gateway.log").read_text()
     assert "left by an earlier run are being shipped" in log
 

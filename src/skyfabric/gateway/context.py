@@ -51,6 +51,12 @@ class RequestContext:
     request: CanonicalRequest
     frontend: Frontend
     attempts: int = 0
+    #: Calls sent for it, first attempts, retries and hedges (not continuations), and the endpoint of the
+    #: last one: the ledger's ``attempts`` and, for an answer no endpoint gave, its endpoint. Kept here by
+    #: ``Proxy.attempt``, not by an observer hook per attempt. (``attempts`` is the retry loop's bound:
+    #: a request that waited for the fleet to come back gets it lowered, for one more round.)
+    sent: int = 0
+    last_endpoint: str | None = None
     tried: set[str] = field(default_factory=set)
     failed_providers: set[str] = field(default_factory=set)
     rescued: int = 0

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from skyfabric.gateway.context import new_request_id
-from skyfabric.gateway.observe import CONTINUATION, Observer
+from skyfabric.gateway.observe import Observer
 from skyfabric.gateway.spend import Spent, answer_spent_once, stream_spent
 from skyfabric.ops.ledger import Ledger
 from skyfabric.ops.pricing import PriceBook
@@ -35,15 +35,15 @@ if TYPE_CHECKING:
 _NO_SPLITS = [0]
 
 
-class _Tally:
-    """One request's figures as the hooks deliver them (kept in ``ctx.tally``), made at its first attempt
-    (or at its end, if it had none): the ledger has no hook of its own at a request's start."""
+class Tally:
+    """One request's figures as the hooks deliver them (kept in ``ctx.tally``), made at its answer (or its
+    end, if it had none): the ledger has no hook at a request's start nor at each attempt's — the calls
+    sent and the last one's endpoint are the context's own (``ctx.sent``, ``ctx.last_endpoint``)."""
 
-    __slots__ = ("attempts", "endpoint", "spent", "splits", "started", "ttft", "wall")
+    __slots__ = ("endpoint", "spent", "splits", "started", "ttft", "wall")
 
     def __init__(self) -> None:
-        self.attempts = 0
-        self.endpoint: str | None = None  # the last attempt's (committed or not)
+        self.endpoint: str | None = None  # the endpoint that answered (None: none did)
         #: Output tokens the client had when each continuation took over (for parts without usage);
         #: None until a stream is continued.
         self.splits: list[int] | None = None
@@ -71,14 +71,6 @@ class LedgerObserver(Observer):
         #: ``Ledger.write``'s own step, for the whole answers' records (see ``request_end``).
         self._append = ledger.append
 
-    def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
-        tally: _Tally | None = ctx.tally
-        if tally is None:
-            tally = ctx.tally = _Tally()
-        if kind != CONTINUATION:
-            tally.attempts += 1
-        tally.endpoint = state.endpoint.id
-
     def attempt_end(
         self,
         ctx: RequestContext,
@@ -89,7 +81,9 @@ class LedgerObserver(Observer):
     ) -> None:
         if outcome != "ok":
             return
-        tally: _Tally = ctx.tally
+        tally: Tally | None = ctx.tally
+        if tally is None:
+            tally = ctx.tally = Tally()
         endpoint = tally.endpoint = state.endpoint.id
         if body is not None:
             tally.spent = answer_spent_once(ctx, body, endpoint, self.prices)
@@ -100,9 +94,9 @@ class LedgerObserver(Observer):
         Both are made here rather than at the request's start: nothing needs them sooner, and a hook less
         per request is a measurable part of the ledger's cost (docs/operations.md). The record's time is
         the request's arrival (``seconds`` ago, as the router measured it)."""
-        tally: _Tally | None = ctx.tally
-        if tally is None:  # no attempt was made (nothing could take it)
-            tally = ctx.tally = _Tally()
+        tally: Tally | None = ctx.tally
+        if tally is None:  # no answer (none came, or no attempt was made)
+            tally = ctx.tally = Tally()
         request_id = ctx.request_id = new_request_id()
         ctx.add_headers([(b"x-request-id", request_id.encode())])
         tally.wall = time.time() - seconds
@@ -120,13 +114,15 @@ class LedgerObserver(Observer):
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
     ) -> None:
-        tally: _Tally = ctx.tally
+        tally: Tally | None = ctx.tally
+        if tally is None:
+            tally = ctx.tally = Tally()
         if tally.splits is None:
             tally.splits = [0]
         tally.splits.append(tokens)
 
     def stream_end(self, ctx: RequestContext, state: EndpointState, tokens: int, completed: bool) -> None:
-        tally: _Tally = ctx.tally
+        tally: Tally = ctx.tally
         if self.open.pop(ctx.request_id or "", None) is None:
             return  # already closed (at shutdown)
         endpoints = ctx.parts_endpoints or [state.endpoint.id]
@@ -137,15 +133,15 @@ class LedgerObserver(Observer):
         self.ledger.write(self._record(ctx, tally, 200, outcome, self.clock() - tally.started))
 
     def _record(
-        self, ctx: RequestContext, tally: _Tally, status: int, outcome: str, seconds: float
+        self, ctx: RequestContext, tally: Tally, status: int, outcome: str, seconds: float
     ) -> tuple[Any, ...]:
         """The record's values in ``record.LINE_FIELDS`` order (a tuple: the hot path builds no object)."""
         parts = ctx.parts_endpoints
         if parts:
             first: str | None = parts[0]
             served = ",".join(parts)
-        else:  # a whole answer: its last attempt's endpoint, without building a list to join
-            first = tally.endpoint
+        else:  # a whole answer's endpoint (else the last one tried), without building a list to join
+            first = tally.endpoint or ctx.last_endpoint
             served = first or ""
         provider: str | None = None
         region: str | None = None
@@ -180,7 +176,7 @@ class LedgerObserver(Observer):
             served,
             provider,
             region,
-            tally.attempts,
+            ctx.sent,
             ctx.rescued,
             tokens_in,
             tokens_out,
@@ -197,6 +193,6 @@ class LedgerObserver(Observer):
     def interrupt_open(self) -> None:
         """At shutdown: streams still open get their final record, as interrupted, with what is known."""
         for ctx in list(self.open.values()):
-            tally: _Tally = ctx.tally
+            tally: Tally = ctx.tally
             self.ledger.write(self._record(ctx, tally, 200, INTERRUPTED, self.clock() - tally.started))
         self.open.clear()

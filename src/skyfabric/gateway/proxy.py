@@ -404,6 +404,8 @@ class Proxy(Router):
         state.outstanding += 1
         handed_off = False
         observer = self.traced_observer if ctx.traced else self.observer
+        ctx.sent += 1
+        ctx.last_endpoint = endpoint.id
         observer.attempt_start(ctx, state, kind)
         try:
             extra = upstream_headers(observer, ctx, state)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from skyfabric.gateway.keys_filter import KeysFilter
-from skyfabric.gateway.ledger_observer import LedgerObserver
+from skyfabric.gateway.ledger_observer import LedgerObserver, Tally
 from skyfabric.gateway.observe import Observer
 from skyfabric.gateway.spend import answer_spent_once
 
@@ -36,14 +36,10 @@ class KeysAndLedger(Observer):
         self.ledger = ledger
         self.limiter = keys.limiter
         self.prices = ledger.prices
-        # The hooks only the ledger has are its own bound methods on this instance: no frame of ours in
-        # between (``observe.Observers`` looks for them on the class, where they are defined below).
-        self.attempt_start = ledger.attempt_start  # type: ignore[method-assign]
+        # The hook only the ledger has is its own bound method on this instance: no frame of ours in
+        # between (``observe.Observers`` looks for it on the class, where it is defined below).
         self.continued = ledger.continued  # type: ignore[method-assign]
         self._request_end = ledger.request_end
-
-    def attempt_start(self, ctx: RequestContext, state: EndpointState, kind: str) -> None:
-        self.ledger.attempt_start(ctx, state, kind)
 
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
@@ -60,10 +56,13 @@ class KeysAndLedger(Observer):
     ) -> None:
         if outcome != "ok":
             return
-        endpoint = ctx.tally.endpoint = state.endpoint.id  # the ledger's (``LedgerObserver.attempt_end``)
+        tally = ctx.tally  # the ledger's (``LedgerObserver.attempt_end``)
+        if tally is None:
+            tally = ctx.tally = Tally()
+        endpoint = tally.endpoint = state.endpoint.id
         if body is None:  # a stream: settled and recorded at its end
             return
-        spent = ctx.tally.spent = answer_spent_once(ctx, body, endpoint, self.prices)
+        spent = tally.spent = answer_spent_once(ctx, body, endpoint, self.prices)
         lease = ctx.lease
         if lease is not None:
             self.keys.settle_answer(lease, spent)
