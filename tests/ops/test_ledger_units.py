@@ -539,7 +539,22 @@ def test_postgres_takes_parsed_lines_as_rows(pg_prefix: str) -> None:
 # -- what the shipper syncs when shipping does not make records durable ------------------------------------
 
 
-class _HungStore:
+class _StoreStub:
+    """A database that connects, sweeps and closes at once: the stores below say how it writes."""
+
+    kind = "stub"
+
+    async def connect(self) -> None:
+        pass
+
+    async def sweep(self, instances: Any, before: float) -> int:
+        return 0
+
+    async def close(self) -> None:
+        pass
+
+
+class _HungStore(_StoreStub):
     """A database that takes ``delay`` seconds to fail each write (a network dropping packets)."""
 
     kind = "hung"
@@ -547,9 +562,6 @@ class _HungStore:
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.writes = 0
-
-    async def connect(self) -> None:
-        pass
 
     async def write(self, rows: Any) -> None:
         await self._hang()
@@ -561,12 +573,6 @@ class _HungStore:
         self.writes += 1
         await asyncio.sleep(self.delay)
         raise TimeoutError("the database did not answer")
-
-    async def sweep(self, instances: Any, before: float) -> int:
-        return 0
-
-    async def close(self) -> None:
-        pass
 
 
 def test_a_hung_database_does_not_hold_the_outbox_syncs_back(tmp_path: Path, monkeypatch: Any) -> None:
@@ -606,7 +612,7 @@ def test_a_hung_database_does_not_hold_the_outbox_syncs_back(tmp_path: Path, mon
     box.close()
 
 
-class _SlowStore:
+class _SlowStore(_StoreStub):
     """A database that takes ``per_record`` seconds of wall time a record (a busy core, a large batch)."""
 
     kind = "slow"
@@ -614,20 +620,11 @@ class _SlowStore:
     def __init__(self, per_record: float) -> None:
         self.per_record = per_record
 
-    async def connect(self) -> None:
-        pass
-
     async def write(self, rows: Any) -> None:
         await asyncio.to_thread(time.sleep, self.per_record * len(rows))
 
     async def write_lines(self, values: Any, instance: str) -> None:
         await asyncio.to_thread(time.sleep, self.per_record * len(values))
-
-    async def sweep(self, instances: Any, before: float) -> int:
-        return 0
-
-    async def close(self) -> None:
-        pass
 
 
 def test_long_shipments_keep_the_syncs_one_tick_apart_and_every_record_within_the_bound(
@@ -734,7 +731,7 @@ def test_leftovers_are_synced_at_start_and_a_failed_sync_is_retried(
     again.close()
 
 
-class _BusyGatewayStore:
+class _BusyGatewayStore(_StoreStub):
     """A database that records what each write got; during each of its first ``writes_busy`` writes the
     gateway appends ``per_write`` more records (as it does under steady load while a transaction commits)."""
 
@@ -745,9 +742,6 @@ class _BusyGatewayStore:
         self.per_write = per_write
         self.writes_busy = writes_busy
         self.writes: list[list[str]] = []
-
-    async def connect(self) -> None:
-        pass
 
     async def write(self, rows: Any) -> None:
         await self._wrote([row[0] for row in rows])
@@ -760,12 +754,6 @@ class _BusyGatewayStore:
         if len(self.writes) <= self.writes_busy:
             for i in range(self.per_write):
                 self.box.append(rec(f"during-{len(self.writes)}-{i}").to_line())
-
-    async def sweep(self, instances: Any, before: float) -> int:
-        return 0
-
-    async def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("segment_bytes", [SEGMENT_BYTES, 4096])

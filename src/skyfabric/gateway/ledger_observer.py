@@ -114,9 +114,7 @@ class LedgerObserver(Observer):
     def continued(
         self, ctx: RequestContext, failed: EndpointState, state: EndpointState, tokens: int
     ) -> None:
-        tally: Tally | None = ctx.tally
-        if tally is None:
-            tally = ctx.tally = Tally()
+        tally: Tally = ctx.tally  # made at the attempt_end that committed the stream, before any continuation
         if tally.splits is None:
             tally.splits = [0]
         tally.splits.append(tokens)
